@@ -1,0 +1,18 @@
+"""Neighborhood attention: functional ops, modules, and their backends.
+
+``ops.na1d/na2d/na3d`` take heads-last ``[B, *spatial, heads, head_dim]`` tensors (NATTEN's layout and argument
+names); ``ops.NeighborhoodAttention1D/2D/3D`` are the channels-last modules used by the NAT/DiNAT models. The
+process-wide backend switch is :func:`ops.neighborhood.dispatch.use_backend` (or ``$NATZOO_NA_BACKEND``).
+"""
+
+from .neighborhood.functional import na1d, na2d, na3d
+from .neighborhood.modules import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
+
+__all__ = [
+    "na1d",
+    "na2d",
+    "na3d",
+    "NeighborhoodAttention1D",
+    "NeighborhoodAttention2D",
+    "NeighborhoodAttention3D",
+]

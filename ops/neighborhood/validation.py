@@ -1,0 +1,211 @@
+"""Argument checking for the neighborhood-attention ops, shared by every backend.
+
+The checks follow the validation table of the op specification (V1-V18) in order; the first failure raises. V19
+(capability of a forced backend) lives in :mod:`ops.neighborhood.dispatch`, because it depends on the backend.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Sequence, Tuple, Union
+
+import torch
+
+IntOrTuple = Union[int, Sequence[int]]
+BoolOrTuple = Union[bool, Sequence[bool]]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+BACKENDS = (None, "auto", "triton", "reference")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A validated neighborhood-attention problem: every per-axis argument normalised to an `n`-tuple."""
+
+    name: str
+    n: int
+    batch: int
+    spatial: Tuple[int, ...]
+    heads: int
+    head_dim: int
+    kernel_size: Tuple[int, ...]
+    stride: Tuple[int, ...]
+    dilation: Tuple[int, ...]
+    is_causal: Tuple[bool, ...]
+    scale: float
+    dtype: torch.dtype
+    device: torch.device
+    has_rpb: bool
+
+    @property
+    def num_tokens(self) -> int:
+        return math.prod(self.spatial)
+
+    @property
+    def window(self) -> int:
+        return math.prod(self.kernel_size)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def normalize_ints(fn: str, arg: str, value: Any, n: int) -> Tuple[int, ...]:
+    """Turns an int or an `n`-sequence of ints into an `n`-tuple (check V9)."""
+    if _is_int(value):
+        return (int(value),) * n
+    if isinstance(value, (tuple, list)) and len(value) == n and all(_is_int(v) for v in value):
+        return tuple(int(v) for v in value)
+    raise ValueError(f"{fn}: {arg} must be an int or a tuple/list of {n} ints (n={n} spatial axes), got {value!r}")
+
+
+def normalize_bools(fn: str, arg: str, value: Any, n: int) -> Tuple[bool, ...]:
+    """Turns a bool or an `n`-sequence of bools into an `n`-tuple (check V9)."""
+    if isinstance(value, bool):
+        return (value,) * n
+    if isinstance(value, (tuple, list)) and len(value) == n and all(isinstance(v, bool) for v in value):
+        return tuple(value)
+    raise ValueError(f"{fn}: {arg} must be a bool or a tuple/list of {n} bools (n={n} spatial axes), got {value!r}")
+
+
+def check_window_args(
+    fn: str, n: int, kernel_size: Any, stride: Any, dilation: Any, is_causal: Any
+) -> Tuple[Tuple[int, ...], Tuple[int, ...], Tuple[int, ...], Tuple[bool, ...]]:
+    """Checks V9-V12, which the modules also apply at construction time.
+
+    Returns:
+        The normalised `(kernel_size, stride, dilation, is_causal)` tuples.
+    """
+    ks = normalize_ints(fn, "kernel_size", kernel_size, n)
+    st = normalize_ints(fn, "stride", stride, n)
+    dil = normalize_ints(fn, "dilation", dilation, n)
+    causal = normalize_bools(fn, "is_causal", is_causal, n)
+    for axis, k in enumerate(ks):
+        if k < 2:
+            raise ValueError(f"{fn}: kernel_size must be >= 2, got kernel_size={k} on axis {axis}")
+    for axis, (s, k) in enumerate(zip(st, ks)):
+        if s < 1 or s > k:
+            raise ValueError(
+                f"{fn}: stride must satisfy 1 <= stride <= kernel_size, got stride={s} with kernel_size={k} "
+                f"on axis {axis}"
+            )
+    for axis, d in enumerate(dil):
+        if d < 1:
+            raise ValueError(f"{fn}: dilation must be >= 1, got dilation={d} on axis {axis}")
+    return ks, st, dil, causal
+
+
+def check_problem(
+    fn: str,
+    n: int,
+    query: Any,
+    key: Any,
+    value: Any,
+    kernel_size: Any,
+    stride: Any,
+    dilation: Any,
+    is_causal: Any,
+    scale: Any,
+    rpb: Any,
+    backend: Any,
+) -> Problem:
+    """Runs checks V1-V18 of the specification and returns the normalised problem.
+
+    Args:
+        fn: Public function name used as the message prefix (e.g. ``"na2d"``).
+        n: Number of spatial axes.
+
+    Raises:
+        ValueError: For any invalid argument, naming it with the offending values and shapes.
+    """
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not query.dtype.is_floating_point:
+        raise ValueError(f"{fn}: query dtype must be floating point, got dtype={query.dtype}")
+    if query.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"{fn}: query dtype={query.dtype} is not supported; supported dtypes are "
+            "float16, bfloat16, float32, float64"
+        )
+    if key.dtype != query.dtype or value.dtype != query.dtype:
+        raise ValueError(
+            f"{fn}: query, key and value must share one dtype, got query dtype={query.dtype}, "
+            f"key dtype={key.dtype}, value dtype={value.dtype}"
+        )
+    if key.device != query.device or value.device != query.device:
+        raise ValueError(
+            f"{fn}: query, key and value must be on one device, got query device={query.device}, "
+            f"key device={key.device}, value device={value.device}"
+        )
+    if query.dim() != n + 3:
+        raise ValueError(
+            f"{fn}: query must have the layout [B, *spatial({n}), heads, head_dim] ({n + 3} dims), "
+            f"got query.shape={tuple(query.shape)}"
+        )
+    if key.shape != query.shape or value.shape != query.shape:
+        raise ValueError(
+            f"{fn}: query, key and value must have identical shapes, got query.shape={tuple(query.shape)}, "
+            f"key.shape={tuple(key.shape)}, value.shape={tuple(value.shape)}"
+        )
+    batch, *spatial, heads, head_dim = query.shape
+    if heads == 0 or head_dim == 0 or any(length == 0 for length in spatial):
+        raise ValueError(
+            f"{fn}: heads, head_dim and every spatial length must be non-zero, got query.shape={tuple(query.shape)}"
+        )
+    ks, st, dil, causal = check_window_args(fn, n, kernel_size, stride, dilation, is_causal)
+    for axis, (k, d, length) in enumerate(zip(ks, dil, spatial)):
+        if k * d > length:
+            raise ValueError(
+                f"{fn}: kernel_size * dilation must not exceed the input length on every axis, got "
+                f"kernel_size={k} * dilation={d} = {k * d} > {length} on axis {axis} "
+                f"(query.shape={tuple(query.shape)})"
+            )
+    if rpb is not None:
+        if not isinstance(rpb, torch.Tensor) or rpb.dtype not in SUPPORTED_DTYPES or rpb.device != query.device:
+            detail = (
+                f"type {type(rpb).__name__}"
+                if not isinstance(rpb, torch.Tensor)
+                else f"dtype={rpb.dtype}, device={rpb.device}"
+            )
+            raise ValueError(
+                f"{fn}: rpb must be a floating tensor on the device of query ({query.device}), got {detail}"
+            )
+        expected = (heads, *(2 * k - 1 for k in ks))
+        if tuple(rpb.shape) != expected:
+            raise ValueError(f"{fn}: rpb must have shape {expected} [heads, 2k-1, ...], got rpb.shape={tuple(rpb.shape)}")
+        if any(s != 1 for s in st):
+            raise ValueError(f"{fn}: rpb is only defined for stride 1 on every axis, got stride={st}")
+    if scale is None:
+        scale_value = float(head_dim) ** -0.5
+    elif isinstance(scale, numbers.Real) and not isinstance(scale, bool) and math.isfinite(float(scale)):
+        scale_value = float(scale)
+    else:
+        raise ValueError(f"{fn}: scale must be None or a finite real number, got scale={scale!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"{fn}: backend must be one of None, 'auto', 'triton', 'reference', got backend={backend!r}")
+    return Problem(
+        name=fn,
+        n=n,
+        batch=batch,
+        spatial=tuple(spatial),
+        heads=heads,
+        head_dim=head_dim,
+        kernel_size=ks,
+        stride=st,
+        dilation=dil,
+        is_causal=causal,
+        scale=scale_value,
+        dtype=query.dtype,
+        device=query.device,
+        has_rpb=rpb is not None,
+    )
+
+
+def check_rpb_flag(fn: str, rel_pos_bias: bool, stride: Tuple[int, ...]) -> None:
+    """Module check: a relative positional bias needs stride 1 on every axis."""
+    if rel_pos_bias and any(s != 1 for s in stride):
+        raise ValueError(f"{fn}: rel_pos_bias=True requires stride 1 on every axis, got stride={stride}")
+
