@@ -1,0 +1,31 @@
+"""NAT-family models registered with timm's registry.
+
+Importing this package registers ``nat_*``, ``dinat_*``, ``dinat_s_*``, ``*_isotropic_*`` and ``vitrpb_*`` with
+timm, so ``timm.create_model("nat_tiny.in1k", pretrained=True)`` and ``timm.list_models("*nat*")`` work.
+"""
+
+from ._helpers import (
+    check_state_dict,
+    convert_hf_state_dict,
+    filter_checkpoint,
+    is_hf_state_dict,
+    load_checkpoint_file,
+    resize_rpb,
+    unwrap_state_dict,
+)
+from .nat import NAT, ConvDownsampler, ConvTokenizer, NATBlock, NATStage
+
+__all__ = [
+    "NAT",
+    "NATBlock",
+    "NATStage",
+    "ConvTokenizer",
+    "ConvDownsampler",
+    "check_state_dict",
+    "convert_hf_state_dict",
+    "filter_checkpoint",
+    "is_hf_state_dict",
+    "load_checkpoint_file",
+    "resize_rpb",
+    "unwrap_state_dict",
+]
