@@ -1,0 +1,182 @@
+"""The reference backend against the dense float64 oracle: outputs, LSE and every gradient."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+import torch
+
+import ops
+from ops.neighborhood.dispatch import use_backend
+from oracle import case_id, dense_na
+
+FNS = {1: ops.na1d, 2: ops.na2d, 3: ops.na3d}
+TOL = {  # spec 6.4: (out/lse atol=rtol, grad atol=rtol, d_rpb relative L2)
+    torch.float64: (1e-10, 1e-9, 1e-10),
+    torch.float32: (1e-5, 1e-4, 1e-5),
+    torch.float16: (2e-3, 1e-2, 5e-3),
+    torch.bfloat16: (1.6e-2, 5e-2, 2e-2),
+}
+
+
+def random_case(rng: random.Random):
+    n = rng.choice((1, 1, 2, 2, 2, 3))
+    max_tokens = {1: 24, 2: 60, 3: 72}[n]
+    while True:
+        ks, ds, ls, ss, cs = [], [], [], [], []
+        for _ in range(n):
+            k = rng.randint(2, 5 if n < 3 else 3)
+            d = rng.choice((1, 1, 2, 3))
+            length = k * d + rng.choice((0, 0, 1, 2, 3, 5))
+            ks.append(k), ds.append(d), ls.append(length)
+            ss.append(rng.choice((1, 1, rng.randint(1, k), k)))
+            cs.append(rng.random() < 0.3)
+        tokens = 1
+        for length in ls:
+            tokens *= length
+        if tokens <= max_tokens:
+            break
+    use_rpb = all(s == 1 for s in ss) and rng.random() < 0.6
+    return tuple(ls), tuple(ks), tuple(ss), tuple(ds), tuple(cs), use_rpb
+
+
+CASES = [random_case(random.Random(seed)) for seed in range(240)]
+# Fixed cases from the spec's case matrix that random sampling might miss.
+CASES += [
+    ((10,), (3,), (1,), (3,), (False,), True),
+    ((13,), (3,), (1,), (4,), (True,), True),
+    ((10,), (4,), (4,), (1,), (False,), False),
+    ((10,), (4,), (4,), (1,), (True,), False),
+    ((13, 9), (4, 3), (2, 1), (2, 3), (True, False), False),
+    ((6, 8), (3, 3), (1, 1), (1, 2), (False, False), True),
+    ((4, 6), (4, 3), (1, 1), (1, 2), (False, True), True),
+    ((4, 5, 3), (2, 5, 3), (1, 1, 1), (2, 1, 1), (True, False, False), True),
+    ((7, 7), (7, 7), (1, 1), (1, 1), (False, False), True),
+]
+
+
+def make_inputs(spatial, heads, head_dim, dtype, batch=2, requires_grad=True):
+    shape = (batch, *spatial, heads, head_dim)
+    tensors = [torch.randn(shape, dtype=dtype).requires_grad_(requires_grad) for _ in range(3)]
+    return tensors
+
+
+def rel_l2(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case_id(*c[:5], c[5]) for c in CASES])
+def test_reference_matches_oracle_float64(case):
+    spatial, ks, ss, ds, cs, use_rpb = case
+    n = len(spatial)
+    heads = 1 + (hash(case) % 3)
+    q, k, v = make_inputs(spatial, heads, 4, torch.float64)
+    rpb = (torch.randn(heads, *(2 * x - 1 for x in ks), dtype=torch.float64) * 0.5).requires_grad_() if use_rpb else None
+    out, lse = FNS[n](q, k, v, ks, stride=ss, dilation=ds, is_causal=cs, rpb=rpb, return_lse=True, backend="reference")
+    ref_out, ref_lse = dense_na(q, k, v, ks, ss, ds, cs, rpb=rpb)
+    atol, gtol, rtol_rpb = TOL[torch.float64]
+    torch.testing.assert_close(out, ref_out, atol=atol, rtol=atol)
+    torch.testing.assert_close(lse, ref_lse, atol=atol, rtol=atol)
+    d_out, d_lse = torch.randn_like(out), torch.randn_like(lse)
+    inputs = [q, k, v] + ([rpb] if rpb is not None else [])
+    grads = torch.autograd.grad((out * d_out).sum() + (lse * d_lse).sum(), inputs)
+    ref_grads = torch.autograd.grad((ref_out * d_out).sum() + (ref_lse * d_lse).sum(), inputs)
+    for name, g, r in zip(("dq", "dk", "dv"), grads[:3], ref_grads[:3]):
+        torch.testing.assert_close(g, r, atol=gtol, rtol=gtol, msg=lambda m: f"{name}: {m}")
+    if rpb is not None:
+        assert rel_l2(grads[3], ref_grads[3]) < rtol_rpb
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES[-9:], ids=[case_id(*c[:5], c[5]) for c in CASES[-9:]])
+def test_reference_low_precision(case, dtype):
+    spatial, ks, ss, ds, cs, use_rpb = case
+    n = len(spatial)
+    q, k, v = make_inputs(spatial, 3, 8, dtype)
+    # float32 rpb under half inputs, as with a float32 parameter under autocast.
+    rpb = (torch.randn(3, *(2 * x - 1 for x in ks)) * 0.5).requires_grad_() if use_rpb else None
+    out, lse = FNS[n](q, k, v, ks, stride=ss, dilation=ds, is_causal=cs, rpb=rpb, return_lse=True)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    ref_out, ref_lse = dense_na(q, k, v, ks, ss, ds, cs, rpb=rpb)
+    tol, gtol, rtol_rpb = TOL[dtype]
+    torch.testing.assert_close(out.double(), ref_out, atol=tol, rtol=tol)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=tol, rtol=tol)
+    d_out = torch.randn(out.shape, dtype=torch.float64)
+    inputs = [q, k, v] + ([rpb] if rpb is not None else [])
+    grads = torch.autograd.grad((out.double() * d_out).sum(), inputs)
+    ref_grads = torch.autograd.grad((ref_out * d_out).sum(), inputs)
+    for g, r, x in zip(grads, ref_grads, inputs):
+        assert g.dtype == x.dtype
+    for g, r in zip(grads[:3], ref_grads[:3]):
+        torch.testing.assert_close(g.double(), r.double(), atol=gtol, rtol=gtol)
+    if rpb is not None:
+        assert rel_l2(grads[3], ref_grads[3]) < rtol_rpb
+
+
+@pytest.mark.parametrize(
+    "n,spatial,ks,ds,cs",
+    [(1, (7,), 3, 2, False), (2, (4, 5), (2, 3), (2, 1), (False, True)), (3, (3, 4, 2), 2, (1, 2, 1), True)],
+)
+def test_gradcheck_float64(n, spatial, ks, ds, cs):
+    q, k, v = make_inputs(spatial, 2, 3, torch.float64, batch=1)
+    kt = (ks,) * n if isinstance(ks, int) else ks
+    rpb = torch.randn(2, *(2 * x - 1 for x in kt), dtype=torch.float64, requires_grad=True)
+
+    def fn(q, k, v, rpb):
+        out, lse = FNS[n](q, k, v, ks, dilation=ds, is_causal=cs, rpb=rpb, return_lse=True)
+        return out, lse
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, rpb))
+    assert torch.autograd.gradgradcheck(fn, (q, k, v, rpb))
+
+
+def test_non_contiguous_inputs_and_extreme_logits():
+    """Slices of a fused qkv tensor and transposed views; logits around +-30 stay finite and exact."""
+    base = torch.randn(2, 9, 3, 2, 5, dtype=torch.float64) * 4.0
+    q, k, v = base.unbind(2)  # [2, 9, 2, 5], non-contiguous
+    assert not q.is_contiguous()
+    out, lse = ops.na1d(q, k, v, 3, dilation=2, scale=1.0, return_lse=True)
+    ref_out, ref_lse = dense_na(q, k, v, 3, 1, 2, False, scale=1.0)
+    torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-10, rtol=1e-10)
+    assert float(lse.abs().max()) > 20.0 and out.is_contiguous() and lse.is_contiguous()
+    xt = torch.randn(1, 2, 6, 5, 4, dtype=torch.float64).permute(0, 3, 2, 1, 4)  # [1, 5, 6, 2, 4] view
+    out = ops.na2d(xt, xt, xt, (3, 2), dilation=(1, 3))
+    torch.testing.assert_close(out, dense_na(xt, xt, xt, (3, 2), 1, (1, 3), False)[0], atol=1e-10, rtol=1e-10)
+
+
+def test_scale_zero_is_used_as_given():
+    q, k, v = make_inputs((6,), 1, 4, torch.float64, requires_grad=False)
+    out = ops.na1d(q * 100, k, v, 3, scale=0.0)
+    torch.testing.assert_close(out, dense_na(q, k, v, 3, scale=0.0)[0])
+    torch.testing.assert_close(out, dense_na(q * 100, k, v, 3, scale=0.0)[0])
+
+
+def test_empty_batch_returns_empty_outputs():
+    q = torch.randn(0, 5, 6, 2, 4)
+    out, lse = ops.na2d(q, q, q, 3, return_lse=True)
+    assert out.shape == (0, 5, 6, 2, 4) and lse.shape == (0, 5, 6, 2) and lse.dtype == torch.float32
+
+
+def test_backend_switch_and_debug_log(caplog, monkeypatch):
+    q = torch.randn(1, 8, 1, 4)
+    with caplog.at_level(logging.DEBUG, logger="ops.neighborhood"):
+        ops.na1d(q, q, q, 3)
+    assert "reference backend (auto" in caplog.text
+    with pytest.raises(ValueError, match="backend='triton'.*device=cpu"):
+        with use_backend("triton"):
+            ops.na1d(q, q, q, 3)
+    monkeypatch.setenv("NATZOO_NA_BACKEND", "triton")
+    with pytest.raises(ValueError, match="backend='triton'"):
+        ops.na1d(q, q, q, 3)
+    with use_backend("reference"):
+        ops.na1d(q, q, q, 3)
+    ops.na1d(q, q, q, 3, backend="reference")
+    monkeypatch.setenv("NATZOO_NA_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="NATZOO_NA_BACKEND"):
+        ops.na1d(q, q, q, 3)
+    with pytest.raises(ValueError, match="use_backend"):
+        with use_backend("cuda"):
+            pass
