@@ -1,0 +1,111 @@
+"""``torch.library`` registration of the Triton kernels: ``natzoo::na_fwd`` and ``natzoo::na_bwd``.
+
+Both are custom operators with fake (meta) implementations, and ``na_fwd`` carries an autograd formula that calls
+``na_bwd``, so ``torch.compile(fullgraph=True)`` traces through them without graph breaks and the kernels stay
+opaque to the compiler.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from ..validation import Problem
+from .backward import na_backward
+from .forward import na_forward
+
+
+def _problem(query: torch.Tensor, kernel_size, stride, dilation, is_causal, scale: float, has_rpb: bool) -> Problem:
+    batch, *spatial, heads, head_dim = query.shape
+    return Problem(
+        name=f"na{len(spatial)}d",
+        n=len(spatial),
+        batch=batch,
+        spatial=tuple(spatial),
+        heads=heads,
+        head_dim=head_dim,
+        kernel_size=tuple(kernel_size),
+        stride=tuple(stride),
+        dilation=tuple(dilation),
+        is_causal=tuple(is_causal),
+        scale=scale,
+        dtype=query.dtype,
+        device=query.device,
+        has_rpb=has_rpb,
+    )
+
+
+@torch.library.custom_op("natzoo::na_fwd", mutates_args=())
+def na_fwd(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    rpb: Optional[torch.Tensor],
+    kernel_size: List[int],
+    stride: List[int],
+    dilation: List[int],
+    is_causal: List[bool],
+    scale: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused forward: ``out [B, *S, H, D]`` (query dtype, contiguous) and natural-log ``lse [B, *S, H]`` float32."""
+    problem = _problem(query, kernel_size, stride, dilation, is_causal, scale, rpb is not None)
+    return na_forward(problem, query, key, value, rpb)
+
+
+@na_fwd.register_fake
+def _na_fwd_fake(query, key, value, rpb, kernel_size, stride, dilation, is_causal, scale):
+    out = query.new_empty(query.shape)
+    lse = query.new_empty(query.shape[:-1], dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("natzoo::na_bwd", mutates_args=())
+def na_bwd(
+    grad_out: torch.Tensor,
+    grad_lse: Optional[torch.Tensor],
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    rpb: Optional[torch.Tensor],
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    kernel_size: List[int],
+    stride: List[int],
+    dilation: List[int],
+    is_causal: List[bool],
+    scale: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused backward: ``dq, dk, dv`` and ``d_rpb`` (rpb's shape and dtype; an empty tensor when rpb is None)."""
+    problem = _problem(query, kernel_size, stride, dilation, is_causal, scale, rpb is not None)
+    # Read at run time (not trace time), so a compiled graph follows the current setting.
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    dq, dk, dv, d_rpb = na_backward(problem, grad_out, grad_lse, query, key, value, rpb, out, lse, deterministic)
+    if d_rpb is None:
+        d_rpb = query.new_empty((0,))
+    return dq, dk, dv, d_rpb
+
+
+@na_bwd.register_fake
+def _na_bwd_fake(grad_out, grad_lse, query, key, value, rpb, out, lse, kernel_size, stride, dilation, is_causal,
+                 scale):
+    d_rpb = rpb.new_empty(rpb.shape) if rpb is not None else query.new_empty((0,))
+    return query.new_empty(query.shape), query.new_empty(query.shape), query.new_empty(query.shape), d_rpb
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, rpb, kernel_size, stride, dilation, is_causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, rpb, out, lse)
+    ctx.params = (list(kernel_size), list(stride), list(dilation), list(is_causal), float(scale))
+
+
+def _backward(ctx, grad_out, grad_lse):
+    query, key, value, rpb, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv, d_rpb = na_bwd(grad_out, grad_lse, query, key, value, rpb, out, lse, *ctx.params)
+    return dq, dk, dv, (d_rpb if rpb is not None else None), None, None, None, None, None
+
+
+na_fwd.register_autograd(_backward, setup_context=_setup_context)
