@@ -13,10 +13,17 @@ from ._helpers import (
     resize_rpb,
     unwrap_state_dict,
 )
-from .nat import NAT, ConvDownsampler, ConvTokenizer, NATBlock, NATStage
+from .dinat_s import DiNATs
+from .isotropic import IsotropicNAT, RelPosAttention, RelPosBlock
+from .nat import NAT, ConvDownsampler, ConvTokenizer, NATBase, NATBlock, NATStage
 
 __all__ = [
     "NAT",
+    "NATBase",
+    "DiNATs",
+    "IsotropicNAT",
+    "RelPosAttention",
+    "RelPosBlock",
     "NATBlock",
     "NATStage",
     "ConvTokenizer",

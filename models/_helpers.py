@@ -66,9 +66,9 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) -> S
             "state dict or one under 'model', 'state_dict' or 'state_dict_ema')"
         )
     for prefix in _PREFIXES:
-        tensors = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in tensors.items()}
+        tensors = {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in tensors.items()}
     if all(k.startswith("model.") for k in tensors):
-        tensors = {k[len("model."):]: v for k, v in tensors.items()}
+        tensors = {k[len("model.") :]: v for k, v in tensors.items()}
     return tensors
 
 
@@ -97,7 +97,9 @@ def load_checkpoint_file(path: "str | os.PathLike[str]", use_ema: bool = False) 
 
 def is_hf_state_dict(state_dict: Mapping[str, Any]) -> bool:
     """True for the HF transformers layout (classifier or backbone) of NAT/DiNAT weights."""
-    return any(k.startswith(_HF_PREFIXES + ("embeddings.", "encoder.levels.", "hidden_states_norms.")) for k in state_dict)
+    return any(
+        k.startswith(_HF_PREFIXES + ("embeddings.", "encoder.levels.", "hidden_states_norms.")) for k in state_dict
+    )
 
 
 _HF_LAYER_NAMES = (
@@ -132,7 +134,7 @@ def convert_hf_state_dict(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
         key = name
         for prefix in _HF_PREFIXES:
             if key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
                 break
         layer = _HF_LAYER.match(key)
         if layer is not None:
@@ -146,21 +148,21 @@ def convert_hf_state_dict(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
                 continue
             for hf, official in _HF_LAYER_NAMES:
                 if rest.startswith(hf):
-                    rest = official + rest[len(hf):]
+                    rest = official + rest[len(hf) :]
                     break
             out[block + rest] = tensor
             continue
         norm = re.match(r"^hidden_states_norms\.stage(\d+)\.(.+)$", key)
         if key.startswith("embeddings.patch_embeddings.projection."):
-            key = "patch_embed.proj." + key[len("embeddings.patch_embeddings.projection."):]
+            key = "patch_embed.proj." + key[len("embeddings.patch_embeddings.projection.") :]
         elif key.startswith("embeddings.norm."):
-            key = "patch_embed.norm." + key[len("embeddings.norm."):]
+            key = "patch_embed.norm." + key[len("embeddings.norm.") :]
         elif key.startswith("encoder.levels."):
-            key = "levels." + key[len("encoder.levels."):]
+            key = "levels." + key[len("encoder.levels.") :]
         elif key.startswith("layernorm."):
-            key = "norm." + key[len("layernorm."):]
+            key = "norm." + key[len("layernorm.") :]
         elif key.startswith("classifier."):
-            key = "head." + key[len("classifier."):]
+            key = "head." + key[len("classifier.") :]
         elif norm is not None:
             key = f"norm{int(norm.group(1)) - 1}.{norm.group(2)}"
         out[key] = tensor

@@ -29,7 +29,7 @@ from ops import NeighborhoodAttention2D
 
 from ._helpers import build_with_weights, filter_checkpoint
 
-__all__ = ["NAT", "NATBlock", "NATStage", "ConvTokenizer", "ConvDownsampler", "checkpoint_filter_fn"]
+__all__ = ["NAT", "NATBase", "NATBlock", "NATStage", "ConvTokenizer", "ConvDownsampler", "checkpoint_filter_fn"]
 
 DilationsArg = Optional[Sequence[Union[int, Sequence[int]]]]
 
@@ -58,6 +58,16 @@ def resolve_dilations(dilations: DilationsArg, depths: Sequence[int]) -> List[Li
             raise ValueError(f"dilations[{i}] must hold integers >= 1, got {list(stage_list)}")
         out.append(list(stage_list))
     return out
+
+
+def fit_dilations(pattern: Sequence[Sequence[int]], depths: Optional[Sequence[int]]) -> Sequence[Sequence[int]]:
+    """A variant's per-stage dilation pattern, cycled to other `depths` (used when a variant's depths are overridden).
+
+    Example: ``[1, 8, 1]`` at depth 2 becomes ``[1, 8]``; ``[1, 2] * 9`` at depth 2 becomes ``[1, 2]``.
+    """
+    if depths is None or len(depths) != len(pattern):
+        return pattern
+    return tuple(tuple(stage[j % len(stage)] for j in range(depth)) for stage, depth in zip(pattern, depths))
 
 
 def drop_path_schedule(drop_path_rate: float, total: int) -> List[float]:
@@ -216,24 +226,26 @@ class NATStage(nn.Module):
         drop_paths = [drop_path] * depth if isinstance(drop_path, (int, float)) else list(drop_path)
         self.dim = dim
         self.grad_checkpointing = False
-        self.blocks = nn.ModuleList([
-            NATBlock(
-                dim,
-                num_heads,
-                kernel_size=kernel_size,
-                dilation=dilations[j],
-                mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias,
-                qk_scale=qk_scale,
-                proj_drop=proj_drop,
-                attn_drop=attn_drop,
-                drop_path=drop_paths[j],
-                layer_scale=layer_scale,
-                norm_layer=norm_layer,
-                clamp_dilation=clamp_dilation,
-            )
-            for j in range(depth)
-        ])
+        self.blocks = nn.ModuleList(
+            [
+                NATBlock(
+                    dim,
+                    num_heads,
+                    kernel_size=kernel_size,
+                    dilation=dilations[j],
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    qk_scale=qk_scale,
+                    proj_drop=proj_drop,
+                    attn_drop=attn_drop,
+                    drop_path=drop_paths[j],
+                    layer_scale=layer_scale,
+                    norm_layer=norm_layer,
+                    clamp_dilation=clamp_dilation,
+                )
+                for j in range(depth)
+            ]
+        )
         self.downsample = downsample_layer(dim, norm_layer=norm_layer) if downsample else None
 
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
@@ -250,7 +262,160 @@ class NATStage(nn.Module):
         return x if self.downsample is None else self.downsample(x)
 
 
-class NAT(nn.Module):
+class NATBase(nn.Module):
+    """The timm model interface shared by the hierarchical families (NAT/DiNAT and DiNAT_s).
+
+    Subclasses build ``patch_embed``, ``pos_drop``, the stage list named by ``stages_attr``, ``norm``, ``head_drop``,
+    ``head`` and ``feature_info``, and set ``num_classes``, ``global_pool``, ``in_chans`` and ``num_features``.
+    """
+
+    stages_attr = "levels"
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    @property
+    def stages(self) -> nn.ModuleList:
+        """The stage list (state-dict name ``levels`` or ``layers``), each stage with ``.blocks``/``.downsample``."""
+        return getattr(self, self.stages_attr)
+
+    @torch.jit.ignore
+    def no_weight_decay(self, include_rpb: bool = True) -> Set[str]:
+        """Parameter names exempt from weight decay: biases, norms, layer-scale gammas and (by default) ``rpb``.
+
+        The official ImageNet recipe decayed ``rpb`` (timm 0.5.0 ignored its ``no_weight_decay_keywords``, spec
+        5.3); pass ``include_rpb=False`` to reproduce that. The detection/segmentation recipes exempt it.
+        """
+        names = set()
+        for name, param in self.named_parameters():
+            is_rpb = name.endswith("attn.rpb")
+            if (is_rpb and include_rpb) or (not is_rpb and param.ndim <= 1):
+                names.add(name)
+        return names
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r"^patch_embed",
+            blocks=rf"^{self.stages_attr}\.(\d+)"
+            if coarse
+            else [
+                (rf"^{self.stages_attr}\.(\d+)\.downsample", (0,)),
+                (rf"^{self.stages_attr}\.(\d+)\.blocks\.(\d+)", None),
+                (r"^norm", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool is not None:
+            if global_pool not in ("", "avg"):
+                raise ValueError(f"global_pool must be '' or 'avg', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"{type(self).__name__}: x must be [B, {self.in_chans}, H, W], got {tuple(x.shape)}")
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Forward that also returns the pre-downsample level maps (strides 4, 8, 16, 32).
+
+        Args:
+            x: ``[B, C, H, W]`` image.
+            indices: Take the last n levels if int, all if None, the listed ones if a sequence.
+            norm: Apply the final norm to the last level's map.
+            stop_early: Stop after the last requested level.
+            output_fmt: ``'NCHW'`` or ``'NHWC'`` for the intermediates.
+            intermediates_only: Return only the intermediates.
+
+        Returns:
+            The intermediates, or ``(final BHWC features, intermediates)``.
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        self._check_input(x)
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        x = self.pos_drop(self.patch_embed(x))
+        last = len(self.stages) - 1
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[: max_index + 1]
+        i = 0
+        for i, stage in enumerate(stages):
+            x = stage.forward_blocks(x)
+            if i in take_indices:
+                x_inter = self.norm(x) if norm and i == last else x
+                intermediates.append(x_inter.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else x_inter)
+            if stage.downsample is not None:
+                x = stage.downsample(x)
+        if intermediates_only:
+            return intermediates
+        if i == last:
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+        self,
+        indices: Union[int, List[int]] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> List[int]:
+        """Drops the levels (and the last kept level's downsampler) not needed for `indices`."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        setattr(self, self.stages_attr, self.stages[: max_index + 1])
+        self.stages[-1].downsample = None
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, C, H, W]`` image -> normalised final map ``[B, ceil(H/32), ceil(W/32), num_features]``."""
+        self._check_input(x)
+        x = self.pos_drop(self.patch_embed(x))
+        for stage in self.stages:
+            x = stage(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "avg":
+            x = x.mean(dim=(1, 2))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class NAT(NATBase):
     """NAT / DiNAT: convolutional tokenizer, four NA levels with conv downsamplers, LayerNorm, mean pool, head."""
 
     def __init__(
@@ -318,170 +483,31 @@ class NAT(nn.Module):
         self.feature_info: List[Dict[str, Any]] = []
         for i, depth in enumerate(depths):
             dim = int(embed_dim * 2**i)
-            self.levels.append(NATStage(
-                dim,
-                depth,
-                num_heads[i],
-                kernel_size=kernel_size,
-                dilations=self.dilations[i],
-                downsample=i < self.num_levels - 1,
-                downsample_layer=ConvDownsampler,
-                mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias,
-                qk_scale=qk_scale,
-                proj_drop=proj_drop_rate,
-                attn_drop=attn_drop_rate,
-                drop_path=rates[sum(depths[:i]):sum(depths[: i + 1])],
-                layer_scale=layer_scale,
-                norm_layer=norm_layer,
-                clamp_dilation=clamp_dilation,
-            ))
+            self.levels.append(
+                NATStage(
+                    dim,
+                    depth,
+                    num_heads[i],
+                    kernel_size=kernel_size,
+                    dilations=self.dilations[i],
+                    downsample=i < self.num_levels - 1,
+                    downsample_layer=ConvDownsampler,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    qk_scale=qk_scale,
+                    proj_drop=proj_drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=rates[sum(depths[:i]) : sum(depths[: i + 1])],
+                    layer_scale=layer_scale,
+                    norm_layer=norm_layer,
+                    clamp_dilation=clamp_dilation,
+                )
+            )
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2**i, module=f"levels.{i}"))
         self.norm = norm_layer(self.num_features)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-    @property
-    def stages(self) -> nn.ModuleList:
-        """The levels (state-dict name ``levels``), each with ``.blocks`` and ``.downsample``."""
-        return self.levels
-
-    @torch.jit.ignore
-    def no_weight_decay(self, include_rpb: bool = True) -> Set[str]:
-        """Parameter names exempt from weight decay: biases, norms, layer-scale gammas and (by default) ``rpb``.
-
-        The official ImageNet recipe decayed ``rpb`` (timm 0.5.0 ignored its ``no_weight_decay_keywords``, spec
-        5.3); pass ``include_rpb=False`` to reproduce that. The detection/segmentation recipes exempt it.
-        """
-        names = set()
-        for name, param in self.named_parameters():
-            is_rpb = name.endswith("attn.rpb")
-            if (is_rpb and include_rpb) or (not is_rpb and param.ndim <= 1):
-                names.add(name)
-        return names
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(
-            stem=r"^patch_embed",
-            blocks=r"^levels\.(\d+)" if coarse else [
-                (r"^levels\.(\d+)\.downsample", (0,)),
-                (r"^levels\.(\d+)\.blocks\.(\d+)", None),
-                (r"^norm", (99999,)),
-            ],
-        )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.levels:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool is not None:
-            if global_pool not in ("", "avg"):
-                raise ValueError(f"global_pool must be '' or 'avg', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"{type(self).__name__}: x must be [B, {self.in_chans}, H, W], got {tuple(x.shape)}")
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Forward that also returns the pre-downsample level maps (strides 4, 8, 16, 32).
-
-        Args:
-            x: ``[B, C, H, W]`` image.
-            indices: Take the last n levels if int, all if None, the listed ones if a sequence.
-            norm: Apply the final norm to the last level's map.
-            stop_early: Stop after the last requested level.
-            output_fmt: ``'NCHW'`` or ``'NHWC'`` for the intermediates.
-            intermediates_only: Return only the intermediates.
-
-        Returns:
-            The intermediates, or ``(final BHWC features, intermediates)``.
-        """
-        if output_fmt not in ("NCHW", "NHWC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        self._check_input(x)
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.levels), indices)
-        x = self.pos_drop(self.patch_embed(x))
-        last = len(self.levels) - 1
-        stages = self.levels if torch.jit.is_scripting() or not stop_early else self.levels[: max_index + 1]
-        i = 0
-        for i, stage in enumerate(stages):
-            x = stage.forward_blocks(x)
-            if i in take_indices:
-                x_inter = self.norm(x) if norm and i == last else x
-                intermediates.append(x_inter.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else x_inter)
-            if stage.downsample is not None:
-                x = stage.downsample(x)
-        if intermediates_only:
-            return intermediates
-        if i == last:
-            x = self.norm(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(
-        self,
-        indices: Union[int, List[int]] = 1,
-        prune_norm: bool = False,
-        prune_head: bool = True,
-    ) -> List[int]:
-        """Drops the levels (and the last kept level's downsampler) not needed for `indices`."""
-        take_indices, max_index = feature_take_indices(len(self.levels), indices)
-        prune_end = max_index < len(self.levels) - 1
-        self.levels = self.levels[: max_index + 1]
-        self.levels[-1].downsample = None
-        if prune_norm or prune_end:
-            self.norm = nn.Identity()
-        if prune_end:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
-        if prune_head or prune_end:
-            self.reset_classifier(0, "")
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, C, H, W]`` image -> normalised final map ``[B, ceil(H/32), ceil(W/32), num_features]``."""
-        self._check_input(x)
-        x = self.pos_drop(self.patch_embed(x))
-        for stage in self.levels:
-            x = stage(x)
-        return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "avg":
-            x = x.mean(dim=(1, 2))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -537,69 +563,77 @@ def _hf(hub_id: str) -> Tuple[str, ...]:
     return (f"HF transformers port: {hub_id} (loads through the same filter via pretrained_cfg_overlay).",)
 
 
-default_cfgs = generate_default_cfgs({
-    "nat_mini.in1k": _cfg(_URL + "nat/checkpoints/CLS/nat_mini.pth", notes=_hf("shi-labs/nat-mini-in1k-224"), **_NAT_PAPER),
-    "nat_tiny.in1k": _cfg(_URL + "nat/checkpoints/CLS/nat_tiny.pth", notes=_hf("shi-labs/nat-tiny-in1k-224"), **_NAT_PAPER),
-    "nat_small.in1k": _cfg(
-        _URL + "nat/checkpoints/CLS/nat_small.pth", notes=_hf("shi-labs/nat-small-in1k-224"), **_NAT_PAPER
-    ),
-    "nat_base.in1k": _cfg(_URL + "nat/checkpoints/CLS/nat_base.pth", notes=_hf("shi-labs/nat-base-in1k-224"), **_NAT_PAPER),
-    "dinat_mini.in1k": _cfg(
-        _URL + "dinat/checkpoints/imagenet1k/dinat_mini_in1k_224.pth",
-        notes=_hf("shi-labs/dinat-mini-in1k-224"),
-        **_DINAT_PAPER,
-    ),
-    "dinat_tiny.in1k": _cfg(
-        _URL + "dinat/checkpoints/imagenet1k/dinat_tiny_in1k_224.pth",
-        notes=_hf("shi-labs/dinat-tiny-in1k-224"),
-        **_DINAT_PAPER,
-    ),
-    "dinat_small.in1k": _cfg(
-        _URL + "dinat/checkpoints/imagenet1k/dinat_small_in1k_224.pth",
-        notes=_hf("shi-labs/dinat-small-in1k-224"),
-        **_DINAT_PAPER,
-    ),
-    "dinat_base.in1k": _cfg(
-        _URL + "dinat/checkpoints/imagenet1k/dinat_base_in1k_224.pth",
-        notes=_hf("shi-labs/dinat-base-in1k-224"),
-        **_DINAT_PAPER,
-    ),
-    "dinat_large.in22k_ft_in1k": _cfg(
-        _URL + "dinat/checkpoints/imagenet1k/dinat_large_in22k_in1k_224.pth",
-        notes=_DINAT_L_NOTE + _hf("shi-labs/dinat-large-in22k-in1k-224"),
-        **_DINAT_PAPER,
-    ),
-    "dinat_large.in22k": _cfg(
-        _URL + "dinat/checkpoints/imagenet22k/dinat_large_in22k_224.pth",
-        num_classes=21841,
-        notes=_DINAT_L_NOTE + _IN22K_NOTE,
-        **_DINAT_PAPER,
-    ),
-    "dinat_large_384.in22k_ft_in1k": _cfg(
-        _URL + "dinat/checkpoints/imagenet1k/dinat_large_in22k_in1k_384.pth",
-        input_size=(3, 384, 384),
-        crop_pct=1.0,
-        notes=_DINAT_L_NOTE + _hf("shi-labs/dinat-large-in22k-in1k-384"),
-        **_DINAT_PAPER,
-    ),
-    "dinat_large_384_11x11.in22k_ft_in1k": _cfg(
-        _URL + "dinat/checkpoints/imagenet1k/dinat_large_in22k_in1k_384_11x11.pth",
-        input_size=(3, 384, 384),
-        crop_pct=1.0,
-        notes=_DINAT_L_NOTE
-        + _hf("shi-labs/dinat-large-11x11-in22k-in1k-384")
-        + ("crop_pct 1.0 assumed as for dinat_large_384 (no official config).",),
-        **_DINAT_PAPER,
-    ),
-    "dinat_large_11x11.in22k": _cfg(
-        _URL + "dinat/checkpoints/imagenet22k/dinat_large_in22k_224_11x11interp.pth",
-        num_classes=21841,
-        notes=_DINAT_L_NOTE
-        + _IN22K_NOTE
-        + ("The 7x7 IN-22K file with every rpb bicubically resized 13x13 -> 21x21; meant for fine-tuning at 384.",),
-        **_DINAT_PAPER,
-    ),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "nat_mini.in1k": _cfg(
+            _URL + "nat/checkpoints/CLS/nat_mini.pth", notes=_hf("shi-labs/nat-mini-in1k-224"), **_NAT_PAPER
+        ),
+        "nat_tiny.in1k": _cfg(
+            _URL + "nat/checkpoints/CLS/nat_tiny.pth", notes=_hf("shi-labs/nat-tiny-in1k-224"), **_NAT_PAPER
+        ),
+        "nat_small.in1k": _cfg(
+            _URL + "nat/checkpoints/CLS/nat_small.pth", notes=_hf("shi-labs/nat-small-in1k-224"), **_NAT_PAPER
+        ),
+        "nat_base.in1k": _cfg(
+            _URL + "nat/checkpoints/CLS/nat_base.pth", notes=_hf("shi-labs/nat-base-in1k-224"), **_NAT_PAPER
+        ),
+        "dinat_mini.in1k": _cfg(
+            _URL + "dinat/checkpoints/imagenet1k/dinat_mini_in1k_224.pth",
+            notes=_hf("shi-labs/dinat-mini-in1k-224"),
+            **_DINAT_PAPER,
+        ),
+        "dinat_tiny.in1k": _cfg(
+            _URL + "dinat/checkpoints/imagenet1k/dinat_tiny_in1k_224.pth",
+            notes=_hf("shi-labs/dinat-tiny-in1k-224"),
+            **_DINAT_PAPER,
+        ),
+        "dinat_small.in1k": _cfg(
+            _URL + "dinat/checkpoints/imagenet1k/dinat_small_in1k_224.pth",
+            notes=_hf("shi-labs/dinat-small-in1k-224"),
+            **_DINAT_PAPER,
+        ),
+        "dinat_base.in1k": _cfg(
+            _URL + "dinat/checkpoints/imagenet1k/dinat_base_in1k_224.pth",
+            notes=_hf("shi-labs/dinat-base-in1k-224"),
+            **_DINAT_PAPER,
+        ),
+        "dinat_large.in22k_ft_in1k": _cfg(
+            _URL + "dinat/checkpoints/imagenet1k/dinat_large_in22k_in1k_224.pth",
+            notes=_DINAT_L_NOTE + _hf("shi-labs/dinat-large-in22k-in1k-224"),
+            **_DINAT_PAPER,
+        ),
+        "dinat_large.in22k": _cfg(
+            _URL + "dinat/checkpoints/imagenet22k/dinat_large_in22k_224.pth",
+            num_classes=21841,
+            notes=_DINAT_L_NOTE + _IN22K_NOTE,
+            **_DINAT_PAPER,
+        ),
+        "dinat_large_384.in22k_ft_in1k": _cfg(
+            _URL + "dinat/checkpoints/imagenet1k/dinat_large_in22k_in1k_384.pth",
+            input_size=(3, 384, 384),
+            crop_pct=1.0,
+            notes=_DINAT_L_NOTE + _hf("shi-labs/dinat-large-in22k-in1k-384"),
+            **_DINAT_PAPER,
+        ),
+        "dinat_large_384_11x11.in22k_ft_in1k": _cfg(
+            _URL + "dinat/checkpoints/imagenet1k/dinat_large_in22k_in1k_384_11x11.pth",
+            input_size=(3, 384, 384),
+            crop_pct=1.0,
+            notes=_DINAT_L_NOTE
+            + _hf("shi-labs/dinat-large-11x11-in22k-in1k-384")
+            + ("crop_pct 1.0 assumed as for dinat_large_384 (no official config).",),
+            **_DINAT_PAPER,
+        ),
+        "dinat_large_11x11.in22k": _cfg(
+            _URL + "dinat/checkpoints/imagenet22k/dinat_large_in22k_224_11x11interp.pth",
+            num_classes=21841,
+            notes=_DINAT_L_NOTE
+            + _IN22K_NOTE
+            + ("The 7x7 IN-22K file with every rpb bicubically resized 13x13 -> 21x21; meant for fine-tuning at 384.",),
+            **_DINAT_PAPER,
+        ),
+    }
+)
 
 
 def _dinat_large_args(kwargs: Dict[str, Any]) -> Dict[str, Any]:
@@ -626,7 +660,12 @@ def nat_tiny(pretrained: bool = False, **kwargs: Any) -> NAT:
 def nat_small(pretrained: bool = False, **kwargs: Any) -> NAT:
     """NAT-Small (51M params, 7.8 GMACs at 224), layer scale 1e-5."""
     model_args = dict(
-        embed_dim=96, depths=(3, 4, 18, 5), num_heads=(3, 6, 12, 24), mlp_ratio=2.0, drop_path_rate=0.3, layer_scale=1e-5
+        embed_dim=96,
+        depths=(3, 4, 18, 5),
+        num_heads=(3, 6, 12, 24),
+        mlp_ratio=2.0,
+        drop_path_rate=0.3,
+        layer_scale=1e-5,
     )
     return _create_nat("nat_small", pretrained=pretrained, **dict(model_args, **kwargs))
 
@@ -635,7 +674,12 @@ def nat_small(pretrained: bool = False, **kwargs: Any) -> NAT:
 def nat_base(pretrained: bool = False, **kwargs: Any) -> NAT:
     """NAT-Base (90M params, 13.7 GMACs at 224), layer scale 1e-5."""
     model_args = dict(
-        embed_dim=128, depths=(3, 4, 18, 5), num_heads=(4, 8, 16, 32), mlp_ratio=2.0, drop_path_rate=0.5, layer_scale=1e-5
+        embed_dim=128,
+        depths=(3, 4, 18, 5),
+        num_heads=(4, 8, 16, 32),
+        mlp_ratio=2.0,
+        drop_path_rate=0.5,
+        layer_scale=1e-5,
     )
     return _create_nat("nat_base", pretrained=pretrained, **dict(model_args, **kwargs))
 
@@ -644,8 +688,12 @@ def nat_base(pretrained: bool = False, **kwargs: Any) -> NAT:
 def dinat_mini(pretrained: bool = False, **kwargs: Any) -> NAT:
     """DiNAT-Mini (20M params, 2.7 GMACs at 224)."""
     model_args = dict(
-        embed_dim=64, depths=(3, 4, 6, 5), num_heads=(2, 4, 8, 16), mlp_ratio=3.0, drop_path_rate=0.2,
-        dilations=DILATIONS_224_MINI,
+        embed_dim=64,
+        depths=(3, 4, 6, 5),
+        num_heads=(2, 4, 8, 16),
+        mlp_ratio=3.0,
+        drop_path_rate=0.2,
+        dilations=fit_dilations(DILATIONS_224_MINI, kwargs.get("depths")),
     )
     return _create_nat("dinat_mini", pretrained=pretrained, **dict(model_args, **kwargs))
 
@@ -654,8 +702,12 @@ def dinat_mini(pretrained: bool = False, **kwargs: Any) -> NAT:
 def dinat_tiny(pretrained: bool = False, **kwargs: Any) -> NAT:
     """DiNAT-Tiny (28M params, 4.3 GMACs at 224)."""
     model_args = dict(
-        embed_dim=64, depths=(3, 4, 18, 5), num_heads=(2, 4, 8, 16), mlp_ratio=3.0, drop_path_rate=0.2,
-        dilations=DILATIONS_224,
+        embed_dim=64,
+        depths=(3, 4, 18, 5),
+        num_heads=(2, 4, 8, 16),
+        mlp_ratio=3.0,
+        drop_path_rate=0.2,
+        dilations=fit_dilations(DILATIONS_224, kwargs.get("depths")),
     )
     return _create_nat("dinat_tiny", pretrained=pretrained, **dict(model_args, **kwargs))
 
@@ -664,8 +716,12 @@ def dinat_tiny(pretrained: bool = False, **kwargs: Any) -> NAT:
 def dinat_small(pretrained: bool = False, **kwargs: Any) -> NAT:
     """DiNAT-Small (51M params, 7.8 GMACs at 224); no layer scale, unlike NAT-Small."""
     model_args = dict(
-        embed_dim=96, depths=(3, 4, 18, 5), num_heads=(3, 6, 12, 24), mlp_ratio=2.0, drop_path_rate=0.3,
-        dilations=DILATIONS_224,
+        embed_dim=96,
+        depths=(3, 4, 18, 5),
+        num_heads=(3, 6, 12, 24),
+        mlp_ratio=2.0,
+        drop_path_rate=0.3,
+        dilations=fit_dilations(DILATIONS_224, kwargs.get("depths")),
     )
     return _create_nat("dinat_small", pretrained=pretrained, **dict(model_args, **kwargs))
 
@@ -674,8 +730,13 @@ def dinat_small(pretrained: bool = False, **kwargs: Any) -> NAT:
 def dinat_base(pretrained: bool = False, **kwargs: Any) -> NAT:
     """DiNAT-Base (90M params, 13.7 GMACs at 224), layer scale 1e-5."""
     model_args = dict(
-        embed_dim=128, depths=(3, 4, 18, 5), num_heads=(4, 8, 16, 32), mlp_ratio=2.0, drop_path_rate=0.5,
-        layer_scale=1e-5, dilations=DILATIONS_224,
+        embed_dim=128,
+        depths=(3, 4, 18, 5),
+        num_heads=(4, 8, 16, 32),
+        mlp_ratio=2.0,
+        drop_path_rate=0.5,
+        layer_scale=1e-5,
+        dilations=fit_dilations(DILATIONS_224, kwargs.get("depths")),
     )
     return _create_nat("dinat_base", pretrained=pretrained, **dict(model_args, **kwargs))
 
@@ -683,26 +744,33 @@ def dinat_base(pretrained: bool = False, **kwargs: Any) -> NAT:
 @register_model
 def dinat_large(pretrained: bool = False, **kwargs: Any) -> NAT:
     """DiNAT-Large at 224 (200M params, 30.6 GMACs); IN-22K pre-trained."""
-    model_args = dict(_dinat_large_args(kwargs), dilations=DILATIONS_224)
+    model_args = dict(_dinat_large_args(kwargs), dilations=fit_dilations(DILATIONS_224, kwargs.get("depths")))
     return _create_nat("dinat_large", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def dinat_large_384(pretrained: bool = False, **kwargs: Any) -> NAT:
     """DiNAT-Large at 384 (200M params, 89.7 GMACs) with the 384 dilation lists."""
-    model_args = dict(_dinat_large_args(kwargs), dilations=DILATIONS_384)
+    model_args = dict(_dinat_large_args(kwargs), dilations=fit_dilations(DILATIONS_384, kwargs.get("depths")))
     return _create_nat("dinat_large_384", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def dinat_large_384_11x11(pretrained: bool = False, **kwargs: Any) -> NAT:
     """DiNAT-Large 11x11 at 384 (201M params, 92.4 GMACs) with the 224 dilation lists."""
-    model_args = dict(_dinat_large_args(kwargs), kernel_size=11, dilations=DILATIONS_224)
+    model_args = dict(
+        _dinat_large_args(kwargs), kernel_size=11, dilations=fit_dilations(DILATIONS_224, kwargs.get("depths"))
+    )
     return _create_nat("dinat_large_384_11x11", pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def dinat_large_11x11(pretrained: bool = False, **kwargs: Any) -> NAT:
     """DiNAT-Large 11x11 at 224 (IN-22K weights only, for fine-tuning at 384)."""
-    model_args = dict(_dinat_large_args(kwargs), kernel_size=11, dilations=DILATIONS_224, drop_path_rate=0.2)
+    model_args = dict(
+        _dinat_large_args(kwargs),
+        kernel_size=11,
+        dilations=fit_dilations(DILATIONS_224, kwargs.get("depths")),
+        drop_path_rate=0.2,
+    )
     return _create_nat("dinat_large_11x11", pretrained=pretrained, **dict(model_args, **kwargs))
