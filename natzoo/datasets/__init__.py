@@ -1,0 +1,12 @@
+"""Datasets and data modules: the generated demo dataset and the ImageNet-layout image-folder data module."""
+
+from natzoo.datasets.demo import DEMO_CLASSES, ensure_demo_dataset, generate_demo_dataset
+from natzoo.datasets.folder import ImageFolderDataModule, check_image_folder_layout
+
+__all__ = [
+    "DEMO_CLASSES",
+    "ensure_demo_dataset",
+    "generate_demo_dataset",
+    "ImageFolderDataModule",
+    "check_image_folder_layout",
+]

@@ -1,0 +1,226 @@
+"""Image-folder data module (ImageNet layout: ``<root>/<split>/<class>/<image>``) with timm transforms."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import lightning.pytorch as pl
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from torch.utils.data import DataLoader, default_collate
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+__all__ = ["ImageFolderDataModule", "RobustImageFolder", "check_image_folder_layout", "BAD_IMAGE_POLICIES"]
+
+BAD_IMAGE_POLICIES = ("error", "skip")
+
+
+def _class_dirs(split_dir: Path) -> list[str]:
+    return sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir() and not entry.name.startswith("."))
+
+
+def check_image_folder_layout(root: Union[str, Path], splits: Sequence[str]) -> list[str]:
+    """Checks the ImageNet folder layout cheaply (directories only, no image is opened) and returns the class names.
+
+    Args:
+        root: dataset root holding one directory per split.
+        splits: split directory names to check, e.g. ``("train", "val")``; the first one defines the classes.
+
+    Raises:
+        ValueError: the root or a split is missing, a split has no class directories, or the splits' class lists
+            differ.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"data.root={str(root)!r} does not exist or is not a directory")
+    classes: Optional[list[str]] = None
+    for split in splits:
+        split_dir = root / split
+        if not split_dir.is_dir():
+            present = sorted(p.name for p in root.iterdir() if p.is_dir())
+            raise ValueError(
+                f"data.root={str(root)!r} has no {split!r} directory (found {present}); expected the ImageNet layout"
+                f" {root}/{split}/<class>/<image>"
+            )
+        found = _class_dirs(split_dir)
+        if not found:
+            raise ValueError(
+                f"{split_dir} has no class sub-directories; expected the ImageNet layout {split_dir}/<class>/<image>"
+                " (images directly inside the split directory are not supported)"
+            )
+        if classes is None:
+            classes = found
+        elif found != classes:
+            extra, missing = sorted(set(found) - set(classes)), sorted(set(classes) - set(found))
+            raise ValueError(
+                f"{split_dir} has different classes than {root / splits[0]}: extra {extra[:5]}, missing {missing[:5]}"
+            )
+    return classes or []
+
+
+class RobustImageFolder(ImageFolder):
+    """``ImageFolder`` whose unreadable images either raise an error naming the file or are skipped.
+
+    With ``bad_images="skip"`` a failing sample is returned as ``None``; :func:`collate_skipping` drops it and
+    counts it, and the LightningModule logs the count.
+    """
+
+    def __init__(self, root: Union[str, Path], transform: Optional[Callable] = None, bad_images: str = "error"):
+        if bad_images not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"data.bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r}")
+        super().__init__(str(root), transform=transform)
+        self.bad_images = bad_images
+
+    def __getitem__(self, index: int) -> Any:
+        path, target = self.samples[index]
+        try:
+            sample = self.loader(path)
+            if self.transform is not None:
+                sample = self.transform(sample)
+        except (OSError, ValueError, SyntaxError) as err:
+            if self.bad_images == "skip":
+                return None
+            raise RuntimeError(
+                f"cannot read image file {path}: {type(err).__name__}: {err}. Fix or remove the file, or set "
+                "data.bad_images=skip to skip unreadable files (they are counted in the log as skipped_images)"
+            ) from err
+        return sample, target
+
+
+def collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Collates ``(image, target)`` pairs, dropping ``None`` entries; returns ``(images, targets, num_skipped)``."""
+    kept = [item for item in batch if item is not None]
+    skipped = len(batch) - len(kept)
+    if not kept:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+    images, targets = default_collate(kept)
+    return images, targets, skipped
+
+
+class ImageFolderDataModule(pl.LightningDataModule):
+    """Train/val image folders with timm's training and evaluation transforms.
+
+    In distributed runs Lightning replaces the samplers with ``DistributedSampler`` (``use_distributed_sampler``).
+
+    Args:
+        root: dataset root (``<root>/<train_split>/<class>/*`` and ``<root>/<val_split>/<class>/*``).
+        img_size: square input side.
+        batch_size: per-device training batch size.
+        eval_batch_size: per-device evaluation batch size (defaults to ``batch_size``).
+        num_workers: data-loader worker processes per device.
+        pin_memory: pin host memory (useful on GPU).
+        train_split: training split directory name.
+        val_split: validation split directory name.
+        train_transform: keyword arguments of ``timm.data.create_transform(is_training=True)`` (``scale``, ``hflip``,
+            ``auto_augment``, ``re_prob``, ``interpolation``, ...).
+        eval_transform: keyword arguments of ``create_transform(is_training=False)`` (``crop_pct``,
+            ``interpolation``, ``crop_mode``).
+        mean: normalisation mean.
+        std: normalisation std.
+        bad_images: ``"error"`` or ``"skip"`` for unreadable files.
+        drop_last: drop the last incomplete training batch (needed by batch-mode mixup, which wants an even batch).
+        persistent_workers: keep workers alive between epochs.
+    """
+
+    def __init__(
+        self,
+        root: Union[str, Path],
+        img_size: int = 224,
+        batch_size: int = 128,
+        eval_batch_size: Optional[int] = None,
+        num_workers: int = 8,
+        pin_memory: bool = True,
+        train_split: str = "train",
+        val_split: str = "val",
+        train_transform: Optional[dict] = None,
+        eval_transform: Optional[dict] = None,
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        bad_images: str = "error",
+        drop_last: bool = True,
+        persistent_workers: bool = True,
+    ):
+        super().__init__()
+        if int(batch_size) < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        if eval_batch_size is not None and int(eval_batch_size) < 1:
+            raise ValueError(f"data.eval_batch_size must be >= 1, got {eval_batch_size}")
+        if int(num_workers) < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        if bad_images not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"data.bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r}")
+        self.root = Path(root)
+        self.img_size = int(img_size)
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.pin_memory = bool(pin_memory)
+        self.train_split, self.val_split = train_split, val_split
+        self.train_transform_args = dict(train_transform or {})
+        self.eval_transform_args = dict(eval_transform or {})
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.bad_images = bad_images
+        self.drop_last = bool(drop_last)
+        self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
+        self.train_set: Optional[RobustImageFolder] = None
+        self.val_set: Optional[RobustImageFolder] = None
+        self.classes: list[str] = []
+
+    def check_layout(self, with_train: bool = True) -> list[str]:
+        """Checks the folder layout (no image opened) and records the class names."""
+        splits = [self.train_split, self.val_split] if with_train else [self.val_split]
+        self.classes = check_image_folder_layout(self.root, splits)
+        return self.classes
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (after :meth:`check_layout` or :meth:`setup`)."""
+        if not self.classes:
+            self.check_layout(with_train=False)
+        return len(self.classes)
+
+    def build_transform(self, is_training: bool) -> Callable:
+        """timm transform for training or evaluation."""
+        args = self.train_transform_args if is_training else self.eval_transform_args
+        return create_transform(
+            input_size=(3, self.img_size, self.img_size), is_training=is_training, mean=self.mean, std=self.std, **args
+        )
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Scans the image folders (``fit`` needs train and val, ``validate``/``test`` only val)."""
+        with_train = stage in (None, "fit")
+        self.check_layout(with_train=with_train)
+        if with_train and self.train_set is None:
+            self.train_set = RobustImageFolder(self.root / self.train_split, self.build_transform(True), self.bad_images)
+        if self.val_set is None:
+            self.val_set = RobustImageFolder(self.root / self.val_split, self.build_transform(False), self.bad_images)
+        for split, dataset in ((self.train_split, self.train_set), (self.val_split, self.val_set)):
+            if dataset is not None and len(dataset) == 0:
+                raise ValueError(f"{self.root / split} holds no image files with extensions {IMG_EXTENSIONS}")
+
+    def _loader(self, dataset: RobustImageFolder, batch_size: int, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            drop_last=train and self.drop_last and len(dataset) >= batch_size,
+            persistent_workers=self.persistent_workers,
+            collate_fn=collate_skipping,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training loader."""
+        return self._loader(self.train_set, self.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation loader in file order."""
+        return self._loader(self.val_set, self.eval_batch_size, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Same as the validation loader."""
+        return self.val_dataloader()

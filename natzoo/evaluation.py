@@ -1,0 +1,87 @@
+"""``evaluate(cfg)``: the task-agnostic evaluation driver behind ``eval.py``."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.utilities import rank_zero_info
+from omegaconf import DictConfig
+
+from natzoo.callbacks import Stopwatch
+from natzoo.config import check_common
+from natzoo.tasks import get_task
+from natzoo.training import build_trainer
+
+__all__ = ["evaluate"]
+
+
+def _write_json(result: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluates ``cfg.task`` on the validation split of ``cfg.data`` and writes ``cfg.output`` (JSON).
+
+    The model comes from ``ckpt_path`` (a Lightning checkpoint), or from ``model`` plus ``checkpoint`` (official,
+    HF or flat state-dict file), or from ``model`` alone (``pretrained=true`` for timm's weights). Returns the result
+    dict that is also written to the JSON file (metrics, throughput, source, output paths).
+    """
+    task = get_task(str(cfg.get("task", "classification")))
+    check_common(cfg)
+    task.validate_config(cfg, "eval")
+    output_dir = Path(str(cfg.paths.output_dir))
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    datamodule = task.build_datamodule(cfg)
+    module = task.load_module_for_eval(cfg, datamodule)
+    if task.before_eval is not None:
+        task.before_eval(cfg, module, datamodule)
+    stopwatch = Stopwatch()
+    trainer = build_trainer(cfg, [stopwatch], False, enable_checkpointing=False, max_epochs=1)
+    start = time.perf_counter()
+    metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    total_seconds = time.perf_counter() - start
+    metrics = {k: float(v) for k, v in metrics.items()}
+
+    if task.summarize_eval is not None:
+        result = task.summarize_eval(cfg, module, datamodule, metrics, output_dir)
+    else:
+        result = dict(metrics)
+    result.update({
+        "task": task.name,
+        "source": _source(cfg),
+        "data_root": str(cfg.data.root),
+        "images_per_second": stopwatch.images / stopwatch.seconds if stopwatch.seconds else None,
+        "wall_seconds": total_seconds,
+        "device": str(module.device),
+        "precision": str(trainer.precision),
+    })
+    path = Path(str(cfg.get("output") or output_dir / "eval.json"))
+    result["output"] = str(path)
+    if trainer.is_global_zero:
+        _write_json(result, path)
+        rank_zero_info(_summary_line(result))
+    return result
+
+
+def _source(cfg: DictConfig) -> dict[str, Any]:
+    if cfg.get("ckpt_path"):
+        return {"ckpt_path": str(cfg.ckpt_path), "use_ema": bool(cfg.get("use_ema", False))}
+    return {"model": str(cfg.model.name), "checkpoint": str(cfg.checkpoint) if cfg.get("checkpoint") else None,
+            "pretrained": bool(cfg.get("pretrained", False))}
+
+
+def _summary_line(result: dict[str, Any]) -> str:
+    parts = [f"{k}={result[k]:.2f}" for k in ("top1", "top5") if isinstance(result.get(k), float)]
+    if isinstance(result.get("loss"), float):
+        parts.append(f"loss={result['loss']:.4f}")
+    if result.get("images_per_second"):
+        parts.append(f"{result['images_per_second']:.1f} images/s")
+    return f"Evaluation: {', '.join(parts)}. Results written to {result['output']}"
