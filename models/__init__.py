@@ -5,14 +5,17 @@ timm, so ``timm.create_model("nat_tiny.in1k", pretrained=True)`` and ``timm.list
 """
 
 from ._helpers import (
+    CHECKPOINT_SHA256,
     check_state_dict,
     convert_hf_state_dict,
     filter_checkpoint,
     is_hf_state_dict,
     load_checkpoint_file,
     resize_rpb,
+    sha256_file,
     unwrap_state_dict,
 )
+from .flops import count_macs
 from .dinat_s import DiNATs
 from .isotropic import IsotropicNAT, RelPosAttention, RelPosBlock
 from .nat import NAT, ConvDownsampler, ConvTokenizer, NATBase, NATBlock, NATStage
@@ -28,7 +31,10 @@ __all__ = [
     "NATStage",
     "ConvTokenizer",
     "ConvDownsampler",
+    "CHECKPOINT_SHA256",
     "check_state_dict",
+    "count_macs",
+    "sha256_file",
     "convert_hf_state_dict",
     "filter_checkpoint",
     "is_hf_state_dict",

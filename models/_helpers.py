@@ -7,6 +7,7 @@ to the official layout (spec section 3.1) so one checkpoint filter serves both f
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import urllib.error
@@ -25,9 +26,22 @@ __all__ = [
     "resize_rpb",
     "filter_checkpoint",
     "build_with_weights",
+    "CHECKPOINT_SHA256",
+    "sha256_file",
 ]
 
 StateDict = Dict[str, torch.Tensor]
+
+# SHA-256 of the official files, keyed 'variant.tag'. The DiNAT-Large files were replaced on 2023-01-17 and their
+# outputs depend on the version held (spec 1.3), so record the hash of the file you validated here; a file given
+# through pretrained_cfg_overlay=dict(file=...) is then checked against it. None means not recorded (unknown).
+CHECKPOINT_SHA256: Dict[str, Optional[str]] = {
+    "dinat_large.in22k_ft_in1k": None,
+    "dinat_large.in22k": None,
+    "dinat_large_384.in22k_ft_in1k": None,
+    "dinat_large_384_11x11.in22k_ft_in1k": None,
+    "dinat_large_11x11.in22k": None,
+}
 
 _WRAPPER_KEYS = ("model", "state_dict")
 _EMA_KEYS = ("state_dict_ema", "model_ema")
@@ -253,6 +267,24 @@ def filter_checkpoint(state_dict: Mapping[str, Any], model: nn.Module) -> StateD
     return sd
 
 
+def sha256_file(path: "str | os.PathLike[str]") -> str:
+    """Hex SHA-256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _full_tag(variant: str, kwargs: Mapping[str, Any]) -> Tuple[str, Any]:
+    from timm.models import get_pretrained_cfg
+
+    tag = kwargs.get("pretrained_cfg")
+    tag = tag if isinstance(tag, str) else None
+    cfg = get_pretrained_cfg(f"{variant}.{tag}" if tag else variant)
+    return (f"{variant}.{cfg.tag}" if cfg is not None and cfg.tag else variant), cfg
+
+
 def _is_download_error(err: BaseException) -> bool:
     if isinstance(err, (urllib.error.URLError, ConnectionError, TimeoutError)):
         return True
@@ -278,17 +310,18 @@ def build_with_weights(
         alternate_urls: ``{'variant.tag': [url, ...]}`` to retry on a failed download.
         **kwargs: Model and timm builder arguments.
     """
+    file = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")
+    if pretrained and file:
+        full, _ = _full_tag(variant, kwargs)
+        expected = CHECKPOINT_SHA256.get(full)
+        if expected is not None and os.path.isfile(file) and sha256_file(file) != expected:
+            raise ValueError(f"{full}: file={file!r} does not have the recorded SHA-256 {expected}")
     try:
         return build(variant, pretrained, **kwargs)
     except Exception as err:  # noqa: BLE001 - only download failures are rewritten, everything else re-raised
         if not pretrained or not _is_download_error(err):
             raise
-        from timm.models import get_pretrained_cfg
-
-        tag = kwargs.get("pretrained_cfg")
-        tag = tag if isinstance(tag, str) else None
-        cfg = get_pretrained_cfg(f"{variant}.{tag}" if tag else variant)
-        full = f"{variant}.{cfg.tag}" if cfg is not None and cfg.tag else variant
+        full, cfg = _full_tag(variant, kwargs)
         for url in (alternate_urls or {}).get(full, []):
             overlay = dict(kwargs.get("pretrained_cfg_overlay") or {}, url=url)
             try:

@@ -230,6 +230,8 @@ class IsotropicNAT(nn.Module):
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
+        if any(p.is_meta for p in m.parameters(recurse=False)):
+            return  # shape-only model: random init is meaningless there and slow on the meta device
         if isinstance(m, nn.Linear):
             trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
