@@ -21,7 +21,8 @@ from .validation import Problem
 logger = logging.getLogger("ops.neighborhood")
 
 ENV_VAR = "NATZOO_NA_BACKEND"
-TRITON_HEAD_DIMS = (16, 32, 64, 128)
+# Multiples of 16 up to 256; non-powers of two are padded inside the kernels by masked loads.
+TRITON_HEAD_DIMS = tuple(range(16, 257, 16))
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _forced: list = []
@@ -64,6 +65,12 @@ def triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def _debug(msg: str, *args) -> None:
+    """Debug log outside compiled regions only (a logger call inside ``torch.compile`` would break the graph)."""
+    if not torch.compiler.is_compiling():
+        logger.debug(msg, *args)
+
+
 def triton_unsupported_reason(problem: Problem) -> Optional[str]:
     """The Triton backend's capability predicate: None when it accepts the problem, else the reason."""
     if problem.device.type != "cuda" and not (problem.device.type == "cpu" and interpreter_enabled()):
@@ -71,7 +78,7 @@ def triton_unsupported_reason(problem: Problem) -> Optional[str]:
     if problem.dtype not in TRITON_DTYPES:
         return f"dtype={problem.dtype} not in supported set {{float16, bfloat16, float32}}"
     if problem.head_dim not in TRITON_HEAD_DIMS:
-        return f"head_dim={problem.head_dim} not in supported set {set(TRITON_HEAD_DIMS)}"
+        return f"head_dim={problem.head_dim} not in supported set {{16, 32, 48, ..., 256}} (multiples of 16)"
     return None
 
 
@@ -85,7 +92,7 @@ def select_backend(problem: Problem, backend: Optional[str]) -> str:
     """Resolves the backend for one call, raising V19 errors for an impossible forced choice."""
     requested = backend if backend not in (None, "auto") else forced_backend()
     if requested == "reference":
-        logger.debug("%s: reference backend (requested)", problem.name)
+        _debug("%s: reference backend (requested)", problem.name)
         return "reference"
     reason = triton_unsupported_reason(problem)
     if requested == "triton":
@@ -93,10 +100,10 @@ def select_backend(problem: Problem, backend: Optional[str]) -> str:
             raise ValueError(f"{problem.name}: backend='triton' cannot run this problem: {reason}")
         if not triton_available(problem):
             raise RuntimeError(f"{problem.name}: backend='triton' needs Triton and a CUDA device")
-        logger.debug("%s: triton backend (requested)", problem.name)
+        _debug("%s: triton backend (requested)", problem.name)
         return "triton"
     if reason is None and triton_available(problem) and problem.device.type == "cuda":
-        logger.debug("%s: triton backend (auto)", problem.name)
+        _debug("%s: triton backend (auto)", problem.name)
         return "triton"
-    logger.debug("%s: reference backend (auto: %s)", problem.name, reason or "Triton unavailable")
+    _debug("%s: reference backend (auto: %s)", problem.name, reason or "Triton unavailable")
     return "reference"

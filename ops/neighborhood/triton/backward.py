@@ -32,8 +32,18 @@ import triton
 import triton.language as tl
 
 from ..validation import Problem
-from .forward import LOG2E, Geometry, dot_precision, head_block, strides6
-from .tiling import AUTOTUNE_KEY, DRPB_BLOCK_Q, bias_block, configs, inverse_window, row_offsets, split3, window
+from .forward import LOG2E, Geometry, dot_precision, head_block, strides6, upcast_operands
+from .tiling import (
+    AUTOTUNE_KEY,
+    DRPB_BLOCK_Q,
+    bias_block,
+    configs,
+    dot_operand,
+    inverse_window,
+    row_offsets,
+    split3,
+    window,
+)
 
 
 @triton.jit
@@ -48,7 +58,7 @@ def _na_bwd_dq_kernel(
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
     C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
-    HAS_RPB: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_RPB: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
     TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
 ):
@@ -84,6 +94,8 @@ def _na_bwd_dq_kernel(
                 other=0.0)
     do = tl.load(DO + row_offsets(b, h, x0, x1, x2, sdb, sd0, sd1, sd2, sdh)[:, None] + dcol * sdd, mask=dq_mask,
                  other=0.0)
+    q = dot_operand(q, UPCAST)
+    do = dot_operand(do, UPCAST)
     stat_rows = (((b * L0 + x0) * L1 + x1) * L2 + x2) * H + h
     lse2 = tl.load(LSE + stat_rows, mask=q_ok, other=0.0) * LOG2E  # natural -> base-2 log-sum-exp
     delta = tl.load(DELTA + stat_rows, mask=q_ok, other=0.0)
@@ -113,6 +125,8 @@ def _na_bwd_dq_kernel(
                     other=0.0)
         v = tl.load(V + row_offsets(b, h, y0, y1, y2, svb, sv0, sv1, sv2, svh)[:, None] + dcol * svd, mask=kv_mask,
                     other=0.0)
+        k = dot_operand(k, UPCAST)
+        v = dot_operand(v, UPCAST)
         pair = q_ok[:, None] & k_ok[None, :]
         pair &= (qs0[:, None] <= j0[None, :]) & (j0[None, :] < qe0[:, None])
         pair &= (qs1[:, None] <= j1[None, :]) & (j1[None, :] < qe1[:, None])
@@ -144,7 +158,7 @@ def _na_bwd_dkdv_kernel(
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
     C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
-    HAS_RPB: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_RPB: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
     TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
 ):
@@ -178,6 +192,8 @@ def _na_bwd_dkdv_kernel(
                 other=0.0)
     v = tl.load(V + row_offsets(b, h, y0, y1, y2, svb, sv0, sv1, sv2, svh)[:, None] + dcol * svd, mask=kv_mask,
                 other=0.0)
+    k = dot_operand(k, UPCAST)
+    v = dot_operand(v, UPCAST)
 
     # Inverse-neighbourhood box: qs/qe are non-decreasing in j (spec 2.4.3).
     box0, _ = inverse_window(first0, lg0, K0, S0, C0)
@@ -206,6 +222,8 @@ def _na_bwd_dkdv_kernel(
                     other=0.0)
         do = tl.load(DO + row_offsets(b, h, x0, x1, x2, sdb, sd0, sd1, sd2, sdh)[:, None] + dcol * sdd,
                      mask=q_mask, other=0.0)
+        q = dot_operand(q, UPCAST)
+        do = dot_operand(do, UPCAST)
         stat_rows = (((b * L0 + x0) * L1 + x1) * L2 + x2) * H + h
         lse2 = tl.load(LSE + stat_rows, mask=q_ok, other=0.0) * LOG2E
         delta = tl.load(DELTA + stat_rows, mask=q_ok, other=0.0)
@@ -349,7 +367,8 @@ def na_backward(
                *strides6(dq, n))
     common = dict(**geo.sizes(), H=problem.heads, HEAD_DIM=problem.head_dim, scale=problem.scale,
                   scale_log2=problem.scale * LOG2E, **geo.constexprs(), HAS_RPB=rpb is not None,
-                  BLOCK_D=head_block(problem.head_dim), PRECISION=dot_precision(query.dtype))
+                  BLOCK_D=head_block(problem.head_dim), PRECISION=dot_precision(query.dtype),
+                  UPCAST=upcast_operands(query.dtype))
 
     def grid_q(meta):
         return (geo.num_tiles((meta["TQ0"], meta["TQ1"], meta["TQ2"])), problem.heads, problem.batch)

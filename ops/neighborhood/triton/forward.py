@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ..validation import Problem
-from .tiling import AUTOTUNE_KEY, bias_block, configs, row_offsets, split3, window
+from .tiling import AUTOTUNE_KEY, bias_block, configs, dot_operand, interpreting, row_offsets, split3, window
 
 LOG2E = math.log2(math.e)
 
@@ -87,6 +87,11 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def upcast_operands(dtype: torch.dtype) -> bool:
+    """The interpreter multiplies bfloat16 ``tl.dot`` operands wrongly (triton 3.9); give it float32 operands."""
+    return interpreting() and dtype == torch.bfloat16
+
+
 @triton.jit
 def _na_fwd_kernel(
     Q, K, V, RPB, O, LSE,  # q/k/v/o: [B, L0, L1, L2, H, D] (strided); rpb: [H, R0, R1, R2]; lse: [B, L0, L1, L2, H]
@@ -98,7 +103,7 @@ def _na_fwd_kernel(
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
     C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
-    HAS_RPB: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_RPB: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
     TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
 ):
@@ -133,6 +138,7 @@ def _na_fwd_kernel(
     d_ok = dims < HEAD_DIM
     q_rows = row_offsets(b, h, g0 + DIL0 * i0, g1 + DIL1 * i1, g2 + DIL2 * i2, sqb, sq0, sq1, sq2, sqh)
     q = tl.load(Q + q_rows[:, None] + dims[None, :].to(tl.int64) * sqd, mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+    q = dot_operand(q, UPCAST)
 
     # Halo box of the tile (spec 2.4.2); empty when the tile lies past the end of a short group.
     box0, _ = window(first0, lg0, K0, S0, C0)
@@ -162,6 +168,8 @@ def _na_fwd_kernel(
         kv_mask = k_ok[:, None] & d_ok[None, :]
         k = tl.load(K + k_rows[:, None] + dims[None, :].to(tl.int64) * skd, mask=kv_mask, other=0.0)
         v = tl.load(V + v_rows[:, None] + dims[None, :].to(tl.int64) * svd, mask=kv_mask, other=0.0)
+        k = dot_operand(k, UPCAST)
+        v = dot_operand(v, UPCAST)
         # Exact neighbourhood of every query: its own window on each axis ([BQ, BK]).
         pair = q_ok[:, None] & k_ok[None, :]
         pair &= (qs0[:, None] <= j0[None, :]) & (j0[None, :] < qe0[:, None])
@@ -221,6 +229,6 @@ def na_forward(
         *strides6(query, n), *strides6(key, n), *strides6(value, n), *strides6(out, n),
         **geo.sizes(), H=problem.heads, HEAD_DIM=problem.head_dim, scale_log2=problem.scale * LOG2E,
         **geo.constexprs(), HAS_RPB=rpb is not None, BLOCK_D=head_block(problem.head_dim),
-        PRECISION=dot_precision(query.dtype),
+        PRECISION=dot_precision(query.dtype), UPCAST=upcast_operands(query.dtype),
     )
     return out, lse

@@ -59,7 +59,7 @@ def configs(rank: int) -> List[triton.Config]:
 AUTOTUNE_KEY = ["L0", "L1", "L2", "DIL0", "DIL1", "DIL2", "BLOCK_D", "K0", "K1", "K2", "S0", "S1", "S2"]
 
 # Flat query block of the d_rpb kernel (not autotuned: its atomic adds must run exactly once).
-DRPB_BLOCK_Q = 16 if interpreting() else 32
+DRPB_BLOCK_Q = 64 if interpreting() else 32
 
 
 @triton.jit
@@ -123,3 +123,11 @@ def bias_block(RPB, h, i0, i1, i2, j0, j1, j2, mask, K0: tl.constexpr, K1: tl.co
     RH: tl.constexpr = (2 * K0 - 1) * R1 * R2
     idx = ((K0 - 1 + j0 - i0) * R1 + (K1 - 1 + j1 - i1)) * R2 + (K2 - 1 + j2 - i2)
     return tl.load(RPB + h * RH + idx, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def dot_operand(x, UPCAST: tl.constexpr):
+    """`x` as a ``tl.dot`` operand: float32 when `UPCAST` (the interpreter's bfloat16 dot is wrong, see kernels.md)."""
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
