@@ -8,12 +8,19 @@ import pytest
 import torch
 
 import ops
-from ops.neighborhood.indexing import axis_table, group_length, inverse_window, window
+from ops.neighborhood.indexing import axis_tiles, group_length, inverse_window, window
 from oracle import axis_allowed, dense_mask_and_bias_index
 
 
 def keys_of(x, length, k, s=1, d=1, causal=False):
     return [y for y in range(length) if axis_allowed(x, y, length, k, s, d, causal)]
+
+
+def axis_table(length, k, s=1, d=1, causal=False):
+    """Per-query key list, allowed flags and rpb indices from the reference's tile tables with 1-query tiles."""
+    _, keys, allowed, bias, owner = axis_tiles(length, k, s, d, causal, 1)
+    return [keys[owner[x]] for x in range(length)], [allowed[owner[x]][0] for x in range(length)], \
+        [bias[owner[x]][0] for x in range(length)]
 
 
 def table_keys(length, k, s=1, d=1, causal=False):

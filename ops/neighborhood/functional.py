@@ -23,7 +23,7 @@ def _run(problem: Problem, query, key, value, rpb, return_lse: bool, backend: Op
 
         out, lse = na_triton(problem, query, key, value, rpb)
     else:
-        out, lse = na_reference(problem, query, key, value, rpb)
+        out, lse = na_reference(problem, query, key, value, rpb, need_lse=return_lse)
     return (out, lse) if return_lse else out
 
 

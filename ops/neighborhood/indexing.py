@@ -41,77 +41,114 @@ def inverse_window(j: int, group_len: int, kernel: int, stride: int, causal: boo
     return qs, qe
 
 
-def axis_table(length: int, kernel: int, stride: int, dilation: int, causal: bool) -> Tuple[list, list, list]:
-    """Per-query neighbour table of one axis.
+def default_tile(kernel_size: Tuple[int, ...], dilation: Tuple[int, ...], spatial: Tuple[int, ...]) -> Tuple[int, ...]:
+    """Query-tile extent per axis for the reference path.
+
+    A tile of ``t`` queries visits ``t + k - 1`` keys per axis: larger tiles gather fewer keys per query but score
+    more keys outside each window. About half a kernel balances the two on CPU; a dilation group barely longer
+    than that halo is taken whole.
+    """
+    tiles = []
+    for k, d, length in zip(kernel_size, dilation, spatial):
+        tile, group = k // 2 + 2, length // d
+        tiles.append(group if group <= tile + k - 1 else tile)
+    return tuple(tiles)
+
+
+def axis_tiles(length: int, kernel: int, stride: int, dilation: int, causal: bool, tile: int):
+    """Cuts one axis into query tiles of `tile` in-group queries, each with the halo of keys its queries need.
+
+    Tiles never mix dilation groups. The last tile of a group is shifted back to stay full, so it can overlap the
+    previous one; each query is owned by exactly one tile.
 
     Returns:
-        Three `length x kernel` nested lists: the global key coordinate of each window slot, whether the slot is
-        used (causal windows near the start hold fewer than `kernel` keys; unused slots point at the query itself),
-        and the RPB index ``(kernel - 1) + (j - i)`` of the slot.
+        ``queries [T_n, tile]`` and ``keys [T_n, halo]`` global coordinates, ``allowed [T_n, tile, halo]`` (key slot
+        in the query's window), ``bias [T_n, tile, halo]`` RPB index (``k - 1`` where not allowed), and
+        ``owner [length]`` giving ``tile_index * tile + slot`` of every query.
     """
-    keys, valid, bias = [], [], []
-    for x in range(length):
-        g, i = x % dilation, x // dilation
-        start, end = window(i, group_length(length, dilation, g), kernel, stride, causal)
-        row_k, row_v, row_b = [], [], []
-        for m in range(kernel):
-            j = start + m
-            used = j < end
-            row_k.append(g + dilation * j if used else x)
-            row_v.append(used)
-            row_b.append((kernel - 1) + (j - i) if used else kernel - 1)
-        keys.append(row_k)
-        valid.append(row_v)
-        bias.append(row_b)
-    return keys, valid, bias
+    spans = []
+    for g in range(dilation):
+        glen = group_length(length, dilation, g)
+        starts = list(range(0, glen - tile + 1, tile))
+        if starts[-1] + tile < glen:
+            starts.append(glen - tile)
+        for t0 in starts:
+            first, last = window(t0, glen, kernel, stride, causal), window(t0 + tile - 1, glen, kernel, stride, causal)
+            spans.append((g, glen, t0, first[0], last[1]))
+    halo = max(end - start for *_, start, end in spans)
+    queries, keys, allowed, bias, owner = [], [], [], [], [0] * length
+    for t, (g, glen, t0, kstart, _) in enumerate(spans):
+        kstart = max(min(kstart, glen - halo), 0)
+        queries.append([g + dilation * (t0 + u) for u in range(tile)])
+        # Slots past the group's end exist only when the group is shorter than the halo; they are never allowed.
+        keys.append([g + dilation * min(kstart + m, glen - 1) for m in range(halo)])
+        rows_a, rows_b = [], []
+        for u in range(tile):
+            i = t0 + u
+            owner[g + dilation * i] = t * tile + u
+            start, end = window(i, glen, kernel, stride, causal)
+            row_a = [start <= kstart + m < end for m in range(halo)]
+            rows_a.append(row_a)
+            rows_b.append([(kernel - 1) + (kstart + m - i) if ok else kernel - 1 for m, ok in enumerate(row_a)])
+        allowed.append(rows_a)
+        bias.append(rows_b)
+    return queries, keys, allowed, bias, owner
 
 
 @lru_cache(maxsize=256)
-def _tables_cpu(
+def _tile_tables_cpu(
     spatial: Tuple[int, ...],
     kernel_size: Tuple[int, ...],
     stride: Tuple[int, ...],
     dilation: Tuple[int, ...],
     is_causal: Tuple[bool, ...],
-) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
-    idx = torch.zeros((1, 1), dtype=torch.long)
-    valid = torch.ones((1, 1), dtype=torch.bool)
-    ridx = torch.zeros((1, 1), dtype=torch.long)
-    for length, k, s, d, c in zip(spatial, kernel_size, stride, dilation, is_causal):
-        keys, used, bias = (torch.tensor(t) for t in axis_table(length, k, s, d, c))
-        # Row-major flattening: [N_prev, K_prev] x [L, k] -> [N_prev * L, K_prev * k].
-        idx = (idx[:, None, :, None] * length + keys[None, :, None, :]).flatten(2).flatten(0, 1)
-        valid = (valid[:, None, :, None] & used[None, :, None, :]).flatten(2).flatten(0, 1)
-        ridx = (ridx[:, None, :, None] * (2 * k - 1) + bias[None, :, None, :]).flatten(2).flatten(0, 1)
-    return idx.contiguous(), (None if bool(valid.all()) else valid.contiguous()), ridx.contiguous()
+    tile: Tuple[int, ...],
+) -> Tuple[torch.Tensor, ...]:
+    q_idx = torch.zeros((1, 1), dtype=torch.long)
+    k_idx = torch.zeros((1, 1), dtype=torch.long)
+    allowed = torch.ones((1, 1, 1), dtype=torch.bool)
+    ridx = torch.zeros((1, 1, 1), dtype=torch.long)
+    owner = torch.zeros((1,), dtype=torch.long)
+    tiles_so_far, tile_so_far = 1, 1
+    for length, k, s, d, c, t in zip(spatial, kernel_size, stride, dilation, is_causal, tile):
+        qa, ka, aa, ba, oa = (torch.tensor(x) for x in axis_tiles(length, k, s, d, c, t))
+        # Row-major product of tiles, of query slots and of key slots: [n_prev, P] x [n_a, p] -> [n_prev * n_a, P * p].
+        q_idx = (q_idx[:, None, :, None] * length + qa[None, :, None, :]).flatten(2).flatten(0, 1)
+        k_idx = (k_idx[:, None, :, None] * length + ka[None, :, None, :]).flatten(2).flatten(0, 1)
+        allowed = allowed[:, None, :, None, :, None] & aa[None, :, None, :, None, :]
+        allowed = allowed.flatten(4, 5).flatten(2, 3).flatten(0, 1)
+        ridx = ridx[:, None, :, None, :, None] * (2 * k - 1) + ba[None, :, None, :, None, :]
+        ridx = ridx.flatten(4, 5).flatten(2, 3).flatten(0, 1)
+        # owner = tile * T + slot, with tile and slot both row-major over the axes seen so far.
+        prev_tile, prev_slot = owner // tile_so_far, owner % tile_so_far
+        cur_tile, cur_slot = oa // t, oa % t
+        n_tiles_a = qa.shape[0]
+        tile_flat = prev_tile[:, None] * n_tiles_a + cur_tile[None, :]
+        slot_flat = prev_slot[:, None] * t + cur_slot[None, :]
+        tiles_so_far, tile_so_far = tiles_so_far * n_tiles_a, tile_so_far * t
+        owner = (tile_flat * tile_so_far + slot_flat).flatten()
+    return q_idx.contiguous(), k_idx.contiguous(), allowed.contiguous(), ridx.contiguous(), owner.contiguous()
 
 
 @lru_cache(maxsize=256)
-def _tables_on(
+def _tile_tables_on(spatial, kernel_size, stride, dilation, is_causal, tile, device):
+    return tuple(t.to(device) for t in _tile_tables_cpu(spatial, kernel_size, stride, dilation, is_causal, tile))
+
+
+def tile_tables(
     spatial: Tuple[int, ...],
     kernel_size: Tuple[int, ...],
     stride: Tuple[int, ...],
     dilation: Tuple[int, ...],
     is_causal: Tuple[bool, ...],
+    tile: Tuple[int, ...],
     device: torch.device,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
-    idx, valid, ridx = _tables_cpu(spatial, kernel_size, stride, dilation, is_causal)
-    return idx.to(device), (None if valid is None else valid.to(device)), ridx.to(device)
-
-
-def neighborhood_tables(
-    spatial: Tuple[int, ...],
-    kernel_size: Tuple[int, ...],
-    stride: Tuple[int, ...],
-    dilation: Tuple[int, ...],
-    is_causal: Tuple[bool, ...],
-    device: torch.device,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
-    """Cached gather tables over all `N` tokens and `K = prod(kernel_size)` window slots.
+) -> Tuple[torch.Tensor, ...]:
+    """Cached tile tables over all tokens: the multi-axis product of :func:`axis_tiles`.
 
     Returns:
-        ``idx [N, K]`` flat key index per query and slot; ``valid [N, K]`` slot mask, or None when every slot is
-        used (always the case without causal axes); ``ridx [N, K]`` flat index into ``rpb[h].flatten()``.
+        ``q_idx [T_n, T]`` and ``k_idx [T_n, halo]`` flat token indices per tile, ``allowed [T_n, T, halo]``,
+        ``ridx [T_n, T, halo]`` flat index into ``rpb[h].flatten()``, and ``owner [N]`` flat index into the
+        ``T_n * T`` tile slots holding each query's result.
     """
-    return _tables_on(spatial, kernel_size, stride, dilation, is_causal, torch.device(device))
-
+    return _tile_tables_on(spatial, kernel_size, stride, dilation, is_causal, tile, torch.device(device))

@@ -76,7 +76,7 @@ class _NeighborhoodAttentionNd(nn.Module):
             self.rpb, None,
         )
         if self.training and self.attn_drop > 0.0:
-            out, _ = na_reference(problem, q, k, v, self.rpb, dropout_p=self.attn_drop)
+            out, _ = na_reference(problem, q, k, v, self.rpb, dropout_p=self.attn_drop, need_lse=False)
         else:
             out = _run(problem, q, k, v, self.rpb, False, None)
         if any(pad):
