@@ -16,6 +16,19 @@ from ._helpers import (
     unwrap_state_dict,
 )
 from .flops import count_macs
+
+
+def registered_models() -> list:
+    """Names of the models this package registers with timm."""
+    import timm
+
+    return [
+        n
+        for n in timm.list_models(["*nat*", "vitrpb*"])
+        if timm.models.model_entrypoint(n).__module__.startswith("models.")
+    ]
+
+
 from .dinat_s import DiNATs
 from .isotropic import IsotropicNAT, RelPosAttention, RelPosBlock
 from .nat import NAT, ConvDownsampler, ConvTokenizer, NATBase, NATBlock, NATStage
@@ -34,6 +47,7 @@ __all__ = [
     "CHECKPOINT_SHA256",
     "check_state_dict",
     "count_macs",
+    "registered_models",
     "sha256_file",
     "convert_hf_state_dict",
     "filter_checkpoint",

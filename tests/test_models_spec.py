@@ -104,6 +104,15 @@ def meta_model(name: str):
         return timm.create_model(name)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The tensors here are tiny: one intra-op thread avoids OpenMP hand-off costs (large on a busy machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def shapes(model) -> list:
     return [(k, list(v.shape)) for k, v in model.state_dict().items()]
 
