@@ -15,7 +15,10 @@ from ._helpers import (
     sha256_file,
     unwrap_state_dict,
 )
+from .dinat_s import DiNATs
+from .isotropic import IsotropicNAT, RelPosAttention, RelPosBlock
 from .flops import count_macs
+from .nat import NAT, ConvDownsampler, ConvTokenizer, NATBase, NATBlock, NATStage
 
 
 def registered_models() -> list:
@@ -28,10 +31,6 @@ def registered_models() -> list:
         if timm.models.model_entrypoint(n).__module__.startswith("models.")
     ]
 
-
-from .dinat_s import DiNATs
-from .isotropic import IsotropicNAT, RelPosAttention, RelPosBlock
-from .nat import NAT, ConvDownsampler, ConvTokenizer, NATBase, NATBlock, NATStage
 
 __all__ = [
     "NAT",
