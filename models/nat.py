@@ -309,7 +309,7 @@ class NATBase(nn.Module):
             blocks=rf"^{self.stages_attr}\.(\d+)"
             if coarse
             else [
-                (rf"^{self.stages_attr}\.(\d+)\.downsample", (0,)),
+                (rf"^{self.stages_attr}\.(\d+)\.downsample", (99998,)),
                 (rf"^{self.stages_attr}\.(\d+)\.blocks\.(\d+)", None),
                 (r"^norm", (99999,)),
             ],
