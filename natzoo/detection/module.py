@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torchmetrics.detection import MeanAveragePrecision
 
+from natzoo.detection.detectors import build_detector
 from natzoo.optim import param_groups_weight_decay
 
 __all__ = ["DetectionModule", "detection_param_groups", "warmup_step_factor"]
@@ -63,7 +64,8 @@ class DetectionModule(L.LightningModule):
     ``MeanAveragePrecision`` (pycocotools backend), logged as ``val/bbox_mAP``, ``val/bbox_mAP_50``, ...
 
     Args:
-        model: The detector; ``model.backbone`` holds the trunk and FPN.
+        detector: Keyword arguments of :func:`natzoo.detection.detectors.build_detector` (stored in the checkpoint's
+            hyper-parameters, so ``load_from_checkpoint`` rebuilds the model), or a built detector module.
         lr: Peak learning rate.
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
@@ -73,14 +75,14 @@ class DetectionModule(L.LightningModule):
         milestones: LR decay points.
         milestone_unit: ``"epoch"`` (the official configs) or ``"step"``.
         gamma: Decay factor per milestone.
-        with_masks: Also evaluate mask mAP (Mask R-CNN).
+        with_masks: Also evaluate mask mAP; None means "if the detector is a Mask R-CNN".
         mask_threshold: Probability threshold turning predicted mask logits into binary masks.
         category_ids: COCO category id of each contiguous label ``1..K`` (for result files); optional.
     """
 
     def __init__(
         self,
-        model: nn.Module,
+        detector: dict[str, Any] | nn.Module,
         lr: float = 1e-4,
         weight_decay: float = 0.05,
         betas: Sequence[float] = (0.9, 0.999),
@@ -90,7 +92,7 @@ class DetectionModule(L.LightningModule):
         milestones: Sequence[int] = (27, 33),
         milestone_unit: str = "epoch",
         gamma: float = 0.1,
-        with_masks: bool = False,
+        with_masks: bool | None = None,
         mask_threshold: float = 0.5,
         category_ids: Sequence[int] | None = None,
     ) -> None:
@@ -101,9 +103,19 @@ class DetectionModule(L.LightningModule):
             raise ValueError(f"lr must be > 0, got {lr}")
         if warmup_steps < 0 or not 0 < warmup_ratio <= 1:
             raise ValueError(f"need warmup_steps >= 0 and 0 < warmup_ratio <= 1, got {warmup_steps}, {warmup_ratio}")
-        if with_masks and not hasattr(getattr(model, "roi_heads", None), "mask_head"):
+        if isinstance(detector, nn.Module):
+            self.save_hyperparameters(ignore=["detector"])
+            model = detector
+        else:
+            self.save_hyperparameters()
+            model = build_detector(**dict(detector))
+        has_masks = getattr(getattr(model, "roi_heads", None), "mask_head", None) is not None
+        if with_masks is None:
+            with_masks = has_masks
+        if with_masks and not has_masks:
             raise ValueError("with_masks=True needs a Mask R-CNN (the model has no mask head)")
-        self.save_hyperparameters(ignore=["model"])
+        self.with_masks = bool(with_masks)
+        self.train_masks = has_masks
         self.model = model
         iou_types = ("bbox", "segm") if with_masks else ("bbox",)
         self.val_map = MeanAveragePrecision(iou_type=iou_types, backend="pycocotools")
@@ -125,7 +137,7 @@ class DetectionModule(L.LightningModule):
         return loss
 
     def _train_target(self, target: dict) -> dict:
-        keys = ("boxes", "labels", "masks") if self.hparams.with_masks else ("boxes", "labels")
+        keys = ("boxes", "labels", "masks") if self.train_masks else ("boxes", "labels")
         return {k: target[k] for k in keys if k in target}
 
     def _metric_inputs(self, outputs: list[dict], targets: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -134,7 +146,7 @@ class DetectionModule(L.LightningModule):
             pred = {"boxes": out["boxes"].float(), "scores": out["scores"].float(), "labels": out["labels"]}
             gt = {"boxes": tgt["boxes"].as_subclass(torch.Tensor).float(), "labels": tgt["labels"],
                   "iscrowd": tgt["iscrowd"].to(torch.uint8)}
-            if self.hparams.with_masks:
+            if self.with_masks:
                 pred["masks"] = out["masks"][:, 0] > self.hparams.mask_threshold  # [N, H, W] bool
                 gt["masks"] = tgt["masks"].as_subclass(torch.Tensor).bool()
             preds.append(pred)
@@ -152,7 +164,7 @@ class DetectionModule(L.LightningModule):
     def _log_map(self, metric: MeanAveragePrecision, stage: str) -> None:
         results = metric.compute()
         metric.reset()
-        iou_types = ("bbox", "segm") if self.hparams.with_masks else ("bbox",)
+        iou_types = ("bbox", "segm") if self.with_masks else ("bbox",)
         names = {"map": "mAP", "map_50": "mAP_50", "map_75": "mAP_75", "map_small": "mAP_s", "map_medium": "mAP_m",
                  "map_large": "mAP_l"}
         for iou_type in iou_types:
