@@ -167,7 +167,7 @@ def test_half_precision_with_fp32_rpb(nan_empty, dtype, spatial, kernel_size, di
 
 @pytest.mark.parametrize("layout", ["qkv", "transposed"])
 def test_non_contiguous_inputs(nan_empty, layout):
-    run_case((5, 6), (3, 4), 1, (1, 1), (False, True), rpb=True, batch=2, heads=2, layout=layout)
+    run_case((4, 5), (3, 4), 1, 1, (False, True), rpb=True, batch=2, heads=2, layout=layout)
 
 
 @pytest.mark.parametrize("head_dim", [32, 48])
@@ -216,13 +216,12 @@ def _fwd_bwd(q, k, v, bias):
 
 def test_repeated_runs_are_bit_identical():
     """Forward and dq/dk/dv bit-equal across runs; d_rpb bit-equal in deterministic mode and close to atomic mode."""
-    q, k, v = _inputs((2, 17, 2, 16), torch.float32, "contiguous")  # odd length, not divisible by d=3
+    q, k, v = _inputs((1, 13, 2, 16), torch.float32, "contiguous")  # odd length, not divisible by d=3
     bias = (torch.randn(2, 7, device=DEVICE) * 0.5).requires_grad_()
     first = _fwd_bwd(q, k, v, bias)
-    for _ in range(2):
-        again = _fwd_bwd(q, k, v, bias)
-        for a, b in zip(first[:5], again[:5]):
-            assert torch.equal(a, b)
+    again = _fwd_bwd(q, k, v, bias)
+    for a, b in zip(first[:5], again[:5]):
+        assert torch.equal(a, b)
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
