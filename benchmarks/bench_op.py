@@ -23,26 +23,26 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable, List, Optional, Tuple
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import ops  # noqa: E402
+import ops
 
 
 @dataclass
 class Shape:
     name: str
     batch: int
-    spatial: Tuple[int, ...]
+    spatial: tuple[int, ...]
     heads: int
     head_dim: int
-    kernel_size: Tuple[int, ...]
-    dilation: Tuple[int, ...] = None
-    is_causal: Tuple[bool, ...] = None
+    kernel_size: tuple[int, ...]
+    dilation: tuple[int, ...] = None
+    is_causal: tuple[bool, ...] = None
     rpb: bool = False
 
     def __post_init__(self):
@@ -58,7 +58,7 @@ class Shape:
         return 4.0 * self.batch * self.heads * self.tokens * math.prod(self.kernel_size) * self.head_dim
 
 
-def full_shapes() -> List[Shape]:
+def full_shapes() -> list[Shape]:
     shapes = []
     for size, heads, dil in ((56, 2, 8), (28, 4, 4), (14, 8, 2), (7, 16, 1)):
         shapes.append(Shape(f"nat-tiny {size}x{size} h{heads}", 128, (size, size), heads, 32, (7, 7), rpb=True))
@@ -72,7 +72,7 @@ def full_shapes() -> List[Shape]:
     return shapes
 
 
-def quick_shapes() -> List[Shape]:
+def quick_shapes() -> list[Shape]:
     return [
         Shape("tiny 2d 14x14 k7", 2, (14, 14), 2, 32, (7, 7), rpb=True),
         Shape("tiny 2d 14x14 k7 d2", 2, (14, 14), 2, 32, (7, 7), dilation=(2, 2), rpb=True),
@@ -116,12 +116,12 @@ class Result:
     shape: str
     provider: str
     dtype: str
-    fwd_ms: Optional[float] = None
-    fwdbwd_ms: Optional[float] = None
-    fwd_tflops: Optional[float] = None
-    fwdbwd_tflops: Optional[float] = None
-    fwd_floor_pct: Optional[float] = None
-    peak_mem_mb: Optional[float] = None
+    fwd_ms: float | None = None
+    fwdbwd_ms: float | None = None
+    fwd_tflops: float | None = None
+    fwdbwd_tflops: float | None = None
+    fwd_floor_pct: float | None = None
+    peak_mem_mb: float | None = None
     note: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -145,7 +145,7 @@ def _time(fn: Callable[[], None], device: str, warmup: int, repeats: int) -> flo
     return statistics.median(samples)
 
 
-def device_limits(device: str, dtype: torch.dtype) -> Tuple[Optional[float], Optional[float]]:
+def device_limits(device: str, dtype: torch.dtype) -> tuple[float | None, float | None]:
     """Measured copy bandwidth (bytes/s) and matmul peak (FLOP/s) in `dtype`; None on CPU."""
     if device != "cuda":
         return None, None
@@ -240,7 +240,7 @@ def bench_one(shape, provider, dtype, device, limits, warmup, repeats) -> Result
             res.fwd_floor_pct = 100.0 * floor_s / (res.fwd_ms * 1e-3)
     except torch.cuda.OutOfMemoryError:
         res.note = "OOM"
-    except Exception as exc:  # a provider that cannot run a shape is reported, not fatal
+    except Exception as exc:  # noqa: BLE001 - a provider that cannot run a shape is reported, not fatal
         res.note = f"skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
     finally:
         if device == "cuda":
@@ -252,10 +252,12 @@ def _fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
-def markdown(results: List[Result], meta: dict) -> str:
+def markdown(results: list[Result], meta: dict) -> str:
     lines = [
-        f"Device: {meta['device_name']}; torch {meta['torch']}; triton {meta['triton']}; date {meta['date']}; "
-        f"command `{meta['command']}`.",
+        (
+            f"Device: {meta['device_name']}; torch {meta['torch']}; triton {meta['triton']}; date {meta['date']}; "
+            f"command `{meta['command']}`."
+        ),
         "",
         "| shape | provider | dtype | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s | fwd % of floor | peak MB | note |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -269,7 +271,7 @@ def markdown(results: List[Result], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Optional[List[str]] = None) -> List[Result]:
+def main(argv: list[str] | None = None) -> list[Result]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")

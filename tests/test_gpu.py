@@ -56,10 +56,12 @@ def _check(got, ref, dtype, rpb):
     ref_out, ref_lse, ref_grads = ref
     for name, a, b, tol in (("out", out, ref_out, tol_out), ("lse", lse, ref_lse, tol_out)):
         assert not torch.isnan(a).any(), name
-        torch.testing.assert_close(a.double(), b.double(), atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a.double(), b.double(), atol=tol, rtol=tol, msg=lambda m, name=name: f"{name}: {m}")
     for name, a, b in zip(("dq", "dk", "dv"), grads[:3], ref_grads[:3]):
         assert not torch.isnan(a).any(), name
-        torch.testing.assert_close(a.double(), b.double(), atol=tol_grad, rtol=tol_grad, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            a.double(), b.double(), atol=tol_grad, rtol=tol_grad, msg=lambda m, name=name: f"{name}: {m}"
+        )
     if rpb:
         rel = ((grads[3].double() - ref_grads[3]).norm() / ref_grads[3].norm()).item()
         assert rel <= tol_rpb, f"d_rpb relative L2 error {rel:.3e}"

@@ -15,10 +15,10 @@ import os
 
 import pytest
 import torch
+from oracle import case_id, dense_na
 
 import ops
 from ops.neighborhood.dispatch import use_backend
-from oracle import case_id, dense_na
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -5,14 +5,12 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 
 from ..validation import Problem
 from .op import na_bwd, na_fwd
 
-__all__ = ["na_triton", "na_fwd", "na_bwd"]
+__all__ = ["na_bwd", "na_fwd", "na_triton"]
 
 
 def na_triton(
@@ -20,8 +18,8 @@ def na_triton(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    rpb: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    rpb: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Runs the fused kernels through the ``natzoo::na_fwd`` custom op (differentiable in q, k, v and rpb).
 
     Returns:

@@ -25,7 +25,6 @@ whose cost grows with ``prod(2k-1)`` (next power of two); see docs/kernels.md.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
 
 import torch
 import triton
@@ -113,7 +112,7 @@ def _na_bwd_dq_kernel(
 
     c0, c1, c2 = split3(tl.arange(0, BK), TK1, TK2)
     dq = tl.zeros([BQ, BLOCK_D], tl.float32)
-    for kt in range(0, nk0 * nk1 * nk2):
+    for kt in range(nk0 * nk1 * nk2):
         u0, u1, u2 = split3(kt, nk1, nk2)
         j0 = box0 + u0 * TK0 + c0  # [BK] in-group key indices
         j1 = box1 + u1 * TK1 + c1
@@ -210,7 +209,7 @@ def _na_bwd_dkdv_kernel(
     c0, c1, c2 = split3(tl.arange(0, BQ), TQ1, TQ2)
     dk = tl.zeros([BK, BLOCK_D], tl.float32)
     dv = tl.zeros([BK, BLOCK_D], tl.float32)
-    for qt in range(0, nq0 * nq1 * nq2):
+    for qt in range(nq0 * nq1 * nq2):
         u0, u1, u2 = split3(qt, nq1, nq2)
         i0 = box0 + u0 * TQ0 + c0  # [BQ] in-group query indices
         i1 = box1 + u1 * TQ1 + c1
@@ -298,7 +297,7 @@ def _na_bwd_drpb_kernel(
 
     bins = tl.arange(0, BLOCK_R)
     part = tl.zeros([BLOCK_R], tl.float32)  # this program's partial d_rpb[h, :]
-    for m in range(0, K0 * K1 * K2):
+    for m in range(K0 * K1 * K2):
         m0, m1, m2 = split3(m, K1, K2)
         j0, j1, j2 = qs0 + m0, qs1 + m1, qs2 + m2  # slot m of each query's window
         ok = q_ok & (j0 < qe0) & (j1 < qe1) & (j2 < qe2)  # causal windows may hold fewer than k keys
@@ -331,15 +330,15 @@ _dkdv_tuned = {
 def na_backward(
     problem: Problem,
     grad_out: torch.Tensor,
-    grad_lse: Optional[torch.Tensor],
+    grad_lse: torch.Tensor | None,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    rpb: Optional[torch.Tensor],
+    rpb: torch.Tensor | None,
     out: torch.Tensor,
     lse: torch.Tensor,
     deterministic: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Launches the backward kernels.
 
     Args:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
 import torch
 import triton
@@ -36,14 +35,14 @@ LOG2E = math.log2(math.e)
 class Geometry:
     """A problem padded to three spatial axes, as the kernels see it."""
 
-    spatial: Tuple[int, int, int]
-    kernel_size: Tuple[int, int, int]
-    stride: Tuple[int, int, int]
-    dilation: Tuple[int, int, int]
-    is_causal: Tuple[bool, bool, bool]
+    spatial: tuple[int, int, int]
+    kernel_size: tuple[int, int, int]
+    stride: tuple[int, int, int]
+    dilation: tuple[int, int, int]
+    is_causal: tuple[bool, bool, bool]
 
     @classmethod
-    def of(cls, problem: Problem) -> "Geometry":
+    def of(cls, problem: Problem) -> Geometry:
         pad = 3 - problem.n
         return cls(
             spatial=tuple(problem.spatial) + (1,) * pad,
@@ -61,7 +60,7 @@ class Geometry:
         (l0, l1, l2), (d0, d1, d2) = self.spatial, self.dilation
         return dict(L0=l0, L1=l1, L2=l2, DIL0=d0, DIL1=d1, DIL2=d2)
 
-    def num_tiles(self, tile: Tuple[int, int, int]) -> int:
+    def num_tiles(self, tile: tuple[int, int, int]) -> int:
         """Tiles of shape `tile` per dilation group (sized for the longest group), times the number of groups."""
         count = 1
         for length, d, t in zip(self.spatial, self.dilation, tile):
@@ -69,7 +68,7 @@ class Geometry:
         return count
 
 
-def strides6(t: torch.Tensor, n: int) -> Tuple[int, ...]:
+def strides6(t: torch.Tensor, n: int) -> tuple[int, ...]:
     """Strides ``(batch, axis0, axis1, axis2, head, dim)`` of a ``[B, *S(n), H, D]`` tensor; dummy axes get 0."""
     st = t.stride()
     return (st[0], *st[1 : 1 + n], *(0,) * (3 - n), st[-2], st[-1])
@@ -157,7 +156,7 @@ def _na_fwd_kernel(
     m_i = tl.full([BQ], float("-inf"), tl.float32)  # running max, base-2 logits
     l_i = tl.zeros([BQ], tl.float32)  # running sum of exp2
     acc = tl.zeros([BQ, BLOCK_D], tl.float32)
-    for kt in range(0, nk0 * nk1 * nk2):
+    for kt in range(nk0 * nk1 * nk2):
         u0, u1, u2 = split3(kt, nk1, nk2)
         j0 = box0 + u0 * TK0 + c0  # [BK] in-group key indices
         j1 = box1 + u1 * TK1 + c1
@@ -209,8 +208,8 @@ def na_forward(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    rpb: Optional[torch.Tensor],
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    rpb: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Launches the forward kernel.
 
     Returns:

@@ -7,8 +7,6 @@ opaque to the compiler.
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
-
 import torch
 
 from ..validation import Problem
@@ -41,13 +39,13 @@ def na_fwd(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    rpb: Optional[torch.Tensor],
-    kernel_size: List[int],
-    stride: List[int],
-    dilation: List[int],
-    is_causal: List[bool],
+    rpb: torch.Tensor | None,
+    kernel_size: list[int],
+    stride: list[int],
+    dilation: list[int],
+    is_causal: list[bool],
     scale: float,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused forward: ``out [B, *S, H, D]`` (query dtype, contiguous) and natural-log ``lse [B, *S, H]`` float32."""
     problem = _problem(query, kernel_size, stride, dilation, is_causal, scale, rpb is not None)
     return na_forward(problem, query, key, value, rpb)
@@ -63,19 +61,19 @@ def _na_fwd_fake(query, key, value, rpb, kernel_size, stride, dilation, is_causa
 @torch.library.custom_op("natzoo::na_bwd", mutates_args=())
 def na_bwd(
     grad_out: torch.Tensor,
-    grad_lse: Optional[torch.Tensor],
+    grad_lse: torch.Tensor | None,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    rpb: Optional[torch.Tensor],
+    rpb: torch.Tensor | None,
     out: torch.Tensor,
     lse: torch.Tensor,
-    kernel_size: List[int],
-    stride: List[int],
-    dilation: List[int],
-    is_causal: List[bool],
+    kernel_size: list[int],
+    stride: list[int],
+    dilation: list[int],
+    is_causal: list[bool],
     scale: float,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused backward: ``dq, dk, dv`` and ``d_rpb`` (rpb's shape and dtype; an empty tensor when rpb is None)."""
     problem = _problem(query, kernel_size, stride, dilation, is_causal, scale, rpb is not None)
     # Read at run time (not trace time), so a compiled graph follows the current setting.

@@ -11,12 +11,11 @@ least 16, because ``tl.dot`` needs it.
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Tuple
 
 import triton
 import triton.language as tl
 
-Tile = Tuple[int, int, int]
+Tile = tuple[int, int, int]
 
 
 def interpreting() -> bool:
@@ -31,7 +30,7 @@ def _cfg(tq: Tile, tk: Tile, warps: int, stages: int) -> triton.Config:
 
 # GPU search spaces per rank: (query tile, key tile, warps, stages). Small NAT windows (k=7) favour small query
 # tiles (spec 5.2: tile efficiency), large head dims favour fewer rows per block.
-_GPU_CONFIGS: Dict[int, List[Tuple[Tile, Tile, int, int]]] = {
+_GPU_CONFIGS: dict[int, list[tuple[Tile, Tile, int, int]]] = {
     1: [((64, 1, 1), (64, 1, 1), 4, 2), ((128, 1, 1), (64, 1, 1), 8, 2), ((64, 1, 1), (32, 1, 1), 4, 3),
         ((32, 1, 1), (32, 1, 1), 4, 2)],
     2: [((8, 8, 1), (8, 8, 1), 4, 2), ((8, 8, 1), (4, 8, 1), 4, 2), ((4, 8, 1), (8, 8, 1), 4, 2),
@@ -42,14 +41,14 @@ _GPU_CONFIGS: Dict[int, List[Tuple[Tile, Tile, int, int]]] = {
 
 # Interpreter: one small config (no autotuning on CPU); tiles smaller than the test maps so that every kernel walks
 # several query and key tiles, partial tiles included.
-_INTERPRETER_CONFIGS: Dict[int, List[Tuple[Tile, Tile, int, int]]] = {
+_INTERPRETER_CONFIGS: dict[int, list[tuple[Tile, Tile, int, int]]] = {
     1: [((16, 1, 1), (16, 1, 1), 1, 1)],
     2: [((4, 8, 1), (4, 8, 1), 1, 1)],
     3: [((2, 4, 4), (2, 4, 4), 1, 1)],
 }
 
 
-def configs(rank: int) -> List[triton.Config]:
+def configs(rank: int) -> list[triton.Config]:
     """The autotuning search space for a problem of `rank` spatial axes."""
     table = _INTERPRETER_CONFIGS if interpreting() else _GPU_CONFIGS
     return [_cfg(*entry) for entry in table[rank]]
