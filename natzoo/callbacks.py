@@ -1,4 +1,4 @@
-"""Generic callbacks: per-epoch reseeding (exact resume), curve recording/plotting, evaluation stopwatch."""
+"""Generic callbacks: RNG state in checkpoints (exact resume), curve recording/plotting, evaluation stopwatch."""
 
 from __future__ import annotations
 
@@ -10,31 +10,53 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-__all__ = ["EpochReseed", "CurvePlot", "Stopwatch"]
+__all__ = ["RNGState", "CurvePlot", "Stopwatch"]
 
 
-class EpochReseed(pl.Callback):
-    """Reseeds torch, numpy and ``random`` at the start of every training epoch from (seed, epoch, rank).
+class RNGState(pl.Callback):
+    """Saves the global random generators (python, numpy, torch, CUDA) in checkpoints and restores them on resume.
 
-    Each epoch's randomness (shuffling, augmentation in the main process, mixup, drop path) then depends only on the
-    epoch, so a run resumed from an end-of-epoch checkpoint repeats exactly what the uninterrupted run did. (Workers
-    draw their seeds from the data loader's base seed, taken from the reseeded generator when the epoch's iterator is
-    created; with ``persistent_workers`` they keep their first-epoch seeds, so exact resume needs it off.)
-
-    Args:
-        seed: base seed (the config's ``seed``).
+    Lightning does not checkpoint RNG state, so without this a resumed run reshuffles, re-augments, re-mixes and
+    re-drops differently from the uninterrupted run. The state is taken when the checkpoint is written (end of an
+    epoch for ``last.ckpt``) and restored before the data loaders' first iterator is created, so a run resumed from
+    an end-of-epoch checkpoint repeats exactly what the uninterrupted run did on the same hardware. (Workers draw
+    their seeds from the loader's base seed, taken from the restored generator; with ``persistent_workers`` they keep
+    their first-epoch generators, so exact resume needs it off.) Only rank 0's state is saved; other ranks derive
+    distinct states from it and their rank.
     """
 
-    def __init__(self, seed: int):
-        self.seed = int(seed)
+    def state_dict(self) -> dict[str, Any]:
+        """Current generator states as plain values (loadable with ``weights_only=True``)."""
+        version, internal, gauss = random.getstate()
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state = {
+            "python": [version, list(internal), gauss],
+            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Seeds the generators for this epoch."""
-        seed = (self.seed * 1_000_003 + trainer.current_epoch * 7919 + trainer.global_rank) % (2**32)
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restores the generators (offset by the process rank on ranks other than 0)."""
+        version, internal, gauss = state_dict["python"]
+        random.setstate((version, tuple(internal), gauss))
+        kind, keys, pos, has_gauss, cached = state_dict["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+        torch.set_rng_state(state_dict["torch"])
+        if "cuda" in state_dict and torch.cuda.is_available():
+            states = state_dict["cuda"]
+            if len(states) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(states)
+        rank = rank_zero_only.rank
+        if rank:
+            seed = (int(torch.randint(0, 2**31 - 1, ()).item()) + 7919 * rank) % (2**31)
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
 
 
 class CurvePlot(pl.Callback):

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_utilities.core.imports import RequirementCache
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from natzoo.callbacks import CurvePlot, EpochReseed
+from natzoo.callbacks import CurvePlot, RNGState
 from natzoo.checkpoint_io import AtomicCheckpointIO
 from natzoo.config import check_common, find_last_checkpoint
 from natzoo.tasks import Task, get_task
@@ -48,18 +48,18 @@ def resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
 
 def build_callbacks(cfg: DictConfig, task: Task) -> list[pl.Callback]:
     """Callbacks from ``cfg.callbacks`` (each a ``_target_`` entry; null entries dropped), the task's own, the curve
-    plot and per-epoch reseeding. A ModelCheckpoint with ``monitor: null`` gets the task's metric."""
+    plot and the RNG-state checkpointing. ``callbacks.model_checkpoint.monitor: null`` means the task's metric."""
     callbacks: list[pl.Callback] = []
     for name, spec in (cfg.get("callbacks") or {}).items():
         if spec is None or "_target_" not in spec:
             continue
-        if spec._target_.endswith("ModelCheckpoint") and spec.get("monitor", None) is None:
+        if name == "model_checkpoint" and spec.get("monitor", None) is None:
             with open_dict(spec):
                 spec.monitor, spec.mode = task.monitor
         callbacks.append(instantiate(spec))
     callbacks.extend(task.build_callbacks(cfg))
     callbacks.append(CurvePlot(str(Path(cfg.paths.output_dir) / "curves.png"), title=str(cfg.get("run_name", ""))))
-    callbacks.append(EpochReseed(int(cfg.get("seed", 0))))
+    callbacks.append(RNGState())
     return callbacks
 
 
@@ -122,7 +122,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     checkpoint_cb = trainer.checkpoint_callback
     best = getattr(checkpoint_cb, "best_model_path", "") or None
-    last = getattr(checkpoint_cb, "last_model_path", "") or None
+    last = next((cb.best_model_path or cb.last_model_path for cb in trainer.checkpoint_callbacks
+                 if getattr(cb, "filename", None) == "last"), None) or getattr(checkpoint_cb, "last_model_path", None)
     score = getattr(checkpoint_cb, "best_model_score", None)
     result = {
         "output_dir": str(output_dir),

@@ -244,7 +244,9 @@ class ClassificationModule(pl.LightningModule):
     def configure_optimizers(self) -> dict:
         """AdamW over decay/no-decay groups and a per-step LambdaLR (linear warmup, cosine, cooldown at min_lr)."""
         o, s = self.optim_cfg, self.sched_cfg
-        total_steps = self.trainer.estimated_stepping_batches  # also makes num_training_batches available
+        total_steps = self.trainer.estimated_stepping_batches
+        if math.isinf(self.trainer.num_training_batches):
+            self.trainer.fit_loop.setup_data()  # estimated_stepping_batches skips it when max_steps is set
         accumulate = self.trainer.accumulate_grad_batches
         steps_per_epoch = max(1, math.ceil(self.trainer.num_training_batches / accumulate))
         datamodule = getattr(self.trainer, "datamodule", None)

@@ -1,0 +1,64 @@
+"""Helpers for tests and scripted runs: compose the real configs with Hydra's compose API and shrink them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import lightning.pytorch as pl
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+__all__ = ["CONFIG_DIR", "compose_config", "tiny_overrides", "CrashAtStep"]
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def compose_config(config_name: str, overrides: Sequence[str] = (), output_dir: str | Path | None = None) -> DictConfig:
+    """Composes ``configs/<config_name>.yaml`` with ``overrides`` (Hydra override syntax), outside ``@hydra.main``.
+
+    ``paths.output_dir`` (normally Hydra's run directory) is set to ``output_dir`` when given.
+    """
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=list(overrides))
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+def tiny_overrides(data_root: str | Path, log_dir: str | Path, epochs: int = 2) -> list[str]:
+    """Overrides that shrink the default training config to a few CPU-seconds: a tiny generated dataset (8 classes x
+    8 + 4 images at 32 px), a one-block-per-stage NAT with 3x3 windows, batch 8, CSV logging, no progress bar."""
+    return [
+        f"data.root={data_root}",
+        "data.generate.train_per_class=8",
+        "data.generate.val_per_class=4",
+        "data.batch_size=8",
+        "data.eval_batch_size=16",
+        "model.kwargs.embed_dim=16",
+        "model.kwargs.depths=[1,1,1,1]",
+        "model.kwargs.num_heads=[1,1,2,2]",
+        "+model.kwargs.kernel_size=3",
+        f"sched.epochs={epochs}",
+        "sched.warmup_epochs=0",
+        "logger=csv",
+        "callbacks=none",
+        "+trainer.enable_progress_bar=false",
+        "+trainer.enable_model_summary=false",
+        f"paths.log_dir={log_dir}",
+    ]
+
+
+class CrashAtStep(pl.Callback):
+    """Raises ``RuntimeError`` when the given global step starts (simulates a crash mid-epoch)."""
+
+    def __init__(self, step: int):
+        self.step = int(step)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        """Crashes at ``step``."""
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"simulated crash at global step {self.step}")

@@ -1,0 +1,198 @@
+"""End-to-end training through the real Hydra configs (composed and shrunk): outputs, resume, DDP, failure rules."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from natzoo import evaluate, train
+from natzoo.classification.module import ClassificationModule
+from natzoo.testing import compose_config, tiny_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data") / "demo"
+
+
+def _train_cfg(demo_root: Path, tmp_path: Path, *extra: str, name: str = "run", epochs: int = 2):
+    overrides = tiny_overrides(demo_root, tmp_path / "logs", epochs=epochs) + list(extra)
+    return compose_config("train", overrides, tmp_path / name)
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_train_end_to_end_then_evaluate(demo_root, tmp_path):
+    result = train(_train_cfg(demo_root, tmp_path))
+    out = Path(result["output_dir"])
+    best, last = Path(result["best_checkpoint"]), Path(result["last_checkpoint"])
+    assert best == out / "checkpoints" / "best.ckpt" and best.is_file()
+    assert last == out / "checkpoints" / "last.ckpt" and last.is_file()
+    assert not list((out / "checkpoints").glob(".*tmp")), "atomic save left a temporary file"
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = _read_metrics(out / "metrics.csv")
+    val_acc = [float(r["val/acc1"]) for r in rows if r.get("val/acc1")]
+    assert len(val_acc) == 2  # one validation per epoch
+    assert result["best_score"] == pytest.approx(max(val_acc))
+
+    # The checkpoint loads without Hydra (plain hyper-parameters) and with weights_only=True.
+    module = ClassificationModule.load_from_checkpoint(best, weights_only=True)
+    assert module.num_classes == 8 and module.hparams.model_name == "nat_mini"
+
+    eval_cfg = compose_config("eval", [f"ckpt_path={best}", f"data.root={demo_root}", "data.generate.train_per_class=8",
+                                       "data.generate.val_per_class=4", "+trainer.enable_progress_bar=false"],
+                              tmp_path / "eval")
+    res = evaluate(eval_cfg)
+    assert Path(res["output"]).is_file() and Path(res["confusion_matrix_png"]).is_file()
+    # Evaluating the best checkpoint reproduces the validation accuracy it was selected with.
+    assert res["top1"] == pytest.approx(100 * result["best_score"], abs=1e-4)
+    matrix = torch.tensor(res["confusion_matrix"])
+    assert int(matrix.sum()) == res["num_images"] == 32
+    assert 100 * float(matrix.diag().sum()) / 32 == pytest.approx(res["top1"], abs=1e-4)
+    assert res["images_per_second"] > 0
+
+
+def _final_state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_resume_after_crash_matches_uninterrupted_run(demo_root, tmp_path):
+    # EMA, mixup/cutmix and drop path on, so every source of randomness and every piece of state is exercised.
+    extra = ["ema.enabled=true", "ema.decay=0.9", "data.mixup.mixup_alpha=0.8", "data.mixup.cutmix_alpha=1.0",
+             "model.drop_path_rate=0.1", "sched.warmup_epochs=1"]
+    full = train(_train_cfg(demo_root, tmp_path, *extra, name="full"))
+
+    crash = ["+callbacks.crash._target_=natzoo.testing.CrashAtStep", "+callbacks.crash.step=10"]  # epoch 1, batch 2
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(_train_cfg(demo_root, tmp_path, *extra, *crash, name="crashed"))
+    resume_dir = tmp_path / "crashed"
+    assert (resume_dir / "checkpoints" / "last.ckpt").is_file()
+    resumed = train(_train_cfg(demo_root, tmp_path, *extra, "ckpt_path=last", f"paths.resume_dir={resume_dir}",
+                               name="resumed"))
+
+    a, b = _final_state(Path(full["last_checkpoint"])), _final_state(Path(resumed["last_checkpoint"]))
+    assert (a["global_step"], b["global_step"], a["epoch"], b["epoch"]) == (16, 16, 1, 1), (full, resumed)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert any(k.startswith("model_ema.") for k in a["state_dict"])
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    assert full["metrics"]["val/acc1"] == resumed["metrics"]["val/acc1"]
+    assert full["metrics"]["val_ema/loss"] == resumed["metrics"]["val_ema/loss"]
+
+
+def test_ddp_two_cpu_processes(demo_root, tmp_path):
+    # Lightning re-launches `python train.py ...` for rank 1; both ranks use gloo on the CPU.
+    run_dir = tmp_path / "ddp"
+    args = [sys.executable, "train.py", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+            "trainer.precision=32-true", "trainer.benchmark=false", f"hydra.run.dir={run_dir}"]
+    args += tiny_overrides(demo_root, tmp_path / "logs", epochs=1)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ckpt = _final_state(run_dir / "checkpoints" / "last.ckpt")
+    # 64 training images, batch 8 per process: the distributed sampler gives each rank 32 images = 4 steps.
+    assert ckpt["global_step"] == 4
+    assert "Done. Outputs in" in proc.stdout
+
+
+def test_nonfinite_loss_stops_with_step(demo_root, tmp_path):
+    cfg = _train_cfg(demo_root, tmp_path, "optim.lr=1e30", "trainer.gradient_clip_val=null", "sched.epochs=1")
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss .* at global step \d+ \(epoch 0, batch \d+\)"):
+        train(cfg)
+
+
+def test_nonfinite_loss_skip_counts_steps(demo_root, tmp_path):
+    cfg = _train_cfg(demo_root, tmp_path, "optim.lr=1e30", "trainer.gradient_clip_val=null", "nonfinite_loss=skip",
+                     "sched.epochs=1")
+    result = train(cfg)
+    assert result["metrics"]["train/skipped_nonfinite"] >= 1
+    # The first step made the weights huge (lr 1e30) but finite; every later step was skipped, not applied.
+    state = _final_state(Path(result["last_checkpoint"]))["state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+@pytest.fixture
+def no_model_build(monkeypatch):
+    """Any model construction fails the test: config errors must come first."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a model was built before the config was checked")
+
+    monkeypatch.setattr(ClassificationModule, "__init__", forbidden)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.name=nat_gigantic", r"model\.name='nat_gigantic' is not a registered timm model"),
+        ("data.batch_size=0", r"data\.batch_size must be >= 1, got 0"),
+        ("data.num_workers=-1", r"data\.num_workers must be >= 0"),
+        ("nonfinite_loss=ignore", r"nonfinite_loss must be one of"),
+        ("ckpt_path=/nonexistent/last.ckpt", r"ckpt_path='/nonexistent/last.ckpt' does not exist"),
+        ("checkpoint=/nonexistent/w.pth", r"checkpoint='/nonexistent/w.pth' does not exist"),
+    ],
+)
+def test_bad_config_fails_fast(demo_root, tmp_path, no_model_build, override, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        train(_train_cfg(demo_root, tmp_path, override))
+
+
+def test_missing_dataset_and_wrong_layout_fail_fast(tmp_path, no_model_build):
+    base = ["data=folder", "logger=csv", "callbacks=none", f"paths.log_dir={tmp_path / 'logs'}"]
+    missing = compose_config("train", base + [f"data.root={tmp_path / 'nope'}"], tmp_path / "a")
+    with pytest.raises(ValueError, match=r"data\.root=.*nope' does not exist"):
+        train(missing)
+    unset = compose_config("train", base, tmp_path / "b")
+    with pytest.raises(ValueError, match=r"data\.root is not set"):
+        train(unset)
+    flat = tmp_path / "flat"
+    (flat / "train").mkdir(parents=True)
+    (flat / "val").mkdir()
+    (flat / "train" / "img0.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"has no class sub-directories; expected the ImageNet layout"):
+        train(compose_config("train", base + [f"data.root={flat}"], tmp_path / "c"))
+    (flat / "train" / "cat").mkdir()
+    (flat / "val" / "dog").mkdir()
+    with pytest.raises(ValueError, match=r"val has different classes than .*train: extra \['dog'\], missing \['cat'\]"):
+        train(compose_config("train", base + [f"data.root={flat}"], tmp_path / "d"))
+    nosplit = tmp_path / "nosplit"
+    (nosplit / "cat").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"has no 'train' directory .* expected the ImageNet layout"):
+        train(compose_config("train", base + [f"data.root={nosplit}"], tmp_path / "e"))
+
+
+def _copy_with_corrupt_image(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    bad = dst / "train" / "circle" / "00000.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    return bad
+
+
+def test_corrupt_image_error_names_file(demo_root, tmp_path):
+    train(_train_cfg(demo_root, tmp_path, "sched.epochs=1", "trainer.max_steps=1", name="warm"))  # makes demo_root
+    bad = _copy_with_corrupt_image(demo_root, tmp_path / "corrupt")
+    cfg = _train_cfg(tmp_path / "corrupt", tmp_path, "data.generate=null", "sched.epochs=1")
+    with pytest.raises(RuntimeError, match=re.escape(f"cannot read image file {bad}")):
+        train(cfg)
+
+
+def test_corrupt_image_skipped_and_counted(demo_root, tmp_path):
+    train(_train_cfg(demo_root, tmp_path, "sched.epochs=1", "trainer.max_steps=1", name="warm"))
+    _copy_with_corrupt_image(demo_root, tmp_path / "corrupt")
+    cfg = _train_cfg(tmp_path / "corrupt", tmp_path, "data.generate=null", "data.bad_images=skip", "sched.epochs=1")
+    result = train(cfg)
+    assert result["metrics"]["train/skipped_images"] == 1.0
