@@ -196,6 +196,17 @@ def test_gradient_into_lse_only(nan_empty):
     _assert_rel_l2("d_rpb", grads[2], ref_grads[2], 1e-5)
 
 
+def test_expanded_output_gradient(nan_empty):
+    """``out.sum()`` hands the backward a stride-0 (expanded) dO; it is read through its strides, not copied."""
+    q, k, v = _inputs((1, 9, 2, 16), torch.float32, "contiguous")
+    out = ops.na1d(q, k, v, 3, backend="triton")
+    grads = torch.autograd.grad(out.sum(), [q, k, v])
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref_grads = torch.autograd.grad(dense_na(*ref, 3)[0].sum(), ref)
+    for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
+        _assert_close(name, got, want, 1e-4)
+
+
 def test_unsupported_problems_name_the_property():
     """V19: a forced Triton backend names `backend='triton'` and the failing property."""
     q = torch.randn(1, 9, 2, 16, device=DEVICE)
