@@ -132,7 +132,11 @@ def _tile_tables_cpu(
 
 @lru_cache(maxsize=256)
 def _tile_tables_on(spatial, kernel_size, stride, dilation, is_causal, tile, device):
-    return tuple(t.to(device) for t in _tile_tables_cpu(spatial, kernel_size, stride, dilation, is_causal, tile))
+    # Cached tables outlive the call: built under inference mode they would be inference tensors, which autograd
+    # refuses to save later (a validation pass before training would poison the cache).
+    with torch.inference_mode(False):
+        cpu = _tile_tables_cpu(spatial, kernel_size, stride, dilation, is_causal, tile)
+        return tuple(t.to(device) for t in cpu)
 
 
 def tile_tables(
