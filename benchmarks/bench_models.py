@@ -123,7 +123,6 @@ def bench_model(
         rows.append(dict(model=name, params=params, mode="train step", **_measure(train, device, warmup, iters)))
     for row in rows:
         row["img_s"] = batch / row["seconds"]
-    del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
