@@ -123,8 +123,6 @@ def bench_model(
         rows.append(dict(model=name, params=params, mode="train step", **_measure(train, device, warmup, iters)))
     for row in rows:
         row["img_s"] = batch / row["seconds"]
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return rows
 
 
@@ -196,6 +194,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             rows = bench_model(
                 model_name, device, batch, args.img_size, dtype, channels_last, warmup, iters, args.modes
             )
+        if gpu:
+            torch.cuda.empty_cache()  # the previous model is unreferenced once bench_model returned
         for row in rows:
             print(
                 f"| {row['model']} | {row['params']:.1f} | {row['mode']} | {row['img_s']:.1f} | "
