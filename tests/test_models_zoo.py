@@ -66,6 +66,8 @@ def test_features_and_intermediates(name):
     with torch.no_grad():
         final, inter = model.forward_intermediates(x)
         assert torch.equal(final, model.forward_features(x))
+        early = model.forward_intermediates(x, indices=[0], stop_early=True, intermediates_only=True)
+        assert len(early) == 1 and torch.equal(early[0], inter[0])
         if name in HIERARCHICAL:
             assert [t.shape for t in inter] == [(1, 16, 10, 14), (1, 32, 5, 7), (1, 64, 3, 4), (1, 128, 2, 2)]
             # The last level has no downsampler: the normalised last map is forward_features (NCHW).
@@ -165,13 +167,18 @@ def test_dilations_argument_and_errors():
         iso(torch.randn(1, 3, 192, 192))
 
 
-def test_grad_checkpointing_gives_same_result():
-    args = dict(embed_dim=16, depths=(1, 2, 1, 1), num_heads=(1, 2, 4, 8), drop_path_rate=0.0)
-    model = timm.create_model("dinat_mini", **args)
-    ckpt = timm.create_model("dinat_mini", **args)
+@pytest.mark.parametrize("name", ["dinat_mini", "vitrpb_small"])
+def test_grad_checkpointing_gives_same_result(name):
+    if name == "dinat_mini":
+        args = dict(embed_dim=16, depths=(1, 2, 1, 1), num_heads=(1, 2, 4, 8), drop_path_rate=0.0)
+        x = torch.randn(2, 3, 32, 32)
+    else:
+        args = dict(embed_dim=32, depth=2, num_heads=1, drop_path_rate=0.0)
+        x = torch.randn(1, 3, 224, 224)
+    model = timm.create_model(name, **args)
+    ckpt = timm.create_model(name, **args)
     ckpt.load_state_dict(model.state_dict())
     ckpt.set_grad_checkpointing(True)
-    x = torch.randn(2, 3, 32, 32)
     model(x).sum().backward()
     ckpt(x).sum().backward()
     for (n, p), q in zip(model.named_parameters(), ckpt.parameters()):
