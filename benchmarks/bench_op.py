@@ -259,7 +259,10 @@ def markdown(results: list[Result], meta: dict) -> str:
             f"command `{meta['command']}`."
         ),
         "",
-        "| shape | provider | dtype | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s | fwd % of floor | peak MB | note |",
+        (
+            "| shape | provider | dtype | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s | fwd % of floor "
+            "| peak MB | note |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -298,15 +301,17 @@ def main(argv: list[str] | None = None) -> list[Result]:
     limits = device_limits(args.device, dtype)
     import triton
 
-    meta = dict(
-        device_name=torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({platform.processor() or 'cpu'})",
-        torch=torch.__version__,
-        triton=triton.__version__,
-        date=datetime.date.today().isoformat(),
-        command="python benchmarks/bench_op.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        bandwidth_GBps=None if limits[0] is None else limits[0] / 1e9,
-        matmul_peak_TFLOPs=None if limits[1] is None else limits[1] / 1e12,
-    )
+    meta = {
+        "device_name": (
+            torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({platform.processor() or 'cpu'})"
+        ),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": datetime.date.today().isoformat(),
+        "command": "python benchmarks/bench_op.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "bandwidth_GBps": None if limits[0] is None else limits[0] / 1e9,
+        "matmul_peak_TFLOPs": None if limits[1] is None else limits[1] / 1e12,
+    }
     results = []
     for shape in shapes:
         for provider in providers:

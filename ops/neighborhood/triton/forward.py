@@ -54,11 +54,12 @@ class Geometry:
 
     def constexprs(self) -> dict:
         k, s, c = self.kernel_size, self.stride, self.is_causal
-        return dict(K0=k[0], K1=k[1], K2=k[2], S0=s[0], S1=s[1], S2=s[2], C0=c[0], C1=c[1], C2=c[2])
+        names = ("K", "S", "C")
+        return {f"{name}{axis}": values[axis] for name, values in zip(names, (k, s, c)) for axis in range(3)}
 
     def sizes(self) -> dict:
         (l0, l1, l2), (d0, d1, d2) = self.spatial, self.dilation
-        return dict(L0=l0, L1=l1, L2=l2, DIL0=d0, DIL1=d1, DIL2=d2)
+        return {"L0": l0, "L1": l1, "L2": l2, "DIL0": d0, "DIL1": d1, "DIL2": d2}
 
     def num_tiles(self, tile: tuple[int, int, int]) -> int:
         """Tiles of shape `tile` per dilation group (sized for the longest group), times the number of groups."""
