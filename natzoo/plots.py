@@ -27,7 +27,8 @@ def plot_curves(history: Sequence[dict], path: Path, title: str = "") -> None:
     """Loss (left) and accuracy in percent (right) per epoch from ``history`` rows (``epoch`` + metric names)."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     epochs = [row["epoch"] + 1 for row in history]
-    for key, label in (("train/loss_epoch", "train loss"), ("val/loss", "val loss"), ("val_ema/loss", "val loss (EMA)")):
+    losses = (("train/loss_epoch", "train loss"), ("val/loss", "val loss"), ("val_ema/loss", "val loss (EMA)"))
+    for key, label in losses:
         points = [(e, row[key]) for e, row in zip(epochs, history) if key in row]
         if points:
             ax_loss.plot(*zip(*points), marker="o", ms=3, label=label)

@@ -146,8 +146,11 @@ def _print_summary(result: dict[str, Any], output_dir: Path, cfg: DictConfig) ->
     lines = [""]
     if monitor and result["best_score"] is not None:
         scale = 100.0 if "acc" in monitor else 1.0
-        lines.append(f"Best {monitor}: {scale * result['best_score']:.2f}{'%' if scale == 100.0 else ''}"
-                     + (f" (last epoch: {scale * metrics[monitor]:.2f}%)" if monitor in metrics and scale == 100 else ""))
+        unit = "%" if scale == 100.0 else ""
+        line = f"Best {monitor}: {scale * result['best_score']:.2f}{unit}"
+        if monitor in metrics:
+            line += f" (last epoch: {scale * metrics[monitor]:.2f}{unit})"
+        lines.append(line)
     ckpt = result["best_checkpoint"] or result["last_checkpoint"]
     eval_cmd = f"python eval.py ckpt_path={ckpt}" + _data_override(cfg) if ckpt else "(no checkpoint was written)"
     lines.append(

@@ -97,5 +97,6 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], allow_new_hea
             f"unexpected {unexpected[:5]} ({len(unexpected)} in all)"
         )
     if new_head:
-        log.info("checkpoint %s: classifier %s re-initialised for %s", source, head[:-1], tuple(own[head_mismatch[0]].shape))
+        shape = tuple(own[head_mismatch[0]].shape)
+        log.info("checkpoint %s: classifier %s re-initialised for %s", source, head[:-1], shape)
     return new_head

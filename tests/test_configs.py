@@ -48,6 +48,11 @@ def test_every_trainer_config_composes(tmp_path):
         assert trainer._target_ == "lightning.pytorch.Trainer" and trainer.gradient_clip_val == 5.0, name
     fsdp = compose_config("train", ["trainer=fsdp"], tmp_path).trainer.strategy
     assert fsdp._target_ == "natzoo.strategies.fsdp_strategy" and list(fsdp.wrap_modules) == ["models.nat.NATBlock"]
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    strategy = instantiate(fsdp)
+    assert isinstance(strategy, FSDPStrategy) and strategy.kwargs["auto_wrap_policy"] is not None
     multi = compose_config("train", ["trainer=multi_node"], tmp_path).trainer
     assert (multi.strategy, multi.num_nodes, multi.devices) == ("ddp", 2, 8)
 

@@ -23,7 +23,8 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory) -> Path:
-    return ensure_demo_dataset(tmp_path_factory.mktemp("data") / "demo", train_per_class=8, val_per_class=4, img_size=32)
+    root = tmp_path_factory.mktemp("data") / "demo"
+    return ensure_demo_dataset(root, train_per_class=8, val_per_class=4, img_size=32)
 
 
 def _eval_overrides(demo_root: Path, *extra: str) -> list[str]:
@@ -37,7 +38,8 @@ def _reference_metrics(model: torch.nn.Module, root: Path) -> tuple[float, float
 
     The demo images are already 32 px and crop_pct is 1.0, so the eval transform is ToTensor + Normalize.
     """
-    dataset = ImageFolder(str(root / "val"), transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)]))
+    to_input = transforms.Compose([transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+    dataset = ImageFolder(str(root / "val"), to_input)
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     targets = torch.tensor(dataset.targets)
     model.eval()
@@ -75,7 +77,8 @@ def test_eval_checkpoint_with_other_class_count_is_rejected(demo_root, tmp_path)
     path = tmp_path / "ten_classes.pth"
     torch.save({"model": model.state_dict()}, path)
     cfg = compose_config("eval", _eval_overrides(demo_root, f"checkpoint={path}"), tmp_path / "eval")
-    with pytest.raises(ValueError, match=r"classifier head\.weight has shape \(10, 128\) but the model expects \(8, 128\)"):
+    expected = r"classifier head\.weight has shape \(10, 128\) but the model expects \(8, 128\)"
+    with pytest.raises(ValueError, match=expected):
         evaluate(cfg)
 
 

@@ -153,7 +153,8 @@ def summarize_eval(cfg: DictConfig, module: ClassificationModule, datamodule: Im
         "loss": metrics["val/loss"],
         "num_images": module.eval_images,
         "num_classes": module.num_classes,
-        "model_images_per_second": module.eval_images / module.eval_model_seconds if module.eval_model_seconds else None,
+        "model_images_per_second": (module.eval_images / module.eval_model_seconds
+                                    if module.eval_model_seconds else None),
     }
     if "val_ema/acc1" in metrics:
         result["ema"] = {"top1": 100.0 * metrics["val_ema/acc1"], "top5": 100.0 * metrics["val_ema/acc5"],

@@ -28,16 +28,15 @@ __all__ = ["DEMO_CLASSES", "MANIFEST_NAME", "generate_demo_dataset", "ensure_dem
 
 DEMO_CLASSES = ("circle", "square", "triangle", "cross", "ring", "stripes", "checker", "dots")
 MANIFEST_NAME = "MANIFEST.json"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 _SUPERSAMPLE = 4
 
 
 def _colours(rng: np.random.Generator) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """A background and a foreground colour at least 120 apart (L2 over RGB 0..255)."""
-    while True:
-        bg, fg = rng.integers(0, 256, size=(2, 3))
-        if np.linalg.norm(bg - fg) >= 120:
-            return tuple(int(c) for c in bg), tuple(int(c) for c in fg)
+    """A dark background and a light foreground colour of random hues (the foreground is always the lighter one)."""
+    bg = rng.integers(0, 100, size=3)
+    fg = rng.integers(140, 256, size=3)
+    return tuple(int(c) for c in bg), tuple(int(c) for c in fg)
 
 
 def _rotate(points: np.ndarray, angle: float, centre: np.ndarray) -> list[tuple[float, float]]:
@@ -51,7 +50,7 @@ def _draw_sample(cls: str, size: int, rng: np.random.Generator) -> Image.Image:
     bg, fg = _colours(rng)
     img = Image.new("RGB", (big, big), bg)
     draw = ImageDraw.Draw(img)
-    scale = rng.uniform(0.45, 0.85) * big
+    scale = rng.uniform(0.55, 0.9) * big
     half = scale / 2
     centre = rng.uniform(half, big - half, size=2)
     cx, cy = centre
@@ -65,7 +64,8 @@ def _draw_sample(cls: str, size: int, rng: np.random.Generator) -> Image.Image:
         pts = np.array([[cx - half, cy - half], [cx + half, cy - half], [cx + half, cy + half], [cx - half, cy + half]])
         draw.polygon(_rotate(pts * 0.8 + centre * 0.2, angle, centre), fill=fg)
     elif cls == "triangle":
-        pts = np.array([[cx + half * math.cos(a), cy + half * math.sin(a)] for a in (0, 2 * math.pi / 3, 4 * math.pi / 3)])
+        corners = (0.0, 2 * math.pi / 3, 4 * math.pi / 3)
+        pts = np.array([[cx + half * math.cos(a), cy + half * math.sin(a)] for a in corners])
         draw.polygon(_rotate(pts, angle, centre), fill=fg)
     elif cls == "cross":
         for a in (angle, angle + math.pi / 2):
@@ -79,21 +79,21 @@ def _draw_sample(cls: str, size: int, rng: np.random.Generator) -> Image.Image:
         mask = (phase % 1.0) < 0.5
         img = Image.fromarray(np.where(mask[..., None], np.array(fg), np.array(bg)).astype(np.uint8))
     elif cls == "checker":
-        period = rng.uniform(0.15, 0.35) * big
+        period = rng.uniform(0.25, 0.45) * big
         yy, xx = np.mgrid[0:big, 0:big]
         u = (xx * math.cos(angle) + yy * math.sin(angle)) / period
         v = (-xx * math.sin(angle) + yy * math.cos(angle)) / period
         mask = (np.floor(u) + np.floor(v)) % 2 == 0
         img = Image.fromarray(np.where(mask[..., None], np.array(fg), np.array(bg)).astype(np.uint8))
     elif cls == "dots":
-        radius = rng.uniform(0.04, 0.07) * big
-        for _ in range(int(rng.integers(5, 10))):
+        radius = rng.uniform(0.035, 0.06) * big
+        for _ in range(int(rng.integers(6, 12))):
             x, y = rng.uniform(radius, big - radius, size=2)
             draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=fg)
     else:
         raise ValueError(f"unknown demo class {cls!r}")
     small = np.asarray(img.resize((size, size), Image.Resampling.BOX), dtype=np.float32)
-    noise = rng.normal(0.0, rng.uniform(4.0, 16.0), size=small.shape)
+    noise = rng.normal(0.0, rng.uniform(2.0, 10.0), size=small.shape)
     return Image.fromarray(np.clip(small + noise, 0, 255).astype(np.uint8))
 
 
@@ -173,7 +173,8 @@ def ensure_demo_dataset(
         if manifest is None:
             if any(root.iterdir()):
                 raise ValueError(
-                    f"data.root={str(root)!r} exists but holds no {MANIFEST_NAME}, so it is not a complete demo dataset;"
+                    f"data.root={str(root)!r} exists but holds no {MANIFEST_NAME}, so it is not a complete demo "
+                    "dataset;"
                     " delete it (it will be regenerated) or point data.root elsewhere"
                 )
             root.rmdir()

@@ -194,7 +194,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         with_train = stage in (None, "fit")
         self.check_layout(with_train=with_train)
         if with_train and self.train_set is None:
-            self.train_set = RobustImageFolder(self.root / self.train_split, self.build_transform(True), self.bad_images)
+            self.train_set = RobustImageFolder(self.root / self.train_split, self.build_transform(True),
+                                               self.bad_images)
         if self.val_set is None:
             self.val_set = RobustImageFolder(self.root / self.val_split, self.build_transform(False), self.bad_images)
         for split, dataset in ((self.train_split, self.train_set), (self.val_split, self.val_set)):
