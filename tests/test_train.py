@@ -198,3 +198,28 @@ def test_corrupt_image_skipped_and_counted(demo_root, tmp_path):
     cfg = _train_cfg(tmp_path / "corrupt", tmp_path, "data.generate=null", "data.bad_images=skip", "sched.epochs=1")
     result = train(cfg)
     assert result["metrics"]["train/skipped_images"] == 1.0
+
+
+def test_finetune_from_weights_file_with_new_head_and_frozen_layers(demo_root, tmp_path):
+    import timm
+
+    torch.manual_seed(1)
+    source = timm.create_model("nat_mini", num_classes=10, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2),
+                               kernel_size=3)
+    weights = {k: v.clone() for k, v in source.state_dict().items()}
+    path = tmp_path / "pretrained_10_classes.pth"
+    torch.save(weights, path)
+
+    cfg = _train_cfg(demo_root, tmp_path, f"checkpoint={path}", "model.freeze=[patch_embed,levels.0]",
+                     "sched.epochs=1", "optim.weight_decay=0.5")
+    result = train(cfg)
+    state = _final_state(Path(result["last_checkpoint"]))["state_dict"]
+    assert state["model.head.weight"].shape == (8, 128)  # a new 8-class head replaced the 10-class one
+    for key, value in weights.items():
+        if key.startswith(("patch_embed.", "levels.0.")):
+            assert torch.equal(state[f"model.{key}"], value), key  # frozen: untouched, even by weight decay
+    changed = [k for k in weights if k.startswith("levels.1.") and not torch.equal(state[f"model.{k}"], weights[k])]
+    assert changed, "the unfrozen layers were loaded but never trained"
+    # Unfrozen layers started from the file: one epoch of small steps keeps them close to it.
+    qkv = "levels.3.blocks.0.attn.qkv.weight"
+    assert torch.allclose(state[f"model.{qkv}"], weights[qkv], atol=0.05)
