@@ -146,6 +146,8 @@ def no_model_build(monkeypatch):
         ("nonfinite_loss=ignore", r"nonfinite_loss must be one of"),
         ("ckpt_path=/nonexistent/last.ckpt", r"ckpt_path='/nonexistent/last.ckpt' does not exist"),
         ("checkpoint=/nonexistent/w.pth", r"checkpoint='/nonexistent/w.pth' does not exist"),
+        ("task=segmentation", r"task='segmentation' is not a known task; choose one of \['classification', "),
+        ("ckpt_path=last", r"ckpt_path=last: no checkpoints/last.ckpt under"),
     ],
 )
 def test_bad_config_fails_fast(demo_root, tmp_path, no_model_build, override, message):
