@@ -62,7 +62,7 @@ def na_reference(
 
     def gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         # [B, *S, H, D] -> [B, H, N, D] -> [B, H, T_n * P, D] -> [B, H, T_n, P, D], contiguous for the products.
-        x = x.reshape(batch, tokens, heads, head_dim).to(acc).transpose(1, 2)
+        x = x.reshape(batch, tokens, heads, head_dim).to(acc).transpose(1, 2).contiguous()
         return x.index_select(2, index.view(-1)).view(batch, heads, n_tiles, -1, head_dim)
 
     q, k, v = gather(query, q_idx), gather(key, k_idx), gather(value, k_idx)
