@@ -147,8 +147,9 @@ class ClassificationModule(pl.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         if self.hparams.compile:
             if self._compiled is None:
-                # Kept out of the module tree so the state dict keeps the plain model's keys.
-                self.__dict__["_compiled"] = torch.compile(self.model)
+                # Kept out of the module tree so the state dict keeps the plain model's keys; static shapes, since
+                # the batch size takes only a few values (full batches, an epoch's last batch, eval batches).
+                self.__dict__["_compiled"] = torch.compile(self.model, dynamic=False)
             return self._compiled(x)
         return self.model(x)
 
