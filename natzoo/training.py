@@ -169,7 +169,7 @@ def _data_override(cfg: DictConfig) -> str:
             choice = HydraConfig.get().runtime.choices.get("data")
     except (ImportError, ValueError):
         choice = None
-    parts = []
+    parts = [] if cfg.get("task", "classification") == "classification" else [f"task={cfg.task}"]
     if choice and choice != "demo":
         parts.append(f"data={choice}")
     if choice != "demo":

@@ -24,6 +24,9 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# Under torch.compile the reference runs eagerly behind a graph break: inductor (torch 2.15) fails to generate code
+# for its gathers with constant index tensors in inference graphs. Full-graph compilation is the Triton backend's job.
+@torch.compiler.disable
 def na_reference(
     problem: Problem,
     query: torch.Tensor,
