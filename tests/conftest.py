@@ -5,8 +5,13 @@ from __future__ import annotations
 import os
 import sys
 
-import pytest
-import torch
+# Without a GPU the Triton kernels run in Triton's CPU interpreter, which must be on before anything imports
+# triton.language (timm, torchvision and lightning all do, at collection time): its @jit helpers are built then.
+if "TRITON_INTERPRET" not in os.environ and not os.path.exists("/dev/nvidiactl"):
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 

@@ -9,8 +9,9 @@ are computed in float32.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +25,25 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# Under torch.compile the reference runs eagerly behind a graph break: inductor (torch 2.15) fails to generate code
-# for its gathers with constant index tensors in inference graphs. Full-graph compilation is the Triton backend's job.
-@torch.compiler.disable
-def na_reference(
+@functools.lru_cache(maxsize=1)
+def _eager_reference() -> Callable[..., Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    # Built on first use under torch.compile: wrapping at import time would import torch._dynamo (and through it
+    # triton.language) whenever `ops` is imported.
+    return torch.compiler.disable(_na_reference)
+
+
+def na_reference(*args, **kwargs) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Reference neighborhood attention; see :func:`_na_reference` for the arguments.
+
+    Under torch.compile it runs eagerly behind a graph break: inductor (torch 2.15) fails to generate code for its
+    gathers with constant index tensors in inference graphs. Full-graph compilation is the Triton backend's job.
+    """
+    if torch.compiler.is_compiling():
+        return _eager_reference()(*args, **kwargs)
+    return _na_reference(*args, **kwargs)
+
+
+def _na_reference(
     problem: Problem,
     query: torch.Tensor,
     key: torch.Tensor,
