@@ -79,7 +79,8 @@ def _source(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _summary_line(result: dict[str, Any]) -> str:
-    parts = [f"{k}={result[k]:.2f}" for k in ("top1", "top5") if isinstance(result.get(k), float)]
+    keys = ("top1", "top5", "bbox_mAP", "bbox_mAP_50", "segm_mAP", "segm_mAP_50")
+    parts = [f"{k}={result[k]:.2f}" for k in keys if isinstance(result.get(k), float)]
     if isinstance(result.get("loss"), float):
         parts.append(f"loss={result['loss']:.4f}")
     if result.get("images_per_second"):
