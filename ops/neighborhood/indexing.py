@@ -6,7 +6,6 @@ is the Cartesian product of the per-axis ones.
 
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 from typing import Optional, Tuple
 
@@ -42,23 +41,17 @@ def inverse_window(j: int, group_len: int, kernel: int, stride: int, causal: boo
     return qs, qe
 
 
-DENSE_GROUP_TOKENS = 256
-
-
 def default_tile(kernel_size: Tuple[int, ...], dilation: Tuple[int, ...], spatial: Tuple[int, ...]) -> Tuple[int, ...]:
     """Query-tile extent per axis for the reference path.
 
-    A dilation group of at most :data:`DENSE_GROUP_TOKENS` tokens is one tile: dense masked attention within the
-    group beats gathering halos there. Otherwise a tile of ``t`` queries visits ``t + k - 1`` keys per axis: larger
-    tiles gather fewer keys per query but score more keys outside each window, and about half a kernel balances
-    the two on CPU; an axis barely longer than that halo is taken whole.
+    A tile of ``t`` queries visits ``t + k - 1`` keys per axis: larger tiles gather fewer keys per query but score
+    more keys outside each window. One kernel width measured best on CPU for NAT shapes (training and inference),
+    with a floor that keeps the products from getting tiny; an axis barely longer than the halo is taken whole.
     """
-    groups = [length // d for length, d in zip(spatial, dilation)]
-    if math.prod(groups) <= DENSE_GROUP_TOKENS:
-        return tuple(groups)
+    floor = {1: 16, 2: 4}.get(len(kernel_size), 3)
     tiles = []
-    for k, group in zip(kernel_size, groups):
-        tile = k // 2 + 2
+    for k, d, length in zip(kernel_size, dilation, spatial):
+        tile, group = max(k, floor), length // d
         tiles.append(group if group <= tile + k - 1 else tile)
     return tuple(tiles)
 

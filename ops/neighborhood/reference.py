@@ -84,14 +84,15 @@ def _na_reference(
         x = x.reshape(batch, tokens, heads, head_dim).to(acc).transpose(1, 2).contiguous()
         return x.index_select(2, index.view(-1)).view(batch, heads, n_tiles, -1, head_dim)
 
-    q, k, v = gather(query, q_idx), gather(key, k_idx), gather(value, k_idx)
+    # The scale goes on q, the smallest operand of the product (T x D per tile against T x halo logits).
+    q, k, v = gather(query, q_idx) * problem.scale, gather(key, k_idx), gather(value, k_idx)
     logits = torch.matmul(q, k.transpose(-1, -2))  # [B, H, T_n, T, halo]
     if rpb is None:
         bias = torch.zeros(allowed.shape, dtype=acc, device=query.device)
     else:
         bias = rpb.to(acc).reshape(heads, -1)[:, ridx]  # [H, T_n, T, halo]
     # Keys of the halo outside a query's window get -inf, folded into the bias so the big tensor sees one add.
-    logits = torch.add(bias.masked_fill(~allowed, -math.inf), logits, alpha=problem.scale)
+    logits = logits + bias.masked_fill(~allowed, -math.inf)
     probs = torch.softmax(logits, dim=-1)
     lse = torch.logsumexp(logits, dim=-1) if need_lse else None
     if dropout_p > 0.0:
