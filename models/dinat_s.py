@@ -18,7 +18,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.swin_transformer import PatchMerging
 
 from ._helpers import build_with_weights, filter_checkpoint
-from .nat import DilationsArg, NATBase, NATStage, drop_path_schedule, fit_dilations, resolve_dilations
+from .nat import DilationsArg, NATBase, fit_dilations
 
 __all__ = ["DiNATs", "checkpoint_filter_fn"]
 
@@ -81,22 +81,8 @@ class DiNATs(NATBase):
             clamp_dilation: Clamp dilations to what each feature map allows at run time (off by default).
         """
         super().__init__()
-        if global_pool not in ("", "avg"):
-            raise ValueError(f"global_pool must be '' or 'avg', got {global_pool!r}")
-        if len(depths) != len(num_heads):
-            raise ValueError(f"depths and num_heads must have the same length, got {len(depths)} and {len(num_heads)}")
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.in_chans = in_chans
-        self.num_levels = len(depths)
-        self.embed_dim = embed_dim
-        self.kernel_size = kernel_size
-        self.dilations = resolve_dilations(dilations, depths)
-        self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (self.num_levels - 1))
-        self.output_fmt = "NHWC"
-
         # Zero-pads the image bottom/right to a multiple of 4, then conv 4x4/4, BHWC output, LayerNorm.
-        self.patch_embed = PatchEmbed(
+        patch_embed = PatchEmbed(
             img_size=None,
             patch_size=4,
             in_chans=in_chans,
@@ -107,37 +93,11 @@ class DiNATs(NATBase):
             strict_img_size=False,
             dynamic_img_pad=True,
         )
-        self.pos_drop = nn.Dropout(p=proj_drop_rate)
-        rates = drop_path_schedule(drop_path_rate, sum(depths))
-        self.layers = nn.ModuleList()
-        self.feature_info: List[Dict[str, Any]] = []
-        for i, depth in enumerate(depths):
-            dim = int(embed_dim * 2**i)
-            self.layers.append(
-                NATStage(
-                    dim,
-                    depth,
-                    num_heads[i],
-                    kernel_size=kernel_size,
-                    dilations=self.dilations[i],
-                    downsample=i < self.num_levels - 1,
-                    downsample_layer=_patch_merging,
-                    mlp_ratio=mlp_ratio,
-                    qkv_bias=qkv_bias,
-                    qk_scale=qk_scale,
-                    proj_drop=proj_drop_rate,
-                    attn_drop=attn_drop_rate,
-                    drop_path=rates[sum(depths[:i]) : sum(depths[: i + 1])],
-                    layer_scale=layer_scale,
-                    norm_layer=norm_layer,
-                    clamp_dilation=clamp_dilation,
-                )
-            )
-            self.feature_info.append(dict(num_chs=dim, reduction=4 * 2**i, module=f"layers.{i}"))
-        self.norm = norm_layer(self.num_features)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
+        self._build(
+            patch_embed, _patch_merging, in_chans, num_classes, global_pool, embed_dim, depths, num_heads,
+            kernel_size, dilations, mlp_ratio, qkv_bias, qk_scale, drop_rate, proj_drop_rate, attn_drop_rate,
+            drop_path_rate, layer_scale, norm_layer, clamp_dilation,
+        )
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, Any]:

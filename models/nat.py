@@ -271,6 +271,79 @@ class NATBase(nn.Module):
 
     stages_attr = "levels"
 
+    def _build(
+        self,
+        patch_embed: nn.Module,
+        downsample_layer: Callable[..., nn.Module],
+        in_chans: int,
+        num_classes: int,
+        global_pool: str,
+        embed_dim: int,
+        depths: Sequence[int],
+        num_heads: Sequence[int],
+        kernel_size: int,
+        dilations: DilationsArg,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        qk_scale: Optional[float],
+        drop_rate: float,
+        proj_drop_rate: float,
+        attn_drop_rate: float,
+        drop_path_rate: float,
+        layer_scale: Optional[float],
+        norm_layer: Callable[..., nn.Module],
+        clamp_dilation: bool,
+    ) -> None:
+        """Builds the trunk after the subclass's stem: stages named ``stages_attr``, final norm, head (in the
+        official registration order), then the weight init. Arguments are those of the subclass constructors."""
+        if global_pool not in ("", "avg"):
+            raise ValueError(f"global_pool must be '' or 'avg', got {global_pool!r}")
+        if len(depths) != len(num_heads):
+            raise ValueError(f"depths and num_heads must have the same length, got {len(depths)} and {len(num_heads)}")
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.in_chans = in_chans
+        self.num_levels = len(depths)
+        self.embed_dim = embed_dim
+        self.kernel_size = kernel_size
+        self.dilations = resolve_dilations(dilations, depths)
+        self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (self.num_levels - 1))
+        self.output_fmt = "NHWC"
+
+        self.patch_embed = patch_embed
+        self.pos_drop = nn.Dropout(p=proj_drop_rate)
+        rates = drop_path_schedule(drop_path_rate, sum(depths))
+        stages = nn.ModuleList()
+        setattr(self, self.stages_attr, stages)
+        self.feature_info: List[Dict[str, Any]] = []
+        for i, depth in enumerate(depths):
+            dim = int(embed_dim * 2**i)
+            stages.append(
+                NATStage(
+                    dim,
+                    depth,
+                    num_heads[i],
+                    kernel_size=kernel_size,
+                    dilations=self.dilations[i],
+                    downsample=i < self.num_levels - 1,
+                    downsample_layer=downsample_layer,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    qk_scale=qk_scale,
+                    proj_drop=proj_drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=rates[sum(depths[:i]) : sum(depths[: i + 1])],
+                    layer_scale=layer_scale,
+                    norm_layer=norm_layer,
+                    clamp_dilation=clamp_dilation,
+                )
+            )
+            self.feature_info.append(dict(num_chs=dim, reduction=4 * 2**i, module=f"{self.stages_attr}.{i}"))
+        self.norm = norm_layer(self.num_features)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
         if any(p.is_meta for p in m.parameters(recurse=False)):
@@ -464,52 +537,12 @@ class NAT(NATBase):
                 default, so outputs equal the official code, which pads instead).
         """
         super().__init__()
-        if global_pool not in ("", "avg"):
-            raise ValueError(f"global_pool must be '' or 'avg', got {global_pool!r}")
-        if len(depths) != len(num_heads):
-            raise ValueError(f"depths and num_heads must have the same length, got {len(depths)} and {len(num_heads)}")
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.in_chans = in_chans
-        self.num_levels = len(depths)
-        self.embed_dim = embed_dim
-        self.kernel_size = kernel_size
-        self.dilations = resolve_dilations(dilations, depths)
-        self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (self.num_levels - 1))
-        self.output_fmt = "NHWC"
-
-        self.patch_embed = ConvTokenizer(in_chans=in_chans, embed_dim=embed_dim, norm_layer=norm_layer)
-        self.pos_drop = nn.Dropout(p=proj_drop_rate)
-        rates = drop_path_schedule(drop_path_rate, sum(depths))
-        self.levels = nn.ModuleList()
-        self.feature_info: List[Dict[str, Any]] = []
-        for i, depth in enumerate(depths):
-            dim = int(embed_dim * 2**i)
-            self.levels.append(
-                NATStage(
-                    dim,
-                    depth,
-                    num_heads[i],
-                    kernel_size=kernel_size,
-                    dilations=self.dilations[i],
-                    downsample=i < self.num_levels - 1,
-                    downsample_layer=ConvDownsampler,
-                    mlp_ratio=mlp_ratio,
-                    qkv_bias=qkv_bias,
-                    qk_scale=qk_scale,
-                    proj_drop=proj_drop_rate,
-                    attn_drop=attn_drop_rate,
-                    drop_path=rates[sum(depths[:i]) : sum(depths[: i + 1])],
-                    layer_scale=layer_scale,
-                    norm_layer=norm_layer,
-                    clamp_dilation=clamp_dilation,
-                )
-            )
-            self.feature_info.append(dict(num_chs=dim, reduction=4 * 2**i, module=f"levels.{i}"))
-        self.norm = norm_layer(self.num_features)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
+        self._build(
+            ConvTokenizer(in_chans=in_chans, embed_dim=embed_dim, norm_layer=norm_layer), ConvDownsampler,
+            in_chans, num_classes, global_pool, embed_dim, depths, num_heads, kernel_size, dilations, mlp_ratio,
+            qkv_bias, qk_scale, drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate, layer_scale, norm_layer,
+            clamp_dilation,
+        )
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
