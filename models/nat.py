@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -24,7 +23,6 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
-import ops
 from ops import NeighborhoodAttention2D
 
 from ._helpers import build_with_weights, filter_checkpoint
@@ -75,19 +73,6 @@ def drop_path_schedule(drop_path_rate: float, total: int) -> List[float]:
     if total <= 1:
         return [0.0] * total
     return [drop_path_rate * i / (total - 1) for i in range(total)]
-
-
-def _attention_with_dilation(attn: NeighborhoodAttention2D, x: torch.Tensor, dilation: Tuple[int, int]) -> torch.Tensor:
-    """``attn`` applied with another dilation (the on-the-fly clamping path); same pad/crop rule as the module."""
-    height, width = x.shape[1:3]
-    pad_h = max(attn.kernel_size[0] * dilation[0] - height, 0)
-    pad_w = max(attn.kernel_size[1] * dilation[1] - width, 0)
-    if pad_h or pad_w:
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-    q, k, v = attn.qkv(x).unflatten(-1, (3, attn.num_heads, attn.head_dim)).unbind(dim=-3)
-    out = ops.na2d(q, k, v, kernel_size=attn.kernel_size, dilation=dilation, scale=attn.scale, rpb=attn.rpb)
-    out = out[:, :height, :width]  # [B, H, W, heads, head_dim]
-    return attn.proj_drop(attn.proj(out.flatten(-2)))
 
 
 class ConvTokenizer(nn.Module):
@@ -185,7 +170,7 @@ class NATBlock(nn.Module):
             size, kernel = x.shape[1:3], self.attn.kernel_size
             dilation = tuple(max(1, min(d, s // k)) for d, s, k in zip(self.attn.dilation, size, kernel))
             if dilation != tuple(self.attn.dilation):
-                return _attention_with_dilation(self.attn, x, dilation)
+                return self.attn(x, dilation=dilation)
         return self.attn(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -102,3 +102,16 @@ def test_attention_dropout_training_only():
     a = m(x)
     torch.manual_seed(2)
     assert not torch.allclose(a, m(x))
+
+
+def test_forward_dilation_override():
+    """A per-call dilation (the models' clamping path) equals a module built with that dilation, pad rule included."""
+    m = ops.NeighborhoodAttention2D(32, 1, 3, dilation=4, rel_pos_bias=True).double()
+    x = torch.randn(1, 5, 9, 32, dtype=torch.float64)
+    with torch.no_grad():
+        m2 = ops.NeighborhoodAttention2D(32, 1, 3, dilation=(1, 2), rel_pos_bias=True).double()
+        m2.load_state_dict(m.state_dict())
+    expected, _ = manual_module(m2, x, [0, 0])
+    torch.testing.assert_close(m(x, dilation=(1, 2)), expected, atol=1e-10, rtol=1e-10)
+    with pytest.raises(ValueError, match="dilation must be >= 1"):
+        m(x, dilation=0)

@@ -58,22 +58,31 @@ class _NeighborhoodAttentionNd(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dilation: Optional[IntOrTuple] = None) -> torch.Tensor:
+        """Attention over `x` ``[B, *S, dim]``.
+
+        Args:
+            x: Channels-last input.
+            dilation: Overrides the module's dilation for this call (e.g. clamped to a small feature map).
+        """
         name = type(self).__name__
         if x.dim() != self.n + 2 or x.shape[-1] != self.dim:
             raise ValueError(
                 f"{name}: x must be [B, *spatial({self.n}), dim={self.dim}], got x.shape={tuple(x.shape)}"
             )
+        if dilation is None:
+            dilation = self.dilation
+        else:
+            dilation = check_window_args(name, self.n, self.kernel_size, self.stride, dilation, self.is_causal)[2]
         spatial = x.shape[1:-1]
-        pad = [max(k * d - length, 0) for k, d, length in zip(self.kernel_size, self.dilation, spatial)]
+        pad = [max(k * d - length, 0) for k, d, length in zip(self.kernel_size, dilation, spatial)]
         if any(pad):
             # F.pad lists (before, after) pairs from the last dim backwards; channels come last and stay unpadded.
             x = F.pad(x, [0, 0] + [p for amount in reversed(pad) for p in (0, amount)])
         qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim))
         q, k, v = qkv.unbind(dim=-3)
         problem = check_problem(
-            name, self.n, q, k, v, self.kernel_size, self.stride, self.dilation, self.is_causal, self.scale,
-            self.rpb, None,
+            name, self.n, q, k, v, self.kernel_size, self.stride, dilation, self.is_causal, self.scale, self.rpb, None
         )
         if self.training and self.attn_drop > 0.0:
             out, _ = na_reference(problem, q, k, v, self.rpb, dropout_p=self.attn_drop, need_lse=False)
