@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 __all__ = [
@@ -339,3 +340,23 @@ def build_with_weights(
             f"pytorch_model.bin/model.safetensors both work), or place it at {os.path.join(hub_dir, filename)} "
             f"(torch.hub's cache)."
         ) from err
+
+
+def pretrained_cfg(url: str, first_conv: str, **kwargs: Any) -> Dict[str, Any]:
+    """timm pretrained cfg fields shared by every family (spec 2.5); `kwargs` add or override fields."""
+    return {
+        "url": url,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "crop_mode": "center",
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": first_conv,
+        "classifier": "head",
+        "license": "mit",
+        "origin_url": "https://github.com/SHI-Labs/Neighborhood-Attention-Transformer",
+        **kwargs,
+    }

@@ -12,12 +12,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from torch import nn
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.swin_transformer import PatchMerging
 
-from ._helpers import build_with_weights, filter_checkpoint
+from ._helpers import build_with_weights, filter_checkpoint, pretrained_cfg
 from .nat import DilationsArg, NATBase, fit_dilations
 
 __all__ = ["DiNATs", "checkpoint_filter_fn"]
@@ -126,24 +125,10 @@ def _create_dinat_s(variant: str, pretrained: bool = False, **kwargs: Any) -> Di
 
 
 def _cfg(url: str = "", **kwargs: Any) -> Dict[str, Any]:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.875,
-        "crop_mode": "center",
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "license": "mit",
-        "origin_url": "https://github.com/SHI-Labs/Neighborhood-Attention-Transformer",
-        "paper_ids": "arXiv:2209.15001",
-        "paper_name": "Dilated Neighborhood Attention Transformer",
+    return pretrained_cfg(
+        url, "patch_embed.proj", paper_ids="arXiv:2209.15001", paper_name="Dilated Neighborhood Attention Transformer",
         **kwargs,
-    }
+    )
 
 
 _URL = "https://shi-labs.com/projects/"

@@ -14,13 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
-from ._helpers import build_with_weights, filter_checkpoint
+from ._helpers import build_with_weights, filter_checkpoint, pretrained_cfg
 from .nat import NATBlock, drop_path_schedule
 
 __all__ = ["IsotropicNAT", "RelPosAttention", "RelPosBlock", "relative_position_index", "checkpoint_filter_fn"]
@@ -368,25 +367,8 @@ def _create_isotropic(variant: str, pretrained: bool = False, **kwargs: Any) -> 
 
 
 def _cfg(url: str = "", **kwargs: Any) -> Dict[str, Any]:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "fixed_input_size": True,
-        "pool_size": None,
-        "crop_pct": 0.875,
-        "crop_mode": "center",
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "license": "mit",
-        "origin_url": "https://github.com/SHI-Labs/Neighborhood-Attention-Transformer",
-        "paper_ids": "arXiv:2209.15001",
-        "paper_name": "Dilated Neighborhood Attention Transformer",
-        **kwargs,
-    }
+    return pretrained_cfg(url, "patch_embed.proj", fixed_input_size=True, paper_ids="arXiv:2209.15001",
+                          paper_name="Dilated Neighborhood Attention Transformer", **kwargs)
 
 
 _URL = "https://shi-labs.com/projects/dinat/checkpoints/isotropic/"

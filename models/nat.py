@@ -17,7 +17,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Un
 import torch
 from torch import nn
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -25,7 +24,7 @@ from timm.models._manipulate import checkpoint
 
 from ops import NeighborhoodAttention2D
 
-from ._helpers import build_with_weights, filter_checkpoint
+from ._helpers import build_with_weights, filter_checkpoint, pretrained_cfg
 
 __all__ = ["NAT", "NATBase", "NATBlock", "NATStage", "ConvTokenizer", "ConvDownsampler", "checkpoint_filter_fn"]
 
@@ -551,22 +550,7 @@ def _create_nat(variant: str, pretrained: bool = False, **kwargs: Any) -> NAT:
 
 
 def _cfg(url: str = "", **kwargs: Any) -> Dict[str, Any]:
-    return {
-        "url": url,
-        "num_classes": 1000,
-        "input_size": (3, 224, 224),
-        "pool_size": None,
-        "crop_pct": 0.875,
-        "crop_mode": "center",
-        "interpolation": "bicubic",
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj.0",
-        "classifier": "head",
-        "license": "mit",
-        "origin_url": "https://github.com/SHI-Labs/Neighborhood-Attention-Transformer",
-        **kwargs,
-    }
+    return pretrained_cfg(url, "patch_embed.proj.0", **kwargs)
 
 
 _URL = "https://shi-labs.com/projects/"
