@@ -41,6 +41,7 @@ from .tiling import (
     inverse_window,
     row_offsets,
     split3,
+    tile_origin,
     window,
 )
 
@@ -66,16 +67,9 @@ def _na_bwd_dq_kernel(
     LOG2E: tl.constexpr = 1.4426950408889634
     b = tl.program_id(2).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
-    pid = tl.program_id(0)
-    groups = DIL0 * DIL1 * DIL2
-    g0, g1, g2 = split3(pid % groups, DIL1, DIL2)
-    lg0 = (L0 - g0 + DIL0 - 1) // DIL0
-    lg1 = (L1 - g1 + DIL1 - 1) // DIL1
-    lg2 = (L2 - g2 + DIL2 - 1) // DIL2
-    nt1 = tl.cdiv(tl.cdiv(L1, DIL1), TQ1)
-    nt2 = tl.cdiv(tl.cdiv(L2, DIL2), TQ2)
-    t0, t1, t2 = split3(pid // groups, nt1, nt2)
-    first0, first1, first2 = t0 * TQ0, t1 * TQ1, t2 * TQ2
+    g0, g1, g2, lg0, lg1, lg2, first0, first1, first2 = tile_origin(
+        tl.program_id(0), L0, L1, L2, DIL0, DIL1, DIL2, TQ0, TQ1, TQ2
+    )
 
     r0, r1, r2 = split3(tl.arange(0, BQ), TQ1, TQ2)
     i0, i1, i2 = first0 + r0, first1 + r1, first2 + r2  # [BQ] in-group query indices
@@ -167,16 +161,9 @@ def _na_bwd_dkdv_kernel(
     LOG2E: tl.constexpr = 1.4426950408889634
     b = tl.program_id(2).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
-    pid = tl.program_id(0)
-    groups = DIL0 * DIL1 * DIL2
-    g0, g1, g2 = split3(pid % groups, DIL1, DIL2)
-    lg0 = (L0 - g0 + DIL0 - 1) // DIL0
-    lg1 = (L1 - g1 + DIL1 - 1) // DIL1
-    lg2 = (L2 - g2 + DIL2 - 1) // DIL2
-    nt1 = tl.cdiv(tl.cdiv(L1, DIL1), TK1)
-    nt2 = tl.cdiv(tl.cdiv(L2, DIL2), TK2)
-    t0, t1, t2 = split3(pid // groups, nt1, nt2)
-    first0, first1, first2 = t0 * TK0, t1 * TK1, t2 * TK2
+    g0, g1, g2, lg0, lg1, lg2, first0, first1, first2 = tile_origin(
+        tl.program_id(0), L0, L1, L2, DIL0, DIL1, DIL2, TK0, TK1, TK2
+    )
 
     r0, r1, r2 = split3(tl.arange(0, BK), TK1, TK2)
     j0, j1, j2 = first0 + r0, first1 + r1, first2 + r2  # [BK] in-group key indices

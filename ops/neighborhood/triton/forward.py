@@ -26,7 +26,17 @@ import triton
 import triton.language as tl
 
 from ..validation import Problem
-from .tiling import AUTOTUNE_KEY, bias_block, configs, dot_operand, interpreting, row_offsets, split3, window
+from .tiling import (
+    AUTOTUNE_KEY,
+    bias_block,
+    configs,
+    dot_operand,
+    interpreting,
+    row_offsets,
+    split3,
+    tile_origin,
+    window,
+)
 
 LOG2E = math.log2(math.e)
 
@@ -114,17 +124,9 @@ def _na_fwd_kernel(
     b = tl.program_id(2).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     # Program id 0 = (query tile, dilation group), groups fastest.
-    pid = tl.program_id(0)
-    groups = DIL0 * DIL1 * DIL2
-    g0, g1, g2 = split3(pid % groups, DIL1, DIL2)
-    lg0 = (L0 - g0 + DIL0 - 1) // DIL0
-    lg1 = (L1 - g1 + DIL1 - 1) // DIL1
-    lg2 = (L2 - g2 + DIL2 - 1) // DIL2
-    # Tiles per axis are counted over the longest group; shorter groups may get a tile that is empty.
-    nt1 = tl.cdiv(tl.cdiv(L1, DIL1), TQ1)
-    nt2 = tl.cdiv(tl.cdiv(L2, DIL2), TQ2)
-    t0, t1, t2 = split3(pid // groups, nt1, nt2)
-    first0, first1, first2 = t0 * TQ0, t1 * TQ1, t2 * TQ2
+    g0, g1, g2, lg0, lg1, lg2, first0, first1, first2 = tile_origin(
+        tl.program_id(0), L0, L1, L2, DIL0, DIL1, DIL2, TQ0, TQ1, TQ2
+    )
 
     rows = tl.arange(0, BQ)
     r0, r1, r2 = split3(rows, TQ1, TQ2)

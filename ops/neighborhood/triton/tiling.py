@@ -101,6 +101,22 @@ def split3(flat, N1, N2):
 
 
 @triton.jit
+def tile_origin(pid, L0, L1, L2, DIL0, DIL1, DIL2, T0, T1, T2):
+    """Decodes program id 0 into (dilation group, group lengths, first in-group index of the tile) per axis.
+
+    Groups vary fastest; tiles per axis are counted over the longest group, so a shorter group may get a tile that
+    lies wholly past its end (its rows are masked out).
+    """
+    groups = DIL0 * DIL1 * DIL2
+    g0, g1, g2 = split3(pid % groups, DIL1, DIL2)
+    lg0 = (L0 - g0 + DIL0 - 1) // DIL0
+    lg1 = (L1 - g1 + DIL1 - 1) // DIL1
+    lg2 = (L2 - g2 + DIL2 - 1) // DIL2
+    t0, t1, t2 = split3(pid // groups, tl.cdiv(tl.cdiv(L1, DIL1), T1), tl.cdiv(tl.cdiv(L2, DIL2), T2))
+    return g0, g1, g2, lg0, lg1, lg2, t0 * T0, t1 * T1, t2 * T2
+
+
+@triton.jit
 def row_offsets(b, h, x0, x1, x2, sb, s0, s1, s2, sh):
     """int64 element offsets of tokens ``(b, x0, x1, x2, h)`` in a strided ``[B, L0, L1, L2, H, *]`` tensor.
 
