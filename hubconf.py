@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import timm
 from torch import nn
 
-import models
+from natzoo import models
 
 dependencies = ["torch", "timm"]
 

@@ -23,8 +23,8 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ops.neighborhood.triton import backward, forward
-from ops.neighborhood.triton.tiling import _GPU_CONFIGS
+from natzoo.ops.neighborhood.triton import backward, forward
+from natzoo.ops.neighborhood.triton.tiling import _GPU_CONFIGS
 
 SMEM_LIMIT = 227 * 1024
 TENSOR_ARGS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import models  # noqa: E402, F401  (registers the NAT family with timm)
+from natzoo import models  # noqa: E402, F401  (registers the NAT family with timm)
 
 DEFAULT_MODELS = ["nat_tiny", "dinat_tiny", "swin_tiny_patch4_window7_224", "convnext_tiny"]
 

@@ -4,6 +4,13 @@ Importing this package registers ``nat_*``, ``dinat_*``, ``dinat_s_*``, ``*_isot
 timm, so ``timm.create_model("nat_tiny.in1k", pretrained=True)`` and ``timm.list_models("*nat*")`` work.
 """
 
+if __name__ != "natzoo.models":
+    # The folder is the subpackage natzoo.models; imported under a second name it would register everything twice.
+    raise ImportError(
+        f"this is the package `natzoo.models`; import it as `natzoo.models` (it was imported as {__name__!r}, probably "
+        "because the repository root is on sys.path)"
+    )
+
 from ._helpers import (
     CHECKPOINT_SHA256,
     check_state_dict,
@@ -28,7 +35,7 @@ def registered_models() -> list:
     return [
         n
         for n in timm.list_models(["*nat*", "vitrpb*"])
-        if timm.models.model_entrypoint(n).__module__.startswith("models.")
+        if timm.models.model_entrypoint(n).__module__.startswith("natzoo.models.")
     ]
 
 

@@ -22,7 +22,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
-from ops import NeighborhoodAttention2D
+from natzoo.ops import NeighborhoodAttention2D
 
 from ._helpers import build_with_weights, filter_checkpoint, pretrained_cfg
 

@@ -18,7 +18,7 @@ def _import(path: str) -> type:
         raise ValueError(f"trainer.strategy.wrap_modules: cannot import {path!r}: {err}") from err
 
 
-def fsdp_strategy(wrap_modules: Sequence[str] = ("models.nat.NATBlock",), activation_checkpointing: bool = False,
+def fsdp_strategy(wrap_modules: Sequence[str] = ("natzoo.models.nat.NATBlock",), activation_checkpointing: bool = False,
                   **kwargs: Any) -> FSDPStrategy:
     """Lightning ``FSDPStrategy`` wrapping (and optionally checkpointing) the named block classes.
 

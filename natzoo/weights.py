@@ -28,7 +28,7 @@ def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ValueError(f"checkpoint={str(path)!r} does not exist or is not a file")
     try:
-        from models import load_checkpoint_file
+        from natzoo.models import load_checkpoint_file
     except ImportError:
         load_checkpoint_file = None
     if load_checkpoint_file is not None:

@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 from timm.scheduler import CosineLRScheduler
 
-import models  # noqa: F401
+from natzoo import models  # noqa: F401
 from natzoo.optim import build_lr_lambda, param_groups_weight_decay, scaled_lr
 from natzoo.testing import CONFIG_DIR, compose_config
 
@@ -47,7 +47,7 @@ def test_every_trainer_config_composes(tmp_path):
         trainer = compose_config("train", [f"trainer={name}"], tmp_path).trainer
         assert trainer._target_ == "lightning.pytorch.Trainer" and trainer.gradient_clip_val == 5.0, name
     fsdp = compose_config("train", ["trainer=fsdp"], tmp_path).trainer.strategy
-    assert fsdp._target_ == "natzoo.strategies.fsdp_strategy" and list(fsdp.wrap_modules) == ["models.nat.NATBlock"]
+    assert fsdp._target_ == "natzoo.strategies.fsdp_strategy" and list(fsdp.wrap_modules) == ["natzoo.models.nat.NATBlock"]
     from hydra.utils import instantiate
     from lightning.pytorch.strategies import FSDPStrategy
 

@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 
-import models  # noqa: F401  (registers the NAT families with timm)
+from natzoo import models  # noqa: F401  (registers the NAT families with timm)
 from natzoo.detection.backbone import NATBackbone, coco_dilations, load_backbone_checkpoint
 
 TINY = dict(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8))

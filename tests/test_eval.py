@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
-import models  # noqa: F401
+from natzoo import models  # noqa: F401
 from natzoo import evaluate
 from natzoo.datasets import ensure_demo_dataset
 from natzoo.testing import compose_config

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import ops
+from natzoo import ops
 
 pytestmark = pytest.mark.gpu
 

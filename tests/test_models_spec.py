@@ -12,8 +12,8 @@ import pytest
 import timm
 import torch
 
-import models
-from models.flops import count_macs
+from natzoo import models
+from natzoo.models.flops import count_macs
 
 # Spec 1.3 / 1.4 / 1.5: exact parameter counts (1000-class head), README FLOPs (G, MACs) and resolution.
 SPEC = {

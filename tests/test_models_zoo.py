@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 
-import models
-import ops
-from models.nat import NATBlock
+from natzoo import models
+from natzoo import ops
+from natzoo.models.nat import NATBlock
 
 ALL = models.registered_models()
 HIERARCHICAL = [n for n in ALL if not ("isotropic" in n or n.startswith("vitrpb"))]

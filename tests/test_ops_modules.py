@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import ops
+from natzoo import ops
 from oracle import dense_na
 
 

@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-import ops
-from ops.neighborhood.dispatch import use_backend
+from natzoo import ops
+from natzoo.ops.neighborhood.dispatch import use_backend
 from oracle import case_id, dense_na
 
 FNS = {1: ops.na1d, 2: ops.na2d, 3: ops.na3d}
@@ -164,7 +164,7 @@ def test_empty_batch_returns_empty_outputs():
 def test_backend_switch_and_debug_log(caplog, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the interpreter would let Triton accept CPU tensors
     q = torch.randn(1, 8, 1, 4)
-    with caplog.at_level(logging.DEBUG, logger="ops.neighborhood"):
+    with caplog.at_level(logging.DEBUG, logger="natzoo.ops.neighborhood"):
         ops.na1d(q, q, q, 3)
     assert "reference backend (auto" in caplog.text
     with pytest.raises(ValueError, match="backend='triton'.*device=cpu"):
@@ -188,8 +188,8 @@ def test_backend_switch_and_debug_log(caplog, monkeypatch):
 @pytest.mark.parametrize("case", CASES[-9:], ids=[case_id(*c[:5], c[5]) for c in CASES[-9:]])
 def test_reference_any_tiling_matches_oracle(case, tile_kind):
     """The reference's query tiling (halo gather) is exact for every tile size, not just the default one."""
-    from ops.neighborhood.reference import na_reference
-    from ops.neighborhood.validation import check_problem
+    from natzoo.ops.neighborhood.reference import na_reference
+    from natzoo.ops.neighborhood.validation import check_problem
 
     spatial, ks, ss, ds, cs, use_rpb = case
     n = len(spatial)

@@ -7,8 +7,8 @@ import itertools
 import pytest
 import torch
 
-import ops
-from ops.neighborhood.indexing import axis_tiles, group_length, inverse_window, window
+from natzoo import ops
+from natzoo.ops.neighborhood.indexing import axis_tiles, group_length, inverse_window, window
 from oracle import axis_allowed, dense_mask_and_bias_index
 
 

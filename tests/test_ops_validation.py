@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import ops
+from natzoo import ops
 
 Q = torch.randn(1, 8, 9, 2, 4)
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 from oracle import case_id, dense_na
 
-import ops
-from ops.neighborhood.dispatch import use_backend
+from natzoo import ops
+from natzoo.ops.neighborhood.dispatch import use_backend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -34,12 +34,12 @@ TOL = {
 def _interpreter():
     """Turns the Triton interpreter on for this module (CPU only) and imports the kernels under it."""
     if DEVICE == "cuda":
-        importlib.import_module("ops.neighborhood.triton")
+        importlib.import_module("natzoo.ops.neighborhood.triton")
         yield
         return
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
-    forward = importlib.import_module("ops.neighborhood.triton.forward")
+    forward = importlib.import_module("natzoo.ops.neighborhood.triton.forward")
     kernel = forward._fwd_tuned[1].fn
     assert type(kernel).__name__ == "InterpretedFunction", "kernels were imported before TRITON_INTERPRET was set"
     yield

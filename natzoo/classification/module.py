@@ -17,7 +17,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-import models  # noqa: F401  (registers the NAT families with timm)
+from natzoo import models  # noqa: F401  (registers the NAT families with timm)
 from natzoo.optim import build_lr_lambda, build_optimizer, param_groups_weight_decay, scaled_lr
 
 __all__ = ["ClassificationModule", "NONFINITE_POLICIES", "create_model"]

@@ -10,7 +10,7 @@ import timm
 import torch
 from omegaconf import DictConfig
 
-import models  # noqa: F401  (registers the NAT families with timm)
+from natzoo import models  # noqa: F401  (registers the NAT families with timm)
 from natzoo.classification.module import NONFINITE_POLICIES, ClassificationModule
 from natzoo.config import check_choice, check_positive_int, plain
 from natzoo.datasets.demo import ensure_demo_dataset

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-import models
-from models import convert_hf_state_dict, is_hf_state_dict, load_checkpoint_file, resize_rpb
+from natzoo import models
+from natzoo.models import convert_hf_state_dict, is_hf_state_dict, load_checkpoint_file, resize_rpb
 
 __all__ = ["COCO_DILATION_PATTERNS", "LoadResult", "NATBackbone", "coco_dilations", "load_backbone_checkpoint"]
 

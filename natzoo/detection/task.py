@@ -133,7 +133,7 @@ def load_module_for_eval(cfg: DictConfig, datamodule: CocoDataModule) -> Detecti
     module = DetectionModule(detector_config(cfg, datamodule.num_classes), with_masks=_with_masks(cfg))
     if not cfg.get("checkpoint"):
         raise ValueError("eval with task=detection needs ckpt_path=<Lightning .ckpt> or checkpoint=<detector weights>")
-    from models import load_checkpoint_file
+    from natzoo.models import load_checkpoint_file
 
     state = load_checkpoint_file(str(cfg.checkpoint))
     state = {k[len("model."):] if k.startswith("model.") else k: v for k, v in state.items()}

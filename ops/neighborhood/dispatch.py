@@ -18,7 +18,7 @@ import torch
 
 from .validation import Problem
 
-logger = logging.getLogger("ops.neighborhood")
+logger = logging.getLogger("natzoo.ops.neighborhood")
 
 ENV_VAR = "NATZOO_NA_BACKEND"
 # Multiples of 16 up to 256; non-powers of two are padded inside the kernels by masked loads.
