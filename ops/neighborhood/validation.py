@@ -37,15 +37,10 @@ class Problem:
     scale: float
     dtype: torch.dtype
     device: torch.device
-    has_rpb: bool
 
     @property
     def num_tokens(self) -> int:
         return math.prod(self.spatial)
-
-    @property
-    def window(self) -> int:
-        return math.prod(self.kernel_size)
 
 
 def _is_int(value: Any) -> bool:
@@ -200,7 +195,6 @@ def check_problem(
         scale=scale_value,
         dtype=query.dtype,
         device=query.device,
-        has_rpb=rpb is not None,
     )
 
 

@@ -14,7 +14,7 @@ from .backward import na_backward
 from .forward import na_forward
 
 
-def _problem(query: torch.Tensor, kernel_size, stride, dilation, is_causal, scale: float, has_rpb: bool) -> Problem:
+def _problem(query: torch.Tensor, kernel_size, stride, dilation, is_causal, scale: float) -> Problem:
     batch, *spatial, heads, head_dim = query.shape
     return Problem(
         name=f"na{len(spatial)}d",
@@ -30,7 +30,6 @@ def _problem(query: torch.Tensor, kernel_size, stride, dilation, is_causal, scal
         scale=scale,
         dtype=query.dtype,
         device=query.device,
-        has_rpb=has_rpb,
     )
 
 
@@ -47,7 +46,7 @@ def na_fwd(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused forward: ``out [B, *S, H, D]`` (query dtype, contiguous) and natural-log ``lse [B, *S, H]`` float32."""
-    problem = _problem(query, kernel_size, stride, dilation, is_causal, scale, rpb is not None)
+    problem = _problem(query, kernel_size, stride, dilation, is_causal, scale)
     return na_forward(problem, query, key, value, rpb)
 
 
@@ -75,7 +74,7 @@ def na_bwd(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused backward: ``dq, dk, dv`` and ``d_rpb`` (rpb's shape and dtype; an empty tensor when rpb is None)."""
-    problem = _problem(query, kernel_size, stride, dilation, is_causal, scale, rpb is not None)
+    problem = _problem(query, kernel_size, stride, dilation, is_causal, scale)
     # Read at run time (not trace time), so a compiled graph follows the current setting.
     deterministic = torch.are_deterministic_algorithms_enabled()
     dq, dk, dv, d_rpb = na_backward(problem, grad_out, grad_lse, query, key, value, rpb, out, lse, deterministic)
