@@ -6,6 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -30,7 +31,9 @@ def test_demo_dataset_layout_and_determinism(tmp_path):
     assert _digest(a) != _digest(c)
     manifest = json.loads((a / "MANIFEST.json").read_text())
     assert manifest["counts"] == {"train": 24, "val": 16} and manifest["seed"] == 5
-    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+    assert sorted(manifest["files"]) == sorted(str(p.relative_to(a).as_posix()) for p in a.rglob("*.png"))
+    assert all(size == (a / rel).stat().st_size for rel, size in manifest["files"].items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]  # no scratch folder left behind
 
 
 def test_demo_images_vary_within_a_class(tmp_path):
@@ -38,7 +41,7 @@ def test_demo_images_vary_within_a_class(tmp_path):
 
     root = generate_demo_dataset(tmp_path / "d", train_per_class=6, val_per_class=1, img_size=32)
     for cls in DEMO_CLASSES:
-        arrays = [torch.tensor(list(Image.open(p).getdata()), dtype=torch.float32)
+        arrays = [torch.tensor(np.asarray(Image.open(p)), dtype=torch.float32).flatten(0, 1)
                   for p in sorted((root / "train" / cls).iterdir())]
         means = torch.stack([a.mean(0) for a in arrays])  # [6, 3] mean colour per image
         assert means.std(0).max() > 10, f"{cls}: colours do not vary"
@@ -57,7 +60,7 @@ def test_ensure_reuses_complete_dataset_and_replaces_stale_one(tmp_path):
 def test_ensure_refuses_foreign_directory(tmp_path):
     root = tmp_path / "mine"
     (root / "train").mkdir(parents=True)
-    with pytest.raises(ValueError, match=r"holds no MANIFEST.json"):
+    with pytest.raises(ValueError, match=r"holds files but no MANIFEST.json.*use data=folder"):
         ensure_demo_dataset(root, train_per_class=2, val_per_class=1, img_size=16)
     assert (root / "train").is_dir()  # left alone
 

@@ -8,27 +8,36 @@ Layout (the same as ImageNet's, so the demo goes through the ImageFolder code pa
 
     <root>/train/<class>/<index>.png
     <root>/val/<class>/<index>.png
-    <root>/MANIFEST.json        written last; its presence (with matching parameters) marks the dataset complete
+    <root>/MANIFEST.json        written last: generator, parameters and every file with its size
+
+The generator deletes only what it can prove it wrote (see :mod:`natzoo.ownership` and docs/reliability.md): a
+folder whose manifest it did not write, or which holds files its manifest does not list, is never touched.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-import shutil
+import re
 import tempfile
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["DEMO_CLASSES", "MANIFEST_NAME", "generate_demo_dataset", "ensure_demo_dataset"]
+from natzoo.ownership import delete_scanned, scan_tree, scratch_prefix, sweep_abandoned
+
+__all__ = ["DEMO_CLASSES", "MANIFEST_NAME", "ensure_demo_dataset", "generate_demo_dataset"]
+
+log = logging.getLogger(__name__)
 
 DEMO_CLASSES = ("circle", "square", "triangle", "cross", "ring", "stripes", "checker", "dots")
 MANIFEST_NAME = "MANIFEST.json"
-_FORMAT_VERSION = 2
+_GENERATOR = "natzoo.datasets.demo"
+_MANIFEST_VERSION = 3  # 3: generator marker and file list with sizes; 2: parameters only
+_FORMAT_VERSION = 2  # version of the drawing code: images of equal parameters and format version are byte-identical
 _SUPERSAMPLE = 4
 
 
@@ -98,39 +107,62 @@ def _draw_sample(cls: str, size: int, rng: np.random.Generator) -> Image.Image:
 
 
 def _params(train_per_class: int, val_per_class: int, img_size: int, seed: int) -> dict:
+    for name, value, low in (("train_per_class", train_per_class, 1), ("val_per_class", val_per_class, 1),
+                             ("img_size", img_size, 8)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     return {
         "format_version": _FORMAT_VERSION,
         "classes": list(DEMO_CLASSES),
-        "train_per_class": int(train_per_class),
-        "val_per_class": int(val_per_class),
-        "img_size": int(img_size),
-        "seed": int(seed),
+        "train_per_class": train_per_class,
+        "val_per_class": val_per_class,
+        "img_size": img_size,
+        "seed": seed,
     }
 
 
-def generate_demo_dataset(
-    root: Union[str, Path], train_per_class: int = 300, val_per_class: int = 50, img_size: int = 32, seed: int = 0
-) -> Path:
-    """Writes the demo dataset to ``root`` (which must not exist) and returns ``root``.
+# Every path the generator writes, relative to the dataset folder (folders with a trailing "/").
+_WRITES = re.compile(rf"(?:train|val)/(?:(?:{'|'.join(DEMO_CLASSES)})/(?:\d{{5,}}\.png)?)?|{re.escape(MANIFEST_NAME)}")
 
-    The files are written into a temporary sibling directory that is renamed to ``root`` once complete, with the
-    manifest written last, so an interrupted generation never leaves a dataset that looks complete.
+
+def _owns(rel: str) -> bool:
+    return _WRITES.fullmatch(rel) is not None
+
+
+def _image_paths(train_per_class: int, val_per_class: int) -> list[str]:
+    return [f"{split}/{cls}/{i:05d}.png" for split, count in (("train", train_per_class), ("val", val_per_class))
+            for cls in DEMO_CLASSES for i in range(count)]
+
+
+def generate_demo_dataset(
+    root: str | os.PathLike, train_per_class: int = 300, val_per_class: int = 50, img_size: int = 32, seed: int = 0
+) -> Path:
+    """Writes the demo dataset to ``root`` (which must not exist, or be an empty folder) and returns ``root``.
+
+    The files are written into a temporary sibling folder (a scratch name of :mod:`natzoo.ownership`, so a later
+    run can remove it if this process is killed) that is renamed to ``root`` once complete, with the manifest
+    written last, so an interrupted generation never leaves a dataset that looks complete.
 
     Args:
-        root: destination directory.
-        train_per_class: training images per class.
-        val_per_class: validation images per class.
-        img_size: image side in pixels.
-        seed: base seed; split ``s`` of class ``c`` uses its own generator derived from (seed, s, c).
+        root: Destination folder.
+        train_per_class: Training images per class.
+        val_per_class: Validation images per class.
+        img_size: Image side in pixels.
+        seed: Base seed; split ``s`` of class ``c`` uses its own generator derived from (seed, s, c).
+
+    Raises:
+        ValueError: If a parameter is out of range.
+        FileExistsError: If ``root`` exists and is not an empty folder.
     """
-    for name, value, low in (("train_per_class", train_per_class, 1), ("val_per_class", val_per_class, 1),
-                             ("img_size", img_size, 8)):
-        if int(value) < low:
-            raise ValueError(f"{name} must be >= {low}, got {value}")
-    root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
     params = _params(train_per_class, val_per_class, img_size, seed)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
+    root = Path(root)
+    if root.is_symlink() or root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise FileExistsError(f"{root} exists and is not an empty folder; the demo dataset is written only to a new "
+                              "or empty folder")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=scratch_prefix(root.name, "partial"), dir=root.parent))
     try:
         counts = {}
         for split_idx, (split, count) in enumerate((("train", train_per_class), ("val", val_per_class))):
@@ -141,54 +173,130 @@ def generate_demo_dataset(
                 for i in range(count):
                     _draw_sample(cls, img_size, rng).save(out / f"{i:05d}.png", optimize=False)
             counts[split] = count * len(DEMO_CLASSES)
-        manifest = dict(params, counts=counts)
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        files, _ = scan_tree(tmp, _owns)
+        manifest = {"generator": _GENERATOR, "manifest_version": _MANIFEST_VERSION, **params, "counts": counts,
+                    "files": files}
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
         os.replace(tmp, root)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        files, foreign = scan_tree(tmp, _owns)
+        if not foreign:
+            delete_scanned(tmp, files)
         raise
     return root
 
 
-def _read_manifest(root: Path) -> dict | None:
-    try:
-        return json.loads((root / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
+def _listed_files(manifest: object) -> dict[str, int | None] | None:
+    """Files a manifest written by this generator lists (path -> size, None where unrecorded); None if not ours."""
+    if not isinstance(manifest, dict) or manifest.get("classes") != list(DEMO_CLASSES):
         return None
+    counts = (manifest.get("train_per_class"), manifest.get("val_per_class"))
+    if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in counts):
+        return None
+    if manifest.get("generator") == _GENERATOR:
+        files = manifest.get("files")
+        if not isinstance(files, dict) or not all(_owns(k) and isinstance(v, int) for k, v in files.items()):
+            return None
+        return dict(files)
+    if "generator" not in manifest and manifest.get("format_version") == 2:
+        # Manifest of an older natzoo without a file list: the paths follow from the image counts.
+        return dict.fromkeys(_image_paths(*counts))
+    return None
+
+
+def _not_ours(root: Path, why: str) -> ValueError:
+    return ValueError(
+        f"data.root={str(root)!r} {why}, so it is not a demo dataset natzoo generated; natzoo never writes into or "
+        f"deletes such a folder. To train on your own images in it use data=folder data.root={str(root)!r}; for the "
+        "demo, point data.root at a new or empty folder"
+    )
 
 
 def ensure_demo_dataset(
-    root: Union[str, Path], train_per_class: int = 300, val_per_class: int = 50, img_size: int = 32, seed: int = 0
+    root: str | os.PathLike, train_per_class: int = 300, val_per_class: int = 50, img_size: int = 32, seed: int = 0
 ) -> Path:
-    """Returns ``root`` holding the demo dataset for these parameters, generating it only when absent.
+    """Returns ``root`` holding the demo dataset for these parameters, generating it when absent.
 
-    A complete dataset (manifest present with the same parameters) is reused as is. A complete dataset generated
-    with other parameters is replaced. A directory without a manifest is not ours (or an unfinished copy from an
-    older version) and is left alone: a ``ValueError`` asks the user to remove it or pick another ``data.root``.
+    * ``root`` missing or an empty folder: the dataset is generated (a log line says what and where).
+    * A complete demo dataset with these parameters: reused as it is.
+    * A demo dataset this generator wrote with other parameters, or with files missing: replaced, but only when
+      every file in the folder is one its manifest lists, with the recorded size.
+    * Anything else (no manifest, a manifest natzoo did not write, files natzoo did not write or that changed since):
+      a ``ValueError`` naming the folder; nothing is written or deleted.
+
+    Scratch folders that an interrupted generation or replacement of this ``root`` left behind on this host are
+    removed first (see :mod:`natzoo.ownership`).
     """
-    root = Path(root)
     wanted = _params(train_per_class, val_per_class, img_size, seed)
-    if root.exists():
-        manifest = _read_manifest(root)
-        if manifest is None:
-            if any(root.iterdir()):
-                raise ValueError(
-                    f"data.root={str(root)!r} exists but holds no {MANIFEST_NAME}, so it is not a complete demo "
-                    "dataset;"
-                    " delete it (it will be regenerated) or point data.root elsewhere"
-                )
-            root.rmdir()
-        elif {k: manifest.get(k) for k in wanted} == wanted:
+    root = Path(root)
+    if root.is_symlink():
+        root = root.resolve()
+    for kind in ("partial", "stale"):
+        sweep_abandoned(root.parent, kind, _owns, base=root.name)
+    if root.exists() and not root.is_dir():
+        raise _not_ours(root, "is a file, not a folder")
+    if root.is_dir() and any(root.iterdir()):
+        _reuse_or_remove(root, wanted)
+        if root.exists():
             return root
-        else:
-            stale = root.with_name(f".{root.name}.stale-{os.getpid()}")
-            os.replace(root, stale)
-            shutil.rmtree(stale, ignore_errors=True)
+    log.info("generating the demo dataset (%d classes, %d training + %d validation PNG images of %d px) in %s; later "
+             "runs with the same data.root reuse it", len(DEMO_CLASSES), train_per_class * len(DEMO_CLASSES),
+             val_per_class * len(DEMO_CLASSES), img_size, root.absolute())
     try:
         return generate_demo_dataset(root, train_per_class, val_per_class, img_size, seed)
     except OSError:
         # Another process (e.g. another rank of a multi-node job) finished first: use its copy if it matches.
-        manifest = _read_manifest(root)
-        if manifest is not None and {k: manifest.get(k) for k in wanted} == wanted:
+        if _complete(root, wanted):
             return root
         raise
+
+
+def _complete(root: Path, wanted: dict) -> bool:
+    try:
+        manifest = json.loads((root / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    listed = _listed_files(manifest)
+    if listed is None or {k: manifest.get(k) for k in wanted} != wanted:
+        return False
+    files, _ = scan_tree(root, _owns)
+    return all(rel in files and size in (None, files[rel]) for rel, size in listed.items())
+
+
+def _reuse_or_remove(root: Path, wanted: dict) -> None:
+    """Returns with ``root`` intact if it is the wanted dataset, or removed if it is provably an outdated one."""
+    try:
+        manifest = json.loads((root / MANIFEST_NAME).read_text())
+    except FileNotFoundError:
+        raise _not_ours(root, f"holds files but no {MANIFEST_NAME}") from None
+    except (OSError, ValueError) as exc:
+        raise _not_ours(root, f"holds a {MANIFEST_NAME} that cannot be read as JSON ({exc})") from None
+    listed = _listed_files(manifest)
+    if listed is None:
+        raise _not_ours(root, f"holds a {MANIFEST_NAME} that natzoo's demo generator did not write")
+    dirs = {rel[: i + 1] for rel in listed for i, ch in enumerate(rel) if ch == "/"}
+    files, foreign = scan_tree(root, lambda rel: rel in listed or rel in dirs or rel == MANIFEST_NAME)
+    changed = [rel for rel, size in listed.items() if rel in files and size not in (None, files[rel])]
+    missing = [rel for rel in listed if rel not in files]
+    same = {k: manifest.get(k) for k in wanted} == wanted
+    if same and not missing and not changed:
+        if foreign:
+            log.warning("the demo dataset in %s also holds files the generator did not write (%s); image files among "
+                        "them are read as part of the dataset", root, ", ".join(foreign[:3]))
+        return
+    if foreign or changed:
+        extra = ", ".join((foreign + changed)[:3])
+        raise ValueError(
+            f"data.root={str(root)!r} holds a demo dataset natzoo generated "
+            f"{'with missing files' if same else 'with other parameters'}, but also files the generator did not write "
+            f"or that changed since ({extra}{', ...' if len(foreign) + len(changed) > 3 else ''}); natzoo deletes only "
+            "what it wrote, so it leaves this folder alone. Delete or move it yourself, or point data.root at a new or "
+            "empty folder (data=folder trains on your own images)"
+        )
+    differs = {k: (manifest.get(k), v) for k, v in wanted.items() if manifest.get(k) != v}
+    log.info("replacing the demo dataset in %s: %s", root,
+             f"{len(missing)} of its files are missing" if same else
+             "it was generated with " + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in differs.items()))
+    stale = Path(tempfile.mkdtemp(prefix=scratch_prefix(root.name, "stale"), dir=root.parent))
+    os.replace(root, stale)
+    delete_scanned(stale, files, last=MANIFEST_NAME)

@@ -3,16 +3,19 @@
 Each image is a noisy background with one to ``max_objects`` non-overlapping filled shapes (rotated rectangle,
 ellipse, triangle). Every shape is drawn from the polygon that is stored as its COCO segmentation, so boxes, masks
 and pixels agree exactly. The dataset is written as PNG files plus one COCO JSON per split and cached on disk under
-a directory named after a hash of the generation parameters.
+a directory named after a hash of the generation parameters, with ``generation.json`` (written last) listing the
+parameters and every file with its size. A folder at that path which is not such a complete dataset is never written
+into or deleted (docs/reliability.md).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
-import shutil
+import re
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,11 +23,20 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from natzoo.ownership import delete_scanned, scan_tree, scratch_prefix, sweep_abandoned
+
 __all__ = ["SHAPE_CATEGORIES", "SyntheticCocoSpec", "default_cache_dir", "make_synthetic_coco"]
 
 SHAPE_CATEGORIES: tuple[str, ...] = ("rectangle", "ellipse", "triangle")
 
 _DONE_FILE = "generation.json"
+_GENERATOR = "natzoo.detection.synthetic"
+# Every path the generator writes, relative to the dataset folder (folders with a trailing "/").
+_WRITES = re.compile(
+    rf"(?:train|val)/(?:\d{{6,}}\.png)?|annotations/(?:instances_(?:train|val)\.json)?|{re.escape(_DONE_FILE)}"
+)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -151,12 +163,45 @@ def _generate_split(spec: SyntheticCocoSpec, split: str, count: int, seed: int, 
     return coco
 
 
+def _owns(rel: str) -> bool:
+    return _WRITES.fullmatch(rel) is not None
+
+
+def _listed_files(done: object, spec: SyntheticCocoSpec) -> dict[str, int | None] | None:
+    """Files the completion record of a dataset generated for ``spec`` lists (path -> size, None where unrecorded)."""
+    if isinstance(done, dict) and done.get("generator") == _GENERATOR and done.get("spec") == asdict(spec):
+        files = done.get("files")
+        if isinstance(files, dict) and all(_owns(k) and isinstance(v, int) for k, v in files.items()):
+            return dict(files)
+        return None
+    if done == asdict(spec):
+        # Record of an older natzoo without a file list: the paths follow from the image counts.
+        images = [f"{split}/{i:06d}.png" for split, n in (("train", spec.num_train), ("val", spec.num_val))
+                  for i in range(1, n + 1)]
+        return dict.fromkeys(images + ["annotations/instances_train.json", "annotations/instances_val.json"])
+    return None
+
+
+def _is_complete(target: Path, spec: SyntheticCocoSpec) -> bool:
+    """Whether ``target`` holds every file its completion record lists, with the recorded sizes (extra files are
+    ignored: the COCO JSON names the images that are used)."""
+    try:
+        listed = _listed_files(json.loads((target / _DONE_FILE).read_text()), spec)
+    except (OSError, ValueError):
+        return False
+    if listed is None:
+        return False
+    files, _ = scan_tree(target, _owns)
+    return all(rel in files and size in (None, files[rel]) for rel, size in listed.items())
+
+
 def make_synthetic_coco(spec: SyntheticCocoSpec | None = None, root: str | os.PathLike | None = None) -> Path:
     """Generate (or reuse) the shapes dataset and return its directory.
 
     The directory holds ``train/`` and ``val/`` PNG folders and ``annotations/instances_{train,val}.json``. It is
     built in a temporary sibling directory and renamed into place, so a crashed or concurrent run never leaves a
-    half-written dataset behind.
+    half-written dataset behind; the temporary directory of a process that was killed is removed by the next call
+    on the same host (see :mod:`natzoo.ownership`).
 
     Args:
         spec: Generation parameters (defaults of :class:`SyntheticCocoSpec` if None).
@@ -164,26 +209,43 @@ def make_synthetic_coco(spec: SyntheticCocoSpec | None = None, root: str | os.Pa
 
     Returns:
         The dataset directory ``<root>/coco_shapes_<fingerprint>``.
+
+    Raises:
+        ValueError: If that path exists and is not an empty folder or a complete dataset generated for ``spec``
+            (nothing is written or deleted then).
     """
     spec = spec or SyntheticCocoSpec()
     root = Path(root) if root is not None else default_cache_dir()
-    target = root / f"coco_shapes_{spec.fingerprint()}"
-    if (target / _DONE_FILE).is_file():
+    name = f"coco_shapes_{spec.fingerprint()}"
+    target = root / name
+    sweep_abandoned(root, "partial", _owns, base=name)
+    if _is_complete(target, spec):
         return target
+    if target.exists() and not (target.is_dir() and not any(target.iterdir())):
+        raise ValueError(
+            f"{target} exists but is not a complete shapes dataset natzoo generated for these parameters (no valid "
+            f"{_DONE_FILE}, or files it lists are missing or changed); natzoo never writes into or deletes such a "
+            "folder. Move it away, or set data.cache_dir to another folder"
+        )
+    log.info("generating the detection demo dataset (%d training + %d validation images of %d px, COCO format) in %s",
+             spec.num_train, spec.num_val, spec.image_size, target.absolute())
     root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".coco_shapes_tmp_", dir=root))
+    staging = Path(tempfile.mkdtemp(prefix=scratch_prefix(name, "partial"), dir=root))
     try:
         _generate_split(spec, "train", spec.num_train, spec.seed, staging)
         _generate_split(spec, "val", spec.num_val, spec.seed + 1_000_003, staging)
+        files, _ = scan_tree(staging, _owns)
         with open(staging / _DONE_FILE, "w") as f:
-            json.dump(asdict(spec), f, indent=2)
+            json.dump({"generator": _GENERATOR, "spec": asdict(spec), "files": files}, f, indent=1)
         try:
             os.replace(staging, target)
         except OSError:
             # Another process finished the same dataset first; theirs is identical (same seed and parameters).
-            if not (target / _DONE_FILE).is_file():
+            if not _is_complete(target, spec):
                 raise
     finally:
         if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+            files, foreign = scan_tree(staging, _owns)
+            if not foreign:
+                delete_scanned(staging, files)
     return target
