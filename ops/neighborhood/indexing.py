@@ -10,6 +10,7 @@ from functools import lru_cache
 
 
 import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 
 def group_length(length: int, dilation: int, group: int) -> int:
@@ -135,7 +136,9 @@ def _tile_tables_cpu(
 def _tile_tables_on(spatial, kernel_size, stride, dilation, is_causal, tile, device):
     # Cached tables outlive the call: built under inference mode they would be inference tensors, which autograd
     # refuses to save later (a validation pass before training would poison the cache).
-    with torch.inference_mode(False):
+    # Under torch.export / the ONNX exporter a fake-tensor mode is active: tables built there would be fake and,
+    # cached, would turn every later eager call into fake tensors. Real tables enter an exported graph as constants.
+    with torch.inference_mode(False), unset_fake_temporarily():
         cpu = _tile_tables_cpu(spatial, kernel_size, stride, dilation, is_causal, tile)
         return tuple(t.to(device) for t in cpu)
 
