@@ -1,0 +1,125 @@
+"""CPU inference speed of exported models: onnxruntime against PyTorch eager, float32.
+
+Each model is exported with :func:`natzoo.export.export_onnx` (dynamic batch, native resolution) and run by
+onnxruntime's CPU execution provider with as many intra-op threads as torch uses; the same batches go through the
+PyTorch model in eval mode under ``torch.inference_mode``. The weights are random (speed does not depend on them).
+Prints the setup and a markdown table (median time per batch, images per second, largest output difference).
+
+Examples:
+    python benchmarks/bench_export.py                                  # nat_tiny, dinat_tiny at batch 1 and 8
+    python benchmarks/bench_export.py --models nat_mini --batches 1 --iters 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import timm
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from natzoo import models  # noqa: F401  (registers the NAT family with timm)
+from natzoo.export import export_onnx, native_input_size
+
+
+def _paired_medians(steps: list[Callable[[], object]], warmup: int, iters: int) -> list[float]:
+    """Median seconds of each step; the steps alternate within every iteration, so a load that comes and goes on a
+    shared machine hits them alike."""
+    for _ in range(warmup):
+        for step in steps:
+            step()
+    times: list[list[float]] = [[] for _ in steps]
+    for _ in range(iters):
+        for step, record in zip(steps, times):
+            start = time.perf_counter()
+            step()
+            record.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def bench_model(name: str, batches: list[int], warmup: int, iters: int, threads: int, folder: Path) -> list[dict]:
+    """Exports ``name`` once and times eager PyTorch and onnxruntime at each batch size."""
+    model = timm.create_model(name).eval()
+    size = native_input_size(model)
+    start = time.perf_counter()
+    path = export_onnx(model, folder / f"{name}.onnx")
+    export_s = time.perf_counter() - start
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    mib = path.stat().st_size / 2**20
+    rows = []
+    for batch in batches:
+        x = torch.randn(batch, *size)
+        feed = {session.get_inputs()[0].name: x.numpy()}
+        with torch.inference_mode():
+            eager_s, ort_s = _paired_medians([lambda x=x: model(x), lambda feed=feed: session.run(None, feed)],
+                                             warmup, iters)
+            expected = model(x).numpy()
+        diff = float(np.abs(session.run(None, feed)[0] - expected).max())
+        rows.append({"model": name, "input": "x".join(map(str, size[1:])), "batch": batch, "eager_s": eager_s,
+                     "ort_s": ort_s, "diff": diff, "export_s": export_s, "onnx_mib": mib})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["nat_tiny", "dinat_tiny"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch and onnxruntime threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for name in args.models:
+            rows += bench_model(name, args.batches, args.warmup, args.iters, args.threads, Path(folder))
+
+    print(f"{datetime.date.today()}, {_cpu_name()}, {os.cpu_count()} logical CPUs, {args.threads} threads for torch "
+          f"and onnxruntime, load average {load:.2f} at the start; Python {platform.python_version()}, "
+          f"torch {torch.__version__}, onnxruntime {ort.__version__}, onnx {onnx.__version__}, timm {timm.__version__}")
+    print(f"Command: python benchmarks/bench_export.py {' '.join(sys.argv[1:])}".rstrip())
+    print(f"Median of {args.iters} iterations (eager and onnxruntime alternating) after {args.warmup} warm-up, "
+          "float32, random weights.\n")
+    print("| model | input | batch | PyTorch eager ms | PyTorch img/s | onnxruntime ms | onnxruntime img/s | speed-up | "
+          "max abs diff |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['input']} | {r['batch']} | {1000 * r['eager_s']:.0f} | "
+              f"{r['batch'] / r['eager_s']:.1f} | {1000 * r['ort_s']:.0f} | {r['batch'] / r['ort_s']:.1f} | "
+              f"{r['eager_s'] / r['ort_s']:.2f}x | {r['diff']:.1e} |")
+    print()
+    for name in args.models:
+        r = next(r for r in rows if r["model"] == name)
+        print(f"{name}: export {r['export_s']:.0f} s, ONNX file {r['onnx_mib']:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
