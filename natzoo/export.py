@@ -56,7 +56,7 @@ def _example(model: nn.Module, input_size: Sequence[int] | None, batch: int = 2)
     reference = next(iter(model.parameters()), None)
     device = reference.device if reference is not None else torch.device("cpu")
     dtype = reference.dtype if reference is not None and reference.is_floating_point() else torch.float32
-    return torch.randn(batch, *size, device=device, dtype=dtype)
+    return torch.zeros(batch, *size, device=device, dtype=dtype)  # values do not matter; the RNG stays untouched
 
 
 def _program_example(program: torch.export.ExportedProgram) -> tuple[torch.Tensor, bool]:
@@ -66,7 +66,7 @@ def _program_example(program: torch.export.ExportedProgram) -> tuple[torch.Tenso
         raise ValueError(f"the exported program takes {len(names)} inputs; export_onnx handles one image tensor")
     spec = next(node.meta["val"] for node in program.graph.nodes if node.op == "placeholder" and node.name == names[0])
     dynamic = not isinstance(spec.shape[0], int)
-    return torch.randn(2 if dynamic else spec.shape[0], *(int(d) for d in spec.shape[1:]), dtype=spec.dtype), dynamic
+    return torch.zeros(2 if dynamic else spec.shape[0], *(int(d) for d in spec.shape[1:]), dtype=spec.dtype), dynamic
 
 
 @contextlib.contextmanager
