@@ -11,7 +11,8 @@ Example:
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import timm
 from torch import nn
@@ -23,7 +24,7 @@ dependencies = ["torch", "timm"]
 
 def _entry(name: str) -> Callable[..., nn.Module]:
     def entry(
-        pretrained: bool = False, checkpoint: Optional["str | os.PathLike[str]"] = None, **kwargs: Any
+        pretrained: bool = False, checkpoint: str | os.PathLike[str] | None = None, **kwargs: Any
     ) -> nn.Module:
         if checkpoint is not None:
             overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {}, file=os.fspath(checkpoint))
