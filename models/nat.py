@@ -442,7 +442,9 @@ class NAT(NATBase):
                     clamp_dilation=clamp_dilation,
                 )
             )
-            self.feature_info.append({"num_chs": width, "reduction": 4 * 2**i, "module": f"{self.stages_attr}.{i}"})
+            # The last block's output is the pre-downsample map (what hooks and FX extraction return).
+            last_block = f"{self.stages_attr}.{i}.blocks.{depth - 1}"
+            self.feature_info.append({"num_chs": width, "reduction": 4 * 2**i, "module": last_block})
         self.norm = norm_layer(widths[-1])
         self._init_head(widths[-1], num_classes, global_pool, drop_rate)
         self.init_weights()
