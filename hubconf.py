@@ -5,7 +5,9 @@ Example:
     >>> model = torch.hub.load("/path/to/natzoo", "dinat_mini", source="local", checkpoint="pytorch_model.bin")
 
 ``checkpoint=PATH`` loads a local official ``.pth`` or HF ``pytorch_model.bin``/``model.safetensors`` (the same as
-``pretrained=True, pretrained_cfg_overlay=dict(file=PATH)``); other keyword arguments go to ``timm.create_model``.
+``pretrained=True, pretrained_cfg_overlay=dict(file=PATH)``, through ``natzoo.models.load_weights``: the file's
+classifier is kept when it fits ``num_classes`` and re-initialised, with a warning, when it does not); other keyword
+arguments go to ``timm.create_model``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,5 @@ def _entry(name: str) -> Callable[..., nn.Module]:
     return entry
 
 
-for _name in timm.list_models(["*nat*", "vitrpb*"]):
-    if _name in models.registered_models():
-        globals()[_name] = _entry(_name)
+for _name in models.registered_models():
+    globals()[_name] = _entry(_name)

@@ -50,6 +50,15 @@ def test_out_indices_subset_and_norm_keys():
     assert norms == ["norm1.bias", "norm1.weight", "norm3.bias", "norm3.weight"]
 
 
+@pytest.mark.parametrize("name, kwargs", [("nat_mini", TINY), ("dinat_s_tiny", TINY_DINAT_S)])
+def test_state_dict_is_the_classifier_trunk_plus_output_norms(name, kwargs):
+    """The official detection backbones' keys: the classifier's minus its norm and head, then norm0..norm3."""
+    classifier = timm.create_model(name, **kwargs)
+    trunk = [k for k in classifier.state_dict() if not k.startswith(("norm.", "head."))]
+    norms = [f"norm{i}.{p}" for i in range(4) for p in ("weight", "bias")]
+    assert list(NATBackbone(name, **kwargs).state_dict()) == trunk + norms
+
+
 def test_output_is_layernormed_pre_downsample_map():
     backbone = NATBackbone("nat_mini", **TINY).eval()
     x = torch.randn(1, 3, 64, 64)

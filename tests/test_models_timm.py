@@ -46,10 +46,10 @@ def meta_input(model: torch.nn.Module, batch: int = 1) -> torch.Tensor:
 
 def small_model(name: str, **kwargs) -> torch.nn.Module:
     if name in ISOTROPIC:
-        args = dict(embed_dim=32, depth=2, num_heads=2)
+        args = {"embed_dim": 32, "depth": 2, "num_heads": 2}
     else:
         # Depth 2 per stage keeps one dilated block per stage for the DiNAT variants.
-        args = dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8))
+        args = {"embed_dim": 16, "depths": (2, 2, 2, 2), "num_heads": (1, 2, 4, 8)}
     return timm.create_model(name, **dict(args, **kwargs))
 
 
@@ -161,6 +161,7 @@ def test_fx_extractors_return_the_intermediate_maps(name):
             assert torch.equal(got[i], want), (extractor, i)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FULL_SIZE_FX)
 def test_fx_trace_at_full_size(name):
     model = meta_model(name)
