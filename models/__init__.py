@@ -28,7 +28,7 @@ from .isotropic import IsotropicNAT, RelPosAttention, RelPosBlock
 from .nat import NAT, ConvDownsampler, ConvTokenizer, NATBlock, NATStage, convert_hf_state_dict, is_hf_state_dict
 
 
-def registered_models() -> list:
+def registered_models() -> list[str]:
     """Names of the models this package registers with timm."""
     import timm
 

@@ -68,7 +68,7 @@ def check_model_args(owner: str, **args: Any) -> None:
 
 def check_int_sequence(owner: str, name: str, value: Any, length: int | None = None, minimum: int = 1) -> list[int]:
     """A list or tuple of ints ``>= minimum`` (of `length` entries when given), returned as a list."""
-    if not isinstance(value, (list, tuple)):
+    if not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
         raise TypeError(f"{owner}: {name} must be a list or tuple of ints, got {type(value).__name__} {value!r}")
     if length is not None and len(value) != length:
         raise ValueError(f"{owner}: {name} must have {length} entries, got {len(value)} ({list(value)})")
@@ -220,7 +220,7 @@ def variant_args(model_args: Mapping[str, Any], kwargs: Mapping[str, Any]) -> di
     if pattern is None or "dilations" in kwargs:
         return args
     depths = kwargs.get("depths")
-    if isinstance(depths, (list, tuple)) and len(depths) == len(pattern) and all(isinstance(d, int) for d in depths):
+    if isinstance(depths, Sequence) and len(depths) == len(pattern) and all(isinstance(d, int) for d in depths):
         args["dilations"] = tuple(cycle(stage, depth) for stage, depth in zip(pattern, depths))
     elif isinstance(kwargs.get("depth"), int) and kwargs["depth"] > 0:
         args["dilations"] = cycle(pattern, kwargs["depth"])

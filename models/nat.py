@@ -57,13 +57,13 @@ def resolve_dilations(owner: str, dilations: DilationsArg, depths: Sequence[int]
     """
     if dilations is None:
         return [[1] * d for d in depths]
-    if not isinstance(dilations, (list, tuple)):
+    if not isinstance(dilations, Sequence) or isinstance(dilations, str):
         raise TypeError(f"{owner}: dilations must be None or one int or list per stage, got {dilations!r}")
     if len(dilations) != len(depths):
         raise ValueError(f"{owner}: dilations must have one entry per stage ({len(depths)}), got {len(dilations)}")
     out = []
     for i, (stage, depth) in enumerate(zip(dilations, depths)):
-        stage_list = list(stage) if isinstance(stage, (list, tuple)) else [stage] * depth
+        stage_list = list(stage) if isinstance(stage, Sequence) and not isinstance(stage, str) else [stage] * depth
         if len(stage_list) != depth:
             raise ValueError(f"{owner}: dilations[{i}] must have {depth} entries (depths[{i}]), got {len(stage_list)}")
         out.append([check_int(owner, f"dilations[{i}][{j}]", d) for j, d in enumerate(stage_list)])
