@@ -30,35 +30,27 @@ def _norm(tokens: int, channels: int) -> int:
     return 5 * tokens * channels
 
 
-def _na_block(block: NATBlock, height: int, width: int) -> int:
-    attn = block.attn
-    dim, heads, head_dim = attn.dim, attn.num_heads, attn.head_dim
-    (k_h, k_w), (d_h, d_w) = attn.kernel_size, attn.dilation
-    # The module pads small maps up to kernel * dilation before qkv and runs attention on the padded map.
-    padded = max(height, k_h * d_h) * max(width, k_w * d_w)
-    window = k_h * k_w
-    tokens = height * width
-    hidden = block.mlp.fc1.out_features
-    macs = 2 * _norm(tokens, dim)
-    macs += padded * dim * 3 * dim
-    macs += heads * padded * (head_dim * window + window) + heads * padded * head_dim * window
-    macs += tokens * dim * dim
-    macs += 2 * tokens * dim * hidden
-    return macs
-
-
-def _global_block(block: RelPosBlock, height: int, width: int) -> int:
+def _block(block: nn.Module, tokens: int, attended: int, window: int) -> int:
+    """A pre-norm attention block whose qkv and attention run over `attended` tokens, each with `window` keys."""
     attn = block.attn
     heads, head_dim = attn.num_heads, attn.head_dim
     dim = heads * head_dim
-    tokens = height * width
-    hidden = block.mlp.fc1.out_features
     macs = 2 * _norm(tokens, dim)
-    macs += tokens * dim * 3 * dim
-    macs += heads * tokens * (head_dim * tokens + tokens) + heads * tokens * head_dim * tokens
+    macs += attended * dim * 3 * dim
+    macs += heads * attended * (head_dim * window + window) + heads * attended * head_dim * window  # QK+RPB, AV
     macs += tokens * dim * dim
-    macs += 2 * tokens * dim * hidden
-    return macs
+    return macs + 2 * tokens * dim * block.mlp.fc1.out_features
+
+
+def _na_block(block: NATBlock, height: int, width: int) -> int:
+    (k_h, k_w), (d_h, d_w) = block.attn.kernel_size, block.attn.dilation
+    # The module pads small maps up to kernel * dilation before qkv and runs attention on the padded map.
+    padded = max(height, k_h * d_h) * max(width, k_w * d_w)
+    return _block(block, height * width, padded, k_h * k_w)
+
+
+def _global_block(block: RelPosBlock, height: int, width: int) -> int:
+    return _block(block, height * width, height * width, height * width)
 
 
 def _conv(conv: nn.Conv2d, height: int, width: int) -> tuple[int, int, int]:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.fx
 import torch.nn.functional as F
-from natzoo.ops.neighborhood.modules import check_bool, check_int, check_rate, check_real
+from natzoo.ops.neighborhood.modules import check_bool, check_heads, check_rate, check_real
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
@@ -78,10 +78,7 @@ class RelPosAttention(nn.Module):
         """
         super().__init__()
         owner = type(self).__name__
-        dim = check_int(owner, "dim", dim)
-        num_heads = check_int(owner, "num_heads", num_heads)
-        if dim % num_heads != 0:
-            raise ValueError(f"{owner}: num_heads must divide dim, got dim={dim}, num_heads={num_heads}")
+        dim, num_heads = check_heads(owner, dim, num_heads)
         grid_size = tuple(check_int_sequence(owner, "grid_size", grid_size, length=2))
         check_bool(owner, "qkv_bias", qkv_bias)
         if qk_scale is not None:

@@ -26,6 +26,7 @@ __all__ = [
     "NeighborhoodAttention2D",
     "NeighborhoodAttention3D",
     "check_bool",
+    "check_heads",
     "check_int",
     "check_rate",
     "check_real",
@@ -58,6 +59,14 @@ def check_rate(owner: str, name: str, value: Any) -> float:
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{owner}: {name} must be in [0, 1), got {value}")
     return float(value)
+
+
+def check_heads(owner: str, dim: Any, num_heads: Any) -> tuple[int, int]:
+    """`dim` and `num_heads` as ints ``>= 1``, the head count dividing the width."""
+    dim, num_heads = check_int(owner, "dim", dim), check_int(owner, "num_heads", num_heads)
+    if dim % num_heads != 0:
+        raise ValueError(f"{owner}: num_heads must divide dim, got dim={dim}, num_heads={num_heads}")
+    return dim, num_heads
 
 
 def check_bool(owner: str, name: str, value: Any) -> bool:
@@ -154,10 +163,7 @@ class _NeighborhoodAttentionNd(nn.Module):
         """
         super().__init__()
         name = type(self).__name__
-        dim = check_int(name, "dim", dim)
-        num_heads = check_int(name, "num_heads", num_heads)
-        if dim % num_heads != 0:
-            raise ValueError(f"{name}: num_heads must divide dim, got dim={dim}, num_heads={num_heads}")
+        dim, num_heads = check_heads(name, dim, num_heads)
         check_bool(name, "qkv_bias", qkv_bias)
         check_bool(name, "rel_pos_bias", rel_pos_bias)
         if qk_scale is not None:
