@@ -282,3 +282,13 @@ def test_reference_any_tiling_matches_oracle(case, tile_kind):
     ref_out, ref_lse = dense_na(q, k, v, ks, ss, ds, cs, rpb=rpb)
     torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(lse, ref_lse, atol=1e-10, rtol=1e-10)
+
+
+def test_meta_device_call_does_not_poison_the_table_cache():
+    """A shape-only call under ``torch.device("meta")`` leaves real CPU tables for later calls of the same shape."""
+    with torch.device("meta"):
+        q = torch.randn(1, 9, 7, 1, 8)
+        assert ops.na2d(q, q, q, 3, dilation=2).is_meta
+    q, k, v = make_inputs((9, 7), 1, 8, torch.float64, batch=1, requires_grad=False)
+    out = ops.na2d(q, k, v, 3, dilation=2)
+    torch.testing.assert_close(out, dense_na(q, k, v, 3, 1, 2)[0])

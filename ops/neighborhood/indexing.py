@@ -106,14 +106,15 @@ def _tile_tables_cpu(
     is_causal: tuple[bool, ...],
     tile: tuple[int, ...],
 ) -> tuple[torch.Tensor, ...]:
-    q_idx = torch.zeros((1, 1), dtype=torch.long)
-    k_idx = torch.zeros((1, 1), dtype=torch.long)
-    allowed = torch.ones((1, 1, 1), dtype=torch.bool)
-    ridx = torch.zeros((1, 1, 1), dtype=torch.long)
-    owner = torch.zeros((1,), dtype=torch.long)
+    # Explicit CPU: a caller inside `with torch.device("meta")` must not leave meta tables in the cache.
+    q_idx = torch.zeros((1, 1), dtype=torch.long, device="cpu")
+    k_idx = torch.zeros((1, 1), dtype=torch.long, device="cpu")
+    allowed = torch.ones((1, 1, 1), dtype=torch.bool, device="cpu")
+    ridx = torch.zeros((1, 1, 1), dtype=torch.long, device="cpu")
+    owner = torch.zeros((1,), dtype=torch.long, device="cpu")
     tiles_so_far, tile_so_far = 1, 1
     for length, k, s, d, c, t in zip(spatial, kernel_size, stride, dilation, is_causal, tile):
-        qa, ka, aa, ba, oa = (torch.tensor(x) for x in axis_tiles(length, k, s, d, c, t))
+        qa, ka, aa, ba, oa = (torch.tensor(x, device="cpu") for x in axis_tiles(length, k, s, d, c, t))
         # Row-major product of tiles, of query slots and of key slots: [n_prev, P] x [n_a, p] -> [n_prev * n_a, P * p].
         q_idx = (q_idx[:, None, :, None] * length + qa[None, :, None, :]).flatten(2).flatten(0, 1)
         k_idx = (k_idx[:, None, :, None] * length + ka[None, :, None, :]).flatten(2).flatten(0, 1)

@@ -9,8 +9,8 @@ are computed in float32.
 
 from __future__ import annotations
 
-import functools
 import math
+import sys
 from typing import Callable
 
 import torch
@@ -25,21 +25,36 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@functools.lru_cache(maxsize=1)
+_eager: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None
+
+
 def _eager_reference() -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
-    # Built on first use under torch.compile: wrapping at import time would import torch._dynamo (and through it
-    # triton.language) whenever `ops` is imported.
-    return torch.compiler.disable(_na_reference)
+    """The reference behind ``torch.compiler.disable``, built once.
+
+    Built outside compiled regions whenever possible (calling ``torch.compiler.disable`` while tracing costs extra
+    graph breaks), but never by importing torch._dynamo just for it: that import takes seconds and pulls in
+    triton.language. timm and Lightning import it anyway, so in practice the wrapper exists before any tracing.
+    """
+    global _eager
+    if _eager is None:
+        _eager = torch.compiler.disable(_na_reference)
+    return _eager
+
+
+def _prepare_eager_reference() -> None:
+    if _eager is None and "torch._dynamo" in sys.modules:
+        _eager_reference()
 
 
 def na_reference(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Reference neighborhood attention; see :func:`_na_reference` for the arguments.
 
-    Under torch.compile it runs eagerly behind a graph break: inductor (torch 2.15) fails to generate code for its
+    Under torch.compile it runs eagerly behind one graph break per call: inductor fails to generate code for its
     gathers with constant index tensors in inference graphs. Full-graph compilation is the Triton backend's job.
     """
     if torch.compiler.is_compiling():
         return _eager_reference()(*args, **kwargs)
+    _prepare_eager_reference()
     return _na_reference(*args, **kwargs)
 
 
@@ -113,3 +128,6 @@ def _na_reference(
         return out, None
     lse = lse.view(batch, heads, n_tiles * tile_len).index_select(2, owner).transpose(1, 2)
     return out, lse.reshape(batch, *problem.spatial, heads).contiguous()
+
+
+_prepare_eager_reference()

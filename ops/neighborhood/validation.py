@@ -177,7 +177,11 @@ def check_problem(
             raise ValueError(f"{fn}: rpb is only defined for stride 1 on every axis, got stride={st}")
     if scale is None:
         scale_value = float(head_dim) ** -0.5
-    elif isinstance(scale, numbers.Real) and not isinstance(scale, bool) and math.isfinite(float(scale)):
+    elif isinstance(scale, numbers.Real) and not isinstance(scale, bool) and (
+        torch.compiler.is_compiling() or math.isfinite(float(scale))
+    ):
+        # Under torch.compile a Python float may be traced symbolically, and testing it would break the graph; it
+        # was checked when the call (or the module holding it) ran eagerly.
         scale_value = float(scale)
     else:
         raise ValueError(f"{fn}: scale must be None or a finite real number, got scale={scale!r}")
