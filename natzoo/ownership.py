@@ -48,8 +48,10 @@ def scratch_prefix(base: str, kind: str) -> str:
 
 
 def _process_exists(pid: int) -> bool:
-    if pid <= 0:
-        return True  # os.kill(0, ...) would address the process group: never treat such a name as abandoned
+    if pid <= 0 or os.name != "posix":
+        # os.kill(0, ...) addresses the process group, and on Windows os.kill terminates the process: never probe
+        # there, so such names are never treated as abandoned.
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
