@@ -5,14 +5,14 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-__all__ = ["RNGState", "CurvePlot", "Stopwatch"]
+__all__ = ["CurvePlot", "RNGState", "Stopwatch"]
 
 
 class RNGState(pl.Callback):
@@ -53,7 +53,9 @@ class RNGState(pl.Callback):
                 torch.cuda.set_rng_state_all(states)
         rank = rank_zero_only.rank
         if rank:
-            seed = (int(torch.randint(0, 2**31 - 1, ()).item()) + 7919 * rank) % (2**31)
+            # An independent stream per rank, derived from rank 0's restored state and the rank.
+            base = int(torch.randint(0, 2**31 - 1, ()).item())
+            seed = int(np.random.SeedSequence([base, rank]).generate_state(1)[0])
             random.seed(seed)
             np.random.seed(seed)
             torch.manual_seed(seed)
@@ -97,20 +99,42 @@ class CurvePlot(pl.Callback):
 
 
 class Stopwatch(pl.Callback):
-    """Wall time and image count of a validation run (end-to-end throughput, data loading included)."""
+    """Wall time and image count of validation runs: end to end (data loading included) and in the steps alone.
+
+    Attributes:
+        seconds: validation epoch wall time.
+        step_seconds: time inside the validation steps (forward and metric updates, no data loading).
+        images: images seen.
+    """
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self.step_seconds = 0.0
         self.images = 0
-        self._start: Optional[float] = None
+        self._start: float | None = None
+        self._step_start: float | None = None
+
+    @staticmethod
+    def _sync(pl_module: pl.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Starts the clock."""
+        """Starts the epoch clock."""
         self._start = time.perf_counter()
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Starts the step clock."""
+        self._sync(pl_module)
+        self._step_start = time.perf_counter()
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
-        """Counts the batch's images."""
+        """Stops the step clock and counts the batch's images."""
+        self._sync(pl_module)
+        if self._step_start is not None:
+            self.step_seconds += time.perf_counter() - self._step_start
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         if isinstance(images, torch.Tensor):
             self.images += images.shape[0]
@@ -118,8 +142,7 @@ class Stopwatch(pl.Callback):
             self.images += len(images)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Stops the clock (synchronising CUDA first)."""
-        if torch.cuda.is_available() and pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
+        """Stops the epoch clock."""
+        self._sync(pl_module)
         if self._start is not None:
             self.seconds += time.perf_counter() - self._start

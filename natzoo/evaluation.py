@@ -9,12 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_info
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from natzoo.callbacks import Stopwatch
-from natzoo.config import check_common
-from natzoo.tasks import get_task
-from natzoo.training import build_trainer
+from natzoo.training import build_trainer, check_task_config, resolve_ckpt_path
 
 __all__ = ["evaluate"]
 
@@ -30,12 +28,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluates ``cfg.task`` on the validation split of ``cfg.data`` and writes ``cfg.output`` (JSON).
 
     The model comes from ``ckpt_path`` (a Lightning checkpoint), or from ``model`` plus ``checkpoint`` (official,
-    HF or flat state-dict file), or from ``model`` alone (``pretrained=true`` for timm's weights). Returns the result
-    dict that is also written to the JSON file (metrics, throughput, source, output paths).
+    HF or flat state-dict file), or from ``model`` with ``pretrained=true`` (timm's weights); a randomly initialised
+    model only with ``random_weights=true``. Returns the result dict that is also written to the JSON file (metrics,
+    throughput end to end and in the model steps, source, output paths).
+
+    Raises:
+        ValueError: no weights were given (and ``random_weights`` is false), or a config value is invalid.
     """
-    task = get_task(str(cfg.get("task", "classification")))
-    check_common(cfg)
-    task.validate_config(cfg, "eval")
+    task = check_task_config(cfg, "eval")
+    _check_weights_source(cfg)
+    ckpt_path = resolve_ckpt_path(cfg, task)
+    if ckpt_path is not None:
+        with open_dict(cfg):
+            cfg.ckpt_path = ckpt_path
     output_dir = Path(str(cfg.paths.output_dir))
     output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -49,6 +54,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     total_seconds = time.perf_counter() - start
     metrics = {k: float(v) for k, v in metrics.items()}
+    timing = {
+        "num_images": stopwatch.images,
+        "images_per_second": stopwatch.images / stopwatch.seconds if stopwatch.seconds else None,
+        "model_images_per_second": stopwatch.images / stopwatch.step_seconds if stopwatch.step_seconds else None,
+    }
 
     if task.summarize_eval is not None:
         result = task.summarize_eval(cfg, module, datamodule, metrics, output_dir)
@@ -58,7 +68,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "task": task.name,
         "source": _source(cfg),
         "data_root": str(cfg.data.root),
-        "images_per_second": stopwatch.images / stopwatch.seconds if stopwatch.seconds else None,
+        **timing,
         "wall_seconds": total_seconds,
         "device": str(module.device),
         "precision": str(trainer.precision),
@@ -71,11 +81,30 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
+_WEIGHT_SOURCES = ("ckpt_path", "checkpoint", "pretrained")
+
+
+def _check_weights_source(cfg: DictConfig) -> None:
+    """Refuses to score a randomly initialised model unless ``random_weights=true`` asks for exactly that."""
+    given = [key for key in _WEIGHT_SOURCES if cfg.get(key)]
+    if cfg.get("random_weights"):
+        if given:
+            raise ValueError(f"random_weights=true contradicts {given[0]}={cfg.get(given[0])!r}: pass one or the other")
+        return
+    if not given:
+        raise ValueError(
+            "no weights to evaluate: pass ckpt_path=<run dir>/checkpoints/best.ckpt (a checkpoint of train.py), "
+            "checkpoint=<file> with model=<name> (official .pth, HF .bin/.safetensors or a plain state dict), or "
+            "pretrained=true with model=<name> (timm's pretrained weights); random_weights=true evaluates a randomly "
+            "initialised model (a chance-level baseline)"
+        )
+
+
 def _source(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("ckpt_path"):
         return {"ckpt_path": str(cfg.ckpt_path), "use_ema": bool(cfg.get("use_ema", False))}
     return {"model": str(cfg.model.name), "checkpoint": str(cfg.checkpoint) if cfg.get("checkpoint") else None,
-            "pretrained": bool(cfg.get("pretrained", False))}
+            "pretrained": bool(cfg.get("pretrained", False)), "random_weights": bool(cfg.get("random_weights", False))}
 
 
 def _summary_line(result: dict[str, Any]) -> str:

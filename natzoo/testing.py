@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import lightning.pytorch as pl
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
-__all__ = ["CONFIG_DIR", "compose_config", "tiny_overrides", "CrashAtStep"]
+from natzoo.config import register_model_configs
+
+__all__ = ["CONFIG_DIR", "CrashAtStep", "compose_config", "tiny_overrides"]
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -20,6 +22,7 @@ def compose_config(config_name: str, overrides: Sequence[str] = (), output_dir: 
 
     ``paths.output_dir`` (normally Hydra's run directory) is set to ``output_dir`` when given.
     """
+    register_model_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name=config_name, overrides=list(overrides))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 from hydra.utils import instantiate
@@ -14,36 +14,52 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from natzoo.callbacks import CurvePlot, RNGState
 from natzoo.checkpoint_io import AtomicCheckpointIO
-from natzoo.config import check_common, find_last_checkpoint
-from natzoo.tasks import Task, get_task
+from natzoo.config import COMMON_RULES, check_config, find_last_checkpoint
+from natzoo.lightning_checkpoints import read_lightning_checkpoint
+from natzoo.tasks import Task, get_task, task_of_checkpoint
 
-__all__ = ["train", "build_callbacks", "build_loggers", "build_trainer", "resolve_ckpt_path"]
+__all__ = ["build_callbacks", "build_loggers", "build_trainer", "check_task_config", "resolve_ckpt_path", "train"]
 
 log = logging.getLogger(__name__)
 
 _TENSORBOARD = RequirementCache("tensorboard") or RequirementCache("tensorboardX")
 
 
-def resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
+def check_task_config(cfg: DictConfig, stage: str) -> Task:
+    """The task named by ``cfg.task`` after every value rule (common and the task's) and the task's own checks passed;
+    ``stage`` is ``"fit"`` or ``"eval"``. Nothing heavy has run when this raises."""
+    task = get_task(str(cfg.get("task", "classification")))
+    check_config(cfg, {**COMMON_RULES, **task.config_rules})
+    task.validate_config(cfg, stage)
+    return task
+
+
+def resolve_ckpt_path(cfg: DictConfig, task: Task | None = None) -> str | None:
     """``ckpt_path``: None, a file, or ``last`` (newest ``last.ckpt`` of an earlier run of ``paths.resume_dir``).
 
+    The file is read once (weights-only, memory-mapped) to check that it is a Lightning checkpoint of ``task``.
+
     Raises:
-        ValueError: the file does not exist, or ``last`` finds no checkpoint.
+        ValueError: ``last`` finds no checkpoint, or the file is missing, empty, a directory, not a Lightning
+            checkpoint, or one of another task (the message names the file and what was expected).
     """
     value = cfg.get("ckpt_path")
     if value in (None, ""):
         return None
-    if str(value) == "last":
+    path = str(value)
+    if path == "last":
         search = Path(str(cfg.paths.resume_dir))
         found = find_last_checkpoint(search)
         if found is None:
             raise ValueError(f"ckpt_path=last: no checkpoints/last.ckpt under {search}; nothing to resume (start a run "
                              "without ckpt_path, or pass ckpt_path=/path/to/last.ckpt)")
-        rank_zero_info(f"Resuming from {found}")
-        return str(found)
-    if not Path(str(value)).is_file():
-        raise ValueError(f"ckpt_path={str(value)!r} does not exist or is not a file")
-    return str(value)
+        path = str(found)
+    checkpoint = read_lightning_checkpoint(path)
+    if task is not None and not task.owns_checkpoint(checkpoint.get("hyper_parameters") or {}):
+        owner = task_of_checkpoint(checkpoint.get("hyper_parameters") or {})
+        hint = f"; it is a {owner} checkpoint: add task={owner}" if owner else ""
+        raise ValueError(f"ckpt_path={path!r} was not written by the {task.name} task's module{hint}")
+    return path
 
 
 def build_callbacks(cfg: DictConfig, task: Task) -> list[pl.Callback]:
@@ -79,11 +95,12 @@ def build_loggers(cfg: DictConfig) -> list:
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: Any, **overrides: Any) -> pl.Trainer:
     """``lightning.pytorch.Trainer`` from ``cfg.trainer`` with the atomic checkpoint IO plugin.
 
-    ``trainer.max_epochs: null`` means ``sched.epochs + sched.cooldown_epochs`` when a schedule is configured.
+    ``trainer.max_epochs: null`` means ``sched.epochs + sched.cooldown_epochs`` when a schedule is configured (a
+    ``trainer.max_steps`` limit then ends training earlier, as usual in Lightning).
     """
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     sched = cfg.get("sched")
-    if trainer_cfg.get("max_epochs") is None and trainer_cfg.get("max_steps", -1) in (None, -1) and sched:
+    if trainer_cfg.get("max_epochs") is None and sched:
         trainer_cfg["max_epochs"] = int(sched.epochs) + int(sched.get("cooldown_epochs", 0) or 0)
     plugins = list(trainer_cfg.pop("plugins", None) or [])
     strategy = trainer_cfg.get("strategy")
@@ -105,10 +122,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from ``cfg.ckpt_path`` (a file or ``last``). Returns ``output_dir``, ``best_checkpoint``, ``last_checkpoint``,
     ``best_score``, ``metrics`` (last logged values) and ``curves`` (PNG path).
     """
-    task = get_task(str(cfg.get("task", "classification")))
-    check_common(cfg)
-    task.validate_config(cfg, "fit")
-    ckpt_path = resolve_ckpt_path(cfg)
+    task = check_task_config(cfg, "fit")
+    ckpt_path = resolve_ckpt_path(cfg, task)
+    if ckpt_path is not None:
+        with open_dict(cfg):
+            cfg.ckpt_path = ckpt_path
+        rank_zero_info(f"Resuming from {ckpt_path}")
     output_dir = Path(str(cfg.paths.output_dir))
     output_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)

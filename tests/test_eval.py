@@ -12,12 +12,14 @@ import torch.nn.functional as F
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
-from natzoo import models  # noqa: F401
-from natzoo import evaluate
+from natzoo import (
+    evaluate,
+    models,  # noqa: F401
+)
 from natzoo.datasets import ensure_demo_dataset
 from natzoo.testing import compose_config
 
-TINY = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), kernel_size=3)
+TINY = {"embed_dim": 16, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 2, 2), "kernel_size": 3}
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -93,7 +95,7 @@ def test_eval_wrong_variant_is_rejected(demo_root, tmp_path):
 
 def test_eval_bare_timm_name(demo_root, tmp_path):
     cfg = compose_config("eval", [f"data.root={demo_root}", "data.generate.train_per_class=8",
-                                  "data.generate.val_per_class=4", "model=timm", "model.name=resnet10t",
+                                  "data.generate.val_per_class=4", "model=timm", "model.name=resnet10t", "random_weights=true",
                                   "+trainer.enable_progress_bar=false", "confusion_matrix=false"], tmp_path / "eval")
     result = evaluate(cfg)
     assert result["source"]["model"] == "resnet10t" and result["num_images"] == 32
