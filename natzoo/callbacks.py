@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,32 +63,44 @@ class RNGState(pl.Callback):
 
 
 class CurvePlot(pl.Callback):
-    """Records epoch metrics and writes a PNG of the loss and accuracy curves after every epoch (on rank 0).
+    """Records a task's epoch metrics and writes a PNG of its curves after every epoch (on rank 0).
 
-    The history is part of the callback state in checkpoints, so a resumed run plots the whole run.
+    Training metrics are taken at the end of every training epoch, validation metrics (names starting with ``val``)
+    only in epochs that ran a validation (``trainer.check_val_every_n_epoch`` may skip some). The history is part of
+    the callback state in checkpoints, so a resumed run plots the whole run.
 
     Args:
         path: PNG destination.
+        panels: one plot per entry: title -> ``(metric name, label)`` pairs (the task's ``curves``); titles ending in
+            ``(%)`` show fractions as percent.
         title: figure title.
     """
 
-    KEYS = ("train/loss_epoch", "train/acc1", "val/loss", "val/acc1", "val/acc5", "val_ema/loss", "val_ema/acc1")
-
-    def __init__(self, path: str, title: str = ""):
+    def __init__(self, path: str, panels: Mapping[str, Sequence[tuple[str, str]]], title: str = ""):
         self.path = Path(path)
+        self.panels = {name: tuple(tuple(entry) for entry in entries) for name, entries in panels.items()}
         self.title = title
         self.history: list[dict] = []
+        self._validated_epoch = -1
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Notes that this epoch ran a validation."""
+        if not trainer.sanity_checking:
+            self._validated_epoch = trainer.current_epoch
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Appends this epoch's metrics and redraws the figure."""
         metrics = trainer.callback_metrics
+        validated = self._validated_epoch == trainer.current_epoch
+        keys = {key for entries in self.panels.values() for key, _ in entries}
         row: dict[str, Any] = {"epoch": trainer.current_epoch}
-        row.update({k: float(metrics[k]) for k in self.KEYS if k in metrics})
+        row.update({k: float(metrics[k]) for k in sorted(keys)
+                    if k in metrics and (validated or not k.startswith("val"))})
         self.history = [r for r in self.history if r["epoch"] != row["epoch"]] + [row]
         if trainer.is_global_zero:
             from natzoo.plots import plot_curves
 
-            plot_curves(self.history, self.path, self.title)
+            plot_curves(self.history, self.path, self.panels, self.title)
 
     def state_dict(self) -> dict[str, Any]:
         """History for checkpoints."""

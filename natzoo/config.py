@@ -39,10 +39,12 @@ __all__ = [
     "Texts",
     "check_config",
     "check_settings",
+    "check_weights_source",
     "find_last_checkpoint",
     "natzoo_model_names",
     "plain",
-    "register_model_configs",
+    "register_with_hydra",
+    "run_dir_of_checkpoint",
 ]
 
 
@@ -441,14 +443,38 @@ def check_settings(values: Mapping[str, Any], rules: Mapping[str, Rule], prefix:
         ValueError: a required key is missing, or a value is out of range.
         TypeError: a value has the wrong type.
     """
-    missing = [k for k in required if k not in values]
-    if missing:
-        raise ValueError(f"{prefix} settings lack {[f'{prefix}.{k}' for k in missing]} (see configs/{prefix})")
     for key, value in values.items():
         rule = rules.get(key)
         problem = rule.problem(plain(value)) if rule is not None else None
         if problem is not None:
             _raise(f"{prefix}.{key}", value, problem)
+    missing = [k for k in required if k not in values]
+    if missing:
+        raise ValueError(f"{prefix} settings lack {[f'{prefix}.{k}' for k in missing]} (see configs/{prefix})")
+
+
+_WEIGHT_SOURCES = ("ckpt_path", "checkpoint", "pretrained")
+
+
+def check_weights_source(cfg: DictConfig) -> None:
+    """Evaluation needs weights: refuses to score a randomly initialised model unless ``random_weights=true`` asks
+    for exactly that.
+
+    Raises:
+        ValueError: no source of weights is given (the message lists them), or ``random_weights=true`` comes with one.
+    """
+    given = [key for key in _WEIGHT_SOURCES if cfg.get(key)]
+    if cfg.get("random_weights"):
+        if given:
+            raise ValueError(f"random_weights=true contradicts {given[0]}={cfg.get(given[0])!r}: pass one or the other")
+        return
+    if not given:
+        raise ValueError(
+            "no weights to evaluate: pass ckpt_path=<run dir>/checkpoints/best.ckpt (a checkpoint of train.py), "
+            "checkpoint=<file> with model=<name> (official .pth, HF .bin/.safetensors or a plain state dict), or "
+            "pretrained=true with model=<name> (timm's pretrained weights); random_weights=true evaluates a randomly "
+            "initialised model (a chance-level baseline)"
+        )
 
 
 def find_last_checkpoint(search_root: str | os.PathLike) -> Path | None:
@@ -468,15 +494,42 @@ def natzoo_model_names() -> list[str]:
     return [n for n in timm.list_models() if model_entrypoint(n).__module__.startswith("natzoo.models")]
 
 
-def register_model_configs() -> None:
-    """Adds one ``model=<variant>`` config per registered NAT-family variant to Hydra's ConfigStore.
+def run_dir_of_checkpoint(ckpt_path: str | None, resume_dir: str) -> Path | None:
+    """The run directory a resumed run continues in: for ``ckpt_path=last`` or a path, the run that wrote the
+    checkpoint (``<run dir>/checkpoints/<file>``, with Hydra's ``.hydra`` record); None for a fresh run or a
+    checkpoint from elsewhere."""
+    if not ckpt_path:
+        return None
+    path = find_last_checkpoint(resume_dir) if str(ckpt_path) == "last" else Path(str(ckpt_path))
+    if path is None or path.parent.name != "checkpoints" or not (path.parent.parent / ".hydra").is_dir():
+        return None
+    return path.parent.parent.resolve()
 
-    Each is ``configs/model/timm.yaml`` with ``name: <variant>``: the architecture and its defaults (drop path, ...)
-    come from the registered variant, and the config overrides only what the user changes. Call before Hydra
-    composes (``train.py``/``eval.py`` do so on import).
+
+def _run_dir(ckpt_path: str | None, resume_dir: str, fresh_dir: str) -> str:
+    found = run_dir_of_checkpoint(ckpt_path, resume_dir)
+    return str(found) if found is not None else fresh_dir
+
+
+def _output_subdir(ckpt_path: str | None, resume_dir: str, timestamp: str) -> str:
+    # A resumed run keeps the first part's Hydra record and writes its own next to it.
+    return ".hydra" if run_dir_of_checkpoint(ckpt_path, resume_dir) is None else f".hydra/resumed_{timestamp}"
+
+
+def register_with_hydra() -> None:
+    """Registers natzoo's additions to Hydra; call before Hydra composes (``train.py``/``eval.py`` do so on import).
+
+    * One ``model=<variant>`` config per registered NAT-family variant in Hydra's ConfigStore: each is
+      ``configs/model/timm.yaml`` with ``name: <variant>``, so the architecture and its defaults (drop path, ...)
+      come from the registered variant and the config overrides only what the user changes.
+    * The resolvers ``natzoo_run_dir`` and ``natzoo_output_subdir`` of ``configs/hydra/train.yaml``: a run resumed
+      with ``ckpt_path=`` continues in the run directory that wrote the checkpoint.
     """
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
     for name in natzoo_model_names():
         store.store(group="model", name=name, node={"defaults": ["timm"], "name": name})
+    for name, function in (("natzoo_run_dir", _run_dir), ("natzoo_output_subdir", _output_subdir)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, function)

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_info
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from natzoo.callbacks import Stopwatch
-from natzoo.training import build_trainer, check_task_config, resolve_ckpt_path
+from natzoo.console import configure_console
+from natzoo.training import apply_cpu_threads, build_trainer, check_run_config
 
 __all__ = ["evaluate"]
 
@@ -35,14 +36,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     Raises:
         ValueError: no weights were given (and ``random_weights`` is false), or a config value is invalid.
     """
-    task = check_task_config(cfg, "eval")
-    _check_weights_source(cfg)
-    ckpt_path = resolve_ckpt_path(cfg, task)
-    if ckpt_path is not None:
-        with open_dict(cfg):
-            cfg.ckpt_path = ckpt_path
+    configure_console()
+    task, _ = check_run_config(cfg, "eval")
     output_dir = Path(str(cfg.paths.output_dir))
     output_dir.mkdir(parents=True, exist_ok=True)
+    apply_cpu_threads(cfg)
 
     datamodule = task.build_datamodule(cfg)
     module = task.load_module_for_eval(cfg, datamodule)
@@ -79,25 +77,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         _write_json(result, path)
         rank_zero_info(_summary_line(result))
     return result
-
-
-_WEIGHT_SOURCES = ("ckpt_path", "checkpoint", "pretrained")
-
-
-def _check_weights_source(cfg: DictConfig) -> None:
-    """Refuses to score a randomly initialised model unless ``random_weights=true`` asks for exactly that."""
-    given = [key for key in _WEIGHT_SOURCES if cfg.get(key)]
-    if cfg.get("random_weights"):
-        if given:
-            raise ValueError(f"random_weights=true contradicts {given[0]}={cfg.get(given[0])!r}: pass one or the other")
-        return
-    if not given:
-        raise ValueError(
-            "no weights to evaluate: pass ckpt_path=<run dir>/checkpoints/best.ckpt (a checkpoint of train.py), "
-            "checkpoint=<file> with model=<name> (official .pth, HF .bin/.safetensors or a plain state dict), or "
-            "pretrained=true with model=<name> (timm's pretrained weights); random_weights=true evaluates a randomly "
-            "initialised model (a chance-level baseline)"
-        )
 
 
 def _source(cfg: DictConfig) -> dict[str, Any]:

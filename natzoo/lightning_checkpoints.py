@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -55,10 +56,12 @@ def read_lightning_checkpoint(path: str | os.PathLike, key: str = "ckpt_path") -
     try:
         checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
     except pickle.UnpicklingError as err:
-        if "weights only" in str(err).lower():
+        if "Unsupported global" in str(err):  # weights_only refused a class or function reference
             raise ValueError(f"{where} holds pickled objects other than tensors and plain values; it is not loaded, "
                              f"because unpickling them could run code. {_HINT}") from None
-        raise ValueError(f"{where} cannot be read as a PyTorch checkpoint ({err}); {_HINT}") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(\S.*)", str(err))
+        raise ValueError(f"{where} cannot be read as a PyTorch checkpoint "
+                         f"({detail.group(1) if detail else str(err).splitlines()[0]}); {_HINT}") from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
         raise ValueError(f"{where} cannot be read as a PyTorch checkpoint ({type(err).__name__}: {err}); "
                          f"{_HINT}") from None

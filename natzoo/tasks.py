@@ -42,6 +42,8 @@ class Task:
         module_class: the task's LightningModule class (its checkpoints' hyper-parameters are its arguments).
         config_rules: rules of the task's own config knobs (``natzoo.config``), checked with the common ones before
             ``validate_config``.
+        curves: the panels of ``curves.png``: title -> ``(logged metric name, label)`` pairs; titles ending in
+            ``(%)`` show fractions as percent.
     """
 
     name: str
@@ -55,6 +57,8 @@ class Task:
     before_eval: Callable[[Any, Any, Any], None] | None = None
     module_class: type | None = None
     config_rules: Mapping[str, Any] = field(default_factory=dict)
+    curves: Mapping[str, tuple[tuple[str, str], ...]] = field(
+        default_factory=lambda: {"loss": (("train/loss_epoch", "train loss"), ("val/loss", "val loss"))})
 
     def owns_checkpoint(self, hyper_parameters: Mapping[str, Any]) -> bool:
         """Whether a checkpoint with these hyper-parameters was written by this task's module."""

@@ -4,6 +4,8 @@ configs."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -16,8 +18,9 @@ from natzoo.testing import compose_config
 
 SYNTH = {"num_train": 4, "num_val": 2, "image_size": 48, "min_shape_size": 12, "max_shape_size": 20, "seed": 1}
 DETECTOR = {
-    "backbone": "nat_mini", "num_classes": 4, "embed_dim": 32, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 4, 8), "fpn_channels": 32,
-    "min_size": 48, "max_size": 48, "anchor_sizes": (8, 16, 32, 64, 128), "representation_size": 64, "mask_head_channels": 16,
+    "backbone": "nat_mini", "num_classes": 4, "embed_dim": 32, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 4, 8),
+    "fpn_channels": 32, "min_size": 48, "max_size": 48, "anchor_sizes": (8, 16, 32, 64, 128),
+    "representation_size": 64, "mask_head_channels": 16,
     "detector_kwargs": {"box_batch_size_per_image": 16, "rpn_post_nms_top_n_train": 100, "rpn_post_nms_top_n_test": 50},
 }
 
@@ -87,8 +90,8 @@ def test_weight_decay_groups_follow_official_custom_keys(tmp_path):
 def test_warmup_and_step_schedule_values():
     # The mmcv formulas written out (an independent check of natzoo.optim.warmup_step_factor).
     # Linear warmup: 1 - (1 - i / 500) * (1 - 0.001); steps x0.1 at epochs 27 and 33.
-    args = {"steps_per_epoch": 1000, "milestones": (27, 33), "milestone_unit": "epoch", "gamma": 0.1, "warmup_steps": 500,
-                "warmup_ratio": 0.001}
+    args = {"steps_per_epoch": 1000, "milestones": (27, 33), "milestone_unit": "epoch", "gamma": 0.1,
+            "warmup_steps": 500, "warmup_ratio": 0.001}
     assert warmup_step_factor(0, **args) == pytest.approx(0.001)
     assert warmup_step_factor(250, **args) == pytest.approx(1 - 0.5 * 0.999)
     assert warmup_step_factor(500, **args) == pytest.approx(1.0)
@@ -118,3 +121,27 @@ def test_detection_configs_compose(overrides, tmp_path):
         assert cfg.sched.epochs == 36 and cfg.trainer.strategy == "ddp"
     if "model.name=dinat_s_small" in overrides:
         assert cfg.data.train_images == "/data/coco/train2017"
+
+
+def test_detection_run_plots_its_own_metrics(tmp_path):
+    # train.py's curve plot knows the task's metrics: loss and mAP curves, validation points only where it ran.
+    from natzoo import train
+    from natzoo.plots import plot_curves
+    from natzoo.tasks import get_task
+
+    overrides = [
+        "experiment=detection_demo", f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}",
+        "data.synthetic.num_train=4", "data.synthetic.num_val=2", "data.synthetic.image_size=48",
+        "data.synthetic.min_shape_size=12", "data.synthetic.max_shape_size=20", "data.batch_size=2",
+        "sched.epochs=2", "sched.milestones=[1]", "sched.warmup_steps=1", "trainer.check_val_every_n_epoch=2",
+        "logger=csv", "callbacks=none", "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false",
+    ]
+    result = train(compose_config("train", overrides, tmp_path / "run"))
+    callbacks = torch.load(result["last_checkpoint"], map_location="cpu", weights_only=True)["callbacks"]
+    history = next(state["history"] for key, state in callbacks.items() if key.startswith("CurvePlot"))
+    assert [row["epoch"] for row in history] == [0, 1]
+    assert "train/loss_epoch" in history[0] and not any(k.startswith("val") for k in history[0])
+    assert {"val/bbox_mAP", "val/segm_mAP"} <= history[1].keys()
+    drawn = plot_curves(history, tmp_path / "curves.png", get_task("detection").curves)
+    assert drawn == {"loss": 1, "mAP (%)": 4}
+    assert Path(result["curves"]).read_bytes()[:4] == b"\x89PNG"

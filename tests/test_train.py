@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -83,8 +85,10 @@ def test_resume_after_crash_matches_uninterrupted_run(demo_root, tmp_path):
         train(_train_cfg(demo_root, tmp_path, *extra, *crash, name="crashed"))
     resume_dir = tmp_path / "crashed"
     assert (resume_dir / "checkpoints" / "last.ckpt").is_file()
+    # train.py continues in the run directory that wrote the checkpoint (see test_interrupt_...); so does this run.
     resumed = train(_train_cfg(demo_root, tmp_path, *extra, "ckpt_path=last", f"paths.resume_dir={resume_dir}",
-                               name="resumed"))
+                               name="crashed"))
+    assert resumed["output_dir"] == str(resume_dir)
 
     a, b = _final_state(Path(full["last_checkpoint"])), _final_state(Path(resumed["last_checkpoint"]))
     assert (a["global_step"], b["global_step"], a["epoch"], b["epoch"]) == (16, 16, 1, 1), (full, resumed)
@@ -94,6 +98,10 @@ def test_resume_after_crash_matches_uninterrupted_run(demo_root, tmp_path):
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
     assert full["metrics"]["val/acc1"] == resumed["metrics"]["val/acc1"]
     assert full["metrics"]["val_ema/loss"] == resumed["metrics"]["val_ema/loss"]
+    # One metrics.csv holds the whole run, row for row as the uninterrupted run wrote it (no rows lost or repeated),
+    # and the curve history in the checkpoint covers every epoch.
+    assert _read_metrics(resume_dir / "metrics.csv") == _read_metrics(Path(full["output_dir"]) / "metrics.csv")
+    assert [row["epoch"] for row in b["callbacks"]["CurvePlot"]["history"]] == [0, 1]
 
 
 @pytest.mark.slow
@@ -270,3 +278,57 @@ def test_multirun_sweep_runs_every_job_in_its_own_directory(demo_root, tmp_path)
         ckpt = _final_state(sweep_dir / str(job) / "checkpoints" / "last.ckpt")
         assert ckpt["hyper_parameters"]["optim"]["lr"] == lr and ckpt["global_step"] == 2
         assert (sweep_dir / str(job) / "metrics.csv").is_file()
+
+
+def _assert_quiet_console(output: str) -> None:
+    """Each message once (Lightning's INFO lines were printed twice under Hydra), no advertisement, no dependency
+    deprecation warning, no warning about files that are not deleted or directories that are meant to be reused."""
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert len(lines) == len(set(lines)), "\n".join(lines)
+    assert sum("GPU available" in line for line in lines) == 1
+    for noise in ("💡", "Tip:", "LeafSpec", "deprecated", "will be deleted", "exists and is not empty"):
+        assert noise not in output, output
+
+
+@pytest.mark.slow
+def test_interrupt_prints_resume_command_that_continues_in_the_same_run_directory(demo_root, tmp_path):
+    # Ctrl-C mid-epoch (simulated): the printed command, pasted into a shell, resumes the run in its own directory;
+    # paths with spaces survive both printed commands (resume and evaluate).
+    logs = tmp_path / "my logs"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    base = [sys.executable, "train.py", *tiny_overrides(demo_root, logs, epochs=2)]
+    stop = ["+callbacks.stop._target_=natzoo.testing.InterruptAtStep", "+callbacks.stop.step=10"]  # epoch 1
+    first = subprocess.run(base + stop, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert first.returncode == 1, first.stdout[-3000:] + first.stderr[-3000:]
+    _assert_quiet_console(first.stdout + first.stderr)
+    runs = list((logs / "demo-nat_mini" / "runs").iterdir())
+    assert len(runs) == 1
+    run = runs[0]
+    hint = first.stdout.split("Interrupted. Resume from ", 1)[1]
+    assert hint.startswith(str(run / "checkpoints" / "last.ckpt"))
+    command = hint.splitlines()[1].strip()
+    assert command.startswith("python train.py ") and "ckpt_path=" in command
+    for word in stop:  # resume without the simulated Ctrl-C
+        assert f" {word}" in command
+        command = command.replace(f" {word}", "")
+    command = command.replace("python", shlex.quote(sys.executable), 1)
+    second = subprocess.run(command, shell=True, cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+                            check=False)
+    assert second.returncode == 0, command + "\n" + second.stdout[-3000:] + second.stderr[-3000:]
+    _assert_quiet_console(second.stdout + second.stderr)
+    assert list((logs / "demo-nat_mini" / "runs").iterdir()) == [run]  # no second run directory
+    assert _final_state(run / "checkpoints" / "last.ckpt")["global_step"] == 16
+    rows = _read_metrics(run / "metrics.csv")  # one metrics.csv for the whole run, nothing logged twice
+    assert [int(r["epoch"]) for r in rows if r.get("val/acc1")] == [0, 1]
+    steps = [int(r["step"]) for r in rows if r.get("train/loss_step")]
+    assert steps == sorted(set(steps))
+    assert "ckpt_path: null" in (run / ".hydra" / "config.yaml").read_text()  # the first part's record is kept
+    assert len(list((run / ".hydra").glob("resumed_*/config.yaml"))) == 1
+
+    evaluate_with = second.stdout.split("Evaluate with: ", 1)[1].splitlines()[0]
+    evaluate_with = evaluate_with.replace("python", shlex.quote(sys.executable), 1)
+    evaluate_with += f" hydra.run.dir={shlex.quote(str(tmp_path / 'eval'))} +trainer.enable_progress_bar=false"
+    evaluated = subprocess.run(evaluate_with + f" data.root={demo_root}", shell=True, cwd=REPO, env=env,
+                               capture_output=True, text=True, timeout=300, check=False)
+    assert evaluated.returncode == 0, evaluate_with + "\n" + evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["source"]["ckpt_path"].startswith(str(run))

@@ -228,4 +228,9 @@ TASK = register_task(Task(
     before_eval=_before_eval,
     module_class=ClassificationModule,
     config_rules=CLASSIFICATION_RULES,
+    curves={
+        "loss": (("train/loss_epoch", "train loss"), ("val/loss", "val loss"), ("val_ema/loss", "val loss (EMA)")),
+        "accuracy (%)": (("train/acc1", "train top-1"), ("val/acc1", "val top-1"), ("val/acc5", "val top-5"),
+                         ("val_ema/acc1", "val top-1 (EMA)")),
+    },
 ))

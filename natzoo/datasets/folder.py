@@ -112,7 +112,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         batch_size: per-device training batch size.
         eval_batch_size: per-device evaluation batch size (defaults to ``batch_size``).
         num_workers: data-loader worker processes per device.
-        pin_memory: pin host memory (useful on GPU).
+        pin_memory: pin host memory (when a GPU is present).
         train_split: training split directory name.
         val_split: validation split directory name.
         train_transform: keyword arguments of ``timm.data.create_transform(is_training=True)`` (``scale``, ``hflip``,
@@ -209,7 +209,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
             batch_size=batch_size,
             shuffle=train,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),  # no pinned memory without a GPU
             drop_last=train and self.drop_last and len(dataset) >= batch_size,
             persistent_workers=self.persistent_workers,
             collate_fn=collate_skipping,

@@ -149,4 +149,9 @@ TASK = register_task(Task(
     summarize_eval=summarize_eval,
     module_class=DetectionModule,
     config_rules=DETECTION_RULES,
+    curves={
+        "loss": (("train/loss_epoch", "train loss (sum)"),),
+        "mAP (%)": (("val/bbox_mAP", "box mAP"), ("val/bbox_mAP_50", "box mAP@50"), ("val/segm_mAP", "mask mAP"),
+                    ("val/segm_mAP_50", "mask mAP@50")),
+    },
 ))
