@@ -5,13 +5,16 @@ Example:
     >>> model = torch.hub.load("/path/to/natzoo", "dinat_mini", source="local", checkpoint="pytorch_model.bin")
 
 ``checkpoint=PATH`` loads a local official ``.pth`` or HF ``pytorch_model.bin``/``model.safetensors`` (the same as
-``pretrained=True, pretrained_cfg_overlay=dict(file=PATH)``); other keyword arguments go to ``timm.create_model``.
+``pretrained=True, pretrained_cfg_overlay=dict(file=PATH)``, through ``natzoo.models.load_weights``: the file's
+classifier is kept when it fits ``num_classes`` and re-initialised, with a warning, when it does not); other keyword
+arguments go to ``timm.create_model``.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import timm
 from torch import nn
@@ -23,7 +26,7 @@ dependencies = ["torch", "timm"]
 
 def _entry(name: str) -> Callable[..., nn.Module]:
     def entry(
-        pretrained: bool = False, checkpoint: Optional["str | os.PathLike[str]"] = None, **kwargs: Any
+        pretrained: bool = False, checkpoint: str | os.PathLike[str] | None = None, **kwargs: Any
     ) -> nn.Module:
         if checkpoint is not None:
             overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {}, file=os.fspath(checkpoint))
@@ -35,6 +38,5 @@ def _entry(name: str) -> Callable[..., nn.Module]:
     return entry
 
 
-for _name in timm.list_models(["*nat*", "vitrpb*"]):
-    if _name in models.registered_models():
-        globals()[_name] = _entry(_name)
+for _name in models.registered_models():
+    globals()[_name] = _entry(_name)

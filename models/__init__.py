@@ -2,6 +2,7 @@
 
 Importing this package registers ``nat_*``, ``dinat_*``, ``dinat_s_*``, ``*_isotropic_*`` and ``vitrpb_*`` with
 timm, so ``timm.create_model("nat_tiny.in1k", pretrained=True)`` and ``timm.list_models("*nat*")`` work.
+:func:`load_weights` is the one function every weight-loading route goes through (docs/models.md).
 """
 
 if __name__ != "natzoo.models":
@@ -11,24 +12,23 @@ if __name__ != "natzoo.models":
         "because the repository root is on sys.path)"
     )
 
-from ._helpers import (
+from ._base import NATBase
+from ._weights import (
     CHECKPOINT_SHA256,
-    check_state_dict,
-    convert_hf_state_dict,
-    filter_checkpoint,
-    is_hf_state_dict,
-    load_checkpoint_file,
+    LoadReport,
+    load_weights,
+    read_state_dict,
     resize_rpb,
     sha256_file,
     unwrap_state_dict,
 )
 from .dinat_s import DiNATs
-from .isotropic import IsotropicNAT, RelPosAttention, RelPosBlock
 from .flops import count_macs
-from .nat import NAT, ConvDownsampler, ConvTokenizer, NATBase, NATBlock, NATStage
+from .isotropic import IsotropicNAT, RelPosAttention, RelPosBlock
+from .nat import NAT, ConvDownsampler, ConvTokenizer, NATBlock, NATStage, convert_hf_state_dict, is_hf_state_dict
 
 
-def registered_models() -> list:
+def registered_models() -> list[str]:
     """Names of the models this package registers with timm."""
     import timm
 
@@ -40,25 +40,25 @@ def registered_models() -> list:
 
 
 __all__ = [
+    "CHECKPOINT_SHA256",
     "NAT",
-    "NATBase",
+    "ConvDownsampler",
+    "ConvTokenizer",
     "DiNATs",
     "IsotropicNAT",
-    "RelPosAttention",
-    "RelPosBlock",
+    "LoadReport",
+    "NATBase",
     "NATBlock",
     "NATStage",
-    "ConvTokenizer",
-    "ConvDownsampler",
-    "CHECKPOINT_SHA256",
-    "check_state_dict",
-    "count_macs",
-    "registered_models",
-    "sha256_file",
+    "RelPosAttention",
+    "RelPosBlock",
     "convert_hf_state_dict",
-    "filter_checkpoint",
+    "count_macs",
     "is_hf_state_dict",
-    "load_checkpoint_file",
+    "load_weights",
+    "read_state_dict",
+    "registered_models",
     "resize_rpb",
+    "sha256_file",
     "unwrap_state_dict",
 ]

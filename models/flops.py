@@ -1,6 +1,6 @@
 """Analytic multiply-accumulate (MAC) counts of the NAT-family models, as the official READMEs report "FLOPs".
 
-Counting rules (fvcore's, with the official NA handles; spec 1.3):
+Counting rules (fvcore's, with the official NA handles; docs/models.md):
 
 * convolutions and linear layers: one MAC per weight use (biases are free);
 * neighborhood attention over the (padded) map: ``heads * H * W * (head_dim * K^2 + K^2)`` for QK plus RPB and
@@ -14,15 +14,14 @@ constructor override; nothing is executed, so meta-device models work.
 from __future__ import annotations
 
 import math
-from typing import Sequence, Tuple, Union
-
-from torch import nn
+from collections.abc import Sequence
 
 from timm.layers import PatchEmbed
 from timm.models.swin_transformer import PatchMerging
+from torch import nn
 
 from .isotropic import IsotropicNAT, RelPosBlock
-from .nat import ConvDownsampler, ConvTokenizer, NATBase, NATBlock
+from .nat import NAT, ConvDownsampler, ConvTokenizer, NATBlock
 
 __all__ = ["count_macs"]
 
@@ -31,38 +30,30 @@ def _norm(tokens: int, channels: int) -> int:
     return 5 * tokens * channels
 
 
-def _na_block(block: NATBlock, height: int, width: int) -> int:
-    attn = block.attn
-    dim, heads, head_dim = attn.dim, attn.num_heads, attn.head_dim
-    (k_h, k_w), (d_h, d_w) = attn.kernel_size, attn.dilation
-    # The module pads small maps up to kernel * dilation before qkv and runs attention on the padded map.
-    padded = max(height, k_h * d_h) * max(width, k_w * d_w)
-    window = k_h * k_w
-    tokens = height * width
-    hidden = block.mlp.fc1.out_features
-    macs = 2 * _norm(tokens, dim)
-    macs += padded * dim * 3 * dim
-    macs += heads * padded * (head_dim * window + window) + heads * padded * head_dim * window
-    macs += tokens * dim * dim
-    macs += 2 * tokens * dim * hidden
-    return macs
-
-
-def _global_block(block: RelPosBlock, height: int, width: int) -> int:
+def _block(block: nn.Module, tokens: int, attended: int, window: int) -> int:
+    """A pre-norm attention block whose qkv and attention run over `attended` tokens, each with `window` keys."""
     attn = block.attn
     heads, head_dim = attn.num_heads, attn.head_dim
     dim = heads * head_dim
-    tokens = height * width
-    hidden = block.mlp.fc1.out_features
     macs = 2 * _norm(tokens, dim)
-    macs += tokens * dim * 3 * dim
-    macs += heads * tokens * (head_dim * tokens + tokens) + heads * tokens * head_dim * tokens
+    macs += attended * dim * 3 * dim
+    macs += heads * attended * (head_dim * window + window) + heads * attended * head_dim * window  # QK+RPB, AV
     macs += tokens * dim * dim
-    macs += 2 * tokens * dim * hidden
-    return macs
+    return macs + 2 * tokens * dim * block.mlp.fc1.out_features
 
 
-def _conv(conv: nn.Conv2d, height: int, width: int) -> Tuple[int, int, int]:
+def _na_block(block: NATBlock, height: int, width: int) -> int:
+    (k_h, k_w), (d_h, d_w) = block.attn.kernel_size, block.attn.dilation
+    # The module pads small maps up to kernel * dilation before qkv and runs attention on the padded map.
+    padded = max(height, k_h * d_h) * max(width, k_w * d_w)
+    return _block(block, height * width, padded, k_h * k_w)
+
+
+def _global_block(block: RelPosBlock, height: int, width: int) -> int:
+    return _block(block, height * width, height * width, height * width)
+
+
+def _conv(conv: nn.Conv2d, height: int, width: int) -> tuple[int, int, int]:
     """MACs and output size of a conv on a ``height x width`` input."""
     (k_h, k_w), (s_h, s_w), (p_h, p_w) = conv.kernel_size, conv.stride, conv.padding
     out_h = (height + 2 * p_h - k_h) // s_h + 1
@@ -71,7 +62,7 @@ def _conv(conv: nn.Conv2d, height: int, width: int) -> Tuple[int, int, int]:
     return macs, out_h, out_w
 
 
-def _stem(stem: nn.Module, height: int, width: int) -> Tuple[int, int, int]:
+def _stem(stem: nn.Module, height: int, width: int) -> tuple[int, int, int]:
     if isinstance(stem, ConvTokenizer):
         macs = 0
         for conv in stem.proj:
@@ -89,7 +80,7 @@ def _stem(stem: nn.Module, height: int, width: int) -> Tuple[int, int, int]:
     raise TypeError(f"count_macs: unsupported patch embedding {type(stem).__name__}")
 
 
-def _downsample(module: nn.Module, height: int, width: int) -> Tuple[int, int, int]:
+def _downsample(module: nn.Module, height: int, width: int) -> tuple[int, int, int]:
     if isinstance(module, ConvDownsampler):
         macs, height, width = _conv(module.reduction, height, width)
         return macs + _norm(height * width, module.reduction.out_channels), height, width
@@ -107,7 +98,7 @@ def _head(model: nn.Module, tokens: int) -> int:
     return macs
 
 
-def count_macs(model: nn.Module, img_size: Union[int, Sequence[int]] = 224) -> int:
+def count_macs(model: nn.Module, img_size: int | Sequence[int] = 224) -> int:
     """MACs of one forward pass of `model` on a ``1 x C x H x W`` image.
 
     Args:
@@ -119,7 +110,7 @@ def count_macs(model: nn.Module, img_size: Union[int, Sequence[int]] = 224) -> i
     """
     height, width = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     macs, height, width = _stem(model.patch_embed, height, width)
-    if isinstance(model, NATBase):
+    if isinstance(model, NAT):
         for stage in model.stages:
             for block in stage.blocks:
                 macs += _na_block(block, height, width)

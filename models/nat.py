@@ -5,69 +5,72 @@ Papers:
     * Dilated Neighborhood Attention Transformer, Hassani & Shi, 2022 - https://arxiv.org/abs/2209.15001
 
 Module and parameter names follow the official implementation (SHI-Labs/Neighborhood-Attention-Transformer), so
-the released checkpoints load strictly without renaming; the HF transformers ports load through the same
-checkpoint filter. DiNAT is NAT with per-block dilation lists. Tokens are channels-last ``[B, H, W, C]`` between
-modules; the input image is NCHW.
+the released checkpoints load strictly without renaming; the HF transformers ports are converted by this family's
+``checkpoint_filter_fn``. DiNAT is NAT with per-block dilation lists. Tokens are channels-last ``[B, H, W, C]``
+between modules; the input image is NCHW.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
-from torch import nn
-
-from timm.layers import DropPath, Mlp, trunc_normal_
+import torch.fx
+from natzoo.ops import NeighborhoodAttention2D
+from natzoo.ops.neighborhood.modules import check_int, check_rate
+from timm.layers import DropPath, Mlp
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
+from torch import nn
 
-from natzoo.ops import NeighborhoodAttention2D
+from ._base import NATBase, check_int_sequence, check_model_args, pretrained_cfg, variant_args
+from ._weights import StateDict, load_state_dict_overlay, local_weights
 
-from ._helpers import build_with_weights, filter_checkpoint, pretrained_cfg
+__all__ = [
+    "NAT",
+    "ConvDownsampler",
+    "ConvTokenizer",
+    "NATBlock",
+    "NATStage",
+    "checkpoint_filter_fn",
+    "convert_hf_state_dict",
+    "is_hf_state_dict",
+]
 
-__all__ = ["NAT", "NATBase", "NATBlock", "NATStage", "ConvTokenizer", "ConvDownsampler", "checkpoint_filter_fn"]
+DilationsArg = Sequence[int | Sequence[int]] | None
 
-DilationsArg = Optional[Sequence[Union[int, Sequence[int]]]]
-
-# Per-block dilation lists of the official DiNAT classifiers (spec 1.2).
+# Per-block dilation lists of the official DiNAT classifiers, one list per stage (docs/models.md).
 DILATIONS_224 = ((1, 8, 1), (1, 4, 1, 4), (1, 2) * 9, (1, 1, 1, 1, 1))
 DILATIONS_224_MINI = ((1, 8, 1), (1, 4, 1, 4), (1, 2) * 3, (1, 1, 1, 1, 1))
 DILATIONS_384 = ((1, 13, 1), (1, 6, 1, 6), (1, 3) * 9, (1, 1, 1, 1, 1))
 
 
-def resolve_dilations(dilations: DilationsArg, depths: Sequence[int]) -> List[List[int]]:
+def resolve_dilations(owner: str, dilations: DilationsArg, depths: Sequence[int]) -> list[list[int]]:
     """Expands ``dilations`` (None, one int per stage, or one list per stage) to one list per stage.
 
     Raises:
-        ValueError: When a stage's list length differs from its depth or a dilation is below 1.
+        TypeError: An entry is not an int (or a stage not an int or a list).
+        ValueError: A stage's list length differs from its depth, or a dilation is below 1.
     """
     if dilations is None:
         return [[1] * d for d in depths]
+    if not isinstance(dilations, Sequence) or isinstance(dilations, str):
+        raise TypeError(f"{owner}: dilations must be None or one int or list per stage, got {dilations!r}")
     if len(dilations) != len(depths):
-        raise ValueError(f"dilations must have one entry per stage ({len(depths)}), got {len(dilations)}")
+        raise ValueError(f"{owner}: dilations must have one entry per stage ({len(depths)}), got {len(dilations)}")
     out = []
     for i, (stage, depth) in enumerate(zip(dilations, depths)):
-        stage_list = [stage] * depth if isinstance(stage, int) else [1 if d is None else d for d in stage]
+        stage_list = list(stage) if isinstance(stage, Sequence) and not isinstance(stage, str) else [stage] * depth
         if len(stage_list) != depth:
-            raise ValueError(f"dilations[{i}] must have {depth} entries (depths[{i}]), got {len(stage_list)}")
-        if any(not isinstance(d, int) or d < 1 for d in stage_list):
-            raise ValueError(f"dilations[{i}] must hold integers >= 1, got {list(stage_list)}")
-        out.append(list(stage_list))
+            raise ValueError(f"{owner}: dilations[{i}] must have {depth} entries (depths[{i}]), got {len(stage_list)}")
+        out.append([check_int(owner, f"dilations[{i}][{j}]", d) for j, d in enumerate(stage_list)])
     return out
 
 
-def fit_dilations(pattern: Sequence[Sequence[int]], depths: Optional[Sequence[int]]) -> Sequence[Sequence[int]]:
-    """A variant's per-stage dilation pattern, cycled to other `depths` (used when a variant's depths are overridden).
-
-    Example: ``[1, 8, 1]`` at depth 2 becomes ``[1, 8]``; ``[1, 2] * 9`` at depth 2 becomes ``[1, 2]``.
-    """
-    if depths is None or len(depths) != len(pattern):
-        return pattern
-    return tuple(tuple(stage[j % len(stage)] for j in range(depth)) for stage, depth in zip(pattern, depths))
-
-
-def drop_path_schedule(drop_path_rate: float, total: int) -> List[float]:
+def drop_path_schedule(drop_path_rate: float, total: int) -> list[float]:
     """``linspace(0, drop_path_rate, total)`` in plain Python (so it also works under a meta-device context)."""
     if total <= 1:
         return [0.0] * total
@@ -101,6 +104,12 @@ class ConvDownsampler(nn.Module):
         return self.norm(self.reduction(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
 
+@torch.fx.wrap
+def _clamped_dilation(x: torch.Tensor, dilation: tuple[int, ...], kernel_size: tuple[int, ...]) -> tuple[int, ...]:
+    """Each axis' dilation reduced to what the map ``x [B, H, W, C]`` allows: ``max(1, min(d, size // k))``."""
+    return tuple(max(1, min(d, s // k)) for d, s, k in zip(dilation, x.shape[1:3], kernel_size))
+
+
 class NATBlock(nn.Module):
     """Pre-norm neighborhood-attention transformer block with optional layer scale (``gamma1``/``gamma2``)."""
 
@@ -112,11 +121,11 @@ class NATBlock(nn.Module):
         dilation: int = 1,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
-        qk_scale: Optional[float] = None,
+        qk_scale: float | None = None,
         proj_drop: float = 0.0,
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
-        layer_scale: Optional[float] = None,
+        layer_scale: float | None = None,
         act_layer: Callable[..., nn.Module] = nn.GELU,
         norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
         clamp_dilation: bool = False,
@@ -140,6 +149,8 @@ class NATBlock(nn.Module):
                 map is too small for it (off in every official model).
         """
         super().__init__()
+        check_model_args("NATBlock", mlp_ratio=mlp_ratio, layer_scale=layer_scale, clamp_dilation=clamp_dilation)
+        check_rate("NATBlock", "drop_path", drop_path)
         self.dim = dim
         self.clamp_dilation = clamp_dilation
         self.norm1 = norm_layer(dim)
@@ -166,10 +177,7 @@ class NATBlock(nn.Module):
 
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
         if self.clamp_dilation:
-            size, kernel = x.shape[1:3], self.attn.kernel_size
-            dilation = tuple(max(1, min(d, s // k)) for d, s, k in zip(self.attn.dilation, size, kernel))
-            if dilation != tuple(self.attn.dilation):
-                return self.attn(x, dilation=dilation)
+            return self.attn(x, dilation=_clamped_dilation(x, self.attn.dilation, self.attn.kernel_size))
         return self.attn(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,16 +200,16 @@ class NATStage(nn.Module):
         depth: int,
         num_heads: int,
         kernel_size: int = 7,
-        dilations: Optional[Sequence[int]] = None,
+        dilations: Sequence[int] | None = None,
         downsample: bool = True,
         downsample_layer: Callable[..., nn.Module] = ConvDownsampler,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
-        qk_scale: Optional[float] = None,
+        qk_scale: float | None = None,
         proj_drop: float = 0.0,
         attn_drop: float = 0.0,
-        drop_path: Union[float, Sequence[float]] = 0.0,
-        layer_scale: Optional[float] = None,
+        drop_path: float | Sequence[float] = 0.0,
+        layer_scale: float | None = None,
         norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
         clamp_dilation: bool = False,
     ):
@@ -246,65 +254,177 @@ class NATStage(nn.Module):
         return x if self.downsample is None else self.downsample(x)
 
 
-class NATBase(nn.Module):
-    """The timm model interface shared by the hierarchical families (NAT/DiNAT and DiNAT_s).
+_HF_PREFIXES = ("nat.", "dinat.")
+_HF_LAYER_NAMES = (
+    ("layernorm_before.", "norm1."),
+    ("attention.self.rpb", "attn.rpb"),
+    ("attention.output.dense.", "attn.proj."),
+    ("layernorm_after.", "norm2."),
+    ("intermediate.dense.", "mlp.fc1."),
+    ("output.dense.", "mlp.fc2."),
+)
+_HF_NAMES = (
+    ("embeddings.patch_embeddings.projection.", "patch_embed.proj."),
+    ("embeddings.norm.", "patch_embed.norm."),
+    ("encoder.levels.", "levels."),
+    ("layernorm.", "norm."),
+    ("classifier.", "head."),
+)
+_HF_LAYER = re.compile(r"^encoder\.levels\.(\d+)\.layers\.(\d+)\.(.+)$")
+_HF_QKV = re.compile(r"^attention\.self\.(query|key|value)\.(weight|bias)$")
+_HF_BACKBONE_NORM = re.compile(r"^hidden_states_norms\.stage(\d+)\.(.+)$")
 
-    Subclasses build ``patch_embed``, ``pos_drop``, the stage list named by ``stages_attr``, ``norm``, ``head_drop``,
-    ``head`` and ``feature_info``, and set ``num_classes``, ``global_pool``, ``in_chans`` and ``num_features``.
+
+def is_hf_state_dict(state_dict: Mapping[str, Any]) -> bool:
+    """True for the HF transformers layout (classifier or backbone) of NAT/DiNAT weights."""
+    return any(
+        k.startswith(_HF_PREFIXES + ("embeddings.", "encoder.levels.", "hidden_states_norms.")) for k in state_dict
+    )
+
+
+def convert_hf_state_dict(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """Converts HF transformers NAT/DiNAT weights to the official key layout (docs/models.md lists the mapping).
+
+    Handles the classifier models (``nat.``/``dinat.`` prefix, ``classifier.*`` head) and the backbones (no prefix,
+    ``hidden_states_norms.stage{k}`` -> ``norm{k-1}``, as the official detection backbone names them). Keys it does
+    not know are passed through unchanged so that a strict load reports them.
+
+    Args:
+        state_dict: HF-layout state dict.
+
+    Returns:
+        The same tensors under official names, with ``attn.qkv`` concatenated from query/key/value and
+        ``gamma1``/``gamma2`` split from ``layer_scale_parameters``.
+    """
+    out: StateDict = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in state_dict.items():
+        key = next((name[len(p):] for p in _HF_PREFIXES if name.startswith(p)), name)
+        layer = _HF_LAYER.match(key)
+        if layer is not None:
+            block, rest = f"levels.{layer.group(1)}.blocks.{layer.group(2)}.", layer.group(3)
+            part = _HF_QKV.match(rest)
+            if part is not None:
+                qkv.setdefault(f"{block}attn.qkv.{part.group(2)}", {})[part.group(1)] = tensor
+            elif rest == "layer_scale_parameters":
+                out[f"{block}gamma1"], out[f"{block}gamma2"] = tensor[0].clone(), tensor[1].clone()
+            else:
+                hf, official = next(((h, o) for h, o in _HF_LAYER_NAMES if rest.startswith(h)), ("", ""))
+                out[block + official + rest[len(hf):]] = tensor
+            continue
+        norm = _HF_BACKBONE_NORM.match(key)
+        if norm is not None:
+            key = f"norm{int(norm.group(1)) - 1}.{norm.group(2)}"
+        else:
+            key = next((official + key[len(hf):] for hf, official in _HF_NAMES if key.startswith(hf)), key)
+        out[key] = tensor
+    for key, parts in qkv.items():
+        if set(parts) != {"query", "key", "value"}:
+            raise ValueError(f"convert_hf_state_dict: {key} needs query, key and value; found only {sorted(parts)}")
+        out[key] = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
+    return out
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> StateDict:
+    """The NAT/DiNAT key work: weights in the HF transformers layout are converted to the official names (official
+    files pass unchanged)."""
+    return convert_hf_state_dict(state_dict) if is_hf_state_dict(state_dict) else dict(state_dict)
+
+
+class NAT(NATBase):
+    """NAT / DiNAT: convolutional tokenizer, four NA levels with conv downsamplers, LayerNorm, mean pool, head.
+
+    The hierarchical trunk is shared with DiNAT_s (:class:`natzoo.models.DiNATs`), which swaps the stem, the
+    downsampler and the stage-list name through `stem_layer`, `downsample_layer` and ``stages_attr``.
     """
 
     stages_attr = "levels"
+    checkpoint_filter = staticmethod(checkpoint_filter_fn)
 
-    def _build(
+    def __init__(
         self,
-        patch_embed: nn.Module,
-        downsample_layer: Callable[..., nn.Module],
-        in_chans: int,
-        num_classes: int,
-        global_pool: str,
-        embed_dim: int,
-        depths: Sequence[int],
-        num_heads: Sequence[int],
-        kernel_size: int,
-        dilations: DilationsArg,
-        mlp_ratio: float,
-        qkv_bias: bool,
-        qk_scale: Optional[float],
-        drop_rate: float,
-        proj_drop_rate: float,
-        attn_drop_rate: float,
-        drop_path_rate: float,
-        layer_scale: Optional[float],
-        norm_layer: Callable[..., nn.Module],
-        clamp_dilation: bool,
-    ) -> None:
-        """Builds the trunk after the subclass's stem: stages named ``stages_attr``, final norm, head (in the
-        official registration order), then the weight init. Arguments are those of the subclass constructors."""
-        if global_pool not in ("", "avg"):
-            raise ValueError(f"global_pool must be '' or 'avg', got {global_pool!r}")
-        if len(depths) != len(num_heads):
-            raise ValueError(f"depths and num_heads must have the same length, got {len(depths)} and {len(num_heads)}")
-        self.num_classes = num_classes
-        self.global_pool = global_pool
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        embed_dim: int = 64,
+        depths: Sequence[int] = (3, 4, 6, 5),
+        num_heads: Sequence[int] = (2, 4, 8, 16),
+        kernel_size: int = 7,
+        dilations: DilationsArg = None,
+        mlp_ratio: float = 3.0,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.2,
+        layer_scale: float | None = None,
+        norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
+        clamp_dilation: bool = False,
+        stem_layer: Callable[..., nn.Module] = ConvTokenizer,
+        downsample_layer: Callable[..., nn.Module] = ConvDownsampler,
+    ):
+        """
+        Args:
+            in_chans: Input image channels.
+            num_classes: Classifier outputs; 0 replaces the head with Identity.
+            global_pool: ``'avg'`` (mean over tokens) or ``''`` (no pooling in ``forward_head``).
+            embed_dim: Channels of level 0; level ``i`` has ``embed_dim * 2**i``.
+            depths: Blocks per level.
+            num_heads: Heads per level; each must divide its level's channels.
+            kernel_size: Neighborhood size of every block (7, or 11 for the 11x11 variants).
+            dilations: Per-block dilations, one list (or one int) per level; None means all 1 (NAT).
+            mlp_ratio: MLP hidden width over channels.
+            qkv_bias: Bias in the qkv projections.
+            qk_scale: Logit scale override.
+            drop_rate: Dropout before the head (0 in the official models).
+            proj_drop_rate: Dropout after attention/MLP projections (the official ``drop_rate``).
+            attn_drop_rate: Dropout on attention probabilities.
+            drop_path_rate: Final stochastic-depth rate; rates grow linearly over all blocks from 0.
+            layer_scale: Layer-scale init value (1e-5 in nat_small, nat_base, dinat_base); None disables it.
+            norm_layer: Normalization layer (LayerNorm, eps 1e-5).
+            clamp_dilation: Clamp each block's dilation to what its feature map allows at run time (off by
+                default, so outputs equal the official code, which pads instead).
+            stem_layer: ``(in_chans=, embed_dim=, norm_layer=)`` -> module mapping the NCHW image to
+                ``[B, H/4, W/4, embed_dim]``.
+            downsample_layer: ``(dim, norm_layer=)`` -> module mapping ``[B, H, W, dim]`` to
+                ``[B, ceil(H/2), ceil(W/2), 2 * dim]``.
+
+        Raises:
+            TypeError: An argument of the wrong type, named in the message.
+            ValueError: An argument out of range, named in the message.
+        """
+        super().__init__()
+        owner = type(self).__name__
+        check_model_args(
+            owner, in_chans=in_chans, num_classes=num_classes, global_pool=global_pool, embed_dim=embed_dim,
+            kernel_size=kernel_size, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop_rate=drop_rate,
+            proj_drop_rate=proj_drop_rate, attn_drop_rate=attn_drop_rate, drop_path_rate=drop_path_rate,
+            layer_scale=layer_scale, clamp_dilation=clamp_dilation,
+        )
+        depths = check_int_sequence(owner, "depths", depths)
+        num_heads = check_int_sequence(owner, "num_heads", num_heads, length=len(depths))
+        widths = [embed_dim * 2**i for i in range(len(depths))]
+        for i, (width, heads) in enumerate(zip(widths, num_heads)):
+            if width % heads:
+                raise ValueError(f"{owner}: num_heads[{i}]={heads} must divide level {i}'s width "
+                                 f"embed_dim * 2**{i} = {width}")
+        self.dilations = resolve_dilations(owner, dilations, depths)
         self.in_chans = in_chans
         self.num_levels = len(depths)
         self.embed_dim = embed_dim
         self.kernel_size = kernel_size
-        self.dilations = resolve_dilations(dilations, depths)
-        self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (self.num_levels - 1))
-        self.output_fmt = "NHWC"
 
-        self.patch_embed = patch_embed
+        self.patch_embed = stem_layer(in_chans=in_chans, embed_dim=embed_dim, norm_layer=norm_layer)
         self.pos_drop = nn.Dropout(p=proj_drop_rate)
         rates = drop_path_schedule(drop_path_rate, sum(depths))
         stages = nn.ModuleList()
         setattr(self, self.stages_attr, stages)
-        self.feature_info: List[Dict[str, Any]] = []
-        for i, depth in enumerate(depths):
-            dim = int(embed_dim * 2**i)
+        self.feature_info: list[dict[str, Any]] = []
+        for i, (depth, width) in enumerate(zip(depths, widths)):
             stages.append(
                 NATStage(
-                    dim,
+                    width,
                     depth,
                     num_heads[i],
                     kernel_size=kernel_size,
@@ -322,23 +442,12 @@ class NATBase(nn.Module):
                     clamp_dilation=clamp_dilation,
                 )
             )
-            self.feature_info.append(dict(num_chs=dim, reduction=4 * 2**i, module=f"{self.stages_attr}.{i}"))
-        self.norm = norm_layer(self.num_features)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if any(p.is_meta for p in m.parameters(recurse=False)):
-            return  # shape-only model: random init is meaningless there and slow on the meta device
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+            # The last block's output is the pre-downsample map (what hooks and FX extraction return).
+            last_block = f"{self.stages_attr}.{i}.blocks.{depth - 1}"
+            self.feature_info.append({"num_chs": width, "reduction": 4 * 2**i, "module": last_block})
+        self.norm = norm_layer(widths[-1])
+        self._init_head(widths[-1], num_classes, global_pool, drop_rate)
+        self.init_weights()
 
     @property
     def stages(self) -> nn.ModuleList:
@@ -346,62 +455,32 @@ class NATBase(nn.Module):
         return getattr(self, self.stages_attr)
 
     @torch.jit.ignore
-    def no_weight_decay(self, include_rpb: bool = True) -> Set[str]:
-        """Parameter names exempt from weight decay: biases, norms, layer-scale gammas and (by default) ``rpb``.
-
-        The official ImageNet recipe decayed ``rpb`` (timm 0.5.0 ignored its ``no_weight_decay_keywords``, spec
-        5.3); pass ``include_rpb=False`` to reproduce that. The detection/segmentation recipes exempt it.
-        """
-        names = set()
-        for name, param in self.named_parameters():
-            is_rpb = name.endswith("attn.rpb")
-            if (is_rpb and include_rpb) or (not is_rpb and param.ndim <= 1):
-                names.add(name)
-        return names
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        return dict(
-            stem=r"^patch_embed",
-            blocks=rf"^{self.stages_attr}\.(\d+)"
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        return {
+            "stem": r"^patch_embed",
+            "blocks": rf"^{self.stages_attr}\.(\d+)"
             if coarse
             else [
                 (rf"^{self.stages_attr}\.(\d+)\.downsample", (99998,)),
                 (rf"^{self.stages_attr}\.(\d+)\.blocks\.(\d+)", None),
                 (r"^norm", (99999,)),
             ],
-        )
+        }
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.stages:
             stage.grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        if global_pool is not None:
-            if global_pool not in ("", "avg"):
-                raise ValueError(f"global_pool must be '' or 'avg', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"{type(self).__name__}: x must be [B, {self.in_chans}, H, W], got {tuple(x.shape)}")
-
     def forward_intermediates(
         self,
         x: torch.Tensor,
-        indices: Optional[Union[int, List[int]]] = None,
+        indices: int | list[int] | None = None,
         norm: bool = False,
         stop_early: bool = False,
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Forward that also returns the pre-downsample level maps (strides 4, 8, 16, 32).
 
         Args:
@@ -417,10 +496,9 @@ class NATBase(nn.Module):
         """
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        self._check_input(x)
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        x = self.pos_drop(self.patch_embed(x))
+        x = self.pos_drop(self.patch_embed(self._check_input(x)))
         last = len(self.stages) - 1
         stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[: max_index + 1]
         i = 0
@@ -429,6 +507,8 @@ class NATBase(nn.Module):
             if i in take_indices:
                 x_inter = self.norm(x) if norm and i == last else x
                 intermediates.append(x_inter.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else x_inter)
+            if intermediates_only and i == max_index:
+                break  # nothing after the last requested level is returned
             if stage.downsample is not None:
                 x = stage.downsample(x)
         if intermediates_only:
@@ -439,10 +519,10 @@ class NATBase(nn.Module):
 
     def prune_intermediate_layers(
         self,
-        indices: Union[int, List[int]] = 1,
+        indices: int | list[int] = 1,
         prune_norm: bool = False,
         prune_head: bool = True,
-    ) -> List[int]:
+    ) -> list[int]:
         """Drops the levels (and the last kept level's downsampler) not needed for `indices`."""
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         prune_end = max_index < len(self.stages) - 1
@@ -458,323 +538,175 @@ class NATBase(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W]`` image -> normalised final map ``[B, ceil(H/32), ceil(W/32), num_features]``."""
-        self._check_input(x)
-        x = self.pos_drop(self.patch_embed(x))
+        x = self.pos_drop(self.patch_embed(self._check_input(x)))
         for stage in self.stages:
             x = stage(x)
         return self.norm(x)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == "avg":
-            x = x.mean(dim=(1, 2))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-
-class NAT(NATBase):
-    """NAT / DiNAT: convolutional tokenizer, four NA levels with conv downsamplers, LayerNorm, mean pool, head."""
-
-    def __init__(
-        self,
-        in_chans: int = 3,
-        num_classes: int = 1000,
-        global_pool: str = "avg",
-        embed_dim: int = 64,
-        depths: Sequence[int] = (3, 4, 6, 5),
-        num_heads: Sequence[int] = (2, 4, 8, 16),
-        kernel_size: int = 7,
-        dilations: DilationsArg = None,
-        mlp_ratio: float = 3.0,
-        qkv_bias: bool = True,
-        qk_scale: Optional[float] = None,
-        drop_rate: float = 0.0,
-        proj_drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.2,
-        layer_scale: Optional[float] = None,
-        norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
-        clamp_dilation: bool = False,
-    ):
-        """
-        Args:
-            in_chans: Input image channels.
-            num_classes: Classifier outputs; 0 replaces the head with Identity.
-            global_pool: ``'avg'`` (mean over tokens) or ``''`` (no pooling in ``forward_head``).
-            embed_dim: Channels of level 0; level ``i`` has ``embed_dim * 2**i``.
-            depths: Blocks per level.
-            num_heads: Heads per level.
-            kernel_size: Neighborhood size of every block (7, or 11 for the 11x11 variants).
-            dilations: Per-block dilations, one list (or one int) per level; None means all 1 (NAT).
-            mlp_ratio: MLP hidden width over channels.
-            qkv_bias: Bias in the qkv projections.
-            qk_scale: Logit scale override.
-            drop_rate: Dropout before the head (0 in the official models).
-            proj_drop_rate: Dropout after attention/MLP projections (the official ``drop_rate``).
-            attn_drop_rate: Dropout on attention probabilities.
-            drop_path_rate: Final stochastic-depth rate; rates grow linearly over all blocks from 0.
-            layer_scale: Layer-scale init value (1e-5 in nat_small, nat_base, dinat_base); None disables it.
-            norm_layer: Normalization layer (LayerNorm, eps 1e-5).
-            clamp_dilation: Clamp each block's dilation to what its feature map allows at run time (off by
-                default, so outputs equal the official code, which pads instead).
-        """
-        super().__init__()
-        self._build(
-            ConvTokenizer(in_chans=in_chans, embed_dim=embed_dim, norm_layer=norm_layer), ConvDownsampler,
-            in_chans, num_classes, global_pool, embed_dim, depths, num_heads, kernel_size, dilations, mlp_ratio,
-            qkv_bias, qk_scale, drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate, layer_scale, norm_layer,
-            clamp_dilation,
-        )
-
-
-def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
-    """Official ``.pth`` or HF-layout weights -> validated official layout (see ``models._helpers``)."""
-    return filter_checkpoint(state_dict, model)
-
-
-def _build(variant: str, pretrained: bool, **kwargs: Any) -> NAT:
+def _create_hierarchical(
+    cls: type[NAT], variant: str, pretrained: bool, model_args: Mapping[str, Any],
+    alternate_urls: Mapping[str, Sequence[str]] | None = None, **kwargs: Any,
+) -> NAT:
+    """The creation function of the hierarchical family (NAT, DiNAT and, with ``cls=DiNATs``, DiNAT_s)."""
     return build_model_with_cfg(
-        NAT,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
-        **kwargs,
+        cls, variant, pretrained, pretrained_filter_fn=load_state_dict_overlay,
+        feature_cfg={"out_indices": (0, 1, 2, 3), "feature_cls": "getter"},
+        **local_weights(variant, pretrained, variant_args(model_args, kwargs), alternate_urls),
     )
 
 
-def _create_nat(variant: str, pretrained: bool = False, **kwargs: Any) -> NAT:
-    return build_with_weights(_build, variant, pretrained, **kwargs)
-
-
-def _cfg(url: str = "", **kwargs: Any) -> Dict[str, Any]:
-    return pretrained_cfg(url, "patch_embed.proj.0", **kwargs)
+def _cfg(url: str, **kwargs: Any) -> dict[str, Any]:
+    return pretrained_cfg(url, "patch_embed.proj.0", reduction=32, **kwargs)
 
 
 _URL = "https://shi-labs.com/projects/"
-_NAT_PAPER = dict(paper_ids="arXiv:2204.07143", paper_name="Neighborhood Attention Transformer")
-_DINAT_PAPER = dict(paper_ids="arXiv:2209.15001", paper_name="Dilated Neighborhood Attention Transformer")
+_NAT_PAPER = {"paper_ids": "arXiv:2204.07143", "paper_name": "Neighborhood Attention Transformer"}
+_DINAT_PAPER = {"paper_ids": "arXiv:2209.15001", "paper_name": "Dilated Neighborhood Attention Transformer"}
 _DINAT_L_NOTE = (
-    "The official DiNAT-Large files were replaced on 2023-01-17 (HF Hub 2023-01-18); outputs depend on the file "
-    "version. Record its SHA-256 in models.CHECKPOINT_SHA256 after downloading.",
+    ("The official DiNAT-Large files were replaced on 2023-01-17 (HF Hub 2023-01-18); outputs depend on the file "
+    "version. Record its SHA-256 in natzoo.models.CHECKPOINT_SHA256 after downloading."),
 )
-_IN22K_NOTE = ("ImageNet-22K head: the class count is read from the checkpoint's head.weight (probably 21841).",)
+IN22K_NOTE = ("ImageNet-22K head: the class count is read from the checkpoint's head.weight (probably 21841).",)
 
 
-def _hf(hub_id: str) -> Tuple[str, ...]:
-    return (f"HF transformers port: {hub_id} (loads through the same filter via pretrained_cfg_overlay).",)
+def _hf(hub_id: str) -> tuple[str, ...]:
+    return (f"HF transformers port: {hub_id} (loads through pretrained_cfg_overlay=dict(hf_hub_id=...) or file=).",)
 
+
+def _nat_cfg(name: str, hub_id: str) -> dict[str, Any]:
+    return _cfg(_URL + f"nat/checkpoints/CLS/{name}.pth", notes=_hf(hub_id), **_NAT_PAPER)
+
+
+def _dinat_cfg(path: str, notes: tuple[str, ...] = (), **kwargs: Any) -> dict[str, Any]:
+    return _cfg(_URL + "dinat/checkpoints/" + path, notes=notes, **_DINAT_PAPER, **kwargs)
+
+
+_AT_384 = {"input_size": (3, 384, 384), "crop_pct": 1.0}
 
 default_cfgs = generate_default_cfgs(
     {
-        "nat_mini.in1k": _cfg(
-            _URL + "nat/checkpoints/CLS/nat_mini.pth", notes=_hf("shi-labs/nat-mini-in1k-224"), **_NAT_PAPER
+        "nat_mini.in1k": _nat_cfg("nat_mini", "shi-labs/nat-mini-in1k-224"),
+        "nat_tiny.in1k": _nat_cfg("nat_tiny", "shi-labs/nat-tiny-in1k-224"),
+        "nat_small.in1k": _nat_cfg("nat_small", "shi-labs/nat-small-in1k-224"),
+        "nat_base.in1k": _nat_cfg("nat_base", "shi-labs/nat-base-in1k-224"),
+        "dinat_mini.in1k": _dinat_cfg("imagenet1k/dinat_mini_in1k_224.pth", _hf("shi-labs/dinat-mini-in1k-224")),
+        "dinat_tiny.in1k": _dinat_cfg("imagenet1k/dinat_tiny_in1k_224.pth", _hf("shi-labs/dinat-tiny-in1k-224")),
+        "dinat_small.in1k": _dinat_cfg("imagenet1k/dinat_small_in1k_224.pth", _hf("shi-labs/dinat-small-in1k-224")),
+        "dinat_base.in1k": _dinat_cfg("imagenet1k/dinat_base_in1k_224.pth", _hf("shi-labs/dinat-base-in1k-224")),
+        "dinat_large.in22k_ft_in1k": _dinat_cfg(
+            "imagenet1k/dinat_large_in22k_in1k_224.pth", _DINAT_L_NOTE + _hf("shi-labs/dinat-large-in22k-in1k-224")
         ),
-        "nat_tiny.in1k": _cfg(
-            _URL + "nat/checkpoints/CLS/nat_tiny.pth", notes=_hf("shi-labs/nat-tiny-in1k-224"), **_NAT_PAPER
+        "dinat_large.in22k": _dinat_cfg(
+            "imagenet22k/dinat_large_in22k_224.pth", _DINAT_L_NOTE + IN22K_NOTE, num_classes=21841
         ),
-        "nat_small.in1k": _cfg(
-            _URL + "nat/checkpoints/CLS/nat_small.pth", notes=_hf("shi-labs/nat-small-in1k-224"), **_NAT_PAPER
+        "dinat_large_384.in22k_ft_in1k": _dinat_cfg(
+            "imagenet1k/dinat_large_in22k_in1k_384.pth",
+            _DINAT_L_NOTE + _hf("shi-labs/dinat-large-in22k-in1k-384"),
+            **_AT_384,
         ),
-        "nat_base.in1k": _cfg(
-            _URL + "nat/checkpoints/CLS/nat_base.pth", notes=_hf("shi-labs/nat-base-in1k-224"), **_NAT_PAPER
-        ),
-        "dinat_mini.in1k": _cfg(
-            _URL + "dinat/checkpoints/imagenet1k/dinat_mini_in1k_224.pth",
-            notes=_hf("shi-labs/dinat-mini-in1k-224"),
-            **_DINAT_PAPER,
-        ),
-        "dinat_tiny.in1k": _cfg(
-            _URL + "dinat/checkpoints/imagenet1k/dinat_tiny_in1k_224.pth",
-            notes=_hf("shi-labs/dinat-tiny-in1k-224"),
-            **_DINAT_PAPER,
-        ),
-        "dinat_small.in1k": _cfg(
-            _URL + "dinat/checkpoints/imagenet1k/dinat_small_in1k_224.pth",
-            notes=_hf("shi-labs/dinat-small-in1k-224"),
-            **_DINAT_PAPER,
-        ),
-        "dinat_base.in1k": _cfg(
-            _URL + "dinat/checkpoints/imagenet1k/dinat_base_in1k_224.pth",
-            notes=_hf("shi-labs/dinat-base-in1k-224"),
-            **_DINAT_PAPER,
-        ),
-        "dinat_large.in22k_ft_in1k": _cfg(
-            _URL + "dinat/checkpoints/imagenet1k/dinat_large_in22k_in1k_224.pth",
-            notes=_DINAT_L_NOTE + _hf("shi-labs/dinat-large-in22k-in1k-224"),
-            **_DINAT_PAPER,
-        ),
-        "dinat_large.in22k": _cfg(
-            _URL + "dinat/checkpoints/imagenet22k/dinat_large_in22k_224.pth",
-            num_classes=21841,
-            notes=_DINAT_L_NOTE + _IN22K_NOTE,
-            **_DINAT_PAPER,
-        ),
-        "dinat_large_384.in22k_ft_in1k": _cfg(
-            _URL + "dinat/checkpoints/imagenet1k/dinat_large_in22k_in1k_384.pth",
-            input_size=(3, 384, 384),
-            crop_pct=1.0,
-            notes=_DINAT_L_NOTE + _hf("shi-labs/dinat-large-in22k-in1k-384"),
-            **_DINAT_PAPER,
-        ),
-        "dinat_large_384_11x11.in22k_ft_in1k": _cfg(
-            _URL + "dinat/checkpoints/imagenet1k/dinat_large_in22k_in1k_384_11x11.pth",
-            input_size=(3, 384, 384),
-            crop_pct=1.0,
-            notes=_DINAT_L_NOTE
-            + _hf("shi-labs/dinat-large-11x11-in22k-in1k-384")
+        "dinat_large_384_11x11.in22k_ft_in1k": _dinat_cfg(
+            "imagenet1k/dinat_large_in22k_in1k_384_11x11.pth",
+            _DINAT_L_NOTE + _hf("shi-labs/dinat-large-11x11-in22k-in1k-384")
             + ("crop_pct 1.0 assumed as for dinat_large_384 (no official config).",),
-            **_DINAT_PAPER,
+            **_AT_384,
         ),
-        "dinat_large_11x11.in22k": _cfg(
-            _URL + "dinat/checkpoints/imagenet22k/dinat_large_in22k_224_11x11interp.pth",
-            num_classes=21841,
-            notes=_DINAT_L_NOTE
-            + _IN22K_NOTE
+        "dinat_large_11x11.in22k": _dinat_cfg(
+            "imagenet22k/dinat_large_in22k_224_11x11interp.pth",
+            _DINAT_L_NOTE + IN22K_NOTE
             + ("The 7x7 IN-22K file with every rpb bicubically resized 13x13 -> 21x21; meant for fine-tuning at 384.",),
-            **_DINAT_PAPER,
+            num_classes=21841,
         ),
     }
 )
 
-
-def _dinat_large_args(kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    # The official IN-22K entrypoint (dinat_large_21k) uses drop path 0.2 instead of 0.35.
-    drop_path = 0.2 if kwargs.get("pretrained_cfg") == "in22k" else 0.35
-    return dict(embed_dim=192, depths=(3, 4, 18, 5), num_heads=(6, 12, 24, 48), mlp_ratio=2.0, drop_path_rate=drop_path)
+# Shared sizes of the variants; drop_path_rate is each variant's own (IN-1K training) default.
+_MINI = {"embed_dim": 64, "depths": (3, 4, 6, 5), "num_heads": (2, 4, 8, 16), "mlp_ratio": 3.0}
+_TINY = {"embed_dim": 64, "depths": (3, 4, 18, 5), "num_heads": (2, 4, 8, 16), "mlp_ratio": 3.0}
+_SMALL = {"embed_dim": 96, "depths": (3, 4, 18, 5), "num_heads": (3, 6, 12, 24), "mlp_ratio": 2.0}
+_BASE = {"embed_dim": 128, "depths": (3, 4, 18, 5), "num_heads": (4, 8, 16, 32), "mlp_ratio": 2.0}
+# DiNAT-Large: drop path 0.35 is the IN-1K fine-tuning setting of every tag; the official IN-22K pre-training used 0.2
+# (pass drop_path_rate=0.2 to train like it). Inference does not depend on it.
+_LARGE = {
+    "embed_dim": 192, "depths": (3, 4, 18, 5), "num_heads": (6, 12, 24, 48), "mlp_ratio": 2.0, "drop_path_rate": 0.35
+}
 
 
 @register_model
 def nat_mini(pretrained: bool = False, **kwargs: Any) -> NAT:
     """NAT-Mini (20M params, 2.7 GMACs at 224)."""
-    model_args = dict(embed_dim=64, depths=(3, 4, 6, 5), num_heads=(2, 4, 8, 16), mlp_ratio=3.0, drop_path_rate=0.2)
-    return _create_nat("nat_mini", pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_hierarchical(NAT, "nat_mini", pretrained, dict(_MINI, drop_path_rate=0.2), **kwargs)
 
 
 @register_model
 def nat_tiny(pretrained: bool = False, **kwargs: Any) -> NAT:
     """NAT-Tiny (28M params, 4.3 GMACs at 224)."""
-    model_args = dict(embed_dim=64, depths=(3, 4, 18, 5), num_heads=(2, 4, 8, 16), mlp_ratio=3.0, drop_path_rate=0.2)
-    return _create_nat("nat_tiny", pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_hierarchical(NAT, "nat_tiny", pretrained, dict(_TINY, drop_path_rate=0.2), **kwargs)
 
 
 @register_model
 def nat_small(pretrained: bool = False, **kwargs: Any) -> NAT:
     """NAT-Small (51M params, 7.8 GMACs at 224), layer scale 1e-5."""
-    model_args = dict(
-        embed_dim=96,
-        depths=(3, 4, 18, 5),
-        num_heads=(3, 6, 12, 24),
-        mlp_ratio=2.0,
-        drop_path_rate=0.3,
-        layer_scale=1e-5,
-    )
-    return _create_nat("nat_small", pretrained=pretrained, **dict(model_args, **kwargs))
+    args = dict(_SMALL, drop_path_rate=0.3, layer_scale=1e-5)
+    return _create_hierarchical(NAT, "nat_small", pretrained, args, **kwargs)
 
 
 @register_model
 def nat_base(pretrained: bool = False, **kwargs: Any) -> NAT:
     """NAT-Base (90M params, 13.7 GMACs at 224), layer scale 1e-5."""
-    model_args = dict(
-        embed_dim=128,
-        depths=(3, 4, 18, 5),
-        num_heads=(4, 8, 16, 32),
-        mlp_ratio=2.0,
-        drop_path_rate=0.5,
-        layer_scale=1e-5,
-    )
-    return _create_nat("nat_base", pretrained=pretrained, **dict(model_args, **kwargs))
+    args = dict(_BASE, drop_path_rate=0.5, layer_scale=1e-5)
+    return _create_hierarchical(NAT, "nat_base", pretrained, args, **kwargs)
 
 
 @register_model
 def dinat_mini(pretrained: bool = False, **kwargs: Any) -> NAT:
     """DiNAT-Mini (20M params, 2.7 GMACs at 224)."""
-    model_args = dict(
-        embed_dim=64,
-        depths=(3, 4, 6, 5),
-        num_heads=(2, 4, 8, 16),
-        mlp_ratio=3.0,
-        drop_path_rate=0.2,
-        dilations=fit_dilations(DILATIONS_224_MINI, kwargs.get("depths")),
-    )
-    return _create_nat("dinat_mini", pretrained=pretrained, **dict(model_args, **kwargs))
+    args = dict(_MINI, drop_path_rate=0.2, dilations=DILATIONS_224_MINI)
+    return _create_hierarchical(NAT, "dinat_mini", pretrained, args, **kwargs)
 
 
 @register_model
 def dinat_tiny(pretrained: bool = False, **kwargs: Any) -> NAT:
     """DiNAT-Tiny (28M params, 4.3 GMACs at 224)."""
-    model_args = dict(
-        embed_dim=64,
-        depths=(3, 4, 18, 5),
-        num_heads=(2, 4, 8, 16),
-        mlp_ratio=3.0,
-        drop_path_rate=0.2,
-        dilations=fit_dilations(DILATIONS_224, kwargs.get("depths")),
-    )
-    return _create_nat("dinat_tiny", pretrained=pretrained, **dict(model_args, **kwargs))
+    args = dict(_TINY, drop_path_rate=0.2, dilations=DILATIONS_224)
+    return _create_hierarchical(NAT, "dinat_tiny", pretrained, args, **kwargs)
 
 
 @register_model
 def dinat_small(pretrained: bool = False, **kwargs: Any) -> NAT:
     """DiNAT-Small (51M params, 7.8 GMACs at 224); no layer scale, unlike NAT-Small."""
-    model_args = dict(
-        embed_dim=96,
-        depths=(3, 4, 18, 5),
-        num_heads=(3, 6, 12, 24),
-        mlp_ratio=2.0,
-        drop_path_rate=0.3,
-        dilations=fit_dilations(DILATIONS_224, kwargs.get("depths")),
-    )
-    return _create_nat("dinat_small", pretrained=pretrained, **dict(model_args, **kwargs))
+    args = dict(_SMALL, drop_path_rate=0.3, dilations=DILATIONS_224)
+    return _create_hierarchical(NAT, "dinat_small", pretrained, args, **kwargs)
 
 
 @register_model
 def dinat_base(pretrained: bool = False, **kwargs: Any) -> NAT:
     """DiNAT-Base (90M params, 13.7 GMACs at 224), layer scale 1e-5."""
-    model_args = dict(
-        embed_dim=128,
-        depths=(3, 4, 18, 5),
-        num_heads=(4, 8, 16, 32),
-        mlp_ratio=2.0,
-        drop_path_rate=0.5,
-        layer_scale=1e-5,
-        dilations=fit_dilations(DILATIONS_224, kwargs.get("depths")),
-    )
-    return _create_nat("dinat_base", pretrained=pretrained, **dict(model_args, **kwargs))
+    args = dict(_BASE, drop_path_rate=0.5, layer_scale=1e-5, dilations=DILATIONS_224)
+    return _create_hierarchical(NAT, "dinat_base", pretrained, args, **kwargs)
 
 
 @register_model
 def dinat_large(pretrained: bool = False, **kwargs: Any) -> NAT:
     """DiNAT-Large at 224 (200M params, 30.6 GMACs); IN-22K pre-trained."""
-    model_args = dict(_dinat_large_args(kwargs), dilations=fit_dilations(DILATIONS_224, kwargs.get("depths")))
-    return _create_nat("dinat_large", pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_hierarchical(NAT, "dinat_large", pretrained, dict(_LARGE, dilations=DILATIONS_224), **kwargs)
 
 
 @register_model
 def dinat_large_384(pretrained: bool = False, **kwargs: Any) -> NAT:
     """DiNAT-Large at 384 (200M params, 89.7 GMACs) with the 384 dilation lists."""
-    model_args = dict(_dinat_large_args(kwargs), dilations=fit_dilations(DILATIONS_384, kwargs.get("depths")))
-    return _create_nat("dinat_large_384", pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_hierarchical(NAT, "dinat_large_384", pretrained, dict(_LARGE, dilations=DILATIONS_384), **kwargs)
 
 
 @register_model
 def dinat_large_384_11x11(pretrained: bool = False, **kwargs: Any) -> NAT:
     """DiNAT-Large 11x11 at 384 (201M params, 92.4 GMACs) with the 224 dilation lists."""
-    model_args = dict(
-        _dinat_large_args(kwargs), kernel_size=11, dilations=fit_dilations(DILATIONS_224, kwargs.get("depths"))
-    )
-    return _create_nat("dinat_large_384_11x11", pretrained=pretrained, **dict(model_args, **kwargs))
+    args = dict(_LARGE, kernel_size=11, dilations=DILATIONS_224)
+    return _create_hierarchical(NAT, "dinat_large_384_11x11", pretrained, args, **kwargs)
 
 
 @register_model
 def dinat_large_11x11(pretrained: bool = False, **kwargs: Any) -> NAT:
-    """DiNAT-Large 11x11 at 224 (IN-22K weights only, for fine-tuning at 384)."""
-    model_args = dict(
-        _dinat_large_args(kwargs),
-        kernel_size=11,
-        dilations=fit_dilations(DILATIONS_224, kwargs.get("depths")),
-        drop_path_rate=0.2,
-    )
-    return _create_nat("dinat_large_11x11", pretrained=pretrained, **dict(model_args, **kwargs))
+    """DiNAT-Large 11x11 at 224 (IN-22K weights only, for fine-tuning at 384; drop path 0.2 as pre-trained)."""
+    args = dict(_LARGE, kernel_size=11, dilations=DILATIONS_224, drop_path_rate=0.2)
+    return _create_hierarchical(NAT, "dinat_large_11x11", pretrained, args, **kwargs)

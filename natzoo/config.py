@@ -41,7 +41,6 @@ __all__ = [
     "check_settings",
     "check_weights_source",
     "find_last_checkpoint",
-    "natzoo_model_names",
     "plain",
     "register_with_hydra",
     "run_dir_of_checkpoint",
@@ -484,16 +483,6 @@ def find_last_checkpoint(search_root: str | os.PathLike) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
-def natzoo_model_names() -> list[str]:
-    """Names of the model variants natzoo registers with timm (``nat_mini`` ... ``vitrpb_base``)."""
-    import timm
-    from timm.models import model_entrypoint
-
-    from natzoo import models  # noqa: F401  (registers the NAT families with timm)
-
-    return [n for n in timm.list_models() if model_entrypoint(n).__module__.startswith("natzoo.models")]
-
-
 def run_dir_of_checkpoint(ckpt_path: str | None, resume_dir: str) -> Path | None:
     """The run directory a resumed run continues in: for ``ckpt_path=last`` or a path, the run that wrote the
     checkpoint (``<run dir>/checkpoints/<file>``, with Hydra's ``.hydra`` record); None for a fresh run or a
@@ -527,8 +516,10 @@ def register_with_hydra() -> None:
     """
     from hydra.core.config_store import ConfigStore
 
+    from natzoo.models import registered_models
+
     store = ConfigStore.instance()
-    for name in natzoo_model_names():
+    for name in registered_models():
         store.store(group="model", name=name, node={"defaults": ["timm"], "name": name})
     for name, function in (("natzoo_run_dir", _run_dir), ("natzoo_output_subdir", _output_subdir)):
         if not OmegaConf.has_resolver(name):

@@ -1,4 +1,4 @@
-"""Dense float64 ground truth for neighborhood attention, written from the spec's section 2 rules only.
+"""Dense float64 ground truth for neighborhood attention, written from the window rules of docs/ops.md only.
 
 It builds the full ``N x N`` boolean mask pair by pair in plain Python (no code shared with ``ops``), so it is slow
 and meant for tiny problems.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Sequence
 
 import torch
 
@@ -18,7 +18,7 @@ def _tuple(value, n):
 
 
 def axis_allowed(x: int, y: int, length: int, k: int, s: int, d: int, causal: bool) -> bool:
-    """Whether query `x` attends to key `y` on one axis (spec 2.2), from the formulas as written."""
+    """Whether query `x` attends to key `y` on one axis, from the documented formulas as written."""
     if x % d != y % d:
         return False
     g, i, j = x % d, x // d, y // d
@@ -36,7 +36,7 @@ def axis_allowed(x: int, y: int, length: int, k: int, s: int, d: int, causal: bo
 
 def dense_mask_and_bias_index(
     spatial: Sequence[int], kernel_size, stride, dilation, is_causal
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``mask [N, N]`` (bool) and ``bias_index [N, N, n]`` (rpb index per axis, -1 where disallowed)."""
     n = len(spatial)
     ks, st, dil, causal = (_tuple(a, n) for a in (kernel_size, stride, dilation, is_causal))
@@ -63,9 +63,9 @@ def dense_na(
     stride=1,
     dilation=1,
     is_causal=False,
-    scale: Optional[float] = None,
-    rpb: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    scale: float | None = None,
+    rpb: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense masked-softmax attention in float64 (differentiable).
 
     Args:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from natzoo.models import registered_models
 from timm.layers import DropPath
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
 
 from natzoo.classification.module import create_model
 from natzoo.classification.task import image_config
-from natzoo.config import natzoo_model_names, plain
+from natzoo.config import plain
 from natzoo.optim import build_lr_lambda, param_groups, scaled_lr
 from natzoo.testing import CONFIG_DIR, compose_config
 
@@ -106,7 +107,7 @@ def test_dinat_large_384_ft_is_the_stored_config(tmp_path):
 
 
 def test_one_model_config_per_registered_variant_without_restated_defaults(tmp_path):
-    names = natzoo_model_names()
+    names = registered_models()
     assert set(names) == set(DROP_PATH)
     for name in names:
         model = compose_config("train", [f"model={name}"], tmp_path).model

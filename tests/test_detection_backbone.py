@@ -1,4 +1,4 @@
-"""NAT-family detection backbone: shapes, COCO dilations, frozen_stages, checkpoint loading, bad input (spec 4)."""
+"""NAT-family detection backbone: shapes, COCO dilations, frozen_stages, checkpoint loading, bad input."""
 
 from __future__ import annotations
 
@@ -8,14 +8,15 @@ import re
 import pytest
 import timm
 import torch
+from helpers import official_to_hf
 
 from natzoo import models  # noqa: F401  (registers the NAT families with timm)
 from natzoo.detection.backbone import NATBackbone, coco_dilations, load_backbone_checkpoint
 
-TINY = dict(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8))
-TINY_DINAT_S = dict(embed_dim=32, depths=(1, 2, 1, 2), num_heads=(1, 2, 4, 8))
+TINY = {"embed_dim": 32, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 4, 8)}
+TINY_DINAT_S = {"embed_dim": 32, "depths": (1, 2, 1, 2), "num_heads": (1, 2, 4, 8)}
 
-# Spec 4.2, COCO lists written out literally.
+# The official COCO configs' dilation lists, written out literally.
 COCO_DINAT = [[1, 28, 1], [1, 7, 1, 14], [1, 3, 1, 5, 1, 7] * 3, [1, 3, 1, 3, 1]]
 COCO_DINAT_MINI = [[1, 28, 1], [1, 7, 1, 14], [1, 3, 1, 5, 1, 7], [1, 3, 1, 3, 1]]
 COCO_DINAT_S = [[1, 28], [1, 14], [1, 3, 1, 5, 1, 7] * 3, [1, 3]]
@@ -49,6 +50,15 @@ def test_out_indices_subset_and_norm_keys():
     assert norms == ["norm1.bias", "norm1.weight", "norm3.bias", "norm3.weight"]
 
 
+@pytest.mark.parametrize("name, kwargs", [("nat_mini", TINY), ("dinat_s_tiny", TINY_DINAT_S)])
+def test_state_dict_is_the_classifier_trunk_plus_output_norms(name, kwargs):
+    """The official detection backbones' keys: the classifier's minus its norm and head, then norm0..norm3."""
+    classifier = timm.create_model(name, **kwargs)
+    trunk = [k for k in classifier.state_dict() if not k.startswith(("norm.", "head."))]
+    norms = [f"norm{i}.{p}" for i in range(4) for p in ("weight", "bias")]
+    assert list(NATBackbone(name, **kwargs).state_dict()) == trunk + norms
+
+
 def test_output_is_layernormed_pre_downsample_map():
     backbone = NATBackbone("nat_mini", **TINY).eval()
     x = torch.randn(1, 3, 64, 64)
@@ -75,7 +85,7 @@ def test_output_is_layernormed_pre_downsample_map():
         ("nat_tiny", (3, 4, 18, 5), None),
     ],
 )
-def test_coco_dilations_match_spec(name, depths, expected):
+def test_coco_dilations_match_official_configs(name, depths, expected):
     assert coco_dilations(name, depths) == expected
 
 
@@ -93,7 +103,7 @@ def test_drop_path_rate_is_applied():
 
 
 def _expected_frozen(frozen_stages: int, stage_attr: str) -> tuple[str, ...]:
-    # Spec 4.1 table: -1 nothing; 0/1 patch_embed; k >= 2 patch_embed and stages 0..k-2 (with their downsamplers).
+    # -1 nothing; 0/1 patch_embed; k >= 2 patch_embed and stages 0..k-2 (with their downsamplers).
     if frozen_stages < 0:
         return ()
     return ("patch_embed.",) + tuple(f"{stage_attr}.{i}." for i in range(frozen_stages - 1))
@@ -130,44 +140,6 @@ def test_frozen_stages_dinat_s_and_inside_detector():
     assert all(p.requires_grad for p in detector.backbone.fpn.parameters())
 
 
-def _official_to_hf(state_dict: dict, prefix: str) -> dict:
-    """Spec 3.1, official -> HF, written independently of the project's converter."""
-    out = {}
-    for key, value in state_dict.items():
-        block = re.match(r"levels\.(\d+)\.blocks\.(\d+)\.(.+)", key)
-        if block:
-            base = f"{prefix}.encoder.levels.{block[1]}.layers.{block[2]}."
-            rest = block[3]
-            if rest.startswith("attn.qkv."):
-                kind = rest.split(".")[-1]
-                for part, chunk in zip(("query", "key", "value"), value.chunk(3, dim=0)):
-                    out[f"{base}attention.self.{part}.{kind}"] = chunk.clone()
-                continue
-            if rest == "gamma1":
-                out[base + "layer_scale_parameters"] = torch.stack([value, state_dict[key[:-1] + "2"]])
-                continue
-            if rest == "gamma2":
-                continue
-            mapping = {"norm1.": "layernorm_before.", "attn.rpb": "attention.self.rpb", "attn.proj.":
-                       "attention.output.dense.", "norm2.": "layernorm_after.", "mlp.fc1.": "intermediate.dense.",
-                       "mlp.fc2.": "output.dense."}
-            for official, hf in mapping.items():
-                if rest.startswith(official):
-                    out[base + hf + rest[len(official):]] = value
-            continue
-        if key.startswith("patch_embed.proj."):
-            out[f"{prefix}.embeddings.patch_embeddings.projection." + key[len("patch_embed.proj."):]] = value
-        elif key.startswith("patch_embed.norm."):
-            out[f"{prefix}.embeddings.norm." + key[len("patch_embed.norm."):]] = value
-        elif key.startswith("levels."):
-            out[f"{prefix}.encoder." + key] = value
-        elif key.startswith("norm."):
-            out[f"{prefix}.layernorm." + key[len("norm."):]] = value
-        elif key.startswith("head."):
-            out["classifier." + key[len("head."):]] = value
-    return out
-
-
 EXPECTED_MISSING = sorted(f"norm{i}.{p}" for i in range(4) for p in ("weight", "bias"))
 EXPECTED_UNEXPECTED = sorted(["norm.weight", "norm.bias", "head.weight", "head.bias"])
 
@@ -184,7 +156,7 @@ def test_classification_checkpoint_reports_exactly_expected_keys(classifier, fmt
     if fmt == "official":
         payload = sd
     elif fmt == "hf":
-        payload = _official_to_hf(sd, "nat")
+        payload = official_to_hf(sd, "nat")
         assert not any("qkv" in k or "gamma" in k for k in payload)  # the layout really differs
     else:
         payload = {"state_dict": {f"model.{k}": v for k, v in sd.items()}, "epoch": 3}

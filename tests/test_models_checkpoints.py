@@ -1,13 +1,12 @@
 """Checkpoint loading: official layout (strict), HF transformers layout (.bin and .safetensors), wrappers, errors.
 
-The HF layout is produced here by an independent implementation of the spec's key mapping (section 3.1). Models
+The HF layout is produced by an independent implementation of the key mapping (``helpers.official_to_hf``). Models
 use small constructor overrides so that every test runs in well under a second of compute.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import urllib.error
 from pathlib import Path
 
@@ -15,78 +14,19 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from helpers import official_to_hf, one_thread, randomized  # noqa: F401  (one_thread: module-wide fixture)
 from safetensors.torch import save_file
 
 from natzoo import models
+from natzoo.module_weights import network_weights
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = dict(embed_dim=32, depths=(1, 2, 2, 1), num_heads=(1, 2, 4, 8))
+SMALL = {"embed_dim": 32, "depths": (1, 2, 2, 1), "num_heads": (1, 2, 4, 8)}
 IMG = torch.randn(2, 3, 64, 48)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tensors here are tiny: one intra-op thread avoids OpenMP hand-off costs (large on a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-_HF_BLOCK = {
-    "norm1.": "layernorm_before.",
-    "attn.rpb": "attention.self.rpb",
-    "attn.proj.": "attention.output.dense.",
-    "norm2.": "layernorm_after.",
-    "mlp.fc1.": "intermediate.dense.",
-    "mlp.fc2.": "output.dense.",
-}
-
-
-def official_to_hf(sd: dict, prefix: str) -> dict:
-    """Spec 3.1, official -> HF: rename, split qkv into query/key/value, stack gamma1/gamma2."""
-    out, gammas = {}, {}
-    for key, value in sd.items():
-        block = re.match(r"^levels\.(\d+)\.blocks\.(\d+)\.(.+)$", key)
-        if block:
-            base = f"{prefix}.encoder.levels.{block.group(1)}.layers.{block.group(2)}."
-            rest = block.group(3)
-            if rest.startswith("attn.qkv."):
-                kind = rest.split(".")[-1]
-                for name, part in zip(("query", "key", "value"), value.chunk(3, dim=0)):
-                    out[f"{base}attention.self.{name}.{kind}"] = part.clone()
-            elif rest in ("gamma1", "gamma2"):
-                gammas.setdefault(base, {})[rest] = value
-            else:
-                hf = next(h for o, h in _HF_BLOCK.items() if rest.startswith(o))
-                out[base + hf + rest[len(next(o for o in _HF_BLOCK if rest.startswith(o))) :]] = value.clone()
-        elif key.startswith("patch_embed.proj."):
-            out[f"{prefix}.embeddings.patch_embeddings.projection." + key[len("patch_embed.proj.") :]] = value.clone()
-        elif key.startswith("patch_embed.norm."):
-            out[f"{prefix}.embeddings.norm." + key[len("patch_embed.norm.") :]] = value.clone()
-        elif key.startswith("levels."):
-            out[f"{prefix}.encoder." + key] = value.clone()
-        elif key.startswith("norm."):
-            out[f"{prefix}.layernorm." + key[len("norm.") :]] = value.clone()
-        elif key.startswith("head."):
-            out["classifier." + key[len("head.") :]] = value.clone()
-        else:
-            raise AssertionError(f"unmapped key {key}")
-    for base, g in gammas.items():
-        out[base + "layer_scale_parameters"] = torch.stack([g["gamma1"], g["gamma2"]])
-    return out
-
-
-def randomized(model: torch.nn.Module) -> torch.nn.Module:
-    """Non-trivial values everywhere (layer-scale gammas and biases included)."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.1)
-    return model.eval()
-
-
 def load(name: str, file, **kwargs) -> torch.nn.Module:
-    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(file)), **kwargs).eval()
+    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(file)}, **kwargs).eval()
 
 
 def assert_same_model(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor = IMG) -> None:
@@ -128,13 +68,31 @@ def test_training_checkpoint_wrappers_and_prefixes(tmp_path):
     wrapped = {"epoch": 3, "state_dict": {"module." + k: v for k, v in source.state_dict().items()}}
     torch.save(wrapped, tmp_path / "train.pth")
     assert_same_model(source, load("nat_mini", tmp_path / "train.pth", **SMALL))
-    lightning = {"state_dict": {"model." + k: v for k, v in source.state_dict().items()}, "optimizer_states": []}
-    torch.save(lightning, tmp_path / "lightning.ckpt")
-    sd = models.load_checkpoint_file(tmp_path / "lightning.ckpt")
-    assert list(sd) == list(source.state_dict())
     ema = {"model": {"a": torch.zeros(1)}, "state_dict_ema": source.state_dict()}
     torch.save(ema, tmp_path / "ema.pth")
-    assert list(models.load_checkpoint_file(tmp_path / "ema.pth", use_ema=True)) == list(source.state_dict())
+    assert list(models.read_state_dict(tmp_path / "ema.pth", use_ema=True)) == list(source.state_dict())
+
+
+def test_lightning_prefix_is_the_training_layers_to_strip(tmp_path):
+    source = randomized(timm.create_model("nat_mini", **SMALL))
+    ema = {k: v + 1 for k, v in source.state_dict().items()}
+    lightning = {"state_dict": {**{"model." + k: v for k, v in source.state_dict().items()},
+                                **{"model_ema.module." + k: v for k, v in ema.items()}}, "optimizer_states": []}
+    torch.save(lightning, tmp_path / "lightning.ckpt")
+    # The model layer reads the file as it is: the LightningModule's attribute names stay.
+    raw = models.read_state_dict(tmp_path / "lightning.ckpt")
+    assert all(k.startswith(("model.", "model_ema.module.")) for k in raw)
+    weights = network_weights(tmp_path / "lightning.ckpt")
+    assert list(weights) == list(source.state_dict())
+    model = timm.create_model("nat_mini", **SMALL).eval()
+    models.load_weights(model, weights)
+    assert_same_model(source, model)
+    ema_weights = network_weights(tmp_path / "lightning.ckpt", use_ema=True)
+    assert all(torch.equal(ema_weights[k], ema[k]) for k in ema)
+    torch.save(source.state_dict(), tmp_path / "flat.pth")
+    assert list(network_weights(tmp_path / "flat.pth")) == list(source.state_dict())  # no prefix: as read
+    with pytest.raises(ValueError, match="EMA"):
+        network_weights(tmp_path / "flat.pth", use_ema=True)
 
 
 class _Payload:
@@ -144,10 +102,12 @@ class _Payload:
 
 def test_loading_never_unpickles_objects(tmp_path):
     torch.save({"state_dict": {"w": torch.zeros(1)}, "payload": _Payload()}, tmp_path / "evil.pth")
-    with pytest.raises(Exception, match="(?i)weights.?only|unsupported global|not allowed"):
-        models.load_checkpoint_file(tmp_path / "evil.pth")
-    with pytest.raises(FileNotFoundError, match="path="):
-        models.load_checkpoint_file(tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match="(?i)weights.?only|unsupported global|not allowed"):
+        models.read_state_dict(tmp_path / "evil.pth")
+    with pytest.raises(ValueError, match="(?i)weights.?only|unsupported global|not allowed"):
+        load("nat_mini", tmp_path / "evil.pth", **SMALL)
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        models.read_state_dict(tmp_path / "missing.pth")
 
 
 def test_mismatch_lists_missing_unexpected_and_misshaped_keys(tmp_path):
@@ -193,13 +153,22 @@ def test_in22k_head_size_read_from_checkpoint(tmp_path):
     model = load("dinat_large.in22k", tmp_path / "in22k.pth", **SMALL)
     assert model.num_classes == 37
     assert_same_model(source, model)
-    assert timm.create_model("dinat_large.in22k", **SMALL).stages[1].blocks[1].drop_path.drop_prob == pytest.approx(
-        0.2 * 2 / 5
-    )
+    # Another class count is a request: the file's head does not fit it and is re-initialised.
+    other = load("dinat_large.in22k", tmp_path / "in22k.pth", num_classes=10, **SMALL)
+    assert other.num_classes == 10 and torch.equal(other.head.bias, torch.zeros(10))
 
 
-def _spec_relative_position_index() -> torch.Tensor:
-    # Spec 1.5: index[u, w] = (r_w - r_u + 13) * 27 + (c_w - c_u + 13), u = 14 r_u + c_u.
+def test_drop_path_default_does_not_depend_on_the_weight_tag():
+    # 0.35 (the IN-1K fine-tuning setting) for every tag; the IN-22K pre-training setting 0.2 is passed explicitly.
+    rates = {tag: timm.create_model(f"dinat_large.{tag}", **SMALL).stages[1].blocks[1].drop_path.drop_prob
+             for tag in ("in22k", "in22k_ft_in1k")}
+    assert rates == {"in22k": pytest.approx(0.35 * 2 / 5), "in22k_ft_in1k": pytest.approx(0.35 * 2 / 5)}
+    model = timm.create_model("dinat_large.in22k", drop_path_rate=0.2, **SMALL)
+    assert model.stages[1].blocks[1].drop_path.drop_prob == pytest.approx(0.2 * 2 / 5)
+
+
+def _literal_relative_position_index() -> torch.Tensor:
+    # The official formula: index[u, w] = (r_w - r_u + 13) * 27 + (c_w - c_u + 13), u = 14 r_u + c_u.
     index = torch.empty(196, 196, dtype=torch.long)
     for u in range(196):
         for w in range(196):
@@ -210,7 +179,7 @@ def _spec_relative_position_index() -> torch.Tensor:
 def test_vitrpb_index_checked_on_load(tmp_path):
     source = randomized(timm.create_model("vitrpb_small", depth=2, embed_dim=64, num_heads=2))
     sd = source.state_dict()
-    assert torch.equal(sd["layers.0.attn.relative_position_index"], _spec_relative_position_index())
+    assert torch.equal(sd["layers.0.attn.relative_position_index"], _literal_relative_position_index())
     torch.save(sd, tmp_path / "w.pth")
     x = torch.randn(1, 3, 224, 224)
     assert_same_model(source, load("vitrpb_small", tmp_path / "w.pth", depth=2, embed_dim=64, num_heads=2), x)
@@ -220,12 +189,12 @@ def test_vitrpb_index_checked_on_load(tmp_path):
         load("vitrpb_small", tmp_path / "bad.pth", depth=2, embed_dim=64, num_heads=2)
 
 
-def test_vitrpb_attention_matches_spec_formula():
+def test_vitrpb_attention_matches_official_formula():
     model = randomized(timm.create_model("vitrpb_small", depth=1, embed_dim=64, num_heads=2))
     attn = model.layers[0].attn
     x = torch.randn(1, 14, 14, 64)
     q, k, v = attn.qkv(x.reshape(1, 196, 64)).reshape(1, 196, 3, 2, 32).permute(2, 0, 3, 1, 4)
-    bias = attn.rpb.flatten(1)[:, _spec_relative_position_index().view(-1)].view(2, 196, 196)
+    bias = attn.rpb.flatten(1)[:, _literal_relative_position_index().view(-1)].view(2, 196, 196)
     probs = ((q * 32**-0.5) @ k.transpose(-1, -2) + bias).softmax(-1)
     ref = attn.proj((probs @ v).transpose(1, 2).reshape(1, 14, 14, 64))
     torch.testing.assert_close(attn(x), ref, rtol=1e-5, atol=1e-5)
@@ -236,14 +205,15 @@ def test_convert_hf_backbone_norms():
     assert set(models.convert_hf_state_dict(sd)) == {"norm0.weight", "patch_embed.norm.bias"}
 
 
-def test_no_network_error_says_where_to_put_the_file(monkeypatch):
+def test_no_network_error_says_where_to_put_the_file(monkeypatch, tmp_path):
     calls = []
 
     def offline(url, *args, **kwargs):
         calls.append(url)
         raise urllib.error.URLError("offline")
 
-    monkeypatch.setattr("timm.models._builder.load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # an empty cache
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(RuntimeError, match=r"pretrained_cfg_overlay=dict\(file=.*nat_mini\.pth") as info:
         timm.create_model("nat_mini", pretrained=True, **SMALL)
     assert "checkpoints" in str(info.value)
@@ -251,7 +221,7 @@ def test_no_network_error_says_where_to_put_the_file(monkeypatch):
     calls.clear()
     with pytest.raises(RuntimeError, match="dinat_s_tiny_in1k_224.pth"):
         timm.create_model("dinat_s_tiny", pretrained=True, **SMALL)
-    # The code's file name first, then the README's variant (spec 2.4).
+    # The code's file name first, then the name the official DiNAT.md links.
     assert [os.path.basename(u) for u in calls] == ["dinat_s_tiny_in1k_224.pth", "dinat_s_tiny_1k_224.pth"]
 
 

@@ -10,31 +10,22 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from helpers import one_thread  # noqa: F401  (module-wide fixture)
+from natzoo.models.nat import NATBlock
 from timm.optim import create_optimizer_v2
 
-from natzoo import models
-from natzoo import ops
-from natzoo.models.nat import NATBlock
+from natzoo import models, ops
 
 ALL = models.registered_models()
 HIERARCHICAL = [n for n in ALL if not ("isotropic" in n or n.startswith("vitrpb"))]
 ISOTROPIC = [n for n in ALL if n not in HIERARCHICAL]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The tensors here are tiny: one intra-op thread avoids OpenMP hand-off costs (large on a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_args(name: str) -> dict:
     if name in ISOTROPIC:
-        return dict(embed_dim=32, depth=2, num_heads=1, num_classes=10)
+        return {"embed_dim": 32, "depth": 2, "num_heads": 1, "num_classes": 10}
     # Depth 2 per stage keeps one dilated block per stage for the DiNAT variants.
-    return dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), num_classes=10)
+    return {"embed_dim": 16, "depths": (2, 2, 2, 2), "num_heads": (1, 2, 4, 8), "num_classes": 10}
 
 
 def small_input(name: str, batch: int = 2) -> torch.Tensor:
@@ -106,12 +97,29 @@ def test_classifier_interface(name):
         assert model(x).dim() == 4
 
 
-def test_torch_compile_smoke():
-    model = timm.create_model("nat_mini", embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8)).eval()
-    x = torch.randn(1, 3, 32, 32)
-    compiled = torch.compile(model, backend="eager")
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)
+@pytest.mark.slow
+def test_torch_compile_breaks_only_at_the_na_op():
+    """Dynamo traces the model code whole: its only graph breaks are the NA reference's deliberate eager fallback
+    (``torch.compiler.disable``), and the compiled model computes what the eager one does, gradients included."""
+    from torch._dynamo.utils import counters
+
+    model = timm.create_model("nat_mini", embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), drop_path_rate=0.0)
+    compiled_model = timm.create_model("nat_mini", embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8),
+                                       drop_path_rate=0.0)
+    compiled_model.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(compiled_model, backend="eager")
+    out = compiled(x)
+    reasons = list(counters["graph_break"])
+    assert reasons and all("torch.compiler.disable" in r for r in reasons), reasons
+    expected = model(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_padding_path_matches_manual_pad_then_crop():
@@ -170,10 +178,10 @@ def test_dilations_argument_and_errors():
 @pytest.mark.parametrize("name", ["dinat_mini", "vitrpb_small"])
 def test_grad_checkpointing_gives_same_result(name):
     if name == "dinat_mini":
-        args = dict(embed_dim=16, depths=(1, 2, 1, 1), num_heads=(1, 2, 4, 8), drop_path_rate=0.0)
+        args = {"embed_dim": 16, "depths": (1, 2, 1, 1), "num_heads": (1, 2, 4, 8), "drop_path_rate": 0.0}
         x = torch.randn(2, 3, 32, 32)
     else:
-        args = dict(embed_dim=32, depth=2, num_heads=1, drop_path_rate=0.0)
+        args = {"embed_dim": 32, "depth": 2, "num_heads": 1, "drop_path_rate": 0.0}
         x = torch.randn(1, 3, 224, 224)
     model = timm.create_model(name, **args)
     ckpt = timm.create_model(name, **args)
@@ -197,7 +205,7 @@ def test_weight_decay_groups_and_init():
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     assert id(params["levels.0.blocks.0.attn.rpb"]) not in decayed
     assert id(params["levels.0.blocks.0.attn.qkv.weight"]) in decayed
-    # Spec 1.1 initialisation.
+    # The official initialisation.
     assert torch.all(params["levels.2.blocks.1.gamma1"] == 1e-5)
     linear = torch.cat([p.flatten() for n, p in params.items() if n.endswith(("qkv.weight", "fc1.weight"))])
     assert abs(linear.std().item() - 0.02) < 0.002
@@ -228,7 +236,7 @@ def test_patch_merging_order_and_dinat_s_stem_padding():
     x = torch.randn(1, 5, 7, 8)
     with torch.no_grad():
         xp = F.pad(x, (0, 0, 0, 1, 0, 1))  # odd H and W: one zero row/column at the bottom/right
-        # Spec 1.4: x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2] (rows, cols), norm, then reduction.
+        # Official order: x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2] (rows, cols), norm, reduction.
         cat = torch.cat([xp[:, 0::2, 0::2], xp[:, 1::2, 0::2], xp[:, 0::2, 1::2], xp[:, 1::2, 1::2]], dim=-1)
         torch.testing.assert_close(merge(x), merge.reduction(merge.norm(cat)))
         img = torch.randn(1, 3, 30, 29)

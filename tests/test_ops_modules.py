@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from oracle import dense_na
 
 from natzoo import ops
-from oracle import dense_na
 
 
 @pytest.mark.parametrize(

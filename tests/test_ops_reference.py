@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
+import threading
 
 import pytest
 import torch
 
 from natzoo import ops
-from natzoo.ops.neighborhood.dispatch import use_backend
-from oracle import case_id, dense_na
+from natzoo.ops.neighborhood.dispatch import forced_backend, use_backend
+from oracle import case_id, dense_mask_and_bias_index, dense_na
 
 FNS = {1: ops.na1d, 2: ops.na2d, 3: ops.na3d}
-TOL = {  # spec 6.4: (out/lse atol=rtol, grad atol=rtol, d_rpb relative L2)
+TOL = {  # (out/lse atol=rtol, grad atol=rtol, d_rpb relative L2) against the float64 oracle
     torch.float64: (1e-10, 1e-9, 1e-10),
     torch.float32: (1e-5, 1e-4, 1e-5),
     torch.float16: (2e-3, 1e-2, 5e-3),
@@ -73,7 +75,9 @@ def test_reference_matches_oracle_float64(case):
     n = len(spatial)
     heads = 1 + (hash(case) % 3)
     q, k, v = make_inputs(spatial, heads, 4, torch.float64)
-    rpb = (torch.randn(heads, *(2 * x - 1 for x in ks), dtype=torch.float64) * 0.5).requires_grad_() if use_rpb else None
+    rpb = None
+    if use_rpb:
+        rpb = (torch.randn(heads, *(2 * x - 1 for x in ks), dtype=torch.float64) * 0.5).requires_grad_()
     out, lse = FNS[n](q, k, v, ks, stride=ss, dilation=ds, is_causal=cs, rpb=rpb, return_lse=True, backend="reference")
     ref_out, ref_lse = dense_na(q, k, v, ks, ss, ds, cs, rpb=rpb)
     atol, gtol, rtol_rpb = TOL[torch.float64]
@@ -161,17 +165,69 @@ def test_empty_batch_returns_empty_outputs():
     assert out.shape == (0, 5, 6, 2, 4) and lse.shape == (0, 5, 6, 2) and lse.dtype == torch.float32
 
 
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_empty_batch_flows_through_backward(n):
+    """An empty batch is part of the autograd graph: backward gives gradients of the input shapes (rpb: zeros)."""
+    spatial, heads = (6, 5, 4)[:n], 2
+    q, k, v = (torch.randn(0, *spatial, heads, 8, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(heads, *(5,) * n, requires_grad=True)
+    out, lse = FNS[n](q, k, v, 3, rpb=rpb, return_lse=True)
+    (out.sum() + lse.sum()).backward()
+    for t in (q, k, v):
+        assert t.grad is not None and t.grad.shape == t.shape
+    assert rpb.grad is not None and rpb.grad.shape == rpb.shape and not rpb.grad.any()
+
+
+BAD_VALUE_CASES = [  # (spatial, kernel_size, stride, dilation, is_causal, bad token)
+    ((32,), 5, 1, 1, False, (10,)),
+    ((32,), 5, 1, 1, False, (1,)),
+    ((20,), 3, 1, 3, True, (7,)),
+    ((8, 8), 3, 1, 1, False, (4, 4)),
+    ((9, 10), (3, 4), (1, 2), (2, 1), (False, True), (3, 0)),
+    ((5, 6, 6), 3, 1, (1, 2, 1), False, (2, 3, 5)),
+]
+
+
+@pytest.mark.parametrize("where", ["key", "value"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("case", BAD_VALUE_CASES, ids=[case_id(*c[:5], False) for c in BAD_VALUE_CASES])
+def test_non_finite_input_stays_inside_its_neighbourhood(case, bad, where):
+    """A NaN/inf in one key or value row reaches only the queries whose window holds that key (the oracle's mask).
+
+    A NaN (or an inf value) makes exactly those queries non-finite; an inf key may leave some of them finite (the
+    softmax then puts all weight on it), but never touches another query.
+    """
+    spatial, ks, ss, ds, cs, token = case
+    q, k, v = make_inputs(spatial, 1, 4, torch.float64, batch=1, requires_grad=False)
+    target = k if where == "key" else v
+    target[(0, *token, 0, 1)] = bad
+    out = FNS[len(spatial)](q, k, v, ks, stride=ss, dilation=ds, is_causal=cs)
+    mask, _ = dense_mask_and_bias_index(spatial, ks, ss, ds, cs)
+    flat = 0
+    for coord, length in zip(token, spatial):
+        flat = flat * length + coord
+    seeing = mask[:, flat]  # [N]: queries whose window holds the bad key
+    nonfinite = ~torch.isfinite(out).all(-1).reshape(-1)
+    assert not (nonfinite & ~seeing).any(), "a query outside the bad key's neighbourhood became non-finite"
+    if where == "value" or bad != math.inf:
+        assert torch.equal(nonfinite, seeing)
+    else:
+        assert nonfinite.any()
+
+
 def test_backend_switch_and_debug_log(caplog, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the interpreter would let Triton accept CPU tensors
     q = torch.randn(1, 8, 1, 4)
     with caplog.at_level(logging.DEBUG, logger="natzoo.ops.neighborhood"):
         ops.na1d(q, q, q, 3)
     assert "reference backend (auto" in caplog.text
-    with pytest.raises(ValueError, match="backend='triton'.*device=cpu"):
+    with pytest.raises(ValueError, match=r"use_backend\('triton'\) asks for the Triton backend.*device=cpu"):
         with use_backend("triton"):
             ops.na1d(q, q, q, 3)
+    with pytest.raises(ValueError, match=r"backend='triton' asks for the Triton backend"):
+        ops.na1d(q, q, q, 3, backend="triton")
     monkeypatch.setenv("NATZOO_NA_BACKEND", "triton")
-    with pytest.raises(ValueError, match="backend='triton'"):
+    with pytest.raises(ValueError, match=r"NATZOO_NA_BACKEND=triton \(environment variable\) asks for the Triton"):
         ops.na1d(q, q, q, 3)
     with use_backend("reference"):
         ops.na1d(q, q, q, 3)
@@ -182,6 +238,31 @@ def test_backend_switch_and_debug_log(caplog, monkeypatch):
     with pytest.raises(ValueError, match="use_backend"):
         with use_backend("cuda"):
             pass
+
+
+def test_use_backend_does_not_leak_across_threads():
+    """A use_backend() block in one thread leaves the choice of every other thread alone."""
+    entered, release = threading.Event(), threading.Event()
+    seen = {}
+
+    def hold():
+        with use_backend("triton"):
+            seen["inside"] = forced_backend()
+            entered.set()
+            release.wait(10)
+
+    worker = threading.Thread(target=hold)
+    worker.start()
+    try:
+        assert entered.wait(10)
+        seen["main"] = forced_backend()
+        with use_backend("reference"):
+            seen["main_nested"] = forced_backend()
+    finally:
+        release.set()
+        worker.join(10)
+    assert seen == {"inside": "triton", "main": None, "main_nested": "reference"}
+    assert forced_backend() is None
 
 
 @pytest.mark.parametrize("tile_kind", ["one", "two", "whole"])
@@ -201,3 +282,13 @@ def test_reference_any_tiling_matches_oracle(case, tile_kind):
     ref_out, ref_lse = dense_na(q, k, v, ks, ss, ds, cs, rpb=rpb)
     torch.testing.assert_close(out, ref_out, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(lse, ref_lse, atol=1e-10, rtol=1e-10)
+
+
+def test_meta_device_call_does_not_poison_the_table_cache():
+    """A shape-only call under ``torch.device("meta")`` leaves real CPU tables for later calls of the same shape."""
+    with torch.device("meta"):
+        q = torch.randn(1, 9, 7, 1, 8)
+        assert ops.na2d(q, q, q, 3, dilation=2).is_meta
+    q, k, v = make_inputs((9, 7), 1, 8, torch.float64, batch=1, requires_grad=False)
+    out = ops.na2d(q, k, v, 3, dilation=2)
+    torch.testing.assert_close(out, dense_na(q, k, v, 3, 1, 2)[0])

@@ -1,4 +1,4 @@
-"""Window semantics against the spec's worked examples, brute-force properties and the inverse formulas."""
+"""Window semantics against hand-worked examples, brute-force properties and the inverse formulas (docs/ops.md)."""
 
 from __future__ import annotations
 
@@ -28,8 +28,8 @@ def table_keys(length, k, s=1, d=1, causal=False):
     return [[y for y, u in zip(row, urow) if u] for row, urow in zip(keys, used)]
 
 
-# Spec 2.5 (a)-(e): keys per query, written out from the tables as published.
-SPEC_EXAMPLES = {
+# Hand-worked one-axis examples (a)-(e): the keys of every query, written out by hand from the window rules.
+WORKED_EXAMPLES = {
     "a-noncausal": ((10, 3, 1, 1, False), [[0, 1, 2], [0, 1, 2], [1, 2, 3]] + [[x - 1, x, x + 1] for x in range(3, 9)]
                     + [[7, 8, 9]]),
     "a-causal": ((10, 3, 1, 1, True), [[0], [0, 1], [0, 1, 2]] + [[x - 2, x - 1, x] for x in range(3, 9)]
@@ -46,15 +46,15 @@ SPEC_EXAMPLES = {
 }
 
 
-@pytest.mark.parametrize("name", list(SPEC_EXAMPLES))
-def test_spec_worked_examples(name):
-    (length, k, s, d, causal), expected = SPEC_EXAMPLES[name]
+@pytest.mark.parametrize("name", list(WORKED_EXAMPLES))
+def test_worked_examples(name):
+    (length, k, s, d, causal), expected = WORKED_EXAMPLES[name]
     assert [keys_of(x, length, k, s, d, causal) for x in range(length)] == expected
     assert table_keys(length, k, s, d, causal) == expected
 
 
-def test_spec_rpb_indices_examples():
-    # 2.5 (a) rpb idx non-causal and causal; (b) even kernel; (e) dilated.
+def test_worked_rpb_indices():
+    # (a) rpb indices non-causal and causal; (b) even kernel; (e) dilated.
     _, _, bias = axis_table(10, 3, 1, 1, False)
     assert bias[0] == [2, 3, 4] and bias[1] == [1, 2, 3] and bias[5] == [1, 2, 3] and bias[9] == [0, 1, 2]
     _, used, bias = axis_table(10, 3, 1, 1, True)
@@ -65,8 +65,8 @@ def test_spec_rpb_indices_examples():
     assert [row[0] for row in bias] == [2, 2, 2, 1, 1, 1, 1, 0, 0, 0]
 
 
-def test_spec_two_axis_example():
-    # 2.5 (f): map 6x8, k=(3,3), d=(1,2), query (0,5).
+def test_worked_two_axis_example():
+    # (f) a two-axis example: map 6x8, k=(3,3), d=(1,2), query (0,5).
     mask, index = dense_mask_and_bias_index((6, 8), (3, 3), 1, (1, 2), False)
     q = 0 * 8 + 5
     attended = sorted(divmod(int(y), 8) for y in torch.nonzero(mask[q]).flatten())
@@ -77,7 +77,7 @@ def test_spec_two_axis_example():
     assert sorted(divmod(int(y), 8) for y in torch.nonzero(mask_c[q]).flatten()) == [(0, 3), (0, 5), (0, 7)]
 
 
-SPEC_INVERSE = {  # 2.6 table, L_g = 10: (k, s, causal) -> [qs, qe) per key j
+INVERSE_TABLE = {  # hand-worked, L_g = 10: (k, s, causal) -> [qs, qe) per key j
     (3, 1, False): [(0, 2), (0, 3), (0, 4), (2, 5), (3, 6), (4, 7), (5, 8), (6, 10), (7, 10), (8, 10)],
     (3, 1, True): [(0, 3), (1, 4), (2, 5), (3, 6), (4, 7), (5, 8), (6, 9), (7, 10), (8, 10), (9, 10)],
     (4, 2, False): [(0, 2), (0, 4), (0, 4), (0, 6), (2, 6), (4, 8), (4, 10), (6, 10), (6, 10), (8, 10)],
@@ -85,14 +85,14 @@ SPEC_INVERSE = {  # 2.6 table, L_g = 10: (k, s, causal) -> [qs, qe) per key j
 }
 
 
-@pytest.mark.parametrize("args", list(SPEC_INVERSE), ids=str)
-def test_spec_inverse_table(args):
+@pytest.mark.parametrize("args", list(INVERSE_TABLE), ids=str)
+def test_worked_inverse_table(args):
     k, s, causal = args
-    assert [inverse_window(j, 10, k, s, causal) for j in range(10)] == SPEC_INVERSE[args]
+    assert [inverse_window(j, 10, k, s, causal) for j in range(10)] == INVERSE_TABLE[args]
 
 
 def test_inverse_formulas_exhaustive():
-    """Spec 6.2: for all L_g <= 40, 2 <= k <= L_g, 1 <= s <= k, both causal modes, the closed-form inverse ranges
+    """For all L_g <= 40, 2 <= k <= L_g, 1 <= s <= k, both causal modes, the closed-form inverse ranges
     equal the brute-force inverse of the forward window rule."""
     for group_len in range(2, 41):
         for k in range(2, group_len + 1):
@@ -107,7 +107,7 @@ def test_inverse_formulas_exhaustive():
 
 
 def test_window_properties_brute_force():
-    """Spec 2.4: self in window, monotone starts/ends, rpb index in [0, 2k-2], exactly k keys when non-causal."""
+    """Documented properties: self in window, monotone starts/ends, rpb index in [0, 2k-2], exactly k keys when non-causal."""
     for length in range(2, 26):
         for k in range(2, length + 1):
             for d in range(1, length // k + 1):

@@ -1,4 +1,4 @@
-"""One test per validation rule (spec section 4): the right exception, naming the argument and the values."""
+"""One test per validation rule (docs/ops.md, "Validation"): the right exception, naming the argument and values."""
 
 from __future__ import annotations
 
@@ -19,38 +19,40 @@ def call(**overrides):
 @pytest.mark.parametrize(
     "overrides,pattern",
     [
-        (dict(query=[1.0]), r"na2d: query must be a torch.Tensor, got list"),  # V1
-        (dict(value=None), r"value must be a torch.Tensor, got NoneType"),  # V1
-        (dict(query=Q.long(), key=Q.long(), value=Q.long()), r"dtype.*torch.int64"),  # V2
-        (dict(query=Q.bool(), key=Q.bool(), value=Q.bool()), r"dtype.*torch.bool"),  # V2
+        (dict(query=[1.0]), r"na2d: query must be a torch.Tensor, got list"),  # tensor type
+        (dict(value=None), r"value must be a torch.Tensor, got NoneType"),  # tensor type
+        (dict(query=Q.long(), key=Q.long(), value=Q.long()), r"dtype.*torch.int64"),  # floating dtype
+        (dict(query=Q.bool(), key=Q.bool(), value=Q.bool()), r"dtype.*torch.bool"),  # floating dtype
         (dict(query=torch.complex(Q, Q), key=torch.complex(Q, Q), value=torch.complex(Q, Q)), r"dtype.*complex"),
         (dict(query=Q.to(torch.float8_e4m3fn), key=Q.to(torch.float8_e4m3fn), value=Q.to(torch.float8_e4m3fn)),
-         r"dtype=torch.float8_e4m3fn is not supported"),  # V3
+         r"dtype=torch.float8_e4m3fn is not supported"),  # supported dtype
         (dict(key=Q.double()), r"query dtype=torch.float32, key dtype=torch.float64, value dtype=torch.float32"),
-        (dict(key=Q.to("meta")), r"query device=cpu, key device=meta, value device=cpu"),  # V5
+        (dict(key=Q.to("meta")), r"query device=cpu, key device=meta, value device=cpu"),  # one device
         (dict(query=Q[0], key=Q[0], value=Q[0]), r"\[B, \*spatial\(2\), heads, head_dim\].*query.shape=\(8, 9, 2, 4\)"),
-        (dict(value=Q[:, :, :8]), r"value.shape=\(1, 8, 8, 2, 4\)"),  # V7
-        (dict(query=Q[..., :0], key=Q[..., :0], value=Q[..., :0]), r"query.shape=\(1, 8, 9, 2, 0\)"),  # V8
-        (dict(query=Q[:, :, :, :0], key=Q[:, :, :, :0], value=Q[:, :, :, :0]), r"query.shape"),  # V8 heads
-        (dict(kernel_size=(3, 3, 3)), r"kernel_size must be an int or a tuple/list of 2 ints.*\(3, 3, 3\)"),  # V9
-        (dict(kernel_size=True), r"kernel_size.*True"),  # V9 bool rejected
-        (dict(stride=2.0), r"stride must be an int.*2.0"),  # V9
-        (dict(dilation=[1, "2"]), r"dilation must be an int"),  # V9
-        (dict(is_causal=1), r"is_causal must be a bool or a tuple/list of 2 bools"),  # V9
-        (dict(kernel_size=(3, 1)), r"kernel_size must be >= 2, got kernel_size=1 on axis 1"),  # V10
-        (dict(stride=4), r"stride=4 with kernel_size=3 on axis 0"),  # V11
-        (dict(stride=(1, 0)), r"stride=0 with kernel_size=3 on axis 1"),  # V11
-        (dict(dilation=(0, 1)), r"dilation must be >= 1, got dilation=0 on axis 0"),  # V12
+        (dict(value=Q[:, :, :8]), r"value.shape=\(1, 8, 8, 2, 4\)"),  # one shape
+        (dict(query=Q[..., :0], key=Q[..., :0], value=Q[..., :0]), r"query.shape=\(1, 8, 9, 2, 0\)"),  # non-empty axes
+        (dict(query=Q[:, :, :, :0], key=Q[:, :, :, :0], value=Q[:, :, :, :0]), r"query.shape"),  # non-empty axes heads
+        # per-axis arguments: an int (or bool) or one entry per axis
+        (dict(kernel_size=(3, 3, 3)), r"kernel_size must be an int or a tuple/list of 2 ints.*\(3, 3, 3\)"),
+        (dict(kernel_size=True), r"kernel_size.*True"),  # per-axis argument form bool rejected
+        (dict(stride=2.0), r"stride must be an int.*2.0"),  # per-axis argument form
+        (dict(dilation=[1, "2"]), r"dilation must be an int"),  # per-axis argument form
+        (dict(is_causal=1), r"is_causal must be a bool or a tuple/list of 2 bools"),  # per-axis argument form
+        (dict(kernel_size=(3, 1)), r"kernel_size must be >= 2, got kernel_size=1 on axis 1"),  # kernel size
+        (dict(stride=4), r"stride=4 with kernel_size=3 on axis 0"),  # stride range
+        (dict(stride=(1, 0)), r"stride=0 with kernel_size=3 on axis 1"),  # stride range
+        (dict(dilation=(0, 1)), r"dilation must be >= 1, got dilation=0 on axis 0"),  # dilation
         (dict(dilation=(1, 4)), r"kernel_size=3 \* dilation=4 = 12 > 9 on axis 1 \(query.shape=\(1, 8, 9, 2, 4\)\)"),
         (dict(rpb=torch.zeros(2, 5, 5, dtype=torch.long)), r"rpb must be a floating tensor.*dtype=torch.int64"),
-        (dict(rpb=torch.zeros(2, 5, 5, device="meta")), r"rpb must be a floating tensor.*device=meta"),  # V14
-        (dict(rpb=[0.0]), r"rpb must be a floating tensor.*type list"),  # V14
-        (dict(rpb=torch.zeros(2, 5, 4)), r"rpb must have shape \(2, 5, 5\).*rpb.shape=\(2, 5, 4\)"),  # V15
+        (dict(rpb=torch.zeros(2, 5, 5, device="meta")), r"rpb must be a floating tensor.*device=meta"),  # rpb tensor
+        (dict(rpb=[0.0]), r"rpb must be a floating tensor.*type list"),  # rpb tensor
+        (dict(rpb=torch.zeros(2, 5, 4)), r"rpb must have shape \(2, 5, 5\).*rpb.shape=\(2, 5, 4\)"),  # rpb shape
         (dict(rpb=torch.zeros(2, 5, 5), stride=(1, 2)), r"rpb is only defined for stride 1.*stride=\(1, 2\)"),
-        (dict(scale=float("nan")), r"scale must be None or a finite real number, got scale=nan"),  # V17
-        (dict(scale="0.5"), r"scale=.0.5."),  # V17
+        (dict(scale=float("nan")), r"scale must be None or a finite real number, got scale=nan"),  # scale
+        (dict(scale="0.5"), r"scale=.0.5."),  # scale
         (dict(backend="cuda"), r"backend must be one of None, 'auto', 'triton', 'reference', got backend='cuda'"),
-        (dict(backend="triton", query=Q.double(), key=Q.double(), value=Q.double()), r"backend='triton'"),  # V19
+        # a forced backend that cannot run the problem
+        (dict(backend="triton", query=Q.double(), key=Q.double(), value=Q.double()), r"backend='triton'"),
     ],
 )
 def test_validation_rule(overrides, pattern):
@@ -63,8 +65,8 @@ def test_unknown_keyword_is_type_error():
         call(additional_keys=Q)
 
 
-def test_checks_run_in_spec_order():
-    """V6 (rank) fires before V10 (kernel) when both are wrong; V13 before V15."""
+def test_checks_run_in_documented_order():
+    """The rank check fires before the kernel-size check when both fail; the window-fits check before rpb shape."""
     with pytest.raises(ValueError, match="query.shape"):
         call(query=Q[0], key=Q[0], value=Q[0], kernel_size=1)
     with pytest.raises(ValueError, match="dilation=4"):

@@ -19,8 +19,9 @@ from natzoo.config import CLASSIFICATION_RULES, plain
 from natzoo.datasets.demo import ensure_demo_dataset
 from natzoo.datasets.folder import ImageFolderDataModule, check_image_folder_layout
 from natzoo.lightning_checkpoints import read_lightning_checkpoint
+from natzoo.models import load_weights
+from natzoo.module_weights import network_weights
 from natzoo.tasks import Task, register_task
-from natzoo.weights import load_weights, read_state_dict
 
 __all__ = [
     "build_datamodule",
@@ -142,10 +143,10 @@ def build_module(cfg: DictConfig, datamodule: ImageFolderDataModule) -> Classifi
     num_classes = len(datamodule.check_layout(with_train=True))
     module = ClassificationModule(**_module_kwargs(cfg, num_classes))
     if cfg.get("checkpoint"):
-        state = read_state_dict(cfg.checkpoint)
-        new_head = load_weights(module.model, state, allow_new_head=True, source=str(cfg.checkpoint))
-        log.info("initialised %s from %s%s", cfg.model.name, cfg.checkpoint,
-                 " with a new classifier" if new_head else "")
+        # The head is kept when it fits the dataset's classes, else re-initialised (fine-tuning); load_weights logs it.
+        report = load_weights(module.model, network_weights(str(cfg.checkpoint)), head="auto",
+                              source=str(cfg.checkpoint))
+        log.info("initialised %s from %s (classifier: %s)", cfg.model.name, cfg.checkpoint, report.head)
         if module.model_ema is not None:
             module.model_ema.set(module.model)
     return module
@@ -172,7 +173,7 @@ def load_module_for_eval(cfg: DictConfig, datamodule: ImageFolderDataModule) -> 
         kwargs["model_kwargs"] = dict(kwargs["model_kwargs"], pretrained=True)
     module = ClassificationModule(**kwargs)
     if cfg.get("checkpoint"):
-        load_weights(module.model, read_state_dict(cfg.checkpoint), allow_new_head=False, source=str(cfg.checkpoint))
+        load_weights(module.model, network_weights(str(cfg.checkpoint)), head="strict", source=str(cfg.checkpoint))
     return module
 
 

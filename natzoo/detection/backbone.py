@@ -1,8 +1,9 @@
-"""NAT / DiNAT / DiNAT_s as a dense-prediction backbone (spec section 4.1).
+"""NAT / DiNAT / DiNAT_s as a dense-prediction backbone: the model's own ``forward_intermediates`` plus one output
+LayerNorm per returned stage.
 
-The trunk keeps the classifier's module names (``patch_embed``, ``levels`` or ``layers`` for DiNAT_s), drops its
-``norm`` and ``head``, and adds one LayerNorm ``norm{i}`` per output, so classification checkpoints and the official
-downstream checkpoints (with their ``backbone.`` prefix stripped) load with the official key names.
+The backbone registers the trunk's ``patch_embed`` and stage list under the classifier's names (``levels``, or
+``layers`` for DiNAT_s) and adds one LayerNorm ``norm{i}`` per output, so classification checkpoints and the
+official downstream checkpoints (their ``backbone.`` prefix stripped) load with the official key names.
 """
 
 from __future__ import annotations
@@ -10,29 +11,31 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import timm
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from natzoo import models
-from natzoo.models import convert_hf_state_dict, is_hf_state_dict, load_checkpoint_file, resize_rpb
+from natzoo.models import NAT, LoadReport, load_weights
 
-__all__ = ["COCO_DILATION_PATTERNS", "LoadResult", "NATBackbone", "coco_dilations", "load_backbone_checkpoint"]
+__all__ = ["COCO_DILATION_PATTERNS", "NATBackbone", "checkpoint_filter_fn", "coco_dilations",
+           "load_backbone_checkpoint"]
 
 log = logging.getLogger(__name__)
 
-# Per-stage dilation patterns of the official COCO configs (spec 4.2), tiled to each stage's depth: for the released
-# depths this reproduces the lists exactly ([1,3,1,5,1,7] x 3 for 18 blocks, x 1 for 6, DiNAT_s [1,28] for 2, ...).
+# Per-stage dilation patterns of the official COCO configs (docs/detection.md), tiled to each stage's depth: for the
+# released depths this reproduces the lists exactly ([1,3,1,5,1,7] x 3 for 18 blocks, x 1 for 6, DiNAT_s [1,28] ...).
 COCO_DILATION_PATTERNS: dict[str, tuple[tuple[int, ...], ...]] = {
     "dinat": ((1, 28, 1), (1, 7, 1, 14), (1, 3, 1, 5, 1, 7), (1, 3, 1, 3, 1)),
     "dinat_s": ((1, 28), (1, 14), (1, 3, 1, 5, 1, 7), (1, 3)),
 }
 
-# Keys a classification checkpoint has and the backbone does not (spec 4.1); everything else must match.
-_CLASSIFIER_ONLY_KEYS = frozenset({"norm.weight", "norm.bias", "head.weight", "head.bias"})
+# Keys a backbone may lack in a checkpoint (its output norms) and checkpoint keys it ignores (the classifier's final
+# norm and head, and output norms of stages it does not return); everything else must match.
+_OPTIONAL_KEYS = (r"norm\d+\.(weight|bias)",)
+_IGNORED_KEYS = (r"norm\.(weight|bias)", r"head\.(weight|bias)", r"norm\d+\.(weight|bias)")
 
 
 def model_family(model_name: str) -> str:
@@ -46,7 +49,8 @@ def model_family(model_name: str) -> str:
     base = model_name.split(".", 1)[0]
     if not timm.is_model(base):
         nat_names = [n for n in timm.list_models(["nat_*", "dinat_*"]) if "isotropic" not in n]
-        raise ValueError(f"backbone={model_name!r} is not a registered model; hierarchical NAT-family names: {nat_names}")
+        raise ValueError(f"backbone={model_name!r} is not a registered model; hierarchical NAT-family names: "
+                         f"{nat_names}")
     if "isotropic" in base or base.startswith("vitrpb"):
         raise ValueError(
             f"backbone={model_name!r} is an isotropic model (one 14x14 resolution, fixed 224 input); a detection "
@@ -62,7 +66,7 @@ def model_family(model_name: str) -> str:
 
 
 def coco_dilations(model_name: str, depths: Sequence[int]) -> list[list[int]] | None:
-    """The COCO (Mask / Cascade R-CNN) per-block dilations of spec 4.2 for a variant with these ``depths``.
+    """The COCO (Mask / Cascade R-CNN) per-block dilations of the official configs for a variant with these ``depths``.
 
     Returns None (all 1) for NAT. Stage patterns are tiled to the stage depth, which gives the official lists for
     the released depths and a consistent extension for shortened test models.
@@ -81,8 +85,35 @@ def _model_depths(model_name: str, model_kwargs: Mapping[str, Any]) -> list[int]
         return [int(d) for d in model_kwargs["depths"]]
     # Build on the meta device: no memory or init cost, only the structure is read.
     with torch.device("meta"):
-        trunk = timm.create_model(model_name, num_classes=0, **{k: v for k, v in model_kwargs.items() if k != "dilations"})
+        kwargs = {k: v for k, v in model_kwargs.items() if k != "dilations"}
+        trunk = timm.create_model(model_name, num_classes=0, **kwargs)
     return [len(stage.blocks) for stage in trunk.stages]
+
+
+def _select_backbone_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strips the prefix under which a trunk is nested in a downstream checkpoint, if any."""
+    anchor = "patch_embed.proj"
+    if any(k.startswith(anchor) for k in state_dict):
+        return state_dict
+    prefixes = sorted({k[: k.index(anchor)] for k in state_dict if anchor in k})
+    # mmdet/mmseg nest the trunk under "backbone.", this project's detectors under "backbone.body." (torchvision).
+    if len(prefixes) != 1:
+        raise ValueError(
+            f"cannot locate the backbone in the checkpoint: expected keys starting with 'patch_embed.' under one "
+            f"prefix, found prefixes {prefixes or 'none'} (first keys: {sorted(state_dict)[:5]})"
+        )
+    prefix = prefixes[0]
+    selected = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    log.info("Loading the backbone from keys under %r (%d other keys ignored)", prefix, len(state_dict) - len(selected))
+    return selected
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """The trunk family's key work (HF transformers layout -> official), then the trunk's keys out of a downstream
+    checkpoint (``backbone.``, ``backbone.body.``)."""
+    family_filter = type(backbone.trunk).checkpoint_filter
+    state = family_filter(state_dict, backbone.trunk) if family_filter is not None else dict(state_dict)
+    return _select_backbone_keys(state)
 
 
 class NATBackbone(nn.Module):
@@ -95,18 +126,20 @@ class NATBackbone(nn.Module):
         model_name: Registry name of a hierarchical NAT, DiNAT or DiNAT_s variant (e.g. ``"dinat_tiny"``).
         out_indices: Stages whose pre-downsample maps are returned, in increasing order.
         frozen_stages: -1 freezes nothing; 0 or 1 freezes ``patch_embed``; ``k >= 2`` also freezes stages
-            ``0..k-2`` with their downsamplers (spec 4.1). Frozen modules stay in eval mode with
+            ``0..k-2`` with their downsamplers. Frozen modules stay in eval mode with
             ``requires_grad=False`` across ``train()`` calls; the output norms are never frozen.
         norm_eval: Keep BatchNorm layers of the backbone in eval mode while training (mmdet's option; NAT-family
             trunks only have LayerNorms, which behave the same in both modes, so it only matters for custom trunks).
         dilations: Per-block dilations: None keeps the variant's own (classification) lists, ``"coco"`` selects
-            the COCO lists of spec 4.2, or an explicit list per stage.
+            the lists of the official COCO configs, or an explicit list per stage.
         drop_path_rate: Stochastic-depth rate (None keeps the variant's default).
         pretrained: Path of a classification checkpoint (official ``.pth``, HF ``.bin``/``.safetensors``, or this
             project's Lightning ``.ckpt``) loaded with :func:`load_backbone_checkpoint`.
         **model_kwargs: Further constructor overrides (``embed_dim``, ``depths``, ``num_heads``, ``kernel_size``,
             ``layer_scale``, ...).
     """
+
+    checkpoint_filter = staticmethod(checkpoint_filter_fn)
 
     def __init__(
         self,
@@ -125,7 +158,8 @@ class NATBackbone(nn.Module):
         num_stages = len(model_kwargs["depths"]) if "depths" in model_kwargs else 4
         out_indices = tuple(int(i) for i in out_indices)
         if not out_indices or any(i < 0 or i >= num_stages for i in out_indices):
-            raise ValueError(f"out_indices={list(out_indices)} must be non-empty stage indices in [0, {num_stages - 1}]")
+            raise ValueError(f"out_indices={list(out_indices)} must be non-empty stage indices in "
+                             f"[0, {num_stages - 1}]")
         if len(set(out_indices)) != len(out_indices) or list(out_indices) != sorted(out_indices):
             raise ValueError(f"out_indices={list(out_indices)} must be strictly increasing")
         if not isinstance(frozen_stages, int) or isinstance(frozen_stages, bool):
@@ -147,17 +181,22 @@ class NATBackbone(nn.Module):
             model_kwargs["drop_path_rate"] = float(drop_path_rate)
 
         trunk = timm.create_model(model_name, num_classes=0, **model_kwargs)
-        stages = trunk.stages
-        if len(stages) != num_stages:
-            raise ValueError(f"{model_name} has {len(stages)} stages; out_indices/frozen_stages assumed {num_stages}")
-        self.stage_attr = "layers" if self.family == "dinat_s" else "levels"
+        if len(trunk.stages) != num_stages:
+            raise ValueError(f"{model_name} has {len(trunk.stages)} stages; out_indices/frozen_stages assumed "
+                             f"{num_stages}")
+        # The outputs get their own norms: the classifier's final norm and head go.
+        trunk.prune_intermediate_layers(len(trunk.stages), prune_norm=True)
+        self.stage_attr = trunk.stages_attr
         self.patch_embed = trunk.patch_embed
-        setattr(self, self.stage_attr, stages)
+        self.pos_drop = trunk.pos_drop
+        setattr(self, self.stage_attr, trunk.stages)
+        # Not registered (its modules are, above, under the official names): runs its own forward_intermediates.
+        self._trunk = (trunk,)
         channels = [int(info["num_chs"]) for info in trunk.feature_info]
         self.out_indices = out_indices
         self.out_channels_list = [channels[i] for i in out_indices]
-        self.strides = [4 * 2**i for i in out_indices]
-        self.dilations = [[int(blk.attn.dilation[0]) for blk in stage.blocks] for stage in stages]
+        self.strides = [int(trunk.feature_info[i]["reduction"]) for i in out_indices]
+        self.dilations = [[int(blk.attn.dilation[0]) for blk in stage.blocks] for stage in trunk.stages]
         for i in out_indices:
             self.add_module(f"norm{i}", nn.LayerNorm(channels[i]))
         self.frozen_stages = frozen_stages
@@ -167,12 +206,17 @@ class NATBackbone(nn.Module):
         self._freeze_stages()
 
     @property
+    def trunk(self) -> NAT:
+        """The classification model whose modules this backbone registers (without its final norm and head)."""
+        return self._trunk[0]
+
+    @property
     def stages(self) -> nn.ModuleList:
         """The stage list (``levels`` for NAT/DiNAT, ``layers`` for DiNAT_s)."""
         return getattr(self, self.stage_attr)
 
     def frozen_modules(self) -> list[nn.Module]:
-        """The modules ``frozen_stages`` freezes (spec 4.1)."""
+        """The modules ``frozen_stages`` freezes (see the class docstring)."""
         if self.frozen_stages < 0:
             return []
         return [self.patch_embed, *list(self.stages)[: max(self.frozen_stages - 1, 0)]]
@@ -194,109 +238,38 @@ class NATBackbone(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Stage maps for an NCHW image batch ``[B, 3, H, W]``.
+        """Stage maps for an NCHW image batch ``[B, 3, H, W]``; stages after the last output are not run.
 
         Returns:
             One ``[B, C_i, ceil(H / s_i), ceil(W / s_i)]`` tensor per entry of ``out_indices``.
         """
-        if x.dim() != 4:
-            raise ValueError(f"NATBackbone expects an NCHW batch [B, 3, H, W], got shape {tuple(x.shape)}")
-        x = self.patch_embed(x)  # [B, H/4, W/4, E]
-        outs = []
-        last = self.out_indices[-1]
-        for i, stage in enumerate(self.stages):
-            if hasattr(stage, "forward_blocks"):
-                x = stage.forward_blocks(x)
-            else:
-                for block in stage.blocks:
-                    x = block(x)
-            if i in self.out_indices:
-                outs.append(getattr(self, f"norm{i}")(x).permute(0, 3, 1, 2).contiguous())  # [B, C_i, H_i, W_i]
-            # Stages after the last requested output would be wasted compute (and unused parameters under DDP).
-            if i == last:
-                break
-            x = stage.downsample(x)
-        return outs
-
-
-class LoadResult(NamedTuple):
-    """Keys reported by :func:`load_backbone_checkpoint` (the tolerated ones only; anything else raises)."""
-
-    missing_keys: list[str]
-    unexpected_keys: list[str]
-
-
-def _select_backbone_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Strips the prefix under which a trunk is nested in a downstream or training checkpoint, if any."""
-    anchor = "patch_embed.proj"
-    if any(k.startswith(anchor) for k in state_dict):
-        return state_dict
-    prefixes = sorted({k[: k.index(anchor)] for k in state_dict if anchor in k})
-    # Downstream checkpoints: mmdet/mmseg nest the trunk under "backbone.", this project's detectors under
-    # "backbone.body." (torchvision naming), Lightning modules under their attribute name.
-    if len(prefixes) != 1:
-        raise ValueError(
-            f"cannot locate the backbone in the checkpoint: expected keys starting with 'patch_embed.' under one "
-            f"prefix, found prefixes {prefixes or 'none'} (first keys: {sorted(state_dict)[:5]})"
+        maps = self.trunk.forward_intermediates(
+            x, indices=list(self.out_indices), stop_early=True, output_fmt="NHWC", intermediates_only=True
         )
-    prefix = prefixes[0]
-    selected = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    log.info("Loading the backbone from keys under %r (%d other keys ignored)", prefix, len(state_dict) - len(selected))
-    return selected
+        # [B, H_i, W_i, C_i] -> norm{i} -> [B, C_i, H_i, W_i]
+        return [getattr(self, f"norm{i}")(m).permute(0, 3, 1, 2).contiguous() for i, m in zip(self.out_indices, maps)]
+
 
 
 def load_backbone_checkpoint(
-    backbone: NATBackbone, checkpoint: str | os.PathLike | Mapping[str, torch.Tensor]
-) -> LoadResult:
-    """Loads classification (or downstream) weights into a :class:`NATBackbone`.
+    backbone: NATBackbone, checkpoint: str | os.PathLike | Mapping[str, torch.Tensor],
+    source: str | os.PathLike | None = None,
+) -> LoadReport:
+    """Loads classification (or downstream) weights into a :class:`NATBackbone` through
+    :func:`natzoo.models.load_weights`.
 
     Accepts the official layout, the HF transformers layout (classifier or ``*Backbone``), training checkpoints
-    (``model``/``state_dict`` wrappers, ``module.`` prefixes) and nested trunks (``backbone.``, ``backbone.body.``,
-    a Lightning module attribute). RPB tables of another kernel size are resized bicubically.
+    (``model``/``state_dict`` wrappers, ``module.`` prefixes) and nested trunks (``backbone.``, ``backbone.body.``).
+    RPB tables of another kernel size are resized bicubically. A LightningModule's ``model.`` prefix is the training
+    code's to strip (:func:`natzoo.module_weights.network_weights`). `source` names the file a state dict came
+    from in messages.
 
     Returns:
-        The missing keys (only output norms ``norm{i}.*`` that the checkpoint lacks) and unexpected keys (only the
-        classifier's ``norm.*`` and ``head.*``).
+        The report: missing keys are only output norms ``norm{i}.*`` the checkpoint lacks, unexpected keys only the
+        classifier's ``norm.*`` and ``head.*`` (and output norms of stages this backbone does not return).
 
     Raises:
         ValueError: Any other missing, unexpected or mis-shaped key, listed in the message.
     """
-    if isinstance(checkpoint, Mapping):
-        state_dict = models.unwrap_state_dict(checkpoint)
-    else:
-        state_dict = load_checkpoint_file(checkpoint)
-    if is_hf_state_dict(state_dict):
-        state_dict = convert_hf_state_dict(state_dict)
-    state_dict = _select_backbone_keys(dict(state_dict))
-    target = backbone.state_dict()
-    for key, value in list(state_dict.items()):
-        want = target.get(key)
-        if key.endswith("attn.rpb") and want is not None and value.dim() == 3 and value.shape[1:] != want.shape[1:]:
-            state_dict[key] = resize_rpb(value, tuple(want.shape[1:]))
-    output_norms = {f"norm{i}.{p}" for i in backbone.out_indices for p in ("weight", "bias")}
-    missing = [k for k in target if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in target]
-    bad_missing = [k for k in missing if k not in output_norms]
-    # Output norms of stages this backbone does not return (e.g. from a downstream checkpoint) are also harmless.
-    bad_unexpected = [k for k in unexpected if k not in _CLASSIFIER_ONLY_KEYS and not _is_output_norm(k)]
-    shapes = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs backbone {tuple(v.shape)}"
-        for k, v in target.items()
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
-    ]
-    if bad_missing or bad_unexpected or shapes:
-        raise ValueError(
-            f"checkpoint does not fit backbone {backbone.model_name!r}: {len(bad_missing)} missing, "
-            f"{len(bad_unexpected)} unexpected, {len(shapes)} mis-shaped keys beyond the tolerated ones "
-            f"(missing output norms, classifier norm/head)\n  missing: {bad_missing}\n  unexpected: "
-            f"{bad_unexpected}\n  mis-shaped: {shapes}"
-        )
-    backbone.load_state_dict({k: v for k, v in state_dict.items() if k in target}, strict=False)
-    if missing or unexpected:
-        log.info("Backbone load: missing %s, unexpected %s (expected for a classification checkpoint)", missing, unexpected)
-    return LoadResult(missing, unexpected)
-
-
-def _is_output_norm(key: str) -> bool:
-    head, _, param = key.partition(".")
-    return head.startswith("norm") and head[4:].isdigit() and param in ("weight", "bias")
+    return load_weights(backbone, checkpoint, allow_missing=_OPTIONAL_KEYS, allow_unexpected=_IGNORED_KEYS,
+                        source=source)

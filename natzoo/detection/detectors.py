@@ -99,18 +99,19 @@ def build_detector(
     if anchor_sizes is None:
         anchor_sizes = [32 * 2**i for i in range(num_levels)]
     if len(anchor_sizes) != num_levels:
-        raise ValueError(f"anchor_sizes needs {num_levels} entries (one per FPN level incl. 'pool'), got {anchor_sizes}")
+        raise ValueError(f"anchor_sizes needs {num_levels} entries (one per FPN level incl. 'pool'), got "
+                         f"{anchor_sizes}")
     anchors = AnchorGenerator(tuple((int(s),) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * num_levels)
     box_pool = MultiScaleRoIAlign(featmap_names=names, output_size=7, sampling_ratio=2)
-    kwargs = dict(
-        num_classes=None,
-        min_size=tuple(min_size) if isinstance(min_size, Sequence) else int(min_size),
-        max_size=int(max_size),
-        rpn_anchor_generator=anchors,
-        box_roi_pool=box_pool,
-        box_head=TwoMLPHead(fpn_channels * 7 * 7, representation_size),
-        box_predictor=FastRCNNPredictor(representation_size, num_classes),
-    )
+    kwargs = {
+        "num_classes": None,
+        "min_size": tuple(min_size) if isinstance(min_size, Sequence) else int(min_size),
+        "max_size": int(max_size),
+        "rpn_anchor_generator": anchors,
+        "box_roi_pool": box_pool,
+        "box_head": TwoMLPHead(fpn_channels * 7 * 7, representation_size),
+        "box_predictor": FastRCNNPredictor(representation_size, num_classes),
+    }
     kwargs.update(detector_kwargs or {})
     if arch == "fasterrcnn":
         return FasterRCNN(neck, **kwargs)

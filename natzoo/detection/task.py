@@ -14,6 +14,8 @@ from natzoo.detection.backbone import NATBackbone, load_backbone_checkpoint, mod
 from natzoo.detection.data import CocoDataModule
 from natzoo.detection.module import DetectionModule
 from natzoo.detection.synthetic import SyntheticCocoSpec
+from natzoo.models import load_weights
+from natzoo.module_weights import network_weights
 from natzoo.tasks import Task, register_task
 
 __all__ = ["build_datamodule", "build_module", "load_module_for_eval", "summarize_eval", "validate_config"]
@@ -95,7 +97,7 @@ def build_module(cfg: DictConfig, datamodule: CocoDataModule) -> DetectionModule
     )
     if cfg.get("checkpoint"):
         body: NATBackbone = module.model.backbone.body
-        result = load_backbone_checkpoint(body, str(cfg.checkpoint))
+        result = load_backbone_checkpoint(body, network_weights(str(cfg.checkpoint)), source=str(cfg.checkpoint))
         log.info("backbone initialised from %s (missing %s, unexpected %s)", cfg.checkpoint, result.missing_keys,
                  result.unexpected_keys)
     return module
@@ -118,11 +120,7 @@ def load_module_for_eval(cfg: DictConfig, datamodule: CocoDataModule) -> Detecti
     module = DetectionModule(detector_config(cfg, datamodule.num_classes), with_masks=_with_masks(cfg))
     if not cfg.get("checkpoint"):
         return module  # random_weights=true (the evaluation driver refuses otherwise)
-    from natzoo.models import load_checkpoint_file
-
-    state = load_checkpoint_file(str(cfg.checkpoint))
-    state = {k.removeprefix("model."): v for k, v in state.items()}
-    module.model.load_state_dict(state, strict=True)
+    load_weights(module.model, network_weights(str(cfg.checkpoint)), head="strict", source=str(cfg.checkpoint))
     return module
 
 

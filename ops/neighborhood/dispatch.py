@@ -1,22 +1,23 @@
 """Backend selection for the neighborhood-attention ops.
 
 Precedence: an explicit ``backend='triton'|'reference'`` argument, then the process-wide switch
-(:func:`use_backend` context manager, else the ``NATZOO_NA_BACKEND`` environment variable), then automatic
-selection (Triton for CUDA tensors it supports, otherwise the reference path).
+(:func:`use_backend` context manager, per thread, else the ``NATZOO_NA_BACKEND`` environment variable), then
+automatic selection (Triton for CUDA tensors it supports, otherwise the reference path).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib.util
 import logging
 import os
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 
-from .validation import Problem
+from .validation import BACKENDS, Problem
 
 logger = logging.getLogger("natzoo.ops.neighborhood")
 
@@ -25,34 +26,44 @@ ENV_VAR = "NATZOO_NA_BACKEND"
 TRITON_HEAD_DIMS = tuple(range(16, 257, 16))
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-_forced: list = []
+# The innermost use_backend() of the current thread (or asyncio task): a ContextVar, so a switch made in one thread
+# never changes what another thread runs.
+_forced: contextvars.ContextVar[tuple[str | None, ...]] = contextvars.ContextVar("natzoo_na_backend", default=())
 
 
 @contextlib.contextmanager
-def use_backend(name: Optional[str]) -> Iterator[None]:
-    """Forces a backend for every op call inside the block (``None``/``'auto'`` restores automatic selection).
+def use_backend(name: str | None) -> Iterator[None]:
+    """Forces a backend for every op call made by this thread inside the block (``None``/``'auto'``: automatic).
 
     Example:
         >>> with use_backend("reference"):
         ...     out = ops.na2d(q, k, v, kernel_size=7)
     """
-    if name not in (None, "auto", "triton", "reference"):
+    if name not in BACKENDS:
         raise ValueError(f"use_backend: name must be one of None, 'auto', 'triton', 'reference', got {name!r}")
-    _forced.append(name)
+    token = _forced.set(_forced.get() + (name,))
     try:
         yield
     finally:
-        _forced.pop()
+        _forced.reset(token)
 
 
-def forced_backend() -> Optional[str]:
-    """The process-wide backend switch: the innermost :func:`use_backend`, else ``$NATZOO_NA_BACKEND``."""
-    if _forced:
-        return _forced[-1]
+def _requested(backend: str | None) -> tuple[str | None, str]:
+    """The backend asked for and who asked: the argument, then use_backend(), then the environment variable."""
+    if backend not in (None, "auto"):
+        return backend, f"backend={backend!r}"
+    stack = _forced.get()
+    if stack:
+        return stack[-1], f"use_backend({stack[-1]!r})"
     env = os.environ.get(ENV_VAR, "").strip().lower() or None
-    if env not in (None, "auto", "triton", "reference"):
-        raise ValueError(f"{ENV_VAR} must be one of auto, triton, reference, got {env!r}")
-    return env
+    if env not in BACKENDS:
+        raise ValueError(f"{ENV_VAR} must be one of auto, triton, reference (or unset), got {env!r}")
+    return env, f"{ENV_VAR}={env} (environment variable)"
+
+
+def forced_backend() -> str | None:
+    """The process-wide backend switch: this thread's innermost :func:`use_backend`, else ``$NATZOO_NA_BACKEND``."""
+    return _requested(None)[0]
 
 
 def interpreter_enabled() -> bool:
@@ -71,7 +82,7 @@ def _debug(msg: str, *args) -> None:
         logger.debug(msg, *args)
 
 
-def triton_unsupported_reason(problem: Problem) -> Optional[str]:
+def triton_unsupported_reason(problem: Problem) -> str | None:
     """The Triton backend's capability predicate: None when it accepts the problem, else the reason."""
     if problem.device.type != "cuda" and not (problem.device.type == "cpu" and interpreter_enabled()):
         return f"device={problem.device} is not a CUDA device"
@@ -88,19 +99,22 @@ def triton_available(problem: Problem) -> bool:
     return problem.device.type == "cuda" and torch.cuda.is_available() or interpreter_enabled()
 
 
-def select_backend(problem: Problem, backend: Optional[str]) -> str:
-    """Resolves the backend for one call, raising V19 errors for an impossible forced choice."""
-    requested = backend if backend not in (None, "auto") else forced_backend()
+def select_backend(problem: Problem, backend: str | None) -> str:
+    """Resolves the backend for one call; a forced choice the Triton backend cannot run is an error naming who
+    forced it (the argument, :func:`use_backend` or the environment variable)."""
+    requested, source = _requested(backend)
     if requested == "reference":
-        _debug("%s: reference backend (requested)", problem.name)
+        _debug("%s: reference backend (%s)", problem.name, source)
         return "reference"
     reason = triton_unsupported_reason(problem)
     if requested == "triton":
         if reason is not None:
-            raise ValueError(f"{problem.name}: backend='triton' cannot run this problem: {reason}")
+            raise ValueError(f"{problem.name}: {source} asks for the Triton backend, which cannot run this problem: "
+                             f"{reason}")
         if not triton_available(problem):
-            raise RuntimeError(f"{problem.name}: backend='triton' needs Triton and a CUDA device")
-        _debug("%s: triton backend (requested)", problem.name)
+            raise RuntimeError(f"{problem.name}: {source} asks for the Triton backend, which needs Triton and a CUDA "
+                               "device")
+        _debug("%s: triton backend (%s)", problem.name, source)
         return "triton"
     if reason is None and triton_available(problem) and problem.device.type == "cuda":
         _debug("%s: triton backend (auto)", problem.name)

@@ -2,27 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+
 
 import torch
 
 from .dispatch import select_backend
-from .reference import accumulation_dtype, na_reference
+from .reference import na_reference
 from .validation import BoolOrTuple, IntOrTuple, Problem, check_problem
 
-Output = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+Output = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
-def _run(problem: Problem, query, key, value, rpb, return_lse: bool, backend: Optional[str]) -> Output:
-    if problem.batch == 0:
-        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
-        lse = torch.empty(query.shape[:-1], dtype=accumulation_dtype(query.dtype), device=query.device)
-        return (out, lse) if return_lse else out
-    if select_backend(problem, backend) == "triton":
+def _run(problem: Problem, query, key, value, rpb, return_lse: bool, backend: str | None) -> Output:
+    name = select_backend(problem, backend)
+    if name == "triton" and problem.batch > 0:
         from .triton import na_triton
 
         out, lse = na_triton(problem, query, key, value, rpb)
     else:
+        # An empty batch also goes here: the reference returns empty tensors attached to the autograd graph, so a
+        # backward pass gives gradients of the right shapes (zeros for rpb).
         out, lse = na_reference(problem, query, key, value, rpb, need_lse=return_lse)
     return (out, lse) if return_lse else out
 
@@ -37,10 +36,10 @@ def _na(
     stride: IntOrTuple,
     dilation: IntOrTuple,
     is_causal: BoolOrTuple,
-    scale: Optional[float],
-    rpb: Optional[torch.Tensor],
+    scale: float | None,
+    rpb: torch.Tensor | None,
     return_lse: bool,
-    backend: Optional[str],
+    backend: str | None,
 ) -> Output:
     problem = check_problem(fn, n, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, backend)
     return _run(problem, query, key, value, rpb, return_lse, backend)
@@ -54,10 +53,10 @@ def na1d(
     stride: IntOrTuple = 1,
     dilation: IntOrTuple = 1,
     is_causal: BoolOrTuple = False,
-    scale: Optional[float] = None,
-    rpb: Optional[torch.Tensor] = None,
+    scale: float | None = None,
+    rpb: torch.Tensor | None = None,
     return_lse: bool = False,
-    backend: Optional[str] = None,
+    backend: str | None = None,
 ) -> Output:
     """1-D neighborhood attention over ``[B, L, heads, head_dim]`` tensors.
 
@@ -88,10 +87,10 @@ def na2d(
     stride: IntOrTuple = 1,
     dilation: IntOrTuple = 1,
     is_causal: BoolOrTuple = False,
-    scale: Optional[float] = None,
-    rpb: Optional[torch.Tensor] = None,
+    scale: float | None = None,
+    rpb: torch.Tensor | None = None,
     return_lse: bool = False,
-    backend: Optional[str] = None,
+    backend: str | None = None,
 ) -> Output:
     """2-D neighborhood attention over ``[B, X, Y, heads, head_dim]`` tensors.
 
@@ -108,10 +107,10 @@ def na3d(
     stride: IntOrTuple = 1,
     dilation: IntOrTuple = 1,
     is_causal: BoolOrTuple = False,
-    scale: Optional[float] = None,
-    rpb: Optional[torch.Tensor] = None,
+    scale: float | None = None,
+    rpb: torch.Tensor | None = None,
     return_lse: bool = False,
-    backend: Optional[str] = None,
+    backend: str | None = None,
 ) -> Output:
     """3-D neighborhood attention over ``[B, X, Y, Z, heads, head_dim]`` tensors.
 

@@ -1,4 +1,4 @@
-"""Window arithmetic of neighborhood attention (spec section 2) and cached gather tables for the reference path.
+"""Window arithmetic of neighborhood attention (docs/ops.md, "Semantics") and cached gather tables for the reference.
 
 Everything here works on one axis at a time, on in-group indices of a dilation group; the multi-axis neighbourhood
 is the Cartesian product of the per-axis ones.
@@ -7,7 +7,7 @@ is the Cartesian product of the per-axis ones.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Optional, Tuple
+
 
 import torch
 
@@ -17,7 +17,7 @@ def group_length(length: int, dilation: int, group: int) -> int:
     return (length - group + dilation - 1) // dilation
 
 
-def window(i: int, group_len: int, kernel: int, stride: int, causal: bool) -> Tuple[int, int]:
+def window(i: int, group_len: int, kernel: int, stride: int, causal: bool) -> tuple[int, int]:
     """In-group key range ``[start, end)`` attended by in-group query `i`."""
     if causal:
         leader = min((i // stride) * stride + stride - 1, group_len - 1)
@@ -28,8 +28,8 @@ def window(i: int, group_len: int, kernel: int, stride: int, causal: bool) -> Tu
     return start, start + kernel
 
 
-def inverse_window(j: int, group_len: int, kernel: int, stride: int, causal: bool) -> Tuple[int, int]:
-    """In-group query range ``[qs, qe)`` of the queries that attend to in-group key `j` (spec section 2.6)."""
+def inverse_window(j: int, group_len: int, kernel: int, stride: int, causal: bool) -> tuple[int, int]:
+    """In-group query range ``[qs, qe)`` of the queries that attend to in-group key `j`."""
     if causal:
         qe = stride * ((j + kernel) // stride + (1 if j + kernel >= group_len else 0))
         return j, min(qe, group_len)
@@ -41,7 +41,7 @@ def inverse_window(j: int, group_len: int, kernel: int, stride: int, causal: boo
     return qs, qe
 
 
-def default_tile(kernel_size: Tuple[int, ...], dilation: Tuple[int, ...], spatial: Tuple[int, ...]) -> Tuple[int, ...]:
+def default_tile(kernel_size: tuple[int, ...], dilation: tuple[int, ...], spatial: tuple[int, ...]) -> tuple[int, ...]:
     """Query-tile extent per axis for the reference path.
 
     A tile of ``t`` queries visits ``t + k - 1`` keys per axis: larger tiles gather fewer keys per query but score
@@ -98,21 +98,22 @@ def axis_tiles(length: int, kernel: int, stride: int, dilation: int, causal: boo
 
 @lru_cache(maxsize=256)
 def _tile_tables_cpu(
-    spatial: Tuple[int, ...],
-    kernel_size: Tuple[int, ...],
-    stride: Tuple[int, ...],
-    dilation: Tuple[int, ...],
-    is_causal: Tuple[bool, ...],
-    tile: Tuple[int, ...],
-) -> Tuple[torch.Tensor, ...]:
-    q_idx = torch.zeros((1, 1), dtype=torch.long)
-    k_idx = torch.zeros((1, 1), dtype=torch.long)
-    allowed = torch.ones((1, 1, 1), dtype=torch.bool)
-    ridx = torch.zeros((1, 1, 1), dtype=torch.long)
-    owner = torch.zeros((1,), dtype=torch.long)
+    spatial: tuple[int, ...],
+    kernel_size: tuple[int, ...],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    is_causal: tuple[bool, ...],
+    tile: tuple[int, ...],
+) -> tuple[torch.Tensor, ...]:
+    # Explicit CPU: a caller inside `with torch.device("meta")` must not leave meta tables in the cache.
+    q_idx = torch.zeros((1, 1), dtype=torch.long, device="cpu")
+    k_idx = torch.zeros((1, 1), dtype=torch.long, device="cpu")
+    allowed = torch.ones((1, 1, 1), dtype=torch.bool, device="cpu")
+    ridx = torch.zeros((1, 1, 1), dtype=torch.long, device="cpu")
+    owner = torch.zeros((1,), dtype=torch.long, device="cpu")
     tiles_so_far, tile_so_far = 1, 1
     for length, k, s, d, c, t in zip(spatial, kernel_size, stride, dilation, is_causal, tile):
-        qa, ka, aa, ba, oa = (torch.tensor(x) for x in axis_tiles(length, k, s, d, c, t))
+        qa, ka, aa, ba, oa = (torch.tensor(x, device="cpu") for x in axis_tiles(length, k, s, d, c, t))
         # Row-major product of tiles, of query slots and of key slots: [n_prev, P] x [n_a, p] -> [n_prev * n_a, P * p].
         q_idx = (q_idx[:, None, :, None] * length + qa[None, :, None, :]).flatten(2).flatten(0, 1)
         k_idx = (k_idx[:, None, :, None] * length + ka[None, :, None, :]).flatten(2).flatten(0, 1)
@@ -141,14 +142,14 @@ def _tile_tables_on(spatial, kernel_size, stride, dilation, is_causal, tile, dev
 
 
 def tile_tables(
-    spatial: Tuple[int, ...],
-    kernel_size: Tuple[int, ...],
-    stride: Tuple[int, ...],
-    dilation: Tuple[int, ...],
-    is_causal: Tuple[bool, ...],
-    tile: Tuple[int, ...],
+    spatial: tuple[int, ...],
+    kernel_size: tuple[int, ...],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    is_causal: tuple[bool, ...],
+    tile: tuple[int, ...],
     device: torch.device,
-) -> Tuple[torch.Tensor, ...]:
+) -> tuple[torch.Tensor, ...]:
     """Cached tile tables over all tokens: the multi-axis product of :func:`axis_tiles`.
 
     Returns:

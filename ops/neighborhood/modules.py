@@ -1,16 +1,122 @@
-"""Neighborhood-attention modules with the parameter names of the official NAT/DiNAT checkpoints."""
+"""Neighborhood-attention modules with the parameter names of the official NAT/DiNAT checkpoints.
+
+The shape-dependent steps of the forward (input checks, the pad-then-crop rule, the op itself) live in
+``torch.fx.wrap``-ed functions, so symbolic tracing (timm's FX feature extraction, torchvision's
+``create_feature_extractor``) records each as one call instead of failing on control flow over tensor sizes; eager
+and compiled execution run the same code either way.
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+import numbers
+from typing import Any
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
 from .functional import _run
 from .reference import na_reference
 from .validation import BoolOrTuple, IntOrTuple, check_problem, check_rpb_flag, check_window_args
+
+__all__ = [
+    "NeighborhoodAttention1D",
+    "NeighborhoodAttention2D",
+    "NeighborhoodAttention3D",
+    "check_bool",
+    "check_heads",
+    "check_int",
+    "check_rate",
+    "check_real",
+]
+
+
+def check_int(owner: str, name: str, value: Any, minimum: int = 1) -> int:
+    """`value` as an int ``>= minimum``; TypeError for a non-integer (bools and floats included), ValueError below."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{owner}: {name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_real(owner: str, name: str, value: Any, positive: bool = False) -> float:
+    """`value` as a finite float (and ``> 0`` when `positive`); TypeError for a non-number, ValueError otherwise."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be a real number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{owner}: {name} must be a finite number{' > 0' if positive else ''}, got {value}")
+    return float(value)
+
+
+def check_rate(owner: str, name: str, value: Any) -> float:
+    """A dropout or drop-path probability: a real number in ``[0, 1)``."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be a probability (a float in [0, 1)), got {type(value).__name__} "
+                        f"{value!r}")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{owner}: {name} must be in [0, 1), got {value}")
+    return float(value)
+
+
+def check_heads(owner: str, dim: Any, num_heads: Any) -> tuple[int, int]:
+    """`dim` and `num_heads` as ints ``>= 1``, the head count dividing the width."""
+    dim, num_heads = check_int(owner, "dim", dim), check_int(owner, "num_heads", num_heads)
+    if dim % num_heads != 0:
+        raise ValueError(f"{owner}: num_heads must divide dim, got dim={dim}, num_heads={num_heads}")
+    return dim, num_heads
+
+
+def check_bool(owner: str, name: str, value: Any) -> bool:
+    """`value` if it is a bool; TypeError otherwise (a string such as ``"false"`` would be truthy)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+@torch.fx.wrap
+def _window_dilation(
+    x: torch.Tensor, owner: str, n: int, dim: int, kernel_size: tuple[int, ...], stride: tuple[int, ...],
+    dilation: tuple[int, ...], override: Any, is_causal: tuple[bool, ...],
+) -> tuple[int, ...]:
+    """Checks `x` ``[B, *S, dim]`` and returns the dilation of this call (the module's, or a validated override)."""
+    if x.dim() != n + 2 or x.shape[-1] != dim:
+        raise ValueError(f"{owner}: x must be [B, *spatial({n}), dim={dim}], got x.shape={tuple(x.shape)}")
+    if override is None:
+        return dilation
+    return check_window_args(owner, n, kernel_size, stride, override, is_causal)[2]
+
+
+@torch.fx.wrap
+def _pad_to_window(x: torch.Tensor, kernel_size: tuple[int, ...], dilation: tuple[int, ...]) -> torch.Tensor:
+    """Zero-pads each spatial axis shorter than ``kernel_size * dilation`` at its end (channels stay unpadded)."""
+    pad = [max(k * d - length, 0) for k, d, length in zip(kernel_size, dilation, x.shape[1:-1])]
+    if not any(pad):
+        return x
+    # F.pad lists (before, after) pairs from the last dim backwards.
+    return F.pad(x, [0, 0] + [p for amount in reversed(pad) for p in (0, amount)])
+
+
+@torch.fx.wrap
+def _attend(
+    qkv: torch.Tensor, x: torch.Tensor, rpb: torch.Tensor | None, owner: str, n: int, num_heads: int,
+    kernel_size: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...], is_causal: tuple[bool, ...],
+    scale: float, dropout_p: float,
+) -> torch.Tensor:
+    """Attention over the (possibly padded) ``qkv [B, *S', 3 * dim]``, cropped to `x`'s spatial size:
+    ``[B, *S, dim]``."""
+    q, k, v = qkv.unflatten(-1, (3, num_heads, -1)).unbind(dim=-3)  # 3 x [B, *S', heads, head_dim]
+    problem = check_problem(owner, n, q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb, None)
+    if dropout_p > 0.0:
+        out, _ = na_reference(problem, q, k, v, rpb, dropout_p=dropout_p, need_lse=False)
+    else:
+        out = _run(problem, q, k, v, rpb, False, None)
+    spatial = x.shape[1:-1]
+    if tuple(out.shape[1:-2]) != tuple(spatial):
+        out = out[(slice(None), *(slice(0, length) for length in spatial))]
+    return out.flatten(-2)
 
 
 class _NeighborhoodAttentionNd(nn.Module):
@@ -32,66 +138,70 @@ class _NeighborhoodAttentionNd(nn.Module):
         stride: IntOrTuple = 1,
         is_causal: BoolOrTuple = False,
         qkv_bias: bool = True,
-        qk_scale: Optional[float] = None,
+        qk_scale: float | None = None,
         rel_pos_bias: bool = False,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
     ) -> None:
+        """
+        Args:
+            dim: Channels (``num_heads * head_dim``).
+            num_heads: Attention heads; must divide `dim`.
+            kernel_size: Window size per axis (``>= 2``).
+            dilation: Window dilation per axis (``>= 1``).
+            stride: Query-block stride per axis (``1 <= stride <= kernel_size``).
+            is_causal: Causal masking per axis.
+            qkv_bias: Bias in the qkv projection.
+            qk_scale: Logit scale; None means ``head_dim ** -0.5``.
+            rel_pos_bias: Learn a relative positional bias ``rpb [heads, 2k-1, ...]`` (stride 1 only).
+            attn_drop: Dropout probability on the attention weights (training only).
+            proj_drop: Dropout probability after the output projection.
+
+        Raises:
+            TypeError: An argument of the wrong type (e.g. a float `num_heads`).
+            ValueError: An argument out of range, named in the message.
+        """
         super().__init__()
         name = type(self).__name__
-        if num_heads < 1 or dim % num_heads != 0:
-            raise ValueError(f"{name}: dim must be divisible by num_heads, got dim={dim}, num_heads={num_heads}")
+        dim, num_heads = check_heads(name, dim, num_heads)
+        check_bool(name, "qkv_bias", qkv_bias)
+        check_bool(name, "rel_pos_bias", rel_pos_bias)
+        if qk_scale is not None:
+            check_real(name, "qk_scale", qk_scale)
         ks, st, dil, causal = check_window_args(name, self.n, kernel_size, stride, dilation, is_causal)
         check_rpb_flag(name, rel_pos_bias, st)
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.kernel_size, self.stride, self.dilation, self.is_causal = ks, st, dil, causal
-        self.scale = self.head_dim**-0.5 if qk_scale is None else qk_scale
+        self.scale = self.head_dim**-0.5 if qk_scale is None else float(qk_scale)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         if rel_pos_bias:
             self.rpb = nn.Parameter(torch.zeros(num_heads, *(2 * k - 1 for k in ks)))
             nn.init.trunc_normal_(self.rpb, std=0.02, a=-2.0, b=2.0)
         else:
             self.register_parameter("rpb", None)
-        self.attn_drop = attn_drop
+        self.attn_drop = check_rate(name, "attn_drop", attn_drop)
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.proj_drop = nn.Dropout(check_rate(name, "proj_drop", proj_drop))
 
-    def forward(self, x: torch.Tensor, dilation: Optional[IntOrTuple] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dilation: IntOrTuple | None = None) -> torch.Tensor:
         """Attention over `x` ``[B, *S, dim]``.
 
         Args:
             x: Channels-last input.
             dilation: Overrides the module's dilation for this call (e.g. clamped to a small feature map).
         """
-        name = type(self).__name__
-        if x.dim() != self.n + 2 or x.shape[-1] != self.dim:
-            raise ValueError(
-                f"{name}: x must be [B, *spatial({self.n}), dim={self.dim}], got x.shape={tuple(x.shape)}"
-            )
-        if dilation is None:
-            dilation = self.dilation
-        else:
-            dilation = check_window_args(name, self.n, self.kernel_size, self.stride, dilation, self.is_causal)[2]
-        spatial = x.shape[1:-1]
-        pad = [max(k * d - length, 0) for k, d, length in zip(self.kernel_size, dilation, spatial)]
-        if any(pad):
-            # F.pad lists (before, after) pairs from the last dim backwards; channels come last and stay unpadded.
-            x = F.pad(x, [0, 0] + [p for amount in reversed(pad) for p in (0, amount)])
-        qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim))
-        q, k, v = qkv.unbind(dim=-3)
-        problem = check_problem(
-            name, self.n, q, k, v, self.kernel_size, self.stride, dilation, self.is_causal, self.scale, self.rpb, None
+        owner = type(self).__name__
+        dilation = _window_dilation(
+            x, owner, self.n, self.dim, self.kernel_size, self.stride, self.dilation, dilation, self.is_causal
         )
-        if self.training and self.attn_drop > 0.0:
-            out, _ = na_reference(problem, q, k, v, self.rpb, dropout_p=self.attn_drop, need_lse=False)
-        else:
-            out = _run(problem, q, k, v, self.rpb, False, None)
-        if any(pad):
-            out = out[(slice(None), *(slice(0, length) for length in spatial))]
-        out = self.proj(out.flatten(-2))
-        return self.proj_drop(out)
+        qkv = self.qkv(_pad_to_window(x, self.kernel_size, dilation))
+        out = _attend(
+            qkv, x, self.rpb, owner, self.n, self.num_heads, self.kernel_size, self.stride, dilation, self.is_causal,
+            self.scale, self.attn_drop if self.training else 0.0,
+        )
+        return self.proj_drop(self.proj(out))
 
     def extra_repr(self) -> str:
         return (

@@ -9,9 +9,9 @@ are computed in float32.
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import Callable, Optional, Tuple
+import sys
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,21 +25,36 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@functools.lru_cache(maxsize=1)
-def _eager_reference() -> Callable[..., Tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    # Built on first use under torch.compile: wrapping at import time would import torch._dynamo (and through it
-    # triton.language) whenever `ops` is imported.
-    return torch.compiler.disable(_na_reference)
+_eager: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None
 
 
-def na_reference(*args, **kwargs) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _eager_reference() -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]]:
+    """The reference behind ``torch.compiler.disable``, built once.
+
+    Built outside compiled regions whenever possible (calling ``torch.compiler.disable`` while tracing costs extra
+    graph breaks), but never by importing torch._dynamo just for it: that import takes seconds and pulls in
+    triton.language. timm and Lightning import it anyway, so in practice the wrapper exists before any tracing.
+    """
+    global _eager
+    if _eager is None:
+        _eager = torch.compiler.disable(_na_reference)
+    return _eager
+
+
+def _prepare_eager_reference() -> None:
+    if _eager is None and "torch._dynamo" in sys.modules:
+        _eager_reference()
+
+
+def na_reference(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Reference neighborhood attention; see :func:`_na_reference` for the arguments.
 
-    Under torch.compile it runs eagerly behind a graph break: inductor (torch 2.15) fails to generate code for its
+    Under torch.compile it runs eagerly behind one graph break per call: inductor fails to generate code for its
     gathers with constant index tensors in inference graphs. Full-graph compilation is the Triton backend's job.
     """
     if torch.compiler.is_compiling():
         return _eager_reference()(*args, **kwargs)
+    _prepare_eager_reference()
     return _na_reference(*args, **kwargs)
 
 
@@ -48,11 +63,11 @@ def _na_reference(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    rpb: Optional[torch.Tensor] = None,
+    rpb: torch.Tensor | None = None,
     dropout_p: float = 0.0,
-    tile: Optional[Tuple[int, ...]] = None,
+    tile: tuple[int, ...] | None = None,
     need_lse: bool = True,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Neighborhood attention by gathering, for each tile of queries, the halo of keys its windows cover.
 
     Args:
@@ -79,20 +94,28 @@ def _na_reference(
     )
     n_tiles, tile_len, halo = allowed.shape
 
-    def gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        # [B, *S, H, D] -> [B, H, N, D] -> [B, H, T_n * P, D] -> [B, H, T_n, P, D], contiguous for the products.
-        x = x.reshape(batch, tokens, heads, head_dim).to(acc).transpose(1, 2).contiguous()
-        return x.index_select(2, index.view(-1)).view(batch, heads, n_tiles, -1, head_dim)
+    def heads_major(x: torch.Tensor) -> torch.Tensor:
+        # [B, *S, H, D] -> [B, H, N, D] in the accumulation dtype, contiguous for the gathers.
+        return x.reshape(batch, tokens, heads, head_dim).to(acc).transpose(1, 2).contiguous()
 
+    def gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        # [B, H, N, D] -> [B, H, T_n * P, D] -> [B, H, T_n, P, D] for an index [T_n, P]
+        return x.index_select(2, index.view(-1)).view(batch, heads, *index.shape, head_dim)
+
+    # NaN/inf in a key or value row must reach only the queries whose window holds that key, yet every halo key
+    # meets every query of its tile in the products. Value rows therefore enter as zeros (0 * NaN would be NaN
+    # even at probability 0) and pass their non-finiteness on to their key row; the window mask below then
+    # overwrites the logits of keys outside each window, so only the queries that see the key get a NaN logit.
+    k, v = heads_major(key), heads_major(value)  # [B, H, N, D]
+    k = k + (v * 0).sum(-1, keepdim=True)  # adds 0, or NaN to the key rows whose value row is not finite
     # The scale goes on q, the smallest operand of the product (T x D per tile against T x halo logits).
-    q, k, v = gather(query, q_idx) * problem.scale, gather(key, k_idx), gather(value, k_idx)
-    logits = torch.matmul(q, k.transpose(-1, -2))  # [B, H, T_n, T, halo]
-    if rpb is None:
-        bias = torch.zeros(allowed.shape, dtype=acc, device=query.device)
-    else:
-        bias = rpb.to(acc).reshape(heads, -1)[:, ridx]  # [H, T_n, T, halo]
-    # Keys of the halo outside a query's window get -inf, folded into the bias so the big tensor sees one add.
-    logits = logits + bias.masked_fill(~allowed, -math.inf)
+    q = gather(heads_major(query), q_idx) * problem.scale
+    k, v = gather(k, k_idx), gather(v.nan_to_num(0.0, 0.0, 0.0), k_idx)
+    logits = torch.matmul(q, k.transpose(-1, -2))  # [B, H, T_n, T, halo], a fresh tensor: updated in place
+    if rpb is not None:
+        logits.add_(rpb.to(acc).reshape(heads, -1).index_select(1, ridx.view(-1)).view(heads, *ridx.shape))
+    # Overwriting (rather than adding -inf to) the halo slots outside each window keeps NaN keys out of them.
+    logits.masked_fill_(~allowed, -math.inf)
     probs = torch.softmax(logits, dim=-1)
     lse = torch.logsumexp(logits, dim=-1) if need_lse else None
     if dropout_p > 0.0:
@@ -105,3 +128,6 @@ def _na_reference(
         return out, None
     lse = lse.view(batch, heads, n_tiles * tile_len).index_select(2, owner).transpose(1, 2)
     return out, lse.reshape(batch, *problem.spatial, heads).contiguous()
+
+
+_prepare_eager_reference()

@@ -1,7 +1,7 @@
 """Argument checking for the neighborhood-attention ops, shared by every backend.
 
-The checks follow the validation table of the op specification (V1-V18) in order; the first failure raises. V19
-(capability of a forced backend) lives in :mod:`ops.neighborhood.dispatch`, because it depends on the backend.
+The checks run in the order listed in docs/ops.md ("Validation"); the first failure raises. Whether a forced backend
+can run the problem is checked in :mod:`natzoo.ops.neighborhood.dispatch`, because it depends on the backend.
 """
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Sequence, Tuple, Union
+from typing import Any, Sequence
 
 import torch
 
-IntOrTuple = Union[int, Sequence[int]]
-BoolOrTuple = Union[bool, Sequence[bool]]
+IntOrTuple = int | Sequence[int]
+BoolOrTuple = bool | Sequence[bool]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BACKENDS = (None, "auto", "triton", "reference")
@@ -27,13 +27,13 @@ class Problem:
     name: str
     n: int
     batch: int
-    spatial: Tuple[int, ...]
+    spatial: tuple[int, ...]
     heads: int
     head_dim: int
-    kernel_size: Tuple[int, ...]
-    stride: Tuple[int, ...]
-    dilation: Tuple[int, ...]
-    is_causal: Tuple[bool, ...]
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    is_causal: tuple[bool, ...]
     scale: float
     dtype: torch.dtype
     device: torch.device
@@ -47,8 +47,8 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def normalize_ints(fn: str, arg: str, value: Any, n: int) -> Tuple[int, ...]:
-    """Turns an int or an `n`-sequence of ints into an `n`-tuple (check V9)."""
+def normalize_ints(fn: str, arg: str, value: Any, n: int) -> tuple[int, ...]:
+    """Turns an int or an `n`-sequence of ints into an `n`-tuple."""
     if _is_int(value):
         return (int(value),) * n
     if isinstance(value, (tuple, list)) and len(value) == n and all(_is_int(v) for v in value):
@@ -56,8 +56,8 @@ def normalize_ints(fn: str, arg: str, value: Any, n: int) -> Tuple[int, ...]:
     raise ValueError(f"{fn}: {arg} must be an int or a tuple/list of {n} ints (n={n} spatial axes), got {value!r}")
 
 
-def normalize_bools(fn: str, arg: str, value: Any, n: int) -> Tuple[bool, ...]:
-    """Turns a bool or an `n`-sequence of bools into an `n`-tuple (check V9)."""
+def normalize_bools(fn: str, arg: str, value: Any, n: int) -> tuple[bool, ...]:
+    """Turns a bool or an `n`-sequence of bools into an `n`-tuple."""
     if isinstance(value, bool):
         return (value,) * n
     if isinstance(value, (tuple, list)) and len(value) == n and all(isinstance(v, bool) for v in value):
@@ -67,8 +67,8 @@ def normalize_bools(fn: str, arg: str, value: Any, n: int) -> Tuple[bool, ...]:
 
 def check_window_args(
     fn: str, n: int, kernel_size: Any, stride: Any, dilation: Any, is_causal: Any
-) -> Tuple[Tuple[int, ...], Tuple[int, ...], Tuple[int, ...], Tuple[bool, ...]]:
-    """Checks V9-V12, which the modules also apply at construction time.
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[bool, ...]]:
+    """Checks the window arguments (form and ranges), which the modules also apply at construction time.
 
     Returns:
         The normalised `(kernel_size, stride, dilation, is_causal)` tuples.
@@ -106,7 +106,7 @@ def check_problem(
     rpb: Any,
     backend: Any,
 ) -> Problem:
-    """Runs checks V1-V18 of the specification and returns the normalised problem.
+    """Runs every argument check of docs/ops.md ("Validation") in order and returns the normalised problem.
 
     Args:
         fn: Public function name used as the message prefix (e.g. ``"na2d"``).
@@ -170,12 +170,18 @@ def check_problem(
             )
         expected = (heads, *(2 * k - 1 for k in ks))
         if tuple(rpb.shape) != expected:
-            raise ValueError(f"{fn}: rpb must have shape {expected} [heads, 2k-1, ...], got rpb.shape={tuple(rpb.shape)}")
+            raise ValueError(
+                f"{fn}: rpb must have shape {expected} [heads, 2k-1, ...], got rpb.shape={tuple(rpb.shape)}"
+            )
         if any(s != 1 for s in st):
             raise ValueError(f"{fn}: rpb is only defined for stride 1 on every axis, got stride={st}")
     if scale is None:
         scale_value = float(head_dim) ** -0.5
-    elif isinstance(scale, numbers.Real) and not isinstance(scale, bool) and math.isfinite(float(scale)):
+    elif isinstance(scale, numbers.Real) and not isinstance(scale, bool) and (
+        torch.compiler.is_compiling() or math.isfinite(float(scale))
+    ):
+        # Under torch.compile a Python float may be traced symbolically, and testing it would break the graph; it
+        # was checked when the call (or the module holding it) ran eagerly.
         scale_value = float(scale)
     else:
         raise ValueError(f"{fn}: scale must be None or a finite real number, got scale={scale!r}")
@@ -198,7 +204,7 @@ def check_problem(
     )
 
 
-def check_rpb_flag(fn: str, rel_pos_bias: bool, stride: Tuple[int, ...]) -> None:
+def check_rpb_flag(fn: str, rel_pos_bias: bool, stride: tuple[int, ...]) -> None:
     """Module check: a relative positional bias needs stride 1 on every axis."""
     if rel_pos_bias and any(s != 1 for s in stride):
         raise ValueError(f"{fn}: rel_pos_bias=True requires stride 1 on every axis, got stride={stride}")
