@@ -13,7 +13,8 @@ from omegaconf import DictConfig
 
 from natzoo.callbacks import Stopwatch
 from natzoo.console import configure_console
-from natzoo.training import apply_cpu_threads, build_trainer, check_run_config
+from natzoo.tasks import Task
+from natzoo.training import build_trainer, check_run_config, cpu_threads
 
 __all__ = ["evaluate"]
 
@@ -40,8 +41,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     task, _ = check_run_config(cfg, "eval")
     output_dir = Path(str(cfg.paths.output_dir))
     output_dir.mkdir(parents=True, exist_ok=True)
-    apply_cpu_threads(cfg)
+    with cpu_threads(cfg):
+        return _evaluate(cfg, task, output_dir)
 
+
+def _evaluate(cfg: DictConfig, task: Task, output_dir: Path) -> dict[str, Any]:
     datamodule = task.build_datamodule(cfg)
     module = task.load_module_for_eval(cfg, datamodule)
     if task.before_eval is not None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shlex
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,15 @@ from natzoo.lightning_checkpoints import read_lightning_checkpoint
 from natzoo.loggers import drop_rows_after
 from natzoo.tasks import Task, get_task, task_of_checkpoint
 
-__all__ = ["build_callbacks", "build_loggers", "build_trainer", "check_run_config", "resolve_ckpt_path", "train"]
+__all__ = [
+    "build_callbacks",
+    "build_loggers",
+    "build_trainer",
+    "check_run_config",
+    "cpu_threads",
+    "resolve_ckpt_path",
+    "train",
+]
 
 log = logging.getLogger(__name__)
 
@@ -137,15 +147,21 @@ def _metrics(trainer: pl.Trainer) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
 
 
-def apply_cpu_threads(cfg: DictConfig) -> None:
-    """Sets PyTorch's intra-op threads to ``cfg.cpu_threads`` when the run computes on the CPU (``null``: PyTorch's
-    default, one thread per physical core). One thread per process holds up when other processes compete for the
-    cores, where the default collapses; see docs/training.md, "CPU threads"."""
+@contextlib.contextmanager
+def cpu_threads(cfg: DictConfig) -> Iterator[None]:
+    """PyTorch's intra-op threads set to ``cfg.cpu_threads`` while the run computes on the CPU (``null``: PyTorch's
+    default, one thread per physical core), restored afterwards. One thread per process holds up when other
+    processes compete for the cores, where the default collapses; see docs/training.md, "CPU threads"."""
     threads = cfg.get("cpu_threads")
     accelerator = str(cfg.get("trainer", {}).get("accelerator", "auto"))
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    before = torch.get_num_threads()
     if threads is not None and on_cpu:
         torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -164,7 +180,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if ckpt_path is not None:
         resuming_here = _prepare_resume(ckpt_path, output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    apply_cpu_threads(cfg)
+    with cpu_threads(cfg):
+        return _fit(cfg, task, ckpt_path, output_dir, resuming_here)
+
+
+def _fit(cfg: DictConfig, task: Task, ckpt_path: str | None, output_dir: Path, resuming_here: bool) -> dict[str, Any]:
     pl.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
 
     datamodule = task.build_datamodule(cfg)

@@ -332,3 +332,20 @@ def test_interrupt_prints_resume_command_that_continues_in_the_same_run_director
                                capture_output=True, text=True, timeout=300, check=False)
     assert evaluated.returncode == 0, evaluate_with + "\n" + evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["source"]["ckpt_path"].startswith(str(run))
+
+
+def test_cpu_threads_apply_while_computing_on_the_cpu_and_are_restored(tmp_path):
+    from natzoo.training import cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with cpu_threads(compose_config("train", ["cpu_threads=1"], tmp_path)):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with cpu_threads(compose_config("train", ["cpu_threads=null"], tmp_path)):
+            assert torch.get_num_threads() == 2  # PyTorch's default kept
+        with cpu_threads(compose_config("train", ["cpu_threads=1", "trainer=gpu"], tmp_path)):
+            assert torch.get_num_threads() == 2  # not a CPU run
+    finally:
+        torch.set_num_threads(before)
