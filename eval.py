@@ -6,6 +6,10 @@ A thin Hydra entry point around :func:`natzoo.evaluate`; see docs/training.md.
 import hydra
 from omegaconf import DictConfig
 
+from natzoo.config import register_with_hydra
+
+register_with_hydra()  # `model=<variant>` configs for every registered NAT-family variant, resolvers
+
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def main(cfg: DictConfig) -> None:

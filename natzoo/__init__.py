@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["train", "evaluate"]
+__all__ = ["evaluate", "train"]
 
 _SOURCE_SUBPACKAGES = ("ops", "models")
 

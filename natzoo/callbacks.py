@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-__all__ = ["RNGState", "CurvePlot", "Stopwatch"]
+__all__ = ["CurvePlot", "RNGState", "Stopwatch"]
 
 
 class RNGState(pl.Callback):
@@ -53,39 +54,53 @@ class RNGState(pl.Callback):
                 torch.cuda.set_rng_state_all(states)
         rank = rank_zero_only.rank
         if rank:
-            seed = (int(torch.randint(0, 2**31 - 1, ()).item()) + 7919 * rank) % (2**31)
+            # An independent stream per rank, derived from rank 0's restored state and the rank.
+            base = int(torch.randint(0, 2**31 - 1, ()).item())
+            seed = int(np.random.SeedSequence([base, rank]).generate_state(1)[0])
             random.seed(seed)
             np.random.seed(seed)
             torch.manual_seed(seed)
 
 
 class CurvePlot(pl.Callback):
-    """Records epoch metrics and writes a PNG of the loss and accuracy curves after every epoch (on rank 0).
+    """Records a task's epoch metrics and writes a PNG of its curves after every epoch (on rank 0).
 
-    The history is part of the callback state in checkpoints, so a resumed run plots the whole run.
+    Training metrics are taken at the end of every training epoch, validation metrics (names starting with ``val``)
+    only in epochs that ran a validation (``trainer.check_val_every_n_epoch`` may skip some). The history is part of
+    the callback state in checkpoints, so a resumed run plots the whole run.
 
     Args:
         path: PNG destination.
+        panels: one plot per entry: title -> ``(metric name, label)`` pairs (the task's ``curves``); titles ending in
+            ``(%)`` show fractions as percent.
         title: figure title.
     """
 
-    KEYS = ("train/loss_epoch", "train/acc1", "val/loss", "val/acc1", "val/acc5", "val_ema/loss", "val_ema/acc1")
-
-    def __init__(self, path: str, title: str = ""):
+    def __init__(self, path: str, panels: Mapping[str, Sequence[tuple[str, str]]], title: str = ""):
         self.path = Path(path)
+        self.panels = {name: tuple(tuple(entry) for entry in entries) for name, entries in panels.items()}
         self.title = title
         self.history: list[dict] = []
+        self._validated_epoch = -1
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Notes that this epoch ran a validation."""
+        if not trainer.sanity_checking:
+            self._validated_epoch = trainer.current_epoch
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Appends this epoch's metrics and redraws the figure."""
         metrics = trainer.callback_metrics
+        validated = self._validated_epoch == trainer.current_epoch
+        keys = {key for entries in self.panels.values() for key, _ in entries}
         row: dict[str, Any] = {"epoch": trainer.current_epoch}
-        row.update({k: float(metrics[k]) for k in self.KEYS if k in metrics})
+        row.update({k: float(metrics[k]) for k in sorted(keys)
+                    if k in metrics and (validated or not k.startswith("val"))})
         self.history = [r for r in self.history if r["epoch"] != row["epoch"]] + [row]
         if trainer.is_global_zero:
             from natzoo.plots import plot_curves
 
-            plot_curves(self.history, self.path, self.title)
+            plot_curves(self.history, self.path, self.panels, self.title)
 
     def state_dict(self) -> dict[str, Any]:
         """History for checkpoints."""
@@ -97,20 +112,42 @@ class CurvePlot(pl.Callback):
 
 
 class Stopwatch(pl.Callback):
-    """Wall time and image count of a validation run (end-to-end throughput, data loading included)."""
+    """Wall time and image count of validation runs: end to end (data loading included) and in the steps alone.
+
+    Attributes:
+        seconds: validation epoch wall time.
+        step_seconds: time inside the validation steps (forward and metric updates, no data loading).
+        images: images seen.
+    """
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self.step_seconds = 0.0
         self.images = 0
-        self._start: Optional[float] = None
+        self._start: float | None = None
+        self._step_start: float | None = None
+
+    @staticmethod
+    def _sync(pl_module: pl.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Starts the clock."""
+        """Starts the epoch clock."""
         self._start = time.perf_counter()
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Starts the step clock."""
+        self._sync(pl_module)
+        self._step_start = time.perf_counter()
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
-        """Counts the batch's images."""
+        """Stops the step clock and counts the batch's images."""
+        self._sync(pl_module)
+        if self._step_start is not None:
+            self.step_seconds += time.perf_counter() - self._step_start
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         if isinstance(images, torch.Tensor):
             self.images += images.shape[0]
@@ -118,8 +155,7 @@ class Stopwatch(pl.Callback):
             self.images += len(images)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Stops the clock (synchronising CUDA first)."""
-        if torch.cuda.is_available() and pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
+        """Stops the epoch clock."""
+        self._sync(pl_module)
         if self._start is not None:
             self.seconds += time.perf_counter() - self._start

@@ -12,9 +12,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 
 from natzoo.callbacks import Stopwatch
-from natzoo.config import check_common
-from natzoo.tasks import get_task
-from natzoo.training import build_trainer
+from natzoo.console import configure_console
+from natzoo.tasks import Task
+from natzoo.training import build_trainer, check_run_config, cpu_threads
 
 __all__ = ["evaluate"]
 
@@ -30,15 +30,22 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluates ``cfg.task`` on the validation split of ``cfg.data`` and writes ``cfg.output`` (JSON).
 
     The model comes from ``ckpt_path`` (a Lightning checkpoint), or from ``model`` plus ``checkpoint`` (official,
-    HF or flat state-dict file), or from ``model`` alone (``pretrained=true`` for timm's weights). Returns the result
-    dict that is also written to the JSON file (metrics, throughput, source, output paths).
+    HF or flat state-dict file), or from ``model`` with ``pretrained=true`` (timm's weights); a randomly initialised
+    model only with ``random_weights=true``. Returns the result dict that is also written to the JSON file (metrics,
+    throughput end to end and in the model steps, source, output paths).
+
+    Raises:
+        ValueError: no weights were given (and ``random_weights`` is false), or a config value is invalid.
     """
-    task = get_task(str(cfg.get("task", "classification")))
-    check_common(cfg)
-    task.validate_config(cfg, "eval")
+    configure_console()
+    task, _ = check_run_config(cfg, "eval")
     output_dir = Path(str(cfg.paths.output_dir))
     output_dir.mkdir(parents=True, exist_ok=True)
+    with cpu_threads(cfg):
+        return _evaluate(cfg, task, output_dir)
 
+
+def _evaluate(cfg: DictConfig, task: Task, output_dir: Path) -> dict[str, Any]:
     datamodule = task.build_datamodule(cfg)
     module = task.load_module_for_eval(cfg, datamodule)
     if task.before_eval is not None:
@@ -49,6 +56,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     total_seconds = time.perf_counter() - start
     metrics = {k: float(v) for k, v in metrics.items()}
+    timing = {
+        "num_images": stopwatch.images,
+        "images_per_second": stopwatch.images / stopwatch.seconds if stopwatch.seconds else None,
+        "model_images_per_second": stopwatch.images / stopwatch.step_seconds if stopwatch.step_seconds else None,
+    }
 
     if task.summarize_eval is not None:
         result = task.summarize_eval(cfg, module, datamodule, metrics, output_dir)
@@ -58,7 +70,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "task": task.name,
         "source": _source(cfg),
         "data_root": str(cfg.data.root),
-        "images_per_second": stopwatch.images / stopwatch.seconds if stopwatch.seconds else None,
+        **timing,
         "wall_seconds": total_seconds,
         "device": str(module.device),
         "precision": str(trainer.precision),
@@ -75,7 +87,7 @@ def _source(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("ckpt_path"):
         return {"ckpt_path": str(cfg.ckpt_path), "use_ema": bool(cfg.get("use_ema", False))}
     return {"model": str(cfg.model.name), "checkpoint": str(cfg.checkpoint) if cfg.get("checkpoint") else None,
-            "pretrained": bool(cfg.get("pretrained", False))}
+            "pretrained": bool(cfg.get("pretrained", False)), "random_weights": bool(cfg.get("random_weights", False))}
 
 
 def _summary_line(result: dict[str, Any]) -> str:

@@ -1,53 +1,75 @@
-"""Optimizer parameter groups and per-iteration learning-rate schedules (timm semantics)."""
+"""Optimizers and per-iteration learning-rate schedules shared by every task.
+
+One weight-decay rule for every model: timm's ``param_groups_weight_decay`` with the names the model itself lists in
+``no_weight_decay(...)`` (the NAT families list biases, norms, layer-scale gammas and, when asked, ``rpb``), plus
+timm's 1-D/bias rule and any configured name patterns, so models without the method work too. The optimizer comes
+from timm's factory (``create_optimizer_v2``: any timm optimizer name). Schedules are ``LambdaLR`` factors stepped
+once per optimizer step, so Lightning checkpoints and restores them like any PyTorch scheduler.
+"""
 
 from __future__ import annotations
 
+import inspect
+import logging
 import math
-from typing import Iterable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import lightning.pytorch as pl
 import torch
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from torch import nn
 
-__all__ = ["param_groups_weight_decay", "build_optimizer", "lr_at_step", "build_lr_lambda", "scaled_lr", "SCHEDULES"]
+__all__ = [
+    "SCHEDULES",
+    "build_lr_lambda",
+    "configure_optimizers",
+    "lr_at_step",
+    "param_groups",
+    "scaled_lr",
+    "steps_per_epoch",
+    "warmup_step_factor",
+]
 
-SCHEDULES = ("cosine", "constant")
+log = logging.getLogger(__name__)
+
+SCHEDULES = ("cosine", "constant", "warmup_step")
 
 
-def param_groups_weight_decay(
+def _own_no_weight_decay(model: nn.Module, no_decay_rpb: bool) -> set[str]:
+    method = getattr(model, "no_weight_decay", None)
+    if not callable(method):
+        return set()
+    if "include_rpb" in inspect.signature(method).parameters:
+        return set(method(include_rpb=no_decay_rpb))
+    return set(method())
+
+
+def param_groups(
     model: nn.Module,
     weight_decay: float,
     no_decay_1d: bool = True,
     no_decay_rpb: bool = True,
     no_decay_names: Sequence[str] = (),
 ) -> list[dict]:
-    """Splits trainable parameters into a decayed and an undecayed group.
+    """Decayed and undecayed parameter groups of ``model`` (frozen parameters are left out).
 
-    Exempt from decay: every 1-D parameter and every ``*.bias`` (norm weights, biases, layer-scale ``gamma``s) when
-    ``no_decay_1d``; every parameter whose last name component is ``rpb`` when ``no_decay_rpb``; and every parameter
-    whose name contains one of ``no_decay_names``. The model's own ``no_weight_decay()`` is deliberately not consulted,
-    so that the config alone decides (the official NAT run decayed ``rpb``; spec section 5.3).
+    Exempt from decay: the names the model returns from ``no_weight_decay(include_rpb=no_decay_rpb)`` (or from
+    ``no_weight_decay()`` for timm models without the ``include_rpb`` argument); with ``no_decay_1d``, every 1-D
+    parameter and every ``*.bias``; every name matching one of ``no_decay_names`` (``fnmatch`` patterns such as
+    ``*rpb*``).
 
     Args:
-        model: the network.
+        model: the network (its own parameter names are matched).
         weight_decay: decay of the decayed group.
-        no_decay_1d: exempt 1-D parameters and biases (timm 0.5.0 behaviour, used by the official run).
-        no_decay_rpb: exempt relative-position-bias tables named ``rpb``.
-        no_decay_names: extra substrings of parameter names to exempt (e.g. ``pos_embed``).
+        no_decay_1d: timm's rule for 1-D parameters and biases.
+        no_decay_rpb: passed to the model's ``no_weight_decay`` as ``include_rpb``; ``False`` decays the relative
+            position bias tables, as the published NAT ImageNet run did.
+        no_decay_names: extra name patterns to exempt.
     """
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        exempt = (
-            (no_decay_1d and (param.ndim <= 1 or name.endswith(".bias")))
-            or (no_decay_rpb and name.split(".")[-1] == "rpb")
-            or any(key in name for key in no_decay_names)
-        )
-        (no_decay if exempt else decay).append(param)
-    groups = [{"params": decay, "weight_decay": float(weight_decay)}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+    names = _own_no_weight_decay(model, bool(no_decay_rpb)) | set(no_decay_names)
+    return param_groups_weight_decay(model, float(weight_decay), weight_decay_exclude_1d=bool(no_decay_1d),
+                                     no_weight_decay_list=names)
 
 
 def scaled_lr(lr: float, global_batch: int, base_batch: int, scale: bool) -> float:
@@ -55,14 +77,20 @@ def scaled_lr(lr: float, global_batch: int, base_batch: int, scale: bool) -> flo
     return float(lr) * global_batch / base_batch if scale else float(lr)
 
 
-def build_optimizer(name: str, groups: Iterable[dict], lr: float, betas: Sequence[float], eps: float,
-                    momentum: float = 0.9) -> torch.optim.Optimizer:
-    """AdamW (the recipe's optimizer) or SGD (for quick experiments)."""
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
-    raise ValueError(f"optim.name must be 'adamw' or 'sgd', got {name!r}")
+def steps_per_epoch(trainer: pl.Trainer) -> int:
+    """Optimizer steps per training epoch, from Lightning's ``estimated_stepping_batches`` (which sets up the
+    training data when needed).
+
+    Raises:
+        ValueError: the epoch length is unknown (an iterable dataset or ``trainer.max_epochs=-1``); the schedules are
+            defined in epochs.
+    """
+    trainer.estimated_stepping_batches  # noqa: B018  (sets up the training data loader if needed)
+    batches = trainer.num_training_batches
+    if math.isinf(batches) or trainer.max_epochs in (None, -1):
+        raise ValueError("the learning-rate schedule is defined in epochs, so it needs a finite trainer.max_epochs and "
+                         "a training set of known length")
+    return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
 
 
 def lr_at_step(step: int, name: str, base_lr: float, warmup_lr: float, min_lr: float, warmup_steps: int,
@@ -90,17 +118,82 @@ def lr_at_step(step: int, name: str, base_lr: float, warmup_lr: float, min_lr: f
         if step >= total_steps:
             return min_lr
         return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * step / total_steps))
-    raise ValueError(f"sched.name must be one of {SCHEDULES}, got {name!r}")
+    raise ValueError(f"sched.name must be 'cosine' or 'constant' here, got {name!r}")
 
 
-def build_lr_lambda(name: str, base_lr: float, warmup_lr: float, min_lr: float, warmup_steps: int,
-                    total_steps: int):
-    """Multiplicative factor for ``torch.optim.lr_scheduler.LambdaLR`` (stepped once per optimizer step)."""
+def warmup_step_factor(
+    step: int, steps_per_epoch: int, milestones: Sequence[int], milestone_unit: str, gamma: float,
+    warmup_steps: int, warmup_ratio: float,
+) -> float:
+    """LR multiplier of optimizer step ``step`` (0-based): mmcv's linear warmup times a step decay.
+
+    Warmup (mmcv ``warmup='linear'``): ``1 - (1 - step / warmup_steps) * (1 - warmup_ratio)`` for
+    ``step < warmup_steps``. Step decay: ``gamma ** n`` with ``n`` the number of milestones already reached, where a
+    milestone in epochs is reached at the first step of that (0-based) epoch, as mmcv's epoch-based ``step`` policy.
+
+    Args:
+        step: optimizer step.
+        steps_per_epoch: optimizer steps per epoch (used when ``milestone_unit == "epoch"``).
+        milestones: epochs (or steps) at which the LR is multiplied by ``gamma``.
+        milestone_unit: ``"epoch"`` or ``"step"``.
+        gamma: decay per milestone.
+        warmup_steps: warmup length in steps (0 disables warmup).
+        warmup_ratio: factor at step 0.
+    """
+    position = step // max(1, steps_per_epoch) if milestone_unit == "epoch" else step
+    factor = gamma ** sum(position >= m for m in milestones)
+    if step < warmup_steps:
+        factor *= 1.0 - (1.0 - step / warmup_steps) * (1.0 - warmup_ratio)
+    return factor
+
+
+def build_lr_lambda(sched: dict[str, Any], base_lr: float, epoch_steps: int) -> Callable[[int], float]:
+    """Multiplicative factor for ``torch.optim.lr_scheduler.LambdaLR`` (stepped once per optimizer step).
+
+    Args:
+        sched: a ``configs/sched`` entry. ``cosine``/``constant``: ``epochs``, ``warmup_epochs``, ``warmup_lr``,
+            ``min_lr``; ``warmup_step``: ``warmup_steps``, ``warmup_ratio``, ``milestones``, ``milestone_unit``,
+            ``gamma``.
+        base_lr: peak learning rate (the optimizer's lr).
+        epoch_steps: optimizer steps per epoch.
+    """
+    name = sched["name"]
+    if name == "warmup_step":
+        args = (epoch_steps, tuple(sched["milestones"]), sched["milestone_unit"], float(sched["gamma"]),
+                int(sched["warmup_steps"]), float(sched["warmup_ratio"]))
+        return lambda step: warmup_step_factor(step, *args)
     if name not in SCHEDULES:
         raise ValueError(f"sched.name must be one of {SCHEDULES}, got {name!r}")
-    total_steps = max(1, int(total_steps))
+    warmup_steps = round(float(sched["warmup_epochs"]) * epoch_steps)
+    total_steps = max(1, round(float(sched["epochs"]) * epoch_steps))
+    warmup_lr, min_lr = float(sched["warmup_lr"]), float(sched["min_lr"])
+    return lambda step: lr_at_step(step, name, base_lr, warmup_lr, min_lr, warmup_steps, total_steps) / base_lr
 
-    def factor(step: int) -> float:
-        return lr_at_step(step, name, base_lr, warmup_lr, min_lr, int(warmup_steps), total_steps) / base_lr
 
-    return factor
+def configure_optimizers(module: pl.LightningModule, model: nn.Module, optim: dict[str, Any] | None,
+                         sched: dict[str, Any] | None) -> dict[str, Any]:
+    """What ``LightningModule.configure_optimizers`` returns for ``model`` trained with the ``optim``/``sched``
+    settings (``configs/optim``, ``configs/sched``): parameter groups by :func:`param_groups`, timm's optimizer
+    ``optim.name``, the lr scaled with the global batch when ``optim.scale_lr``, and a per-step ``LambdaLR``.
+
+    Raises:
+        ValueError: the module was built without ``optim`` or ``sched`` settings.
+    """
+    if not optim or not sched:
+        raise ValueError(f"{type(module).__name__} was built without optim/sched settings; pass the optim= and sched= "
+                         "dictionaries of configs/optim and configs/sched to train it")
+    trainer = module.trainer
+    epoch_steps = steps_per_epoch(trainer)
+    datamodule = getattr(trainer, "datamodule", None)
+    global_batch = int(getattr(datamodule, "batch_size", None) or 1) * trainer.world_size \
+        * trainer.accumulate_grad_batches
+    lr = scaled_lr(optim["lr"], global_batch, int(optim["lr_base_batch"]), bool(optim["scale_lr"]))
+    groups = param_groups(model, optim["weight_decay"], optim["no_decay_1d"], optim["no_decay_rpb"],
+                          tuple(optim["no_decay_names"] or ()))
+    extra = {k: (tuple(optim[k]) if k == "betas" else float(optim[k])) for k in ("betas", "eps") if k in optim}
+    optimizer = create_optimizer_v2(groups, opt=optim["name"], lr=lr, momentum=float(optim["momentum"]), **extra)
+    log.info("optimizer %s: lr %.3g (global batch %d%s), schedule %s over %d steps (%d per epoch)", optim["name"], lr,
+             global_batch, ", scaled" if optim["scale_lr"] else "", sched["name"],
+             int(trainer.estimated_stepping_batches), epoch_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, build_lr_lambda(sched, lr, epoch_steps))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

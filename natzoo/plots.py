@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-__all__ = ["plot_curves", "plot_confusion_matrix"]
+__all__ = ["plot_confusion_matrix", "plot_curves"]
 
 
-def _save(fig: "plt.Figure", path: Path) -> None:
+def _save(fig: plt.Figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
@@ -23,28 +23,40 @@ def _save(fig: "plt.Figure", path: Path) -> None:
     os.replace(tmp, path)
 
 
-def plot_curves(history: Sequence[dict], path: Path, title: str = "") -> None:
-    """Loss (left) and accuracy in percent (right) per epoch from ``history`` rows (``epoch`` + metric names)."""
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+def plot_curves(history: Sequence[dict], path: Path, panels: Mapping[str, Sequence[tuple[str, str]]],
+                title: str = "") -> dict[str, int]:
+    """One plot per panel of the per-epoch ``history`` rows (``epoch`` + metric names), each metric a line.
+
+    Args:
+        history: rows of epoch metrics.
+        path: PNG destination.
+        panels: plot title -> ``(metric name, label)`` pairs; titles ending in ``(%)`` show fractions as percent.
+        title: figure title.
+
+    Returns:
+        The number of lines drawn in each panel.
+    """
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
     epochs = [row["epoch"] + 1 for row in history]
-    losses = (("train/loss_epoch", "train loss"), ("val/loss", "val loss"), ("val_ema/loss", "val loss (EMA)"))
-    for key, label in losses:
-        points = [(e, row[key]) for e, row in zip(epochs, history) if key in row]
-        if points:
-            ax_loss.plot(*zip(*points), marker="o", ms=3, label=label)
-    for key, label in (("train/acc1", "train top-1"), ("val/acc1", "val top-1"), ("val/acc5", "val top-5"),
-                       ("val_ema/acc1", "val top-1 (EMA)")):
-        points = [(e, 100.0 * row[key]) for e, row in zip(epochs, history) if key in row]
-        if points:
-            ax_acc.plot(*zip(*points), marker="o", ms=3, label=label)
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy", ylim=(0, 100))
-    for ax in (ax_loss, ax_acc):
+    drawn = {}
+    for ax, (name, entries) in zip(axes[0], panels.items()):
+        scale = 100.0 if name.endswith("(%)") else 1.0
+        drawn[name] = 0
+        for key, label in entries:
+            points = [(e, scale * row[key]) for e, row in zip(epochs, history) if key in row]
+            if points:
+                ax.plot(*zip(*points), marker="o", ms=3, label=label)
+                drawn[name] += 1
+        ax.set(xlabel="epoch", ylabel=name, title=name)
+        if scale == 100.0:
+            ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if drawn[name]:
+            ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
     _save(fig, Path(path))
+    return drawn
 
 
 def plot_confusion_matrix(matrix: torch.Tensor, classes: Sequence[str], path: Path, title: str = "") -> None:

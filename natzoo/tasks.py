@@ -9,10 +9,12 @@ calls :func:`register_task` before ``train``), without touching the drivers. See
 from __future__ import annotations
 
 import importlib
+import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
-__all__ = ["Task", "register_task", "get_task", "available_tasks"]
+__all__ = ["Task", "available_tasks", "get_task", "register_task", "task_of_checkpoint"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,11 @@ class Task:
             writes the metrics as they are.
         before_eval: ``(cfg, module, datamodule) -> None`` hook run just before evaluation (e.g. to enable a
             confusion matrix).
+        module_class: the task's LightningModule class (its checkpoints' hyper-parameters are its arguments).
+        config_rules: rules of the task's own config knobs (``natzoo.config``), checked with the common ones before
+            ``validate_config``.
+        curves: the panels of ``curves.png``: title -> ``(logged metric name, label)`` pairs; titles ending in
+            ``(%)`` show fractions as percent.
     """
 
     name: str
@@ -46,8 +53,21 @@ class Task:
     load_module_for_eval: Callable[[Any, Any], Any]
     build_callbacks: Callable[[Any], list] = field(default=lambda cfg: [])
     monitor: tuple[str, str] = ("val/acc1", "max")
-    summarize_eval: Optional[Callable[..., dict]] = None
-    before_eval: Optional[Callable[[Any, Any, Any], None]] = None
+    summarize_eval: Callable[..., dict] | None = None
+    before_eval: Callable[[Any, Any, Any], None] | None = None
+    module_class: type | None = None
+    config_rules: Mapping[str, Any] = field(default_factory=dict)
+    curves: Mapping[str, tuple[tuple[str, str], ...]] = field(
+        default_factory=lambda: {"loss": (("train/loss_epoch", "train loss"), ("val/loss", "val loss"))})
+
+    def owns_checkpoint(self, hyper_parameters: Mapping[str, Any]) -> bool:
+        """Whether a checkpoint with these hyper-parameters was written by this task's module."""
+        if self.module_class is None:
+            return True
+        params = inspect.signature(self.module_class.__init__).parameters
+        return set(hyper_parameters) <= set(params) and all(
+            name in hyper_parameters for name, p in params.items()
+            if name != "self" and p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD)
 
 
 _REGISTRY: dict[str, Task] = {}
@@ -84,3 +104,12 @@ def get_task(name: str) -> Task:
     if name not in _REGISTRY:
         raise ValueError(f"task={name!r} is not a known task; choose one of {available_tasks()}")
     return _REGISTRY[name]
+
+
+def task_of_checkpoint(hyper_parameters: Mapping[str, Any]) -> str | None:
+    """Name of the task whose module wrote a checkpoint with these hyper-parameters (built-in tasks are imported)."""
+    for name in available_tasks():
+        task = get_task(name)
+        if task.module_class is not None and task.owns_checkpoint(hyper_parameters):
+            return name
+    return None

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import lightning.pytorch as pl
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
-__all__ = ["CONFIG_DIR", "compose_config", "tiny_overrides", "CrashAtStep"]
+from natzoo.config import register_with_hydra
+
+__all__ = ["CONFIG_DIR", "CrashAtStep", "InterruptAtStep", "compose_config", "tiny_overrides"]
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -20,6 +22,7 @@ def compose_config(config_name: str, overrides: Sequence[str] = (), output_dir: 
 
     ``paths.output_dir`` (normally Hydra's run directory) is set to ``output_dir`` when given.
     """
+    register_with_hydra()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name=config_name, overrides=list(overrides))
@@ -62,3 +65,12 @@ class CrashAtStep(pl.Callback):
         """Crashes at ``step``."""
         if trainer.global_step == self.step:
             raise RuntimeError(f"simulated crash at global step {self.step}")
+
+
+class InterruptAtStep(CrashAtStep):
+    """Raises ``KeyboardInterrupt`` when the given global step starts (simulates Ctrl-C mid-epoch)."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        """Interrupts at ``step``."""
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt

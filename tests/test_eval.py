@@ -12,12 +12,14 @@ import torch.nn.functional as F
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
-from natzoo import models  # noqa: F401
-from natzoo import evaluate
+from natzoo import (
+    evaluate,
+    models,  # noqa: F401
+)
 from natzoo.datasets import ensure_demo_dataset
 from natzoo.testing import compose_config
 
-TINY = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), kernel_size=3)
+TINY = {"embed_dim": 16, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 2, 2), "kernel_size": 3}
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -94,7 +96,8 @@ def test_eval_wrong_variant_is_rejected(demo_root, tmp_path):
 def test_eval_bare_timm_name(demo_root, tmp_path):
     cfg = compose_config("eval", [f"data.root={demo_root}", "data.generate.train_per_class=8",
                                   "data.generate.val_per_class=4", "model=timm", "model.name=resnet10t",
-                                  "+trainer.enable_progress_bar=false", "confusion_matrix=false"], tmp_path / "eval")
+                                  "random_weights=true", "+trainer.enable_progress_bar=false",
+                                  "confusion_matrix=false"], tmp_path / "eval")
     result = evaluate(cfg)
     assert result["source"]["model"] == "resnet10t" and result["num_images"] == 32
     assert 0.0 <= result["top1"] <= result["top5"] <= 100.0
@@ -108,3 +111,33 @@ def test_eval_missing_files_fail_fast(demo_root, tmp_path):
     cfg = compose_config("eval", _eval_overrides(demo_root, "checkpoint=/nope/w.pth"), tmp_path / "eval")
     with pytest.raises(ValueError, match=r"checkpoint='/nope/w.pth' does not exist"):
         evaluate(cfg)
+
+
+def test_eval_preprocessing_comes_from_the_models_pretrained_config(demo_root, tmp_path):
+    # timm's test_vit takes exactly 160 px (crop_pct 0.95, mean/std 0.5). data=folder leaves size, crop and mean/std
+    # unset, so evaluation must use the model's values; the reference applies timm's own pipeline for the model.
+    from timm.data import create_transform, resolve_data_config
+
+    torch.manual_seed(5)
+    model = timm.create_model("test_vit", num_classes=8)
+    path = tmp_path / "vit.pth"
+    torch.save(model.state_dict(), path)
+    overrides = ["data=folder", f"data.root={demo_root}", "data.num_workers=0", "data.persistent_workers=false",
+                 "model=timm", "model.name=test_vit", f"checkpoint={path}", "confusion_matrix=false",
+                 "+trainer.enable_progress_bar=false"]
+    result = evaluate(compose_config("eval", overrides, tmp_path / "eval"))
+
+    expected = resolve_data_config({}, model=model)
+    assert result["preprocessing"] == {
+        "img_size": expected["input_size"][-1], "mean": list(expected["mean"]), "std": list(expected["std"]),
+        "crop_pct": expected["crop_pct"], "crop_mode": expected["crop_mode"],
+        "interpolation": expected["interpolation"]}
+    dataset = ImageFolder(str(demo_root / "val"), create_transform(**expected))
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    with torch.no_grad():
+        loss = F.cross_entropy(model.eval()(images), torch.tensor(dataset.targets)).item()
+    assert result["loss"] == pytest.approx(loss, rel=1e-5)
+
+    # A value set in the data config wins over the model's.
+    chosen = evaluate(compose_config("eval", [*overrides, "data.eval_transform.crop_pct=1.0"], tmp_path / "eval2"))
+    assert chosen["preprocessing"]["crop_pct"] == 1.0 and chosen["preprocessing"]["img_size"] == 160

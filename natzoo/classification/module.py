@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import logging
-import math
-import time
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import timm
@@ -18,23 +17,35 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from natzoo import models  # noqa: F401  (registers the NAT families with timm)
-from natzoo.optim import build_lr_lambda, build_optimizer, param_groups_weight_decay, scaled_lr
+from natzoo.config import (
+    CLASSIFICATION_RULES,
+    COMMON_RULES,
+    OPTIM_RULES,
+    SCHED_REQUIRED,
+    SCHED_RULES,
+    Integer,
+    check_settings,
+)
+from natzoo.optim import configure_optimizers
 
-__all__ = ["ClassificationModule", "NONFINITE_POLICIES", "create_model"]
+__all__ = ["ClassificationModule", "create_model"]
 
 log = logging.getLogger(__name__)
 
-NONFINITE_POLICIES = ("stop", "skip")
+_MIXUP_RULES = {k.removeprefix("data.mixup."): r for k, r in CLASSIFICATION_RULES.items()
+                if k.startswith("data.mixup.")}
+_EMA_RULES = {k.removeprefix("ema."): r for k, r in COMMON_RULES.items() if k.startswith("ema.")}
+_ARGUMENT_RULES = {
+    "model_name": COMMON_RULES["model.name"],
+    "num_classes": Integer(1),
+    "model_kwargs": COMMON_RULES["model.kwargs"],
+    "drop_path_rate": COMMON_RULES["model.drop_path_rate"],
+    "freeze": CLASSIFICATION_RULES["model.freeze"],
+    **{k: COMMON_RULES[k] for k in ("nonfinite_loss", "channels_last", "compile")},
+}
 
-_OPTIM_DEFAULTS = dict(name="adamw", lr=1e-3, weight_decay=0.05, betas=(0.9, 0.999), eps=1e-8, momentum=0.9,
-                       scale_lr=False, lr_base_batch=1024, no_decay_1d=True, no_decay_rpb=True, no_decay_names=())
-_SCHED_DEFAULTS = dict(name="cosine", epochs=300, cooldown_epochs=10, warmup_epochs=20, warmup_lr=1e-6, min_lr=5e-6)
-_MIXUP_DEFAULTS = dict(mixup_alpha=0.0, cutmix_alpha=0.0, cutmix_minmax=None, prob=1.0, switch_prob=0.5, mode="batch",
-                       label_smoothing=0.0)
-_EMA_DEFAULTS = dict(enabled=False, decay=0.9998, warmup=False, evaluate=True)
 
-
-def create_model(name: str, num_classes: int, drop_path_rate: Optional[float] = None, **kwargs: Any) -> nn.Module:
+def create_model(name: str, num_classes: int, drop_path_rate: float | None = None, **kwargs: Any) -> nn.Module:
     """``timm.create_model`` with a readable error for unknown names; ``drop_path_rate=None`` keeps the default."""
     if not timm.is_model(name):
         close = [m for m in timm.list_models() if name.split("_")[0] in m][:8]
@@ -44,11 +55,19 @@ def create_model(name: str, num_classes: int, drop_path_rate: Optional[float] = 
     return timm.create_model(name, num_classes=num_classes, **kwargs)
 
 
+def _mixup_active(mixup: dict[str, Any]) -> bool:
+    alphas = mixup.get("mixup_alpha", 0.0) > 0 or mixup.get("cutmix_alpha", 0.0) > 0
+    return (alphas or mixup.get("cutmix_minmax") is not None) and mixup.get("prob", 1.0) > 0
+
+
 class ClassificationModule(pl.LightningModule):
-    """Classification with mixup/cutmix, label smoothing, AdamW, warmup + per-step cosine, EMA and top-1/top-5.
+    """Classification with mixup/cutmix, label smoothing, EMA and top-1/top-5; optimizer and schedule from the
+    ``optim``/``sched`` settings (:func:`natzoo.optim.configure_optimizers`).
 
     Every constructor argument is a plain Python value saved with ``save_hyperparameters``, so a checkpoint loads
-    without Hydra: ``ClassificationModule.load_from_checkpoint(path, weights_only=True)``.
+    without Hydra: ``ClassificationModule.load_from_checkpoint(path, weights_only=True)``. The settings dictionaries
+    have no defaults here: they come whole from ``configs/`` (``optim``, ``sched``, ``data.mixup``, ``ema``) and are
+    checked against the same rules as the configs when the module is built.
 
     Args:
         model_name: timm registry name (e.g. ``nat_mini``).
@@ -56,76 +75,82 @@ class ClassificationModule(pl.LightningModule):
         model_kwargs: keyword arguments overriding the variant's architecture (``embed_dim``, ``depths``, ...).
         drop_path_rate: stochastic depth; None keeps the variant's default.
         freeze: parameter-name prefixes to freeze (e.g. ``["patch_embed", "levels.0"]``) for layer-wise freezing.
-        optim: optimizer settings (see ``configs/optim``).
-        sched: schedule settings (see ``configs/sched``).
-        mixup: timm ``Mixup`` settings and ``label_smoothing``.
-        ema: ``enabled``, ``decay``, ``warmup``, ``evaluate`` (validate the EMA weights too, as ``val_ema/*``).
+        optim: optimizer settings (``configs/optim``); needed for training only.
+        sched: schedule settings (``configs/sched``); needed for training only.
+        mixup: timm ``Mixup`` arguments (``configs/data``'s ``mixup``) incl. ``label_smoothing``; None: plain
+            cross-entropy.
+        ema: ``enabled``, ``decay``, ``warmup``, ``evaluate`` (validate the EMA weights too, as ``val_ema/*``); None:
+            no EMA.
         nonfinite_loss: ``"stop"`` raises on a NaN/Inf training loss; ``"skip"`` skips that step and counts it.
         channels_last: run the model in channels-last memory format.
-        compile: wrap the forward in ``torch.compile``.
+        compile: ``torch.compile`` the model in :meth:`configure_model`: ``True`` (static shapes) or a dictionary of
+            ``torch.compile`` arguments.
     """
 
     def __init__(
         self,
         model_name: str,
         num_classes: int,
-        model_kwargs: Optional[dict] = None,
-        drop_path_rate: Optional[float] = None,
+        model_kwargs: dict | None = None,
+        drop_path_rate: float | None = None,
         freeze: Sequence[str] = (),
-        optim: Optional[dict] = None,
-        sched: Optional[dict] = None,
-        mixup: Optional[dict] = None,
-        ema: Optional[dict] = None,
+        optim: dict | None = None,
+        sched: dict | None = None,
+        mixup: dict | None = None,
+        ema: dict | None = None,
         nonfinite_loss: str = "stop",
         channels_last: bool = False,
-        compile: bool = False,
+        compile: bool | dict = False,
     ):
         super().__init__()
-        if int(num_classes) < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if nonfinite_loss not in NONFINITE_POLICIES:
-            raise ValueError(f"nonfinite_loss must be one of {NONFINITE_POLICIES}, got {nonfinite_loss!r}")
+        arguments = {"model_name": model_name, "num_classes": num_classes, "model_kwargs": model_kwargs or {},
+                         "drop_path_rate": drop_path_rate, "freeze": list(freeze), "nonfinite_loss": nonfinite_loss,
+                         "channels_last": channels_last, "compile": compile}
+        check_settings(arguments, _ARGUMENT_RULES, type(self).__name__)
+        if optim is not None:
+            check_settings(optim, OPTIM_RULES, "optim", required=tuple(OPTIM_RULES))
+        if sched is not None:
+            check_settings(sched, SCHED_RULES, "sched", required=("name",))
+            check_settings(sched, SCHED_RULES, "sched", required=SCHED_REQUIRED[sched["name"]])
+        self.mixup_cfg = dict(mixup or {})
+        check_settings(self.mixup_cfg, _MIXUP_RULES, "data.mixup")
+        self.ema_cfg = dict(ema or {})
+        check_settings(self.ema_cfg, _EMA_RULES, "ema")
         self.save_hyperparameters()
-        self.optim_cfg = {**_OPTIM_DEFAULTS, **(optim or {})}
-        self.sched_cfg = {**_SCHED_DEFAULTS, **(sched or {})}
-        self.mixup_cfg = {**_MIXUP_DEFAULTS, **(mixup or {})}
-        self.ema_cfg = {**_EMA_DEFAULTS, **(ema or {})}
         self.num_classes = int(num_classes)
         self.model = create_model(model_name, self.num_classes, drop_path_rate, **(model_kwargs or {}))
         self._freeze(freeze)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.model_ema = None
-        if self.ema_cfg["enabled"]:
+        if self.ema_cfg.get("enabled"):
             self.model_ema = ModelEmaV3(self.model, decay=float(self.ema_cfg["decay"]),
-                                        use_warmup=bool(self.ema_cfg["warmup"]))
+                                        use_warmup=bool(self.ema_cfg.get("warmup", False)))
+            # The EMA copy only runs in validation, where Lightning puts every module in eval mode; in train mode
+            # like the rest it does not trip Lightning's "modules in eval mode at the start of training" warning.
+            self.model_ema.train()
 
-        m = self.mixup_cfg
         self.mixup_fn = None
-        if (m["mixup_alpha"] > 0 or m["cutmix_alpha"] > 0 or m["cutmix_minmax"] is not None) and m["prob"] > 0:
-            self.mixup_fn = Mixup(
-                mixup_alpha=m["mixup_alpha"], cutmix_alpha=m["cutmix_alpha"], cutmix_minmax=m["cutmix_minmax"],
-                prob=m["prob"], switch_prob=m["switch_prob"], mode=m["mode"], label_smoothing=m["label_smoothing"],
-                num_classes=self.num_classes,
-            )
+        label_smoothing = float(self.mixup_cfg.get("label_smoothing", 0.0))
+        if _mixup_active(self.mixup_cfg):
+            self.mixup_fn = Mixup(**self.mixup_cfg, num_classes=self.num_classes)
             self.train_loss = SoftTargetCrossEntropy()
         else:
-            self.train_loss = nn.CrossEntropyLoss(label_smoothing=float(m["label_smoothing"]))
+            self.train_loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
-        top5 = min(5, self.num_classes)
-        self.val_metrics = nn.ModuleDict({
-            "acc1": MulticlassAccuracy(self.num_classes, top_k=1, average="micro"),
-            "acc5": MulticlassAccuracy(self.num_classes, top_k=top5, average="micro"),
+        def accuracy(top_k: int) -> MulticlassAccuracy:
+            return MulticlassAccuracy(self.num_classes, top_k=min(top_k, self.num_classes), average="micro")
+
+        # One metric set per logged prefix: torchmetrics objects accumulate until Lightning resets them.
+        self.eval_metrics = nn.ModuleDict({
+            prefix: nn.ModuleDict({"acc1": accuracy(1), "acc5": accuracy(5)}) for prefix in ("val", "val_ema", "test")
         })
-        self.val_ema_metrics = nn.ModuleDict({k: v.clone() for k, v in self.val_metrics.items()})
-        self.train_acc1 = MulticlassAccuracy(self.num_classes, top_k=1, average="micro")
-        self.confusion: Optional[MulticlassConfusionMatrix] = None
+        self.train_acc1 = accuracy(1)
+        self.confusion: MulticlassConfusionMatrix | None = None
         self.skipped_nonfinite = 0
         self.skipped_images = 0
-        self.eval_model_seconds = 0.0
-        self.eval_images = 0
         self._last_ema_step = -1
-        self._compiled = None
+        self._compiled = False
 
     def _freeze(self, prefixes: Sequence[str]) -> None:
         for prefix in prefixes:
@@ -137,6 +162,14 @@ class ClassificationModule(pl.LightningModule):
             for p in params:
                 p.requires_grad_(False)
 
+    def configure_model(self) -> None:
+        """Compiles the model in place when ``compile`` is set (state-dict keys stay those of the plain model)."""
+        if self.hparams.compile and not self._compiled:
+            # Static shapes by default: the batch size takes only a few values (full, last, evaluation batches).
+            options = {"dynamic": False} if self.hparams.compile is True else dict(self.hparams.compile)
+            self.model.compile(**options)
+            self._compiled = True
+
     def enable_confusion_matrix(self) -> None:
         """Accumulates a confusion matrix over the next validation run (read ``self.confusion.compute()``)."""
         self.confusion = MulticlassConfusionMatrix(self.num_classes).to(self.device)
@@ -145,12 +178,6 @@ class ClassificationModule(pl.LightningModule):
         """Logits ``[B, num_classes]`` for images ``[B, 3, H, W]``."""
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.hparams.compile:
-            if self._compiled is None:
-                # Kept out of the module tree so the state dict keeps the plain model's keys; static shapes, since
-                # the batch size takes only a few values (full batches, an epoch's last batch, eval batches).
-                self.__dict__["_compiled"] = torch.compile(self.model, dynamic=False)
-            return self._compiled(x)
         return self.model(x)
 
     def _unpack(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -160,7 +187,7 @@ class ClassificationModule(pl.LightningModule):
         images, targets = batch
         return images, targets, 0
 
-    def training_step(self, batch: Any, batch_idx: int) -> Optional[torch.Tensor]:
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         """Mixup/cutmix, forward, loss; handles a non-finite loss according to ``nonfinite_loss``."""
         images, targets, skipped = self._unpack(batch)
         self._count_skipped_images(skipped, "train")
@@ -207,61 +234,37 @@ class ClassificationModule(pl.LightningModule):
             self._last_ema_step = self.global_step
             self.model_ema.update(self.model, step=self.global_step)
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        """Cross-entropy loss, top-1 and top-5 of the model (and of its EMA, as ``val_ema/*``)."""
+    def _evaluation_step(self, batch: Any, prefix: str) -> None:
         images, targets, skipped = self._unpack(batch)
-        self._count_skipped_images(skipped, "val")
+        self._count_skipped_images(skipped, prefix)
         if images.shape[0] == 0:
             return
-        synchronize = images.is_cuda
-        if synchronize:
-            torch.cuda.synchronize(images.device)
-        start = time.perf_counter()
         logits = self(images)
-        if synchronize:
-            torch.cuda.synchronize(images.device)
-        self.eval_model_seconds += time.perf_counter() - start
-        self.eval_images += images.shape[0]
-        self._log_eval("val", logits, targets, self.val_metrics)
+        self._log_eval(prefix, logits, targets)
         if self.confusion is not None:
             self.confusion.update(logits, targets)
-        if self.model_ema is not None and self.ema_cfg["evaluate"]:
+        if prefix == "val" and self.model_ema is not None and self.ema_cfg.get("evaluate", True):
             x = images.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else images
-            self._log_eval("val_ema", self.model_ema(x), targets, self.val_ema_metrics)
+            self._log_eval("val_ema", self.model_ema(x), targets)
 
-    def _log_eval(self, prefix: str, logits: torch.Tensor, targets: torch.Tensor, metrics: nn.ModuleDict) -> None:
+    def _log_eval(self, prefix: str, logits: torch.Tensor, targets: torch.Tensor) -> None:
         batch_size = targets.shape[0]
         loss = F.cross_entropy(logits.float(), targets)
         self.log(f"{prefix}/loss", loss, on_epoch=True, batch_size=batch_size, sync_dist=True)
-        for name, metric in metrics.items():
+        for name, metric in self.eval_metrics[prefix].items():
             metric(logits, targets)
             self.log(f"{prefix}/{name}", metric, on_epoch=True, prog_bar=name == "acc1" and prefix == "val",
                      batch_size=batch_size)
 
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Cross-entropy loss, top-1 and top-5 of the model (``val/*``) and of its EMA (``val_ema/*``)."""
+        self._evaluation_step(batch, "val")
+
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        """Same as :meth:`validation_step`."""
-        self.validation_step(batch, batch_idx)
+        """Cross-entropy loss, top-1 and top-5 of the model as ``test/*``."""
+        self._evaluation_step(batch, "test")
 
     def configure_optimizers(self) -> dict:
-        """AdamW over decay/no-decay groups and a per-step LambdaLR (linear warmup, cosine, cooldown at min_lr)."""
-        o, s = self.optim_cfg, self.sched_cfg
-        total_steps = self.trainer.estimated_stepping_batches
-        if math.isinf(self.trainer.num_training_batches):
-            self.trainer.fit_loop.setup_data()  # estimated_stepping_batches skips it when max_steps is set
-        accumulate = self.trainer.accumulate_grad_batches
-        steps_per_epoch = max(1, math.ceil(self.trainer.num_training_batches / accumulate))
-        datamodule = getattr(self.trainer, "datamodule", None)
-        batch_size = getattr(datamodule, "batch_size", None) or 1
-        global_batch = int(batch_size) * self.trainer.world_size * accumulate
-        lr = scaled_lr(o["lr"], global_batch, int(o["lr_base_batch"]), bool(o["scale_lr"]))
-        groups = param_groups_weight_decay(self.model, o["weight_decay"], bool(o["no_decay_1d"]),
-                                           bool(o["no_decay_rpb"]), tuple(o["no_decay_names"] or ()))
-        optimizer = build_optimizer(o["name"], groups, lr, o["betas"], o["eps"], o["momentum"])
-        warmup_steps = int(round(float(s["warmup_epochs"]) * steps_per_epoch))
-        decay_steps = int(round(float(s["epochs"]) * steps_per_epoch))
-        log.info("optimizer %s: lr %.3g (global batch %d%s), %d warmup + %d decay steps of %d, %d steps/epoch",
-                 o["name"], lr, global_batch, ", scaled" if o["scale_lr"] else "", warmup_steps, decay_steps,
-                 int(total_steps), steps_per_epoch)
-        factor = build_lr_lambda(s["name"], lr, float(s["warmup_lr"]), float(s["min_lr"]), warmup_steps, decay_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+        """Optimizer over the single weight-decay rule's groups and the per-step schedule; see
+        :func:`natzoo.optim.configure_optimizers`."""
+        return configure_optimizers(self, self.model, self.hparams.optim, self.hparams.sched)

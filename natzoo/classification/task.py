@@ -8,36 +8,44 @@ from typing import Any
 
 import timm
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig
+from timm.data import resolve_data_config
+from timm.models import get_pretrained_cfg
 
 from natzoo import models  # noqa: F401  (registers the NAT families with timm)
-from natzoo.classification.module import NONFINITE_POLICIES, ClassificationModule
-from natzoo.config import check_choice, check_positive_int, plain
+from natzoo.classification.module import ClassificationModule
+from natzoo.config import CLASSIFICATION_RULES, plain
 from natzoo.datasets.demo import ensure_demo_dataset
-from natzoo.datasets.folder import BAD_IMAGE_POLICIES, ImageFolderDataModule, check_image_folder_layout
+from natzoo.datasets.folder import ImageFolderDataModule, check_image_folder_layout
+from natzoo.lightning_checkpoints import read_lightning_checkpoint
 from natzoo.models import load_weights
 from natzoo.module_weights import network_weights
 from natzoo.tasks import Task, register_task
 
-__all__ = ["validate_config", "build_datamodule", "build_module", "load_module_for_eval", "summarize_eval"]
+__all__ = [
+    "build_datamodule",
+    "build_module",
+    "image_config",
+    "load_module_for_eval",
+    "summarize_eval",
+    "validate_config",
+]
 
 log = logging.getLogger(__name__)
 
 CONFUSION_MATRIX_MAX_CLASSES = 50
 
+# Keys of a classification data config that configure other pieces than ImageFolderDataModule.
+_NOT_DATAMODULE_ARGS = ("name", "generate", "mixup")
+
 
 def _check_model(cfg: DictConfig) -> None:
-    model = cfg.get("model") or {}
-    name = model.get("name")
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"model.name must be a registered timm model name, got {name!r}")
+    name = cfg.model.name
     if not timm.is_model(name):
         family = name.split("_")[0]
         close = [m for m in timm.list_models() if m.startswith(family)][:10]
         raise ValueError(f"model.name={name!r} is not a registered timm model; close names: {close}")
-    dpr = model.get("drop_path_rate")
-    if dpr is not None and not 0.0 <= float(dpr) < 1.0:
-        raise ValueError(f"model.drop_path_rate must be in [0, 1), got {dpr}")
 
 
 def _prepare_data(cfg: DictConfig, stage: str) -> list[str]:
@@ -47,8 +55,6 @@ def _prepare_data(cfg: DictConfig, stage: str) -> list[str]:
     if root in (None, "", "???"):
         raise ValueError("data.root is not set: pass data.root=/path/to/dataset (ImageNet layout: <root>/train/<class>/"
                          "*.jpeg and <root>/val/<class>/*.jpeg)")
-    check_positive_int(data.get("img_size"), "data.img_size", minimum=8)
-    check_choice(data.get("bad_images", "error"), "data.bad_images", BAD_IMAGE_POLICIES)
     generate = data.get("generate")
     if generate:
         ensure_demo_dataset(root, **plain(generate))
@@ -57,13 +63,9 @@ def _prepare_data(cfg: DictConfig, stage: str) -> list[str]:
 
 
 def validate_config(cfg: DictConfig, stage: str) -> None:
-    """Fails fast on bad classification settings; ``stage`` is ``"fit"`` or ``"eval"``."""
-    check_choice(cfg.get("nonfinite_loss", "stop"), "nonfinite_loss", NONFINITE_POLICIES)
-    if stage == "eval" and cfg.get("ckpt_path"):
-        path = Path(str(cfg.ckpt_path))
-        if not path.is_file():
-            raise ValueError(f"ckpt_path={str(path)!r} does not exist or is not a file")
-    else:
+    """Fails fast on bad classification settings; ``stage`` is ``"fit"`` or ``"eval"``. The value rules
+    (``natzoo.config``) have been checked already."""
+    if not (stage == "eval" and cfg.get("ckpt_path")):
         _check_model(cfg)
     checkpoint = cfg.get("checkpoint")
     if checkpoint and not Path(str(checkpoint)).is_file():
@@ -78,31 +80,61 @@ def validate_config(cfg: DictConfig, stage: str) -> None:
     _prepare_data(cfg, stage)
 
 
+def _model_name(cfg: DictConfig) -> str:
+    if cfg.get("ckpt_path"):
+        return read_lightning_checkpoint(str(cfg.ckpt_path))["hyper_parameters"]["model_name"]
+    return str(cfg.model.name)
+
+
+def image_config(data: dict[str, Any], model_name: str) -> dict[str, Any]:
+    """Input size, mean/std and evaluation crop: the data config's values where set, else the model's pretrained
+    config (timm's ``resolve_data_config``, which falls back to timm's defaults).
+
+    Args:
+        data: the (plain) data config.
+        model_name: timm name of the model, optionally with a pretrained tag.
+
+    Returns:
+        ``img_size``, ``mean``, ``std`` and ``eval_transform`` (with ``crop_pct``, ``crop_mode``, ``interpolation``).
+    """
+    evaluation = dict(data.get("eval_transform") or {})
+    size = data.get("img_size")
+    given = {"input_size": (3, size, size) if size else None, "mean": data.get("mean"), "std": data.get("std"),
+             **{k: evaluation.get(k) for k in ("crop_pct", "crop_mode", "interpolation")}}
+    pretrained = get_pretrained_cfg(model_name)
+    resolved = resolve_data_config(args={k: v for k, v in given.items() if v is not None},
+                                   pretrained_cfg=pretrained.to_dict() if pretrained is not None else {})
+    evaluation.update({k: resolved[k] for k in ("crop_pct", "crop_mode", "interpolation")})
+    return {"img_size": int(resolved["input_size"][-1]), "mean": tuple(resolved["mean"]),
+            "std": tuple(resolved["std"]), "eval_transform": evaluation}
+
+
 def build_datamodule(cfg: DictConfig) -> ImageFolderDataModule:
-    """Image-folder data module from ``cfg.data``."""
+    """Image-folder data module from ``cfg.data`` (its ``_target_``), with the unset preprocessing values taken
+    from the model's pretrained config (:func:`image_config`)."""
     data = plain(cfg.data)
-    keys = ("root", "img_size", "batch_size", "eval_batch_size", "num_workers", "pin_memory", "train_split",
-            "val_split", "train_transform", "eval_transform", "mean", "std", "bad_images", "drop_last",
-            "persistent_workers")
-    return ImageFolderDataModule(**{k: data[k] for k in keys if k in data})
+    for key in _NOT_DATAMODULE_ARGS:
+        data.pop(key, None)
+    data.update(image_config(data, _model_name(cfg)))
+    return instantiate(data, _convert_="all")
 
 
 def _module_kwargs(cfg: DictConfig, num_classes: int) -> dict[str, Any]:
     model = plain(cfg.model)
-    return dict(
-        model_name=model["name"],
-        num_classes=num_classes,
-        model_kwargs=model.get("kwargs") or {},
-        drop_path_rate=model.get("drop_path_rate"),
-        freeze=list(model.get("freeze") or []),
-        optim=plain(cfg.get("optim")) or {},
-        sched=plain(cfg.get("sched")) or {},
-        mixup=plain(cfg.data.get("mixup")) or {},
-        ema=plain(cfg.get("ema")) or {},
-        nonfinite_loss=cfg.get("nonfinite_loss", "stop"),
-        channels_last=bool(cfg.get("channels_last", False)),
-        compile=bool(cfg.get("compile", False)),
-    )
+    return {
+        "model_name": model["name"],
+        "num_classes": num_classes,
+        "model_kwargs": model.get("kwargs") or {},
+        "drop_path_rate": model.get("drop_path_rate"),
+        "freeze": list(model.get("freeze") or []),
+        "optim": plain(cfg.get("optim")),
+        "sched": plain(cfg.get("sched")),
+        "mixup": plain(cfg.data.get("mixup")),
+        "ema": plain(cfg.get("ema")),
+        "nonfinite_loss": cfg.get("nonfinite_loss", "stop"),
+        "channels_last": bool(cfg.get("channels_last", False)),
+        "compile": plain(cfg.get("compile", False)),
+    }
 
 
 def build_module(cfg: DictConfig, datamodule: ImageFolderDataModule) -> ClassificationModule:
@@ -122,7 +154,8 @@ def build_module(cfg: DictConfig, datamodule: ImageFolderDataModule) -> Classifi
 
 def load_module_for_eval(cfg: DictConfig, datamodule: ImageFolderDataModule) -> ClassificationModule:
     """The module to evaluate: a Lightning checkpoint (``ckpt_path``), or ``model`` + ``checkpoint`` (official / HF /
-    flat state-dict file), or ``model`` with timm's pretrained weights (``pretrained=true``)."""
+    flat state-dict file), or ``model`` with timm's pretrained weights (``pretrained=true``), or, only with
+    ``random_weights=true``, a randomly initialised ``model``."""
     num_classes = len(datamodule.check_layout(with_train=False))
     if cfg.get("ckpt_path"):
         module = ClassificationModule.load_from_checkpoint(str(cfg.ckpt_path), map_location="cpu", weights_only=True)
@@ -135,7 +168,7 @@ def load_module_for_eval(cfg: DictConfig, datamodule: ImageFolderDataModule) -> 
             module.model.load_state_dict(module.model_ema.module.state_dict())
         return module
     kwargs = _module_kwargs(cfg, num_classes)
-    kwargs["ema"] = {}
+    kwargs.update(ema=None, optim=None, sched=None)
     if cfg.get("pretrained"):
         kwargs["model_kwargs"] = dict(kwargs["model_kwargs"], pretrained=True)
     module = ClassificationModule(**kwargs)
@@ -146,16 +179,15 @@ def load_module_for_eval(cfg: DictConfig, datamodule: ImageFolderDataModule) -> 
 
 def summarize_eval(cfg: DictConfig, module: ClassificationModule, datamodule: ImageFolderDataModule,
                    metrics: dict[str, float], output_dir: Path) -> dict[str, Any]:
-    """JSON-able result (top-1/top-5 in percent, loss, throughput) and, for few classes, a confusion-matrix PNG."""
+    """JSON-able result (top-1/top-5 in percent, loss, preprocessing) and, for few classes, a confusion-matrix PNG."""
     result: dict[str, Any] = {
         "top1": 100.0 * metrics["val/acc1"],
         "top5": 100.0 * metrics["val/acc5"],
         "top5_k": min(5, module.num_classes),
         "loss": metrics["val/loss"],
-        "num_images": module.eval_images,
         "num_classes": module.num_classes,
-        "model_images_per_second": (module.eval_images / module.eval_model_seconds
-                                    if module.eval_model_seconds else None),
+        "preprocessing": {"img_size": datamodule.img_size, "mean": list(datamodule.mean), "std": list(datamodule.std),
+                          **datamodule.eval_transform_args},
     }
     if "val_ema/acc1" in metrics:
         result["ema"] = {"top1": 100.0 * metrics["val_ema/acc1"], "top5": 100.0 * metrics["val_ema/acc5"],
@@ -167,7 +199,7 @@ def summarize_eval(cfg: DictConfig, module: ClassificationModule, datamodule: Im
 
         matrix = module.confusion.compute().cpu()
         path = output_dir / "confusion_matrix.png"
-        plot_confusion_matrix(matrix, datamodule.classes, path, title=f"{cfg.model.get('name', '')} top-1 "
+        plot_confusion_matrix(matrix, datamodule.classes, path, title=f"{module.hparams.model_name} top-1 "
                               f"{result['top1']:.2f}%")
         result["confusion_matrix"] = matrix.tolist()
         result["confusion_matrix_png"] = str(path)
@@ -195,4 +227,11 @@ TASK = register_task(Task(
     monitor=("val/acc1", "max"),
     summarize_eval=summarize_eval,
     before_eval=_before_eval,
+    module_class=ClassificationModule,
+    config_rules=CLASSIFICATION_RULES,
+    curves={
+        "loss": (("train/loss_epoch", "train loss"), ("val/loss", "val loss"), ("val_ema/loss", "val loss (EMA)")),
+        "accuracy (%)": (("train/acc1", "train top-1"), ("val/acc1", "val top-1"), ("val/acc5", "val top-5"),
+                         ("val_ema/acc1", "val top-1 (EMA)")),
+    },
 ))

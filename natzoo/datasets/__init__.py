@@ -5,8 +5,8 @@ from natzoo.datasets.folder import ImageFolderDataModule, check_image_folder_lay
 
 __all__ = [
     "DEMO_CLASSES",
-    "ensure_demo_dataset",
-    "generate_demo_dataset",
     "ImageFolderDataModule",
     "check_image_folder_layout",
+    "ensure_demo_dataset",
+    "generate_demo_dataset",
 ]

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -13,7 +14,7 @@ from torch.utils.data import DataLoader, default_collate
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-__all__ = ["ImageFolderDataModule", "RobustImageFolder", "check_image_folder_layout", "BAD_IMAGE_POLICIES"]
+__all__ = ["BAD_IMAGE_POLICIES", "ImageFolderDataModule", "RobustImageFolder", "check_image_folder_layout"]
 
 BAD_IMAGE_POLICIES = ("error", "skip")
 
@@ -22,7 +23,7 @@ def _class_dirs(split_dir: Path) -> list[str]:
     return sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir() and not entry.name.startswith("."))
 
 
-def check_image_folder_layout(root: Union[str, Path], splits: Sequence[str]) -> list[str]:
+def check_image_folder_layout(root: str | Path, splits: Sequence[str]) -> list[str]:
     """Checks the ImageNet folder layout cheaply (directories only, no image is opened) and returns the class names.
 
     Args:
@@ -36,7 +37,7 @@ def check_image_folder_layout(root: Union[str, Path], splits: Sequence[str]) -> 
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"data.root={str(root)!r} does not exist or is not a directory")
-    classes: Optional[list[str]] = None
+    classes: list[str] | None = None
     for split in splits:
         split_dir = root / split
         if not split_dir.is_dir():
@@ -68,7 +69,7 @@ class RobustImageFolder(ImageFolder):
     counts it, and the LightningModule logs the count.
     """
 
-    def __init__(self, root: Union[str, Path], transform: Optional[Callable] = None, bad_images: str = "error"):
+    def __init__(self, root: str | Path, transform: Callable | None = None, bad_images: str = "error"):
         if bad_images not in BAD_IMAGE_POLICIES:
             raise ValueError(f"data.bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r}")
         super().__init__(str(root), transform=transform)
@@ -111,7 +112,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         batch_size: per-device training batch size.
         eval_batch_size: per-device evaluation batch size (defaults to ``batch_size``).
         num_workers: data-loader worker processes per device.
-        pin_memory: pin host memory (useful on GPU).
+        pin_memory: pin host memory (when a GPU is present).
         train_split: training split directory name.
         val_split: validation split directory name.
         train_transform: keyword arguments of ``timm.data.create_transform(is_training=True)`` (``scale``, ``hflip``,
@@ -127,16 +128,16 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        root: Union[str, Path],
+        root: str | Path,
         img_size: int = 224,
         batch_size: int = 128,
-        eval_batch_size: Optional[int] = None,
+        eval_batch_size: int | None = None,
         num_workers: int = 8,
         pin_memory: bool = True,
         train_split: str = "train",
         val_split: str = "val",
-        train_transform: Optional[dict] = None,
-        eval_transform: Optional[dict] = None,
+        train_transform: dict | None = None,
+        eval_transform: dict | None = None,
         mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
         bad_images: str = "error",
@@ -165,8 +166,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.bad_images = bad_images
         self.drop_last = bool(drop_last)
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
-        self.train_set: Optional[RobustImageFolder] = None
-        self.val_set: Optional[RobustImageFolder] = None
+        self.train_set: RobustImageFolder | None = None
+        self.val_set: RobustImageFolder | None = None
         self.classes: list[str] = []
 
     def check_layout(self, with_train: bool = True) -> list[str]:
@@ -189,7 +190,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
             input_size=(3, self.img_size, self.img_size), is_training=is_training, mean=self.mean, std=self.std, **args
         )
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         """Scans the image folders (``fit`` needs train and val, ``validate``/``test`` only val)."""
         with_train = stage in (None, "fit")
         self.check_layout(with_train=with_train)
@@ -208,7 +209,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
             batch_size=batch_size,
             shuffle=train,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),  # no pinned memory without a GPU
             drop_last=train and self.drop_last and len(dataset) >= batch_size,
             persistent_workers=self.persistent_workers,
             collate_fn=collate_skipping,

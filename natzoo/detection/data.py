@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
+import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
@@ -39,7 +39,8 @@ def _first(items: Sequence[Any], limit: int = 5) -> str:
     return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
 
 
-def load_coco_annotations(annotation_file: str | os.PathLike, image_dir: str | os.PathLike, require_masks: bool) -> dict:
+def load_coco_annotations(annotation_file: str | os.PathLike, image_dir: str | os.PathLike,
+                          require_masks: bool) -> dict:
     """Read a COCO instances JSON and check it before any training starts.
 
     Checks the top-level lists, the required fields of every image, annotation and category, that annotations
@@ -68,11 +69,13 @@ def load_coco_annotations(annotation_file: str | os.PathLike, image_dir: str | o
             data = json.load(f)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{annotation_file} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"{annotation_file}: expected a JSON object at the top level, got {type(data).__name__}")
+    if not isinstance(data, dict):  # a malformed file, not a wrong argument type
+        raise ValueError(  # noqa: TRY004
+f"{annotation_file}: expected a JSON object at the top level, got {type(data).__name__}")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
-            raise ValueError(f"{annotation_file}: required top-level list {key!r} is missing or not a list")
+            raise ValueError(  # noqa: TRY004
+f"{annotation_file}: required top-level list {key!r} is missing or not a list")
     if not data["categories"]:
         raise ValueError(f"{annotation_file}: 'categories' is empty")
 
@@ -104,7 +107,8 @@ def load_coco_annotations(annotation_file: str | os.PathLike, image_dir: str | o
     missing_files = [image["file_name"] for image in data["images"] if not (image_dir / image["file_name"]).is_file()]
     if missing_files:
         raise FileNotFoundError(
-            f"{annotation_file}: {len(missing_files)} image file(s) not found under {image_dir}: {_first(missing_files)}"
+            f"{annotation_file}: {len(missing_files)} image file(s) not found under {image_dir}: "
+            f"{_first(missing_files)}"
         )
     return data
 
@@ -194,7 +198,8 @@ class CocoDetectionDataset(Dataset):
             for key in ("boxes", "labels", "iscrowd") + (("masks",) if self.with_masks else ()):
                 value = target[key]
                 # Boolean indexing returns a plain tensor; re-wrap to keep the BoundingBoxes/Mask type for v2.
-                target[key] = tv_tensors.wrap(value[keep], like=value) if isinstance(value, tv_tensors.TVTensor) else value[keep]
+                kept = value[keep]
+                target[key] = tv_tensors.wrap(kept, like=value) if isinstance(value, tv_tensors.TVTensor) else kept
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
@@ -232,7 +237,7 @@ def detection_collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torc
     return list(images), list(targets)
 
 
-class CocoDataModule(L.LightningDataModule):
+class CocoDataModule(pl.LightningDataModule):
     """Lightning data module for COCO-format detection datasets, or the generated shapes demo.
 
     With ``synthetic`` set, the shapes dataset (:mod:`natzoo.detection.synthetic`) is generated in
@@ -245,7 +250,7 @@ class CocoDataModule(L.LightningDataModule):
         val_annotations: Validation COCO JSON.
         with_masks: Load masks (needed by Mask R-CNN and for mask mAP).
         batch_size: Images per device per step.
-        val_batch_size: Images per device in evaluation (default ``batch_size``).
+        eval_batch_size: Images per device in evaluation (default ``batch_size``).
         num_workers: DataLoader workers.
         pin_memory: DataLoader ``pin_memory``.
         filter_empty: Drop training images without non-crowd annotations (mmdet's ``filter_empty_gt``).
@@ -261,7 +266,7 @@ class CocoDataModule(L.LightningDataModule):
         val_annotations: str | None = None,
         with_masks: bool = True,
         batch_size: int = 2,
-        val_batch_size: int | None = None,
+        eval_batch_size: int | None = None,
         num_workers: int = 2,
         pin_memory: bool = True,
         filter_empty: bool = True,
@@ -289,7 +294,7 @@ class CocoDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir
         self.with_masks = with_masks
         self.batch_size = batch_size
-        self.val_batch_size = val_batch_size or batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.filter_empty = filter_empty
@@ -338,7 +343,7 @@ class CocoDataModule(L.LightningDataModule):
         return self._loader(self.train_set, self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.val_batch_size, shuffle=False)
+        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.val_batch_size, shuffle=False)
+        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)

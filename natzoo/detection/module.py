@@ -1,80 +1,40 @@
-"""Lightning module for torchvision detectors: AdamW, linear warmup + step schedule, COCO mAP evaluation."""
+"""LightningModule for torchvision detectors: optimizer and schedule from the shared settings, COCO mAP evaluation."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-import lightning as L
+import lightning.pytorch as pl
 import torch
 from torch import nn
 from torchmetrics.detection import MeanAveragePrecision
 
+from natzoo.config import OPTIM_RULES, SCHED_REQUIRED, SCHED_RULES, Flag, Number, check_settings
 from natzoo.detection.detectors import build_detector
-from natzoo.optim import param_groups_weight_decay
+from natzoo.optim import configure_optimizers
 
-__all__ = ["DetectionModule", "detection_param_groups", "warmup_step_factor"]
+__all__ = ["DetectionModule"]
 
-
-def detection_param_groups(model: nn.Module, weight_decay: float, no_decay_keys: Sequence[str]) -> list[dict]:
-    """AdamW groups of the official detection configs: no decay for names containing any of ``no_decay_keys``.
-
-    mmcv's ``custom_keys`` match substrings of the full parameter name (``rpb``, ``norm``); biases and other 1-D
-    parameters keep the decay because the configs set no ``bias_decay_mult`` (spec 4.3). Frozen parameters are left
-    out.
-    """
-    return param_groups_weight_decay(
-        model, weight_decay, no_decay_1d=False, no_decay_rpb=False, no_decay_names=tuple(no_decay_keys)
-    )
+_ARGUMENT_RULES = {"with_masks": Flag(nullable=True), "mask_threshold": Number(0.0, 1.0)}
 
 
-def warmup_step_factor(
-    step: int, steps_per_epoch: int, milestones: Sequence[int], milestone_unit: str, gamma: float,
-    warmup_steps: int, warmup_ratio: float,
-) -> float:
-    """LR multiplier of optimizer step ``step`` (0-based): mmcv's linear warmup times a step decay.
-
-    Warmup (mmcv ``warmup='linear'``): ``1 - (1 - step / warmup_steps) * (1 - warmup_ratio)`` for
-    ``step < warmup_steps``. Step decay: ``gamma ** n`` with ``n`` the number of milestones already reached, where a
-    milestone in epochs is reached at the first step of that (0-based) epoch, as mmcv's epoch-based ``step`` policy.
-
-    Args:
-        step: Optimizer step.
-        steps_per_epoch: Optimizer steps per epoch (used when ``milestone_unit == "epoch"``).
-        milestones: Epochs (or steps) at which the LR is multiplied by ``gamma``.
-        milestone_unit: ``"epoch"`` or ``"step"``.
-        gamma: Decay per milestone.
-        warmup_steps: Warmup length in steps (0 disables warmup).
-        warmup_ratio: Factor at step 0.
-    """
-    position = step // max(1, steps_per_epoch) if milestone_unit == "epoch" else step
-    factor = gamma ** sum(position >= m for m in milestones)
-    if step < warmup_steps:
-        factor *= 1.0 - (1.0 - step / warmup_steps) * (1.0 - warmup_ratio)
-    return factor
-
-
-class DetectionModule(L.LightningModule):
+class DetectionModule(pl.LightningModule):
     """Trains and evaluates a torchvision detector (``FasterRCNN``/``MaskRCNN`` built by ``build_detector``).
 
-    Optimisation follows the official NAT/DiNAT mmdet configs (spec 4.3): AdamW with betas (0.9, 0.999) and weight
-    decay 0.05, except for parameters whose names contain ``rpb`` or ``norm`` (biases keep decay, as mmcv's
-    ``custom_keys`` do); LR 1e-4 with a 500-step linear warmup from ratio 0.001 and x0.1 steps at epochs 27 and 33
-    (the 3x schedule). Evaluation computes COCO box mAP (and mask mAP for Mask R-CNN) with torchmetrics'
-    ``MeanAveragePrecision`` (pycocotools backend), logged as ``val/bbox_mAP``, ``val/bbox_mAP_50``, ...
+    Same conventions as :class:`natzoo.classification.ClassificationModule`: the optimizer and schedule come from the
+    ``optim``/``sched`` settings of ``configs/`` (:func:`natzoo.optim.configure_optimizers`; the COCO recipes use
+    AdamW with no decay for parameter names containing ``rpb`` or ``norm`` and mmcv's linear warmup + step schedule,
+    see ``configs/optim/detection_adamw.yaml`` and ``configs/sched/detection_3x.yaml``), and every argument is a
+    plain value saved with the checkpoint. Evaluation computes COCO box mAP (and mask mAP for Mask R-CNN) with
+    torchmetrics' ``MeanAveragePrecision`` (pycocotools backend), logged as ``val/bbox_mAP``, ``val/bbox_mAP_50``,
+    ... (``test/*`` from ``test_step``).
 
     Args:
         detector: Keyword arguments of :func:`natzoo.detection.detectors.build_detector` (stored in the checkpoint's
             hyper-parameters, so ``load_from_checkpoint`` rebuilds the model), or a built detector module.
-        lr: Peak learning rate.
-        weight_decay: AdamW weight decay.
-        betas: AdamW betas.
-        no_decay_keys: Substrings of parameter names exempt from weight decay.
-        warmup_steps: Linear warmup steps.
-        warmup_ratio: LR factor at the first step.
-        milestones: LR decay points.
-        milestone_unit: ``"epoch"`` (the official configs) or ``"step"``.
-        gamma: Decay factor per milestone.
+        optim: Optimizer settings (``configs/optim``); needed for training only.
+        sched: Schedule settings (``configs/sched``); needed for training only.
         with_masks: Also evaluate mask mAP; None means "if the detector is a Mask R-CNN".
         mask_threshold: Probability threshold turning predicted mask logits into binary masks.
         category_ids: COCO category id of each contiguous label ``1..K`` (for result files); optional.
@@ -83,26 +43,20 @@ class DetectionModule(L.LightningModule):
     def __init__(
         self,
         detector: dict[str, Any] | nn.Module,
-        lr: float = 1e-4,
-        weight_decay: float = 0.05,
-        betas: Sequence[float] = (0.9, 0.999),
-        no_decay_keys: Sequence[str] = ("rpb", "norm"),
-        warmup_steps: int = 500,
-        warmup_ratio: float = 0.001,
-        milestones: Sequence[int] = (27, 33),
-        milestone_unit: str = "epoch",
-        gamma: float = 0.1,
+        optim: dict[str, Any] | None = None,
+        sched: dict[str, Any] | None = None,
         with_masks: bool | None = None,
         mask_threshold: float = 0.5,
         category_ids: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        if milestone_unit not in ("epoch", "step"):
-            raise ValueError(f"milestone_unit must be 'epoch' or 'step', got {milestone_unit!r}")
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        if warmup_steps < 0 or not 0 < warmup_ratio <= 1:
-            raise ValueError(f"need warmup_steps >= 0 and 0 < warmup_ratio <= 1, got {warmup_steps}, {warmup_ratio}")
+        check_settings({"with_masks": with_masks, "mask_threshold": mask_threshold}, _ARGUMENT_RULES,
+                       type(self).__name__)
+        if optim is not None:
+            check_settings(optim, OPTIM_RULES, "optim", required=tuple(OPTIM_RULES))
+        if sched is not None:
+            check_settings(sched, SCHED_RULES, "sched", required=("name",))
+            check_settings(sched, SCHED_RULES, "sched", required=SCHED_REQUIRED[sched["name"]])
         if isinstance(detector, nn.Module):
             self.save_hyperparameters(ignore=["detector"])
             model = detector
@@ -126,12 +80,13 @@ class DetectionModule(L.LightningModule):
         return self.model(images)
 
     def training_step(self, batch: tuple[list[torch.Tensor], list[dict]], batch_idx: int) -> torch.Tensor:
+        """Sum of the detector's losses (each also logged as ``train/<name>``)."""
         images, targets = batch
         targets = [self._train_target(t) for t in targets]
         losses = self.model(images, targets)
         loss = sum(losses.values())
         batch_size = len(images)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=False)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=batch_size, sync_dist=True)
         for name, value in losses.items():
             self.log(f"train/{name}", value, batch_size=batch_size)
         return loss
@@ -154,10 +109,12 @@ class DetectionModule(L.LightningModule):
         return preds, gts
 
     def validation_step(self, batch: tuple[list[torch.Tensor], list[dict]], batch_idx: int) -> None:
+        """Accumulates the batch's detections for the epoch's ``val/*`` mAP."""
         images, targets = batch
         self.val_map.update(*self._metric_inputs(self.model(images), targets))
 
     def test_step(self, batch: tuple[list[torch.Tensor], list[dict]], batch_idx: int) -> None:
+        """Accumulates the batch's detections for the epoch's ``test/*`` mAP."""
         images, targets = batch
         self.test_map.update(*self._metric_inputs(self.model(images), targets))
 
@@ -174,21 +131,14 @@ class DetectionModule(L.LightningModule):
                 self.log(f"{stage}/{iou_type}_{short}", value.float(), prog_bar=key == "map", sync_dist=False)
 
     def on_validation_epoch_end(self) -> None:
+        """Logs ``val/*`` mAP."""
         self._log_map(self.val_map, "val")
 
     def on_test_epoch_end(self) -> None:
+        """Logs ``test/*`` mAP."""
         self._log_map(self.test_map, "test")
 
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        groups = detection_param_groups(self.model, hp.weight_decay, hp.no_decay_keys)
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
-        steps_per_epoch = 1
-        if hp.milestone_unit == "epoch":
-            max_epochs = self.trainer.max_epochs
-            if max_epochs is None or max_epochs < 1:
-                raise ValueError("milestone_unit='epoch' needs trainer.max_epochs; use milestone_unit='step' with max_steps")
-            steps_per_epoch = max(1, int(self.trainer.estimated_stepping_batches) // max_epochs)
-        args = (steps_per_epoch, tuple(hp.milestones), hp.milestone_unit, hp.gamma, hp.warmup_steps, hp.warmup_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_step_factor(step, *args))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        """Optimizer and per-step schedule from the ``optim``/``sched`` settings; see
+        :func:`natzoo.optim.configure_optimizers`."""
+        return configure_optimizers(self, self.model, self.hparams.optim, self.hparams.sched)

@@ -6,26 +6,26 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from natzoo.config import check_choice, plain
+from natzoo.config import DETECTION_RULES, plain
 from natzoo.detection.backbone import NATBackbone, load_backbone_checkpoint, model_family
 from natzoo.detection.data import CocoDataModule
-from natzoo.detection.detectors import ARCHITECTURES
 from natzoo.detection.module import DetectionModule
 from natzoo.detection.synthetic import SyntheticCocoSpec
 from natzoo.models import load_weights
 from natzoo.module_weights import network_weights
 from natzoo.tasks import Task, register_task
 
-__all__ = ["validate_config", "build_datamodule", "build_module", "load_module_for_eval", "summarize_eval"]
+__all__ = ["build_datamodule", "build_module", "load_module_for_eval", "summarize_eval", "validate_config"]
 
 log = logging.getLogger(__name__)
 
-# cfg.model keys passed to build_detector (``name`` becomes ``backbone``, ``kwargs`` the backbone overrides).
-_DETECTOR_KEYS = ("arch", "fpn_channels", "min_size", "max_size", "anchor_sizes", "representation_size",
-                  "mask_head_channels", "detector_kwargs")
-_BACKBONE_KEYS = ("out_indices", "frozen_stages", "norm_eval", "dilations", "drop_path_rate")
+# Keys of cfg.model that are not build_detector arguments (``name`` becomes ``backbone``, ``kwargs`` the backbone
+# overrides), and keys of cfg.data that are not CocoDataModule arguments.
+_NOT_DETECTOR_ARGS = ("name", "kwargs")
+_NOT_DATAMODULE_ARGS = ("name", "root")
 _DATA_PATHS = ("train_images", "train_annotations", "val_images", "val_annotations")
 
 
@@ -35,17 +35,16 @@ def _with_masks(cfg: DictConfig) -> bool:
 
 
 def validate_config(cfg: DictConfig, stage: str) -> None:
-    """Fails fast on bad detection settings (no model is built and no image decoded)."""
-    model = cfg.get("model") or {}
-    if stage == "eval" and cfg.get("ckpt_path"):
-        if not Path(str(cfg.ckpt_path)).is_file():
-            raise ValueError(f"ckpt_path={str(cfg.ckpt_path)!r} does not exist or is not a file")
-    else:
-        check_choice(model.get("arch"), "model.arch", ARCHITECTURES)
-        model_family(str(model.get("name")))
+    """Fails fast on bad detection settings (no model is built and no image decoded). The value rules
+    (``natzoo.config``) have been checked already."""
+    if not (stage == "eval" and cfg.get("ckpt_path")):
+        model_family(str(cfg.model.name))
     checkpoint = cfg.get("checkpoint")
     if checkpoint and not Path(str(checkpoint)).is_file():
         raise ValueError(f"checkpoint={str(checkpoint)!r} does not exist or is not a file")
+    if stage == "eval" and cfg.get("pretrained"):
+        raise ValueError("pretrained=true is not available for task=detection; give ckpt_path= (a Lightning .ckpt) or "
+                         "checkpoint= (detector weights)")
     if cfg.model.get("arch") == "maskrcnn" and cfg.data.get("with_masks") is False and stage == "fit":
         raise ValueError("model.arch=maskrcnn trains on masks: data.with_masks must not be false")
     data = cfg.data
@@ -66,16 +65,12 @@ def validate_config(cfg: DictConfig, stage: str) -> None:
 
 
 def build_datamodule(cfg: DictConfig) -> CocoDataModule:
-    """COCO-format data module from ``cfg.data`` (the shapes demo when ``data.synthetic`` is set)."""
+    """COCO-format data module from ``cfg.data`` (its ``_target_``; the shapes demo when ``data.synthetic`` is set)."""
     data = plain(cfg.data)
-    keys = _DATA_PATHS + ("batch_size", "num_workers", "pin_memory", "filter_empty", "cache_dir")
-    kwargs = {k: data[k] for k in keys if data.get(k) is not None}
-    datamodule = CocoDataModule(
-        **kwargs,
-        val_batch_size=data.get("eval_batch_size"),
-        with_masks=_with_masks(cfg),
-        synthetic=data.get("synthetic") or None,
-    )
+    for key in _NOT_DATAMODULE_ARGS:
+        data.pop(key, None)
+    data["with_masks"] = _with_masks(cfg)
+    datamodule = instantiate(data, _convert_="all")
     # The class count is needed to build the model, before the Trainer calls prepare_data/setup.
     datamodule.prepare_data()
     datamodule.setup("validate")
@@ -83,32 +78,22 @@ def build_datamodule(cfg: DictConfig) -> CocoDataModule:
 
 
 def detector_config(cfg: DictConfig, num_classes: int) -> dict[str, Any]:
-    """``build_detector`` keyword arguments from ``cfg.model`` (``num_classes`` = foreground classes + 1)."""
+    """``build_detector`` keyword arguments from ``cfg.model`` (``num_classes`` = foreground classes + 1); keys left
+    null keep ``build_detector``'s defaults."""
     model = plain(cfg.model)
-    config: dict[str, Any] = {k: model[k] for k in _DETECTOR_KEYS if model.get(k) is not None}
-    config.update({k: model[k] for k in _BACKBONE_KEYS if model.get(k) is not None})
+    config = {k: v for k, v in model.items() if k not in _NOT_DETECTOR_ARGS and v is not None}
     config.update(model.get("kwargs") or {})
     config["backbone"] = model["name"]
     config["num_classes"] = num_classes + 1
     return config
 
 
-def _module_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    optim, sched = plain(cfg.get("optim")) or {}, plain(cfg.get("sched")) or {}
-    if optim.get("name", "adamw") != "adamw":
-        raise ValueError(f"detection uses AdamW (optim.name=adamw), got optim.name={optim.get('name')!r}")
-    kwargs = {k: optim[k] for k in ("lr", "weight_decay", "betas", "no_decay_keys") if k in optim}
-    kwargs.update({k: sched[k] for k in ("warmup_steps", "warmup_ratio", "milestones", "milestone_unit", "gamma")
-                   if k in sched})
-    return kwargs
-
-
 def build_module(cfg: DictConfig, datamodule: CocoDataModule) -> DetectionModule:
     """New detector for the dataset's classes; ``cfg.checkpoint`` initialises the backbone from classification
     weights (official ``.pth``, HF, or this project's classification ``.ckpt``)."""
     module = DetectionModule(
-        detector_config(cfg, datamodule.num_classes), with_masks=_with_masks(cfg),
-        category_ids=datamodule.val_set.category_ids, **_module_kwargs(cfg),
+        detector_config(cfg, datamodule.num_classes), optim=plain(cfg.get("optim")), sched=plain(cfg.get("sched")),
+        with_masks=_with_masks(cfg), category_ids=datamodule.val_set.category_ids,
     )
     if cfg.get("checkpoint"):
         body: NATBackbone = module.model.backbone.body
@@ -134,7 +119,7 @@ def load_module_for_eval(cfg: DictConfig, datamodule: CocoDataModule) -> Detecti
         return module
     module = DetectionModule(detector_config(cfg, datamodule.num_classes), with_masks=_with_masks(cfg))
     if not cfg.get("checkpoint"):
-        raise ValueError("eval with task=detection needs ckpt_path=<Lightning .ckpt> or checkpoint=<detector weights>")
+        return module  # random_weights=true (the evaluation driver refuses otherwise)
     load_weights(module.model, network_weights(str(cfg.checkpoint)), head="strict", source=str(cfg.checkpoint))
     return module
 
@@ -147,7 +132,6 @@ def summarize_eval(cfg: DictConfig, module: DetectionModule, datamodule: CocoDat
     if "val/segm_mAP" in metrics:
         result["segm_mAP"] = 100.0 * metrics["val/segm_mAP"]
         result["segm_mAP_50"] = 100.0 * metrics["val/segm_mAP_50"]
-    result["num_images"] = len(datamodule.val_set)
     result["num_classes"] = datamodule.num_classes
     result["metrics"] = metrics
     return result
@@ -161,4 +145,11 @@ TASK = register_task(Task(
     load_module_for_eval=load_module_for_eval,
     monitor=("val/bbox_mAP", "max"),
     summarize_eval=summarize_eval,
+    module_class=DetectionModule,
+    config_rules=DETECTION_RULES,
+    curves={
+        "loss": (("train/loss_epoch", "train loss (sum)"),),
+        "mAP (%)": (("val/bbox_mAP", "box mAP"), ("val/bbox_mAP_50", "box mAP@50"), ("val/segm_mAP", "mask mAP"),
+                    ("val/segm_mAP_50", "mask mAP@50")),
+    },
 ))
