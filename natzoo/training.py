@@ -20,10 +20,9 @@ from lightning_utilities.core.imports import RequirementCache
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from natzoo.callbacks import CurvePlot, RNGState
-from natzoo.checkpoint_io import AtomicCheckpointIO
+from natzoo.checkpoints import AtomicCheckpointIO, read_lightning_checkpoint
 from natzoo.config import COMMON_RULES, check_config, check_weights_source, find_last_checkpoint
 from natzoo.console import configure_console
-from natzoo.lightning_checkpoints import read_lightning_checkpoint
 from natzoo.loggers import drop_rows_after
 from natzoo.tasks import Task, get_task, task_of_checkpoint
 

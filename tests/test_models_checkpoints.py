@@ -18,7 +18,7 @@ from helpers import official_to_hf, one_thread, randomized  # noqa: F401  (one_t
 from safetensors.torch import save_file
 
 from natzoo import models
-from natzoo.module_weights import network_weights
+from natzoo.checkpoints import network_weights
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = {"embed_dim": 32, "depths": (1, 2, 2, 1), "num_heads": (1, 2, 4, 8)}

@@ -18,9 +18,8 @@ from natzoo.classification.module import ClassificationModule
 from natzoo.config import CLASSIFICATION_RULES, plain
 from natzoo.datasets.demo import ensure_demo_dataset
 from natzoo.datasets.folder import ImageFolderDataModule, check_image_folder_layout
-from natzoo.lightning_checkpoints import read_lightning_checkpoint
+from natzoo.checkpoints import network_weights, read_lightning_checkpoint
 from natzoo.models import load_weights
-from natzoo.module_weights import network_weights
 from natzoo.tasks import Task, register_task
 
 __all__ = [

@@ -261,7 +261,7 @@ def load_backbone_checkpoint(
     Accepts the official layout, the HF transformers layout (classifier or ``*Backbone``), training checkpoints
     (``model``/``state_dict`` wrappers, ``module.`` prefixes) and nested trunks (``backbone.``, ``backbone.body.``).
     RPB tables of another kernel size are resized bicubically. A LightningModule's ``model.`` prefix is the training
-    code's to strip (:func:`natzoo.module_weights.network_weights`). `source` names the file a state dict came
+    code's to strip (:func:`natzoo.checkpoints.network_weights`). `source` names the file a state dict came
     from in messages.
 
     Returns:

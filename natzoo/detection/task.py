@@ -15,7 +15,7 @@ from natzoo.detection.data import CocoDataModule
 from natzoo.detection.module import DetectionModule
 from natzoo.detection.synthetic import SyntheticCocoSpec
 from natzoo.models import load_weights
-from natzoo.module_weights import network_weights
+from natzoo.checkpoints import network_weights
 from natzoo.tasks import Task, register_task
 
 __all__ = ["build_datamodule", "build_module", "load_module_for_eval", "summarize_eval", "validate_config"]

@@ -11,7 +11,7 @@ import signal
 import pytest
 import torch
 
-from natzoo.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
+from natzoo.checkpoints import AtomicCheckpointIO, atomic_torch_save
 from natzoo.ownership import scratch_prefix
 
 

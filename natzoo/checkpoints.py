@@ -1,0 +1,202 @@
+"""Lightning checkpoints of natzoo runs: written atomically, read without running code, and the network inside.
+
+* Writing (:class:`AtomicCheckpointIO`, installed by :mod:`natzoo.training`). Lightning's ``TorchCheckpointIO``
+  writes through an fsspec transaction whose temporary file lives in the system temp directory; when that is another
+  filesystem the final move is a copy, so a crash can leave a truncated checkpoint. Here the temporary file is a
+  sibling of the destination, flushed and fsynced, then ``os.replace``d. It has a scratch name of
+  :mod:`natzoo.ownership` (``.<name>.natzoo-tmp.<host>.<pid>.<random>.tmp``): a failed save deletes it, and one left
+  by a killed process is deleted by the next save or load in that directory. A full disk is reported as such
+  (``OSError`` with ``errno.ENOSPC`` naming the checkpoint), not as the serializer's internal error; the file at the
+  destination, and every other checkpoint, stay as they were.
+* Reading ``ckpt_path=`` (:func:`read_lightning_checkpoint`): clear errors for files that are missing, empty, a
+  directory or another kind of file, and no pickled code ever run (``weights_only=True``).
+* The network inside (:func:`network_weights`): a LightningModule holding its network as ``self.model`` writes it
+  under ``model.``, and the EMA copy (classification with ``ema.enabled``) under ``model_ema.module.``. The model
+  layer (:func:`natzoo.models.load_weights`) knows nothing of that training-layer convention; the task code strips
+  the prefix here first.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import pickle
+import re
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from natzoo.models import read_state_dict, unwrap_state_dict
+from natzoo.ownership import scratch_prefix, sweep_abandoned
+
+__all__ = ["AtomicCheckpointIO", "atomic_torch_save", "network_weights", "read_lightning_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    # torch.save reports a failed write of its zip stream as a RuntimeError whose context holds the OSError.
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _free_bytes(directory: str) -> str:
+    try:
+        return f"{shutil.disk_usage(directory).free / 2**20:.1f} MiB free"
+    except OSError:
+        return "free space unknown"
+
+
+def atomic_torch_save(obj: Any, path: _PATH) -> None:
+    """``torch.save`` to a temporary file next to ``path``, fsync, then ``os.replace`` onto ``path``.
+
+    Temporary files that killed natzoo processes left in the directory are removed first.
+
+    Raises:
+        OSError: ``errno.ENOSPC`` when the disk (or quota) is full, naming ``path``; the previous file at ``path`` is
+            unchanged and the temporary file removed.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    sweep_abandoned(Path(directory), "tmp")
+    fd, tmp = tempfile.mkstemp(prefix=scratch_prefix(os.path.basename(path), "tmp"), suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if _disk_full(exc):
+            raise OSError(errno.ENOSPC, f"No space left on device while saving checkpoint {path} "
+                          f"({_free_bytes(directory)}); the file previously at that path and the other checkpoints "
+                          "are unchanged; free some space and retry", path) from exc
+        raise
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` with atomic local saves and ``weights_only=True`` loads by default."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        """Saves atomically for local paths; remote (fsspec URL) paths fall back to Lightning's implementation."""
+        if "://" in os.fspath(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO.save_checkpoint does not take storage_options")
+        atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path: _PATH, map_location: Callable | None = lambda storage, loc: storage,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        """Loads with ``weights_only=True`` unless the caller explicitly passes ``False``; for a local path, first
+        removes the temporary files killed natzoo processes left next to it."""
+        if "://" not in os.fspath(path):
+            sweep_abandoned(Path(os.path.abspath(path)).parent, "tmp")
+        return super().load_checkpoint(path, map_location=map_location,
+                                       weights_only=True if weights_only is None else weights_only)
+
+
+_HINT = ("ckpt_path= takes the Lightning .ckpt files train.py writes (<run dir>/checkpoints/last.ckpt or best.ckpt); "
+         "give other weight files (official .pth, HF .bin/.safetensors, plain state dicts) as checkpoint= instead")
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, dict):
+        tensors = sum(isinstance(v, torch.Tensor) for v in obj.values())
+        if obj and tensors == len(obj):
+            return f"a plain state dict of {tensors} tensors"
+        keys = ", ".join(repr(k) for k in list(obj)[:6])
+        return f"a dictionary with the keys {keys}{', ...' if len(obj) > 6 else ''}"
+    return f"a {type(obj).__name__}"
+
+
+def read_lightning_checkpoint(path: str | os.PathLike, key: str = "ckpt_path") -> dict[str, Any]:
+    """Loads a Lightning checkpoint with ``weights_only=True`` (memory-mapped: tensors are read only when used).
+
+    Args:
+        path: the file.
+        key: the config key that named it (for messages).
+
+    Returns:
+        The checkpoint dictionary (``state_dict``, ``hyper_parameters``, ``epoch``, ``global_step``, ...).
+
+    Raises:
+        ValueError: the path is missing, a directory or an empty file, cannot be read as a PyTorch checkpoint, holds
+            pickled objects other than tensors and plain values, or is not a Lightning checkpoint. The message names
+            the file and what was expected.
+    """
+    file = Path(path)
+    where = f"{key}={str(file)!r}"
+    if not file.exists():
+        raise ValueError(f"{where} does not exist; {_HINT}")
+    if file.is_dir():
+        inside = sorted(file.rglob("*.ckpt"))
+        example = f" (it holds e.g. {inside[0]})" if inside else ""
+        raise ValueError(f"{where} is a directory, not a checkpoint file{example}; {_HINT}")
+    if file.stat().st_size == 0:
+        raise ValueError(f"{where} is an empty file (0 bytes), not a checkpoint (was a save or a copy interrupted?)")
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" in str(err):  # weights_only refused a class or function reference
+            raise ValueError(f"{where} holds pickled objects other than tensors and plain values; it is not loaded, "
+                             f"because unpickling them could run code. {_HINT}") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(\S.*)", str(err))
+        raise ValueError(f"{where} cannot be read as a PyTorch checkpoint "
+                         f"({detail.group(1) if detail else str(err).splitlines()[0]}); {_HINT}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"{where} cannot be read as a PyTorch checkpoint ({type(err).__name__}: {err}); "
+                         f"{_HINT}") from None
+    if not isinstance(checkpoint, dict) or not {"state_dict", "pytorch-lightning_version"} <= checkpoint.keys():
+        raise ValueError(f"{where} is not a Lightning checkpoint: it holds {_describe(checkpoint)}, without the "
+                         f"'state_dict' and 'pytorch-lightning_version' entries; {_HINT}")
+    return checkpoint
+
+
+def network_weights(
+    checkpoint: str | os.PathLike[str] | Mapping[str, Any], attr: str = "model", use_ema: bool = False
+) -> dict[str, torch.Tensor]:
+    """The weights of the network a LightningModule holds as ``self.<attr>``, ready for ``load_weights``.
+
+    Args:
+        checkpoint: A Lightning ``.ckpt`` of this project, or any weights file or state dict.
+        attr: The LightningModule's attribute holding the network.
+        use_ema: Take the EMA copy (``<attr>_ema.module.*``) instead.
+
+    Returns:
+        The keys under ``<attr>.`` (or the EMA prefix) without it; a state dict without that prefix (official
+        ``.pth``, HF ``.bin``/``.safetensors``, a flat state dict) unchanged.
+
+    Raises:
+        ValueError: `use_ema` is set but the checkpoint holds no EMA copy.
+    """
+    state = unwrap_state_dict(checkpoint) if isinstance(checkpoint, Mapping) else read_state_dict(checkpoint)
+    prefix = f"{attr}_ema.module." if use_ema else f"{attr}."
+    selected = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if use_ema and not selected:
+        raise ValueError(f"use_ema: the checkpoint holds no EMA weights (no keys under {prefix!r}; it was trained "
+                         "without EMA or is not a Lightning checkpoint of this project)")
+    if not selected:
+        return state
+    if len(selected) < len(state):
+        log.info("using the %d tensors under %r (%d others in the checkpoint ignored)", len(selected), prefix,
+                 len(state) - len(selected))
+    return selected
