@@ -242,10 +242,12 @@ def compile_key(launch: Launch, config) -> dict:
 def report(all_configs: bool) -> dict:
     cache: dict = {}
     results = []
-    for layer, size, heads, dilation, nat_layers, dinat_layers in LAYERS:
+    # The stage-0 layer once more without rpb, for the cost of rpb in forward + backward.
+    plan = [(*entry, True) for entry in LAYERS] + [(LAYERS[0][0] + " no rpb", *LAYERS[0][1:4], 0, 0, False)]
+    for layer, size, heads, dilation, nat_layers, dinat_layers, rpb in plan:
         problem = layer_problem(size, heads, dilation)
         useful = useful_scores(problem)
-        fwd, bwd = capture(problem)
+        fwd, bwd = capture(problem, rpb)
         for phase, launches in (("fwd", fwd), ("bwd", bwd)):
             for launch in launches:
                 rows = [analyse(layer, launch, c, useful, cache) for c in (launch.configs or [None])]
@@ -288,6 +290,10 @@ def markdown(data: dict) -> str:
         rest = e["bwd"] - e["drpb"]
         share = f"{e['drpb'] / rest:.2f}" if e["drpb"] else "folded"
         out.append(f"| {name} | {e['fwd']:.1f} | {e['bwd']:.1f} | {e['drpb']:.1f} | {share} |")
+    with_rpb, without = layers.get(LAYERS[0][0]), layers.get(LAYERS[0][0] + " no rpb")
+    if with_rpb and without:
+        ratio = (with_rpb["fwd"] + with_rpb["bwd"]) / (without["fwd"] + without["bwd"])
+        out.append(f"| {LAYERS[0][0]}: fwd+bwd with rpb / without | {ratio:.2f}x | | | |")
     for model, col in (("NAT-Tiny", "nat"), ("DiNAT-Tiny", "dinat")):
         fwd = sum(e["fwd"] * e[col] for e in layers.values())
         bwd = sum(e["bwd"] * e[col] for e in layers.values())
