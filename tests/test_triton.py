@@ -40,7 +40,7 @@ def _interpreter():
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     forward = importlib.import_module("natzoo.ops.neighborhood.triton.forward")
-    kernel = forward._fwd_tuned[1].fn
+    kernel = forward._na_fwd_kernel
     assert type(kernel).__name__ == "InterpretedFunction", "kernels were imported before TRITON_INTERPRET was set"
     yield
     if previous is None:
