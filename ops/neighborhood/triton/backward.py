@@ -34,21 +34,31 @@ import triton
 import triton.language as tl
 
 from ..validation import Problem
-from .forward import Geometry, dot_precision, head_block, pair_mask, query_tile, strides6, upcast_operands
+from .forward import (
+    Geometry,
+    dot_precision,
+    head_block,
+    narrow_offsets,
+    pair_mask,
+    query_tile,
+    strides6,
+    tile_base,
+    tile_step,
+    upcast_operands,
+)
 from .tiling import (
+    advance,
     autotune_mode,
+    axis_offsets,
+    box_coords,
     config_entries,
     dot_operand,
     finite_rows,
     inverse_window,
     inwin,
-    row_offsets,
     rpb_partial,
     rpb_partial_1d,
-    split3,
-    sub_tile,
     tile_origin,
-    tile_rows,
     tuned,
     window,
 )
@@ -58,39 +68,48 @@ ATOMIC_COPIES = 32
 
 
 @triton.jit
-def _dq_loop(dq, table, q, do, lse2, delta, Kp, Vp, RPB, b, h, g0, g1, g2, first0, first1, first2, n_trips, nk1, nk2,
-             box0, box1, box2, end0, end1, end2, q_ok, qs0, qs1, qs2, w0, w1, w2, brow, dims, d_ok,
-             skb, sk0, sk1, sk2, skh, skd, svb, sv0, sv1, sv2, svh, svd, DIL0, DIL1, DIL2, scale,
+def _dq_loop(dq, table, q, do, lse2, delta, k_base, v_base, rpb_base, n_trips, nk1, nk2,
+             box0, box1, box2, end0, end1, end2, first0, first1, first2, q_ok, qs0, qs1, qs2, w0, w1, w2, brow,
+             dims, d_ok, sk0, sk1, sk2, skd, sv0, sv1, sv2, svd, DIL0, DIL1, DIL2, scale,
              K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
-             HAS_RPB: tl.constexpr, COMPUTE_DQ: tl.constexpr, COMPUTE_DRPB: tl.constexpr,
-             PRECISION: tl.constexpr, RPB_PRECISION: tl.constexpr, UPCAST: tl.constexpr, GUARD: tl.constexpr,
+             HAS_RPB: tl.constexpr, COMPUTE_DQ: tl.constexpr, COMPUTE_DRPB: tl.constexpr, EVEN_D: tl.constexpr,
+             WIDE: tl.constexpr, PRECISION: tl.constexpr, RPB_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+             GUARD: tl.constexpr,
              TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
              TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
              RANK: tl.constexpr, R0P: tl.constexpr, R1P: tl.constexpr, R2P: tl.constexpr, FI: tl.constexpr):
+    """dQ and the partial d_rpb table over the halo box in key sub-tiles (`qs_a` relative to the box start).
+
+    `GUARD` is the rerun of a tile with a non-finite dQ row: keys are sanitised and the slots of non-finite keys
+    become NaN in ``dS``, so a bad key reaches only its own queries' rows.
+    """
     LOG2E: tl.constexpr = 1.4426950408889634
     R1: tl.constexpr = 2 * K1 - 1
     R2: tl.constexpr = 2 * K2 - 1
-    dcol = dims[None, :].to(tl.int64)
-    for kt in range(n_trips):
-        j0, j1, j2, k_ok = _key_sub_tile(kt, nk1, nk2, box0, box1, box2, end0, end1, end2, TK0, TK1, TK2)
-        y0, y1, y2 = g0 + DIL0 * j0, g1 + DIL1 * j1, g2 + DIL2 * j2
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(Kp + row_offsets(b, h, y0, y1, y2, skb, sk0, sk1, sk2, skh)[:, None] + dcol * skd,
-                    mask=kv_mask, other=0.0)
-        v = tl.load(Vp + row_offsets(b, h, y0, y1, y2, svb, sv0, sv1, sv2, svh)[:, None] + dcol * svd,
-                    mask=kv_mask, other=0.0)
+    c0, c1, c2 = box_coords(tl.arange(0, TK0 * TK1 * TK2), TK0, TK1, TK2)
+    koff = axis_offsets(c0, c1, c2, DIL0, DIL1, DIL2, sk0, sk1, sk2, WIDE)[:, None] + dims[None, :] * skd
+    voff = axis_offsets(c0, c1, c2, DIL0, DIL1, DIL2, sv0, sv1, sv2, WIDE)[:, None] + dims[None, :] * svd
+    bcol = (c0 * R1 + c1) * R2 + c2
+    u0 = tl.full([], 0, tl.int32)
+    u1 = tl.full([], 0, tl.int32)
+    u2 = tl.full([], 0, tl.int32)
+    for _ in range(n_trips):
+        o0, o1, o2 = u0 * TK0, u1 * TK1, u2 * TK2  # sub-tile origin relative to the halo box
+        k_ok = (c0 < end0 - box0 - o0) & (c1 < end1 - box1 - o1) & (c2 < end2 - box2 - o2)
+        kv_mask = k_ok[:, None] if EVEN_D else k_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + tile_step(o0, o1, o2, DIL0, DIL1, DIL2, sk0, sk1, sk2) + koff, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + tile_step(o0, o1, o2, DIL0, DIL1, DIL2, sv0, sv1, sv2) + voff, mask=kv_mask, other=0.0)
         k = dot_operand(k, UPCAST)
         v = dot_operand(v, UPCAST)
-        pair = pair_mask(q_ok, j0, j1, j2, qs0, qs1, qs2, w0, w1, w2, K0, K1, K2, TK0, TK1, TK2)
+        pair = pair_mask(q_ok, o0, o1, o2, c0, c1, c2, qs0, qs1, qs2, w0, w1, w2, K0, K1, K2, TK0, TK1, TK2)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BQ, BK], natural units
         if HAS_RPB:
-            bcol = (j0 * R1 + j1) * R2 + j2 + tl.zeros([TK0 * TK1 * TK2], tl.int32)
-            s += tl.load(RPB + (brow[:, None] + bcol[None, :]), mask=pair, other=0.0).to(tl.float32)
+            bias_ptr = rpb_base + ((o0 * R1 + o1) * R2 + o2) + (brow[:, None] + bcol[None, :])
+            s += tl.load(bias_ptr, mask=pair, other=0.0).to(tl.float32)
         p = tl.exp2(s * LOG2E - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BQ, BK]
         ds = tl.where(pair, p * (dp - delta[:, None]), 0.0)
         if GUARD:
-            # Sanitise the keys and mark their slots, so a bad key reaches only its own queries' dQ rows.
             k_fin = tl.abs(k.to(tl.float32)) < float("inf")
             bad = tl.sum(tl.where(k_fin, 0, 1), 1) > 0
             k = tl.where(k_fin, k, 0.0).to(k.dtype)
@@ -98,30 +117,17 @@ def _dq_loop(dq, table, q, do, lse2, delta, Kp, Vp, RPB, b, h, g0, g1, g2, first
         if COMPUTE_DQ:
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
         if COMPUTE_DRPB:
-            u0, u1, u2 = split3(kt, nk1, nk2)
             # off_a = (k_a - 1) + sub-tile origin - tile origin: the rpb bin of the (first row, first column) pair.
-            off0 = K0 - 1 + box0 + u0 * TK0 - first0
-            off1 = K1 - 1 + box1 + u1 * TK1 - first1
-            off2 = K2 - 1 + box2 + u2 * TK2 - first2
+            off0 = K0 - 1 + box0 + o0 - first0
+            off1 = K1 - 1 + box1 + o1 - first1
+            off2 = K2 - 1 + box2 + o2 - first2
             if RANK == 1:
                 table += rpb_partial_1d(ds, off0, TQ0, TK0, R0P, FI)
             else:
                 table += rpb_partial(ds, off0, off1, off2, TQ0, TQ1, TQ2, TK0, TK1, TK2, RANK, R0P, R1P, R2P, FI,
                                      RPB_PRECISION)
+        u0, u1, u2 = advance(u0, u1, u2, nk1, nk2)
     return dq, table
-
-
-@triton.jit
-def _key_sub_tile(kt, nk1, nk2, box0, box1, box2, end0, end1, end2,
-                  TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr):
-    BK: tl.constexpr = TK0 * TK1 * TK2
-    cols = tl.arange(0, BK)
-    u0, u1, u2 = split3(kt, nk1, nk2)
-    j0 = sub_tile(box0, u0, cols, TK0, TK1 * TK2)
-    j1 = sub_tile(box1, u1, cols, TK1, TK2)
-    j2 = sub_tile(box2, u2, cols, TK2, 1)
-    k_ok = (cols >= 0) & (j0 < end0) & (j1 < end1) & (j2 < end2)
-    return j0, j1, j2, k_ok
 
 
 @triton.jit
@@ -139,7 +145,8 @@ def _na_bwd_dq_kernel(
     C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
     HAS_RPB: tl.constexpr, HAS_DLSE: tl.constexpr, STORE_DELTA: tl.constexpr,
     COMPUTE_DQ: tl.constexpr, COMPUTE_DRPB: tl.constexpr, DETERMINISTIC: tl.constexpr, COPIES: tl.constexpr,
-    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, RPB_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WIDE: tl.constexpr,
+    PRECISION: tl.constexpr, RPB_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     RANK: tl.constexpr, R0P: tl.constexpr, R1P: tl.constexpr, R2P: tl.constexpr,
     TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
     TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr, FI: tl.constexpr,
@@ -151,20 +158,23 @@ def _na_bwd_dq_kernel(
     RH: tl.constexpr = (2 * K0 - 1) * R1 * R2
     b = tl.program_id(2).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
-    (g0, g1, g2, first0, first1, first2, i0, i1, i2, q_ok, qs0, qs1, qs2, w0, w1, w2,
+    (g0, g1, g2, first0, first1, first2, r0, r1, r2, q_ok, qs0, qs1, qs2, w0, w1, w2,
      box0, box1, box2, end0, end1, end2, nk1, nk2, n_trips) = query_tile(
         tl.program_id(0), L0, L1, L2, DIL0, DIL1, DIL2, K0, K1, K2, S0, S1, S2, C0, C1, C2,
         TQ0, TQ1, TQ2, TK0, TK1, TK2)
-    x0, x1, x2 = g0 + DIL0 * i0, g1 + DIL1 * i1, g2 + DIL2 * i2
+    i0, i1, i2 = first0 + r0, first1 + r1, first2 + r2
+    qs0, qs1, qs2 = qs0 - box0, qs1 - box1, qs2 - box2  # window starts relative to the halo box
 
     dims = tl.arange(0, BLOCK_D)
     d_ok = dims < HEAD_DIM
-    dq_mask = q_ok[:, None] & d_ok[None, :]
-    dcol = dims[None, :].to(tl.int64)
-    do = tl.load(DO + row_offsets(b, h, x0, x1, x2, sdb, sd0, sd1, sd2, sdh)[:, None] + dcol * sdd, mask=dq_mask,
-                 other=0.0)
-    o = tl.load(O + row_offsets(b, h, x0, x1, x2, sob, so0, so1, so2, soh)[:, None] + dcol * sod, mask=dq_mask,
-                other=0.0)
+    row_mask = q_ok[:, None] if EVEN_D else q_ok[:, None] & d_ok[None, :]
+    do = tl.load(DO + tile_base(g0, g1, g2, first0, first1, first2, b, h, sdb, sd0, sd1, sd2, sdh, DIL0, DIL1, DIL2)
+                 + axis_offsets(r0, r1, r2, DIL0, DIL1, DIL2, sd0, sd1, sd2, WIDE)[:, None] + dims[None, :] * sdd,
+                 mask=row_mask, other=0.0)
+    o = tl.load(O + tile_base(g0, g1, g2, first0, first1, first2, b, h, sob, so0, so1, so2, soh, DIL0, DIL1, DIL2)
+                + axis_offsets(r0, r1, r2, DIL0, DIL1, DIL2, so0, so1, so2, WIDE)[:, None] + dims[None, :] * sod,
+                mask=row_mask, other=0.0)
+    x0, x1, x2 = g0 + DIL0 * i0, g1 + DIL1 * i1, g2 + DIL2 * i2
     stat_rows = (((b * L0 + x0) * L1 + x1) * L2 + x2) * H + h
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # Delta = <dO, O> - dLSE per query
     if HAS_DLSE:
@@ -180,29 +190,33 @@ def _na_bwd_dq_kernel(
         table = tl.zeros([R0P * R1P, R2P], tl.float32)
     dq = tl.zeros([BQ, BLOCK_D], tl.float32)
     if COMPUTE_DQ or COMPUTE_DRPB:
-        q = tl.load(Q + row_offsets(b, h, x0, x1, x2, sqb, sq0, sq1, sq2, sqh)[:, None] + dcol * sqd, mask=dq_mask,
-                    other=0.0)
+        q = tl.load(Q + tile_base(g0, g1, g2, first0, first1, first2, b, h, sqb, sq0, sq1, sq2, sqh, DIL0, DIL1, DIL2)
+                    + axis_offsets(r0, r1, r2, DIL0, DIL1, DIL2, sq0, sq1, sq2, WIDE)[:, None] + dims[None, :] * sqd,
+                    mask=row_mask, other=0.0)
         q = dot_operand(q, UPCAST)
         do = dot_operand(do, UPCAST)
         lse2 = tl.load(LSE + stat_rows, mask=q_ok, other=0.0) * LOG2E  # natural -> base-2 log-sum-exp
+        k_base = K + tile_base(g0, g1, g2, box0, box1, box2, b, h, skb, sk0, sk1, sk2, skh, DIL0, DIL1, DIL2)
+        v_base = V + tile_base(g0, g1, g2, box0, box1, box2, b, h, svb, sv0, sv1, sv2, svh, DIL0, DIL1, DIL2)
+        rpb_base = RPB + h * RH + (box0 * R1 + box1) * R2 + box2
         brow = ((K0 - 1 - i0) * R1 + (K1 - 1 - i1)) * R2 + (K2 - 1 - i2)
-        rpb_h = RPB + h * RH
-        dq, table = _dq_loop(dq, table, q, do, lse2, delta, K, V, rpb_h, b, h, g0, g1, g2, first0, first1, first2,
-                             n_trips, nk1, nk2, box0, box1, box2, end0, end1, end2, q_ok, qs0, qs1, qs2, w0, w1, w2,
-                             brow, dims, d_ok, skb, sk0, sk1, sk2, skh, skd, svb, sv0, sv1, sv2, svh, svd,
-                             DIL0, DIL1, DIL2, scale, K0, K1, K2, HAS_RPB, COMPUTE_DQ, COMPUTE_DRPB, PRECISION,
+        dq, table = _dq_loop(dq, table, q, do, lse2, delta, k_base, v_base, rpb_base, n_trips, nk1, nk2,
+                             box0, box1, box2, end0, end1, end2, first0, first1, first2, q_ok, qs0, qs1, qs2,
+                             w0, w1, w2, brow, dims, d_ok, sk0, sk1, sk2, skd, sv0, sv1, sv2, svd, DIL0, DIL1, DIL2,
+                             scale, K0, K1, K2, HAS_RPB, COMPUTE_DQ, COMPUTE_DRPB, EVEN_D, WIDE, PRECISION,
                              RPB_PRECISION, UPCAST, False, TQ0, TQ1, TQ2, TK0, TK1, TK2, RANK, R0P, R1P, R2P, FI)
         if COMPUTE_DQ:  # noqa: SIM102 - a constexpr test around a run-time one
             if tl.max(tl.where(q_ok & ~finite_rows(dq), 1, 0)) > 0:
-                dq, _ = _dq_loop(tl.zeros([BQ, BLOCK_D], tl.float32), table, q, do, lse2, delta, K, V, rpb_h, b, h,
-                                 g0, g1, g2, first0, first1, first2, n_trips, nk1, nk2, box0, box1, box2,
-                                 end0, end1, end2, q_ok, qs0, qs1, qs2, w0, w1, w2, brow, dims, d_ok,
-                                 skb, sk0, sk1, sk2, skh, skd, svb, sv0, sv1, sv2, svh, svd, DIL0, DIL1, DIL2, scale,
-                                 K0, K1, K2, HAS_RPB, True, False, PRECISION, RPB_PRECISION, UPCAST, True,
-                                 TQ0, TQ1, TQ2, TK0, TK1, TK2, RANK, R0P, R1P, R2P, FI)
+                dq, _rerun_table = _dq_loop(
+                    tl.zeros([BQ, BLOCK_D], tl.float32), table, q, do, lse2, delta, k_base, v_base, rpb_base,
+                    n_trips, nk1, nk2, box0, box1, box2, end0, end1, end2, first0, first1, first2, q_ok,
+                    qs0, qs1, qs2, w0, w1, w2, brow, dims, d_ok, sk0, sk1, sk2, skd, sv0, sv1, sv2, svd,
+                    DIL0, DIL1, DIL2, scale, K0, K1, K2, HAS_RPB, True, False, EVEN_D, WIDE, PRECISION,
+                    RPB_PRECISION, UPCAST, True, TQ0, TQ1, TQ2, TK0, TK1, TK2, RANK, R0P, R1P, R2P, FI)
     if COMPUTE_DQ:
-        tl.store(DQ + row_offsets(b, h, x0, x1, x2, sgb, sg0, sg1, sg2, sgh)[:, None] + dcol * sgd,
-                 (dq * scale).to(DQ.dtype.element_ty), mask=dq_mask)
+        tl.store(DQ + tile_base(g0, g1, g2, first0, first1, first2, b, h, sgb, sg0, sg1, sg2, sgh, DIL0, DIL1, DIL2)
+                 + axis_offsets(r0, r1, r2, DIL0, DIL1, DIL2, sg0, sg1, sg2, WIDE)[:, None] + dims[None, :] * sgd,
+                 (dq * scale).to(DQ.dtype.element_ty), mask=row_mask)
     if COMPUTE_DRPB:
         R: tl.constexpr = RH
         if RANK == 1:
@@ -262,37 +276,56 @@ def pair_mask_t(j0, j1, j2, qs0, qs1, qs2, w0, w1, w2, q_ok,
 
 
 @triton.jit
-def _dkdv_loop(dk, dv, k, v, Qp, DOp, LSE, DELTA, RPB, b, h, g0, g1, g2, lg0, lg1, lg2, n_trips, nq1, nq2,
-               box0, box1, box2, end0, end1, end2, j0, j1, j2, krow, dims, d_ok,
-               sqb, sq0, sq1, sq2, sqh, sqd, sdb, sd0, sd1, sd2, sdh, sdd, L0, L1, L2, H, DIL0, DIL1, DIL2, scale,
+def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, rpb_base, n_trips, nq1, nq2,
+               box0, box1, box2, end0, end1, end2, lg0, lg1, lg2, j0, j1, j2, krow, dims, d_ok,
+               sq0, sq1, sq2, sqd, sd0, sd1, sd2, sdd, L1, L2, H, DIL0, DIL1, DIL2, scale,
                K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
                S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
                C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
-               HAS_RPB: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
-               PRECISION: tl.constexpr, UPCAST: tl.constexpr, GUARD: tl.constexpr,
+               HAS_RPB: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr, EVEN_D: tl.constexpr,
+               WIDE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, GUARD: tl.constexpr,
                TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr):
+    """dK and dV over the inverse-neighbourhood box in query sub-tiles.
+
+    `GUARD` is the rerun of a tile with a non-finite dK row: masked slots of ``dS`` then select 0 instead of
+    multiplying it, so a non-finite Delta or dP stays in its own pairs.
+    """
     LOG2E: tl.constexpr = 1.4426950408889634
-    BQ: tl.constexpr = TQ0 * TQ1 * TQ2
     R1: tl.constexpr = 2 * K1 - 1
     R2: tl.constexpr = 2 * K2 - 1
-    dcol = dims[None, :].to(tl.int64)
-    cols = tl.arange(0, BQ)
-    for qt in range(n_trips):
-        u0, u1, u2 = split3(qt, nq1, nq2)
-        i0 = sub_tile(box0, u0, cols, TQ0, TQ1 * TQ2)  # in-group query indices, scalar on one-wide axes
-        i1 = sub_tile(box1, u1, cols, TQ1, TQ2)
-        i2 = sub_tile(box2, u2, cols, TQ2, 1)
-        q_ok = (cols >= 0) & (i0 < end0) & (i1 < end1) & (i2 < end2)
-        x0, x1, x2 = g0 + DIL0 * i0, g1 + DIL1 * i1, g2 + DIL2 * i2
-        q_mask = q_ok[:, None] & d_ok[None, :]
-        q = tl.load(Qp + row_offsets(b, h, x0, x1, x2, sqb, sq0, sq1, sq2, sqh)[:, None] + dcol * sqd, mask=q_mask,
-                    other=0.0)
-        do = tl.load(DOp + row_offsets(b, h, x0, x1, x2, sdb, sd0, sd1, sd2, sdh)[:, None] + dcol * sdd,
-                     mask=q_mask, other=0.0)
+    # Loop invariants: in-sub-tile query coordinates, their q/dO/statistics offsets and rpb column term.
+    c0, c1, c2 = box_coords(tl.arange(0, TQ0 * TQ1 * TQ2), TQ0, TQ1, TQ2)
+    qoff = axis_offsets(c0, c1, c2, DIL0, DIL1, DIL2, sq0, sq1, sq2, WIDE)[:, None] + dims[None, :] * sqd
+    dooff = axis_offsets(c0, c1, c2, DIL0, DIL1, DIL2, sd0, sd1, sd2, WIDE)[:, None] + dims[None, :] * sdd
+    soff = axis_offsets(c0, c1, c2, DIL0, DIL1, DIL2, L1 * L2 * H, L2 * H, H, WIDE)
+    ccol = (c0 * R1 + c1) * R2 + c2
+    u0 = tl.full([], 0, tl.int32)
+    u1 = tl.full([], 0, tl.int32)
+    u2 = tl.full([], 0, tl.int32)
+    for _ in range(n_trips):
+        o0, o1, o2 = u0 * TQ0, u1 * TQ1, u2 * TQ2  # sub-tile origin relative to the inverse box
+        q_ok = (c0 < end0 - box0 - o0) & (c1 < end1 - box1 - o1) & (c2 < end2 - box2 - o2)
+        q_mask = q_ok[:, None] if EVEN_D else q_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + tile_step(o0, o1, o2, DIL0, DIL1, DIL2, sq0, sq1, sq2) + qoff, mask=q_mask, other=0.0)
+        do = tl.load(do_base + tile_step(o0, o1, o2, DIL0, DIL1, DIL2, sd0, sd1, sd2) + dooff, mask=q_mask,
+                     other=0.0)
         q = dot_operand(q, UPCAST)
         do = dot_operand(do, UPCAST)
-        stat_rows = (((b * L0 + x0) * L1 + x1) * L2 + x2) * H + h
-        lse2 = tl.load(LSE + stat_rows, mask=q_ok, other=0.0) * LOG2E
+        stat = tile_step(o0, o1, o2, DIL0, DIL1, DIL2, L1 * L2 * H, L2 * H, H) + soff
+        lse2 = tl.load(lse_base + stat, mask=q_ok, other=0.0) * LOG2E
+        # Windows of the sub-tile's queries (a scalar on one-wide axes).
+        if TQ0 == 1:
+            i0 = box0 + o0
+        else:
+            i0 = box0 + o0 + c0
+        if TQ1 == 1:
+            i1 = box1 + o1
+        else:
+            i1 = box1 + o1 + c1
+        if TQ2 == 1:
+            i2 = box2 + o2
+        else:
+            i2 = box2 + o2 + c2
         qs0, qe0 = window(i0, lg0, K0, S0, C0)
         qs1, qe1 = window(i1, lg1, K1, S1, C1)
         qs2, qe2 = window(i2, lg2, K2, S2, C2)
@@ -300,21 +333,21 @@ def _dkdv_loop(dk, dv, k, v, Qp, DOp, LSE, DELTA, RPB, b, h, g0, g1, g2, lg0, lg
                            TQ0, TQ1, TQ2)
         st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale  # [BK, BQ], natural units
         if HAS_RPB:
-            qcol = -((i0 * R1 + i1) * R2 + i2) + tl.zeros([BQ], tl.int32)
-            st += tl.load(RPB + (krow[:, None] + qcol[None, :]), mask=pair, other=0.0).to(tl.float32)
+            it_ptr = rpb_base - (((box0 + o0) * R1 + box1 + o1) * R2 + box2 + o2)
+            st += tl.load(it_ptr + (krow[:, None] - ccol[None, :]), mask=pair, other=0.0).to(tl.float32)
         pt_raw = tl.exp2(st * LOG2E - lse2[None, :])
         pt = tl.where(pair, pt_raw, 0.0)
         if COMPUTE_DV:
             dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
         if COMPUTE_DK:
-            delta = tl.load(DELTA + stat_rows, mask=q_ok, other=0.0)
+            delta = tl.load(delta_base + stat, mask=q_ok, other=0.0)
             dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # [BK, BQ]
             if GUARD:
-                # Masked slots select 0 instead of multiplying it: a non-finite Delta or dP stays in its own pairs.
                 dst = tl.where(pair, pt_raw * (dpt - delta[None, :]), 0.0)
             else:
                 dst = pt * (dpt - delta[None, :])
             dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PRECISION)
+        u0, u1, u2 = advance(u0, u1, u2, nq1, nq2)
     return dk, dv
 
 
@@ -331,7 +364,7 @@ def _na_bwd_dkdv_kernel(
     S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
     C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
     HAS_RPB: tl.constexpr, COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
-    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
     TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
 ):
@@ -345,21 +378,19 @@ def _na_bwd_dkdv_kernel(
     g0, g1, g2, lg0, lg1, lg2, first0, first1, first2 = tile_origin(
         tl.program_id(0), L0, L1, L2, DIL0, DIL1, DIL2, TK0, TK1, TK2
     )
-    rows = tl.arange(0, BK)
-    j0 = tile_rows(first0, rows, TK0, TK1 * TK2)  # [BK] in-group key indices
-    j1 = tile_rows(first1, rows, TK1, TK2)
-    j2 = tile_rows(first2, rows, TK2, 1)
+    r0, r1, r2 = box_coords(tl.arange(0, BK), TK0, TK1, TK2)
+    j0, j1, j2 = first0 + r0, first1 + r1, first2 + r2  # [BK] in-group key indices
     k_ok = (j0 < lg0) & (j1 < lg1) & (j2 < lg2)
-    y0, y1, y2 = g0 + DIL0 * j0, g1 + DIL1 * j1, g2 + DIL2 * j2
 
     dims = tl.arange(0, BLOCK_D)
     d_ok = dims < HEAD_DIM
-    dcol = dims[None, :].to(tl.int64)
-    kv_mask = k_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + row_offsets(b, h, y0, y1, y2, skb, sk0, sk1, sk2, skh)[:, None] + dcol * skd, mask=kv_mask,
-                other=0.0)
-    v = tl.load(V + row_offsets(b, h, y0, y1, y2, svb, sv0, sv1, sv2, svh)[:, None] + dcol * svd, mask=kv_mask,
-                other=0.0)
+    row_mask = k_ok[:, None] if EVEN_D else k_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + tile_base(g0, g1, g2, first0, first1, first2, b, h, skb, sk0, sk1, sk2, skh, DIL0, DIL1, DIL2)
+                + axis_offsets(r0, r1, r2, DIL0, DIL1, DIL2, sk0, sk1, sk2, WIDE)[:, None] + dims[None, :] * skd,
+                mask=row_mask, other=0.0)
+    v = tl.load(V + tile_base(g0, g1, g2, first0, first1, first2, b, h, svb, sv0, sv1, sv2, svh, DIL0, DIL1, DIL2)
+                + axis_offsets(r0, r1, r2, DIL0, DIL1, DIL2, sv0, sv1, sv2, WIDE)[:, None] + dims[None, :] * svd,
+                mask=row_mask, other=0.0)
     k = dot_operand(k, UPCAST)
     v = dot_operand(v, UPCAST)
     krow = ((K0 - 1 + j0) * R1 + (K1 - 1 + j1)) * R2 + (K2 - 1 + j2)  # rpb row term of each key
@@ -376,27 +407,32 @@ def _na_bwd_dkdv_kernel(
     nq1 = tl.cdiv(end1 - box1, TQ1)
     nq2 = tl.cdiv(end2 - box2, TQ2)
 
-    rpb_h = RPB + h * RH
+    q_base = Q + tile_base(g0, g1, g2, box0, box1, box2, b, h, sqb, sq0, sq1, sq2, sqh, DIL0, DIL1, DIL2)
+    do_base = DO + tile_base(g0, g1, g2, box0, box1, box2, b, h, sdb, sd0, sd1, sd2, sdh, DIL0, DIL1, DIL2)
+    stat0 = tile_base(g0, g1, g2, box0, box1, box2, b, h, L0 * L1 * L2 * H, L1 * L2 * H, L2 * H, H, 1,
+                      DIL0, DIL1, DIL2)
+    rpb_base = RPB + h * RH
     dk = tl.zeros([BK, BLOCK_D], tl.float32)
     dv = tl.zeros([BK, BLOCK_D], tl.float32)
-    dk, dv = _dkdv_loop(dk, dv, k, v, Q, DO, LSE, DELTA, rpb_h, b, h, g0, g1, g2, lg0, lg1, lg2, nq0 * nq1 * nq2,
-                        nq1, nq2, box0, box1, box2, end0, end1, end2, j0, j1, j2, krow, dims, d_ok,
-                        sqb, sq0, sq1, sq2, sqh, sqd, sdb, sd0, sd1, sd2, sdh, sdd, L0, L1, L2, H, DIL0, DIL1, DIL2,
-                        scale, K0, K1, K2, S0, S1, S2, C0, C1, C2, HAS_RPB, COMPUTE_DK, COMPUTE_DV, PRECISION, UPCAST,
-                        False, TQ0, TQ1, TQ2)
+    dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, LSE + stat0, DELTA + stat0, rpb_base, nq0 * nq1 * nq2,
+                        nq1, nq2, box0, box1, box2, end0, end1, end2, lg0, lg1, lg2, j0, j1, j2, krow, dims, d_ok,
+                        sq0, sq1, sq2, sqd, sd0, sd1, sd2, sdd, L1, L2, H, DIL0, DIL1, DIL2, scale,
+                        K0, K1, K2, S0, S1, S2, C0, C1, C2, HAS_RPB, COMPUTE_DK, COMPUTE_DV, EVEN_D, WIDE, PRECISION,
+                        UPCAST, False, TQ0, TQ1, TQ2)
     if COMPUTE_DK:  # noqa: SIM102 - a constexpr test around a run-time one
         if tl.max(tl.where(k_ok & ~finite_rows(dk), 1, 0)) > 0:
-            dk, _ = _dkdv_loop(tl.zeros([BK, BLOCK_D], tl.float32), dv, k, v, Q, DO, LSE, DELTA, rpb_h, b, h,
-                               g0, g1, g2, lg0, lg1, lg2, nq0 * nq1 * nq2, nq1, nq2, box0, box1, box2,
-                               end0, end1, end2, j0, j1, j2, krow, dims, d_ok, sqb, sq0, sq1, sq2, sqh, sqd,
-                               sdb, sd0, sd1, sd2, sdh, sdd, L0, L1, L2, H, DIL0, DIL1, DIL2, scale,
-                               K0, K1, K2, S0, S1, S2, C0, C1, C2, HAS_RPB, True, False, PRECISION, UPCAST, True,
-                               TQ0, TQ1, TQ2)
-    out_rows = row_offsets(b, h, y0, y1, y2, sgb, sg0, sg1, sg2, sgh)[:, None] + dcol * sgd
+            dk, _rerun_dv = _dkdv_loop(
+                tl.zeros([BK, BLOCK_D], tl.float32), dv, k, v, q_base, do_base, LSE + stat0, DELTA + stat0, rpb_base,
+                nq0 * nq1 * nq2, nq1, nq2, box0, box1, box2, end0, end1, end2, lg0, lg1, lg2, j0, j1, j2, krow,
+                dims, d_ok, sq0, sq1, sq2, sqd, sd0, sd1, sd2, sdd, L1, L2, H, DIL0, DIL1, DIL2, scale,
+                K0, K1, K2, S0, S1, S2, C0, C1, C2, HAS_RPB, True, False, EVEN_D, WIDE, PRECISION, UPCAST, True,
+                TQ0, TQ1, TQ2)
+    out_off = (tile_base(g0, g1, g2, first0, first1, first2, b, h, sgb, sg0, sg1, sg2, sgh, DIL0, DIL1, DIL2)
+               + axis_offsets(r0, r1, r2, DIL0, DIL1, DIL2, sg0, sg1, sg2, WIDE)[:, None] + dims[None, :] * sgd)
     if COMPUTE_DK:
-        tl.store(DK + out_rows, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DK + out_off, (dk * scale).to(DK.dtype.element_ty), mask=row_mask)
     if COMPUTE_DV:
-        tl.store(DV + out_rows, dv.to(DV.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=row_mask)
 
 
 def na_backward(
@@ -441,8 +477,10 @@ def na_backward(
     table_size = kr[0] * kr[1] * kr[2]
     pads = {f"R{a}P": triton.next_power_of_2(kr[a]) if a < n else 1 for a in range(3)}
     mode = autotune_mode()
+    tensors = [t for t in (query, key, value, out, grad_out, dq, dk, dv) if t is not None]
     common = dict(B=problem.batch, **geo.sizes(), H=problem.heads, HEAD_DIM=problem.head_dim, scale=problem.scale,
                   **geo.constexprs(), HAS_RPB=rpb is not None, BLOCK_D=head_block(problem.head_dim),
+                  EVEN_D=head_block(problem.head_dim) == problem.head_dim, WIDE=not narrow_offsets(*tensors),
                   PRECISION=dot_precision(query.dtype), UPCAST=upcast_operands(query.dtype))
 
     def grid_q(meta):

@@ -33,16 +33,15 @@ import triton.language as tl
 
 from ..validation import Problem
 from .tiling import (
+    advance,
     autotune_mode,
+    axis_offsets,
+    box_coords,
     dot_operand,
     finite_rows,
     interpreting,
     inwin,
-    row_offsets,
-    split3,
-    sub_tile,
     tile_origin,
-    tile_rows,
     tuned,
     window,
 )
@@ -110,33 +109,34 @@ def upcast_operands(dtype: torch.dtype) -> bool:
 
 
 @triton.jit
-def pair_mask(rowok, j0, j1, j2, qs0, qs1, qs2, w0, w1, w2,
+def pair_mask(rowok, o0, o1, o2, c0, c1, c2, qs0, qs1, qs2, w0, w1, w2,
               K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
               TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr):
-    """``[BQ, BK]`` window mask of query rows against key columns.
+    """``[BQ, BK]`` window mask of query rows against the key columns ``o_a + c_a`` of one sub-tile.
 
-    `rowok` ``[BQ]`` holds the row condition, `qs_a`/`w_a` ``[BQ]`` the window start and width per axis; `j_a` is a
-    scalar on axes where the key sub-tile is one wide (tested per row, folded into the row condition) and ``[BK]``
-    otherwise (tested per slot; the row condition rides on the first such axis as a zero width).
+    `rowok` ``[BQ]`` holds the row condition and `qs_a`/`w_a` ``[BQ]`` the window start and width per axis; `o_a`
+    is the sub-tile origin and `c_a` ``[BK]`` the in-sub-tile coordinate. An axis on which the sub-tile is one wide
+    is tested once per row and folded into the row condition; the row condition rides on the first other axis as a
+    zero width, so every slot costs one subtraction and one unsigned comparison per remaining axis.
     """
     if TK0 == 1 and K0 > 1:
-        rowok = rowok & inwin(j0, qs0, w0)
+        rowok = rowok & inwin(o0, qs0, w0)
     if TK1 == 1 and K1 > 1:
-        rowok = rowok & inwin(j1, qs1, w1)
+        rowok = rowok & inwin(o1, qs1, w1)
     if TK2 == 1 and K2 > 1:
-        rowok = rowok & inwin(j2, qs2, w2)
+        rowok = rowok & inwin(o2, qs2, w2)
     if TK0 > 1:
-        pair = inwin(j0[None, :], qs0[:, None], tl.where(rowok, w0, 0)[:, None])
+        pair = inwin(c0[None, :], (qs0 - o0)[:, None], tl.where(rowok, w0, 0)[:, None])
         if TK1 > 1:
-            pair = pair & inwin(j1[None, :], qs1[:, None], w1[:, None])
+            pair = pair & inwin(c1[None, :], (qs1 - o1)[:, None], w1[:, None])
         if TK2 > 1:
-            pair = pair & inwin(j2[None, :], qs2[:, None], w2[:, None])
+            pair = pair & inwin(c2[None, :], (qs2 - o2)[:, None], w2[:, None])
     elif TK1 > 1:
-        pair = inwin(j1[None, :], qs1[:, None], tl.where(rowok, w1, 0)[:, None])
+        pair = inwin(c1[None, :], (qs1 - o1)[:, None], tl.where(rowok, w1, 0)[:, None])
         if TK2 > 1:
-            pair = pair & inwin(j2[None, :], qs2[:, None], w2[:, None])
+            pair = pair & inwin(c2[None, :], (qs2 - o2)[:, None], w2[:, None])
     else:
-        pair = inwin(j2[None, :], qs2[:, None], tl.where(rowok, w2, 0)[:, None])
+        pair = inwin(c2[None, :], (qs2 - o2)[:, None], tl.where(rowok, w2, 0)[:, None])
     return pair
 
 
@@ -147,19 +147,17 @@ def query_tile(pid, L0, L1, L2, DIL0, DIL1, DIL2,
                C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
                TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
                TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr):
-    """The query tile of program `pid`: rows, windows and the halo box walked by the forward and dQ loops.
+    """The query tile of program `pid` and the halo box its loop walks (forward and dQ kernels).
 
-    Returns the dilation group, the in-group query indices (``[BQ]`` per axis), the row validity, the per-axis
-    window start and width (``[BQ]``), the halo start per axis, the halo end per axis, the sub-tile counts of
-    axes 1 and 2 and the number of loop trips (0 for a tile past the end of a short group).
+    Returns the dilation group and tile origin per axis, the in-tile row coordinates (``[BQ]`` per axis), the row
+    validity, the per-axis window start and width of every row (``[BQ]``), the halo box start and end per axis, the
+    sub-tile counts of axes 1 and 2 and the number of loop trips (0 for a tile past the end of a short group).
     """
     BQ: tl.constexpr = TQ0 * TQ1 * TQ2
     g0, g1, g2, lg0, lg1, lg2, first0, first1, first2 = tile_origin(pid, L0, L1, L2, DIL0, DIL1, DIL2,
                                                                     TQ0, TQ1, TQ2)
-    rows = tl.arange(0, BQ)
-    i0 = tile_rows(first0, rows, TQ0, TQ1 * TQ2)
-    i1 = tile_rows(first1, rows, TQ1, TQ2)
-    i2 = tile_rows(first2, rows, TQ2, 1)
+    r0, r1, r2 = box_coords(tl.arange(0, BQ), TQ0, TQ1, TQ2)
+    i0, i1, i2 = first0 + r0, first1 + r1, first2 + r2  # [BQ] in-group query indices
     q_ok = (i0 < lg0) & (i1 < lg1) & (i2 < lg2)
     qs0, qe0 = window(i0, lg0, K0, S0, C0)
     qs1, qe1 = window(i1, lg1, K1, S1, C1)
@@ -174,57 +172,66 @@ def query_tile(pid, L0, L1, L2, DIL0, DIL1, DIL2,
     nk0 = tl.where(tile_ok, tl.cdiv(end0 - box0, TK0), 0)
     nk1 = tl.cdiv(end1 - box1, TK1)
     nk2 = tl.cdiv(end2 - box2, TK2)
-    return (g0, g1, g2, first0, first1, first2, i0, i1, i2, q_ok, qs0, qs1, qs2, qe0 - qs0, qe1 - qs1, qe2 - qs2,
+    return (g0, g1, g2, first0, first1, first2, r0, r1, r2, q_ok, qs0, qs1, qs2, qe0 - qs0, qe1 - qs1, qe2 - qs2,
             box0, box1, box2, end0, end1, end2, nk1, nk2, nk0 * nk1 * nk2)
 
 
 @triton.jit
-def key_sub_tile(kt, nk1, nk2, box0, box1, box2, end0, end1, end2,
-                 TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr):
-    """In-group key indices of loop trip `kt` (scalar or ``[BK]`` per axis) and the ``[BK]`` key validity."""
-    BK: tl.constexpr = TK0 * TK1 * TK2
-    cols = tl.arange(0, BK)
-    u0, u1, u2 = split3(kt, nk1, nk2)
-    j0 = sub_tile(box0, u0, cols, TK0, TK1 * TK2)
-    j1 = sub_tile(box1, u1, cols, TK1, TK2)
-    j2 = sub_tile(box2, u2, cols, TK2, 1)
-    k_ok = (cols >= 0) & (j0 < end0) & (j1 < end1) & (j2 < end2)
-    return j0, j1, j2, k_ok
+def tile_base(g0, g1, g2, t0, t1, t2, b, h, sb, s0, s1, s2, sh, DIL0, DIL1, DIL2):
+    """int64 offset of in-group position ``(t0, t1, t2)`` of dilation group ``(g0, g1, g2)`` for batch `b`, head `h`."""
+    return (b * sb + h * sh + (g0 + DIL0 * t0).to(tl.int64) * s0 + (g1 + DIL1 * t1).to(tl.int64) * s1
+            + (g2 + DIL2 * t2).to(tl.int64) * s2)
 
 
 @triton.jit
-def _fwd_loop(acc, m_i, l_i, q, Kp, Vp, RPB, b, h, g0, g1, g2, n_trips, nk1, nk2,
-              box0, box1, box2, end0, end1, end2, q_ok, qs0, qs1, qs2, w0, w1, w2, brow, dims, d_ok,
-              skb, sk0, sk1, sk2, skh, skd, svb, sv0, sv1, sv2, svh, svd, DIL0, DIL1, DIL2, scale,
+def _fwd_loop(acc, m_i, l_i, q, k_base, v_base, rpb_base, n_trips, nk1, nk2, box0, box1, box2, end0, end1, end2,
+              q_ok, qs0, qs1, qs2, w0, w1, w2, brow, dims, d_ok, sk0, sk1, sk2, skd, sv0, sv1, sv2, svd,
+              DIL0, DIL1, DIL2, scale,
               K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
-              HAS_RPB: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, GUARD: tl.constexpr,
+              HAS_RPB: tl.constexpr, EVEN_D: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr,
+              UPCAST: tl.constexpr, GUARD: tl.constexpr,
               TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr):
+    """Online softmax over the halo box in key sub-tiles; `qs_a` are window starts relative to the box start.
+
+    `GUARD` is the rerun of a tile with a non-finite row: masked slots then select instead of adding -inf, values are
+    sanitised and the scores of non-finite values become NaN.
+    """
     LOG2E: tl.constexpr = 1.4426950408889634
     R1: tl.constexpr = 2 * K1 - 1
     R2: tl.constexpr = 2 * K2 - 1
-    dcol = dims[None, :].to(tl.int64)
-    for kt in range(n_trips):
-        j0, j1, j2, k_ok = key_sub_tile(kt, nk1, nk2, box0, box1, box2, end0, end1, end2, TK0, TK1, TK2)
-        y0, y1, y2 = g0 + DIL0 * j0, g1 + DIL1 * j1, g2 + DIL2 * j2
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(Kp + row_offsets(b, h, y0, y1, y2, skb, sk0, sk1, sk2, skh)[:, None] + dcol * skd,
-                    mask=kv_mask, other=0.0)
-        v = tl.load(Vp + row_offsets(b, h, y0, y1, y2, svb, sv0, sv1, sv2, svh)[:, None] + dcol * svd,
-                    mask=kv_mask, other=0.0)
+    # Loop invariants: in-sub-tile key coordinates, their K/V offsets and rpb column term.
+    c0, c1, c2 = box_coords(tl.arange(0, TK0 * TK1 * TK2), TK0, TK1, TK2)
+    koff = axis_offsets(c0, c1, c2, DIL0, DIL1, DIL2, sk0, sk1, sk2, WIDE)[:, None] + dims[None, :] * skd
+    voff = axis_offsets(c0, c1, c2, DIL0, DIL1, DIL2, sv0, sv1, sv2, WIDE)[:, None] + dims[None, :] * svd
+    bcol = (c0 * R1 + c1) * R2 + c2
+    u0 = tl.full([], 0, tl.int32)
+    u1 = tl.full([], 0, tl.int32)
+    u2 = tl.full([], 0, tl.int32)
+    for _ in range(n_trips):
+        o0, o1, o2 = u0 * TK0, u1 * TK1, u2 * TK2  # sub-tile origin relative to the halo box
+        k_ok = (c0 < end0 - box0 - o0) & (c1 < end1 - box1 - o1) & (c2 < end2 - box2 - o2)
+        kv_mask = k_ok[:, None] if EVEN_D else k_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + tile_step(o0, o1, o2, DIL0, DIL1, DIL2, sk0, sk1, sk2) + koff, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + tile_step(o0, o1, o2, DIL0, DIL1, DIL2, sv0, sv1, sv2) + voff, mask=kv_mask, other=0.0)
         k = dot_operand(k, UPCAST)
         v = dot_operand(v, UPCAST)
-        pair = pair_mask(q_ok, j0, j1, j2, qs0, qs1, qs2, w0, w1, w2, K0, K1, K2, TK0, TK1, TK2)
+        pair = pair_mask(q_ok, o0, o1, o2, c0, c1, c2, qs0, qs1, qs2, w0, w1, w2, K0, K1, K2, TK0, TK1, TK2)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BQ, BK], natural units
         if HAS_RPB:
-            bcol = (j0 * R1 + j1) * R2 + j2 + tl.zeros([TK0 * TK1 * TK2], tl.int32)
-            s += tl.load(RPB + (brow[:, None] + bcol[None, :]), mask=pair, other=0.0).to(tl.float32)
+            bias_ptr = rpb_base + ((o0 * R1 + o1) * R2 + o2) + (brow[:, None] + bcol[None, :])
+            if GUARD:
+                s += tl.load(bias_ptr, mask=pair, other=0.0).to(tl.float32)
+            else:
+                # Masked slots load -inf: the bias load doubles as the window mask.
+                s += tl.load(bias_ptr, mask=pair, other=float("-inf")).to(tl.float32)
         if GUARD:
             # Sanitise the values and mark the bad keys' scores, so only their own queries turn non-finite.
             v_fin = tl.abs(v.to(tl.float32)) < float("inf")
             bad = tl.sum(tl.where(v_fin, 0, 1), 1) > 0
             v = tl.where(v_fin, v, 0.0).to(v.dtype)
             s = tl.where(bad[None, :], float("nan"), s)
-        s = tl.where(pair, s, float("-inf"))
+        if GUARD or not HAS_RPB:
+            s = tl.where(pair, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with no key in this sub-tile (and none before) keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new) * LOG2E
@@ -233,7 +240,14 @@ def _fwd_loop(acc, m_i, l_i, q, Kp, Vp, RPB, b, h, g0, g1, g2, n_trips, nk1, nk2
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
+        u0, u1, u2 = advance(u0, u1, u2, nk1, nk2)
     return acc, m_i, l_i
+
+
+@triton.jit
+def tile_step(o0, o1, o2, DIL0, DIL1, DIL2, s0, s1, s2):
+    """int64 offset of a sub-tile origin ``(o0, o1, o2)`` (in-group steps) from the box start."""
+    return (o0 * DIL0).to(tl.int64) * s0 + (o1 * DIL1).to(tl.int64) * s1 + (o2 * DIL2).to(tl.int64) * s2
 
 
 @triton.jit
@@ -247,7 +261,8 @@ def _na_fwd_kernel(
     K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
     S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
     C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
-    HAS_RPB: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_RPB: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, WIDE: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
     TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
 ):
@@ -258,42 +273,59 @@ def _na_fwd_kernel(
     RH: tl.constexpr = (2 * K0 - 1) * R1 * R2
     b = tl.program_id(2).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
-    (g0, g1, g2, _, _, _, i0, i1, i2, q_ok, qs0, qs1, qs2, w0, w1, w2,
+    (g0, g1, g2, first0, first1, first2, r0, r1, r2, q_ok, qs0, qs1, qs2, w0, w1, w2,
      box0, box1, box2, end0, end1, end2, nk1, nk2, n_trips) = query_tile(
         tl.program_id(0), L0, L1, L2, DIL0, DIL1, DIL2, K0, K1, K2, S0, S1, S2, C0, C1, C2,
         TQ0, TQ1, TQ2, TK0, TK1, TK2)
+    i0, i1, i2 = first0 + r0, first1 + r1, first2 + r2
+    qs0, qs1, qs2 = qs0 - box0, qs1 - box1, qs2 - box2  # window starts relative to the halo box
 
     dims = tl.arange(0, BLOCK_D)
     d_ok = dims < HEAD_DIM
-    x0, x1, x2 = g0 + DIL0 * i0, g1 + DIL1 * i1, g2 + DIL2 * i2
-    q_rows = row_offsets(b, h, x0, x1, x2, sqb, sq0, sq1, sq2, sqh)
-    q = tl.load(Q + q_rows[:, None] + dims[None, :].to(tl.int64) * sqd, mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+    row_mask = q_ok[:, None] if EVEN_D else q_ok[:, None] & d_ok[None, :]
+    q_off = axis_offsets(r0, r1, r2, DIL0, DIL1, DIL2, sq0, sq1, sq2, WIDE)[:, None] + dims[None, :] * sqd
+    q = tl.load(Q + tile_base(g0, g1, g2, first0, first1, first2, b, h, sqb, sq0, sq1, sq2, sqh, DIL0, DIL1, DIL2)
+                + q_off, mask=row_mask, other=0.0)
     q = dot_operand(q, UPCAST)
+    k_base = K + tile_base(g0, g1, g2, box0, box1, box2, b, h, skb, sk0, sk1, sk2, skh, DIL0, DIL1, DIL2)
+    v_base = V + tile_base(g0, g1, g2, box0, box1, box2, b, h, svb, sv0, sv1, sv2, svh, DIL0, DIL1, DIL2)
     # rpb index of (query i, key j) = row term(i) + column term(j), flat over [H, R0, R1, R2].
-    brow = h * RH + ((K0 - 1 - i0) * R1 + (K1 - 1 - i1)) * R2 + (K2 - 1 - i2)
+    rpb_base = RPB + h * RH + (box0 * R1 + box1) * R2 + box2
+    brow = ((K0 - 1 - i0) * R1 + (K1 - 1 - i1)) * R2 + (K2 - 1 - i2)
 
     acc = tl.zeros([BQ, BLOCK_D], tl.float32)
     m_i = tl.full([BQ], float("-inf"), tl.float32)  # running max of the (natural) logits
     l_i = tl.zeros([BQ], tl.float32)  # running sum of exp
-    acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, K, V, RPB, b, h, g0, g1, g2, n_trips, nk1, nk2,
+    acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, k_base, v_base, rpb_base, n_trips, nk1, nk2,
                               box0, box1, box2, end0, end1, end2, q_ok, qs0, qs1, qs2, w0, w1, w2, brow, dims, d_ok,
-                              skb, sk0, sk1, sk2, skh, skd, svb, sv0, sv1, sv2, svh, svd, DIL0, DIL1, DIL2, scale,
-                              K0, K1, K2, HAS_RPB, PRECISION, UPCAST, False, TK0, TK1, TK2)
+                              sk0, sk1, sk2, skd, sv0, sv1, sv2, svd, DIL0, DIL1, DIL2, scale,
+                              K0, K1, K2, HAS_RPB, EVEN_D, WIDE, PRECISION, UPCAST, False, TK0, TK1, TK2)
     if tl.max(tl.where(q_ok & ~finite_rows(acc), 1, 0)) > 0:
         acc, m_i, l_i = _fwd_loop(tl.zeros([BQ, BLOCK_D], tl.float32), tl.full([BQ], float("-inf"), tl.float32),
-                                  tl.zeros([BQ], tl.float32), q, K, V, RPB, b, h, g0, g1, g2, n_trips, nk1, nk2,
+                                  tl.zeros([BQ], tl.float32), q, k_base, v_base, rpb_base, n_trips, nk1, nk2,
                                   box0, box1, box2, end0, end1, end2, q_ok, qs0, qs1, qs2, w0, w1, w2, brow, dims,
-                                  d_ok, skb, sk0, sk1, sk2, skh, skd, svb, sv0, sv1, sv2, svh, svd, DIL0, DIL1, DIL2,
-                                  scale, K0, K1, K2, HAS_RPB, PRECISION, UPCAST, True, TK0, TK1, TK2)
+                                  d_ok, sk0, sk1, sk2, skd, sv0, sv1, sv2, svd, DIL0, DIL1, DIL2, scale,
+                                  K0, K1, K2, HAS_RPB, EVEN_D, WIDE, PRECISION, UPCAST, True, TK0, TK1, TK2)
 
     # Every valid query attends to itself, so l_i > 0 on valid rows; invalid rows are not stored.
     l_safe = tl.where(q_ok, l_i, 1.0)
     out = acc / l_safe[:, None]
-    o_rows = row_offsets(b, h, x0, x1, x2, sob, so0, so1, so2, soh)
-    tl.store(O + o_rows[:, None] + dims[None, :].to(tl.int64) * sod, out.to(O.dtype.element_ty),
-             mask=q_ok[:, None] & d_ok[None, :])
+    o_off = axis_offsets(r0, r1, r2, DIL0, DIL1, DIL2, so0, so1, so2, WIDE)[:, None] + dims[None, :] * sod
+    tl.store(O + tile_base(g0, g1, g2, first0, first1, first2, b, h, sob, so0, so1, so2, soh, DIL0, DIL1, DIL2)
+             + o_off, out.to(O.dtype.element_ty), mask=row_mask)
+    x0, x1, x2 = g0 + DIL0 * i0, g1 + DIL1 * i1, g2 + DIL2 * i2
     lse_rows = (((b * L0 + x0) * L1 + x1) * L2 + x2) * H + h
     tl.store(LSE + lse_rows, m_i + tl.log2(l_safe) * LN2, mask=q_ok)
+
+
+def narrow_offsets(*tensors: torch.Tensor) -> bool:
+    """Whether every element offset of `tensors` fits in int32 (the kernels then skip 64-bit offset arithmetic)."""
+    limit = 2**31 - 1
+    for t in tensors:
+        span = t.storage_offset() + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+        if span > limit:
+            return False
+    return True
 
 
 def na_forward(
@@ -322,6 +354,7 @@ def na_forward(
         *strides6(query, n), *strides6(key, n), *strides6(value, n), *strides6(out, n),
         B=problem.batch, **geo.sizes(), H=problem.heads, HEAD_DIM=problem.head_dim, scale=problem.scale,
         **geo.constexprs(), HAS_RPB=rpb is not None, BLOCK_D=head_block(problem.head_dim),
+        EVEN_D=head_block(problem.head_dim) == problem.head_dim, WIDE=not narrow_offsets(query, key, value, out),
         PRECISION=dot_precision(query.dtype), UPCAST=upcast_operands(query.dtype),
     )
     return out, lse

@@ -203,18 +203,31 @@ def tile_origin(pid, L0, L1, L2, DIL0, DIL1, DIL2, T0, T1, T2):
 
 
 @triton.jit
-def tile_rows(first, idx, T: tl.constexpr, INNER: tl.constexpr):
-    """In-group indices along one axis of the rows `idx` of a tile starting at `first` (always a block)."""
-    return first + (idx // INNER) % T
+def box_coords(idx, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr):
+    """Row-major coordinates of the flat indices `idx` inside a box ``(T0, T1, T2)`` (0 on one-wide axes)."""
+    return (idx // (T1 * T2)) % T0, (idx // T2) % T1, idx % T2
 
 
 @triton.jit
-def sub_tile(start, u, idx, T: tl.constexpr, INNER: tl.constexpr):
-    """In-group indices along one axis of loop sub-tile `u` from `start`: a scalar when the sub-tile is 1 wide."""
-    if T == 1:
-        out = start + u
+def advance(u0, u1, u2, n1, n2):
+    """The next sub-tile counter of a row-major walk over ``(_, n1, n2)`` sub-tiles (no division in the loop)."""
+    u2 += 1
+    wrap = u2 >= n2
+    u2 = tl.where(wrap, 0, u2)
+    u1 = tl.where(wrap, u1 + 1, u1)
+    wrap = u1 >= n1
+    u1 = tl.where(wrap, 0, u1)
+    u0 = tl.where(wrap, u0 + 1, u0)
+    return u0, u1, u2
+
+
+@triton.jit
+def axis_offsets(c0, c1, c2, DIL0, DIL1, DIL2, s0, s1, s2, WIDE: tl.constexpr):
+    """Element offsets ``sum_a c_a * DIL_a * s_a`` of in-tile coordinates; int64 when `WIDE` (tensors >= 2**31)."""
+    if WIDE:
+        out = (c0 * DIL0).to(tl.int64) * s0 + (c1 * DIL1).to(tl.int64) * s1 + (c2 * DIL2).to(tl.int64) * s2
     else:
-        out = start + u * T + (idx // INNER) % T
+        out = c0 * DIL0 * s0 + c1 * DIL1 * s1 + c2 * DIL2 * s2
     return out
 
 
@@ -222,16 +235,6 @@ def sub_tile(start, u, idx, T: tl.constexpr, INNER: tl.constexpr):
 def inwin(j, qs, w):
     """``qs <= j < qs + w`` as one unsigned comparison (``w == 0`` makes it false)."""
     return (j - qs).to(tl.uint32) < w.to(tl.uint32)
-
-
-@triton.jit
-def row_offsets(b, h, x0, x1, x2, sb, s0, s1, s2, sh):
-    """int64 element offsets of tokens ``(b, x0, x1, x2, h)`` in a strided ``[B, L0, L1, L2, H, *]`` tensor.
-
-    `b` and `h` are int64 scalars; the coordinates are int32 scalars or blocks, widened before multiplying by the
-    strides so that tensors over 2**31 elements address correctly.
-    """
-    return b * sb + h * sh + x0.to(tl.int64) * s0 + x1.to(tl.int64) * s1 + x2.to(tl.int64) * s2
 
 
 @triton.jit
