@@ -224,14 +224,17 @@ def analyse(layer: str, launch: Launch, config, useful: int, cache: dict) -> Row
 
 
 def compile_key(launch: Launch, config) -> dict:
-    """What determines the compiled code: constexprs, the divisibility of ints and the config."""
+    """What determines the compiled code: constexpr values, the JIT's int/pointer specialisation and the config."""
     named = launch.named_args(config)
+    constexpr = {p.name for p in launch.kernel.params if p.is_constexpr}
     key = {}
     for name, value in named.items():
-        if isinstance(value, torch.Tensor):
+        if name in constexpr or isinstance(value, (bool, str)):
+            key[name] = value
+        elif isinstance(value, torch.Tensor):
             key[name] = (str(value.dtype), value.data_ptr() % 16 == 0)
-        elif isinstance(value, bool) or not isinstance(value, int):
-            key[name] = value if not isinstance(value, float) else "float"
+        elif isinstance(value, float):
+            key[name] = "float"
         else:
             key[name] = "1" if value == 1 else ("D" if value % 16 == 0 else "i")
     if config is not None:

@@ -184,7 +184,7 @@ def tile_base(g0, g1, g2, t0, t1, t2, b, h, sb, s0, s1, s2, sh, DIL0, DIL1, DIL2
 
 
 @triton.jit
-def _fwd_loop(acc, m_i, l_i, q, k_base, v_base, rpb_base, n_trips, nk1, nk2, box0, box1, box2, end0, end1, end2,
+def _fwd_loop(acc, m_i, l_i, poisoned, q, k_base, v_base, rpb_base, n_trips, nk1, nk2, box0, box1, box2, end0, end1, end2,
               q_ok, qs0, qs1, qs2, w0, w1, w2, brow, dims, d_ok, sk0, sk1, sk2, skd, sv0, sv1, sv2, svd,
               DIL0, DIL1, DIL2, scale,
               K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
@@ -194,7 +194,8 @@ def _fwd_loop(acc, m_i, l_i, q, k_base, v_base, rpb_base, n_trips, nk1, nk2, box
     """Online softmax over the halo box in key sub-tiles; `qs_a` are window starts relative to the box start.
 
     `GUARD` is the rerun of a tile with a non-finite row: masked slots then select instead of adding -inf, values are
-    sanitised and the scores of non-finite values become NaN.
+    sanitised, and `poisoned` marks the rows whose window holds a non-finite value (their output becomes NaN; their
+    lse does not depend on values).
     """
     LOG2E: tl.constexpr = 1.4426950408889634
     R1: tl.constexpr = 2 * K1 - 1
@@ -225,11 +226,10 @@ def _fwd_loop(acc, m_i, l_i, q, k_base, v_base, rpb_base, n_trips, nk1, nk2, box
                 # Masked slots load -inf: the bias load doubles as the window mask.
                 s += tl.load(bias_ptr, mask=pair, other=float("-inf")).to(tl.float32)
         if GUARD:
-            # Sanitise the values and mark the bad keys' scores, so only their own queries turn non-finite.
             v_fin = tl.abs(v.to(tl.float32)) < float("inf")
             bad = tl.sum(tl.where(v_fin, 0, 1), 1) > 0
             v = tl.where(v_fin, v, 0.0).to(v.dtype)
-            s = tl.where(bad[None, :], float("nan"), s)
+            poisoned = tl.maximum(poisoned, tl.max(tl.where(pair & bad[None, :], 1, 0), 1))
         if GUARD or not HAS_RPB:
             s = tl.where(pair, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -241,7 +241,7 @@ def _fwd_loop(acc, m_i, l_i, q, k_base, v_base, rpb_base, n_trips, nk1, nk2, box
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
         u0, u1, u2 = advance(u0, u1, u2, nk1, nk2)
-    return acc, m_i, l_i
+    return acc, m_i, l_i, poisoned
 
 
 @triton.jit
@@ -296,16 +296,17 @@ def _na_fwd_kernel(
     acc = tl.zeros([BQ, BLOCK_D], tl.float32)
     m_i = tl.full([BQ], float("-inf"), tl.float32)  # running max of the (natural) logits
     l_i = tl.zeros([BQ], tl.float32)  # running sum of exp
-    acc, m_i, l_i = _fwd_loop(acc, m_i, l_i, q, k_base, v_base, rpb_base, n_trips, nk1, nk2,
-                              box0, box1, box2, end0, end1, end2, q_ok, qs0, qs1, qs2, w0, w1, w2, brow, dims, d_ok,
-                              sk0, sk1, sk2, skd, sv0, sv1, sv2, svd, DIL0, DIL1, DIL2, scale,
-                              K0, K1, K2, HAS_RPB, EVEN_D, WIDE, PRECISION, UPCAST, False, TK0, TK1, TK2)
+    poisoned = tl.zeros([BQ], tl.int32)
+    args = (q, k_base, v_base, rpb_base, n_trips, nk1, nk2, box0, box1, box2, end0, end1, end2, q_ok, qs0, qs1, qs2,
+            w0, w1, w2, brow, dims, d_ok, sk0, sk1, sk2, skd, sv0, sv1, sv2, svd, DIL0, DIL1, DIL2, scale,
+            K0, K1, K2, HAS_RPB, EVEN_D, WIDE, PRECISION, UPCAST)
+    acc, m_i, l_i, poisoned = _fwd_loop(acc, m_i, l_i, poisoned, *args, False, TK0, TK1, TK2)
     if tl.max(tl.where(q_ok & ~finite_rows(acc), 1, 0)) > 0:
-        acc, m_i, l_i = _fwd_loop(tl.zeros([BQ, BLOCK_D], tl.float32), tl.full([BQ], float("-inf"), tl.float32),
-                                  tl.zeros([BQ], tl.float32), q, k_base, v_base, rpb_base, n_trips, nk1, nk2,
-                                  box0, box1, box2, end0, end1, end2, q_ok, qs0, qs1, qs2, w0, w1, w2, brow, dims,
-                                  d_ok, sk0, sk1, sk2, skd, sv0, sv1, sv2, svd, DIL0, DIL1, DIL2, scale,
-                                  K0, K1, K2, HAS_RPB, EVEN_D, WIDE, PRECISION, UPCAST, True, TK0, TK1, TK2)
+        # A non-finite row: recompute the tile with non-finite values confined to their own queries.
+        acc, m_i, l_i, poisoned = _fwd_loop(tl.zeros([BQ, BLOCK_D], tl.float32),
+                                            tl.full([BQ], float("-inf"), tl.float32), tl.zeros([BQ], tl.float32),
+                                            poisoned, *args, True, TK0, TK1, TK2)
+        acc = tl.where(poisoned[:, None] > 0, float("nan"), acc)
 
     # Every valid query attends to itself, so l_i > 0 on valid rows; invalid rows are not stored.
     l_safe = tl.where(q_ok, l_i, 1.0)
