@@ -297,15 +297,19 @@ def _na_fwd_kernel(
     m_i = tl.full([BQ], float("-inf"), tl.float32)  # running max of the (natural) logits
     l_i = tl.zeros([BQ], tl.float32)  # running sum of exp
     poisoned = tl.zeros([BQ], tl.int32)
-    args = (q, k_base, v_base, rpb_base, n_trips, nk1, nk2, box0, box1, box2, end0, end1, end2, q_ok, qs0, qs1, qs2,
-            w0, w1, w2, brow, dims, d_ok, sk0, sk1, sk2, skd, sv0, sv1, sv2, svd, DIL0, DIL1, DIL2, scale,
-            K0, K1, K2, HAS_RPB, EVEN_D, WIDE, PRECISION, UPCAST)
-    acc, m_i, l_i, poisoned = _fwd_loop(acc, m_i, l_i, poisoned, *args, False, TK0, TK1, TK2)
+    acc, m_i, l_i, poisoned = _fwd_loop(acc, m_i, l_i, poisoned, q, k_base, v_base, rpb_base, n_trips, nk1, nk2,
+                                        box0, box1, box2, end0, end1, end2, q_ok, qs0, qs1, qs2, w0, w1, w2, brow,
+                                        dims, d_ok, sk0, sk1, sk2, skd, sv0, sv1, sv2, svd, DIL0, DIL1, DIL2, scale,
+                                        K0, K1, K2, HAS_RPB, EVEN_D, WIDE, PRECISION, UPCAST, False, TK0, TK1, TK2)
     if tl.max(tl.where(q_ok & ~finite_rows(acc), 1, 0)) > 0:
         # A non-finite row: recompute the tile with non-finite values confined to their own queries.
         acc, m_i, l_i, poisoned = _fwd_loop(tl.zeros([BQ, BLOCK_D], tl.float32),
                                             tl.full([BQ], float("-inf"), tl.float32), tl.zeros([BQ], tl.float32),
-                                            poisoned, *args, True, TK0, TK1, TK2)
+                                            poisoned, q, k_base, v_base, rpb_base, n_trips, nk1, nk2,
+                                            box0, box1, box2, end0, end1, end2, q_ok, qs0, qs1, qs2, w0, w1, w2, brow,
+                                            dims, d_ok, sk0, sk1, sk2, skd, sv0, sv1, sv2, svd, DIL0, DIL1, DIL2,
+                                            scale, K0, K1, K2, HAS_RPB, EVEN_D, WIDE, PRECISION, UPCAST, True,
+                                            TK0, TK1, TK2)
         acc = tl.where(poisoned[:, None] > 0, float("nan"), acc)
 
     # Every valid query attends to itself, so l_i > 0 on valid rows; invalid rows are not stored.
