@@ -24,8 +24,9 @@ STEPS = ["1. environment", "2. correctness", "3. op timing", "4. model throughpu
 def _load_kit():
     spec = importlib.util.spec_from_file_location("gpu_kit", KIT)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    sys.modules.setdefault("gpu_kit", module)  # dataclasses look their module up by name
+    spec.loader.exec_module(sys.modules["gpu_kit"])
+    return sys.modules["gpu_kit"]
 
 
 @pytest.fixture(scope="module")
