@@ -6,12 +6,14 @@ kernel and autotuning config for ``sm_90`` with the JIT's specialisation (see ``
 kernel: registers, spilled instructions, shared memory, resident blocks per SM, SASS instructions of the main loop
 body per iteration, lane-instructions per score slot and per useful score, and a modelled time.
 
-The model (an issue-bound lower bound, not a measurement): executed warp-instructions =
+The model (an estimate, not a measurement): executed warp-instructions =
 ``programs * warps * (prologue/epilogue + loop body * loop trips)`` with the loop trips of every program computed
-from the window arithmetic, issued at 4 warp-instructions per clock on each of 132 SMs at 1.755 GHz; memory floor
-= bytes of every tensor argument once / 3.35 TB/s; modelled time = the larger of the two. Latencies, stalls, cache
-misses, atomics contention and launch overhead are not modelled. Per kernel the config with the lowest modelled
-time is shown (what a perfect autotuner would pick under this model).
+from the window arithmetic (prologue/epilogue = all SASS outside loops, an upper bound), issued at 4
+warp-instructions per clock on each of 132 SMs at 1.755 GHz, derated when fewer than 4 warps per scheduler are
+resident (``min(1, resident warps / 16)``: too few warps to hide latency); memory floor = bytes of every tensor
+argument once / 3.35 TB/s; modelled time = the larger of the two. Stalls beyond that derating, cache misses,
+atomics contention and launch overhead are not modelled. Per kernel the config with the lowest modelled time is
+shown (what a perfect autotuner would pick under this model).
 
 Usage::
 
@@ -43,6 +45,7 @@ from natzoo.ops.neighborhood.validation import Problem
 from triton_aot import Launch, capture_launches, compile_launch, sass_stats
 
 SMS, CLOCK_HZ, ISSUE_PER_CLOCK, BANDWIDTH = 132, 1.755e9, 4, 3.35e12
+LATENCY_WARPS = 16  # resident warps per SM below which issue slots go unused (4 per scheduler)
 REGS_PER_SM, SMEM_PER_SM, WARPS_PER_SM, BLOCKS_PER_SM = 65536, 228 * 1024, 64, 32
 
 # (name, map size, heads, dilation, layers of NAT-Tiny with it, layers of DiNAT-Tiny with it)
@@ -204,7 +207,9 @@ def analyse(layer: str, launch: Launch, config, useful: int, cache: dict) -> Row
     loops_total = sum(count for _, count in stats.loops)
     outside = stats.instructions - loops_total
     executed = (outside * programs + stats.main_loop * sum(trips) * other) * warps
-    issue_s = executed / (SMS * ISSUE_PER_CLOCK * CLOCK_HZ)
+    resident = blocks_per_sm(stats.registers, warps, stats.shared_bytes)
+    efficiency = min(1.0, resident * warps / LATENCY_WARPS)
+    issue_s = executed / (SMS * ISSUE_PER_CLOCK * CLOCK_HZ * max(efficiency, 1e-3))
     memory_s = tensor_bytes(launch) / BANDWIDTH
     return Row(
         layer=layer,
@@ -213,7 +218,7 @@ def analyse(layer: str, launch: Launch, config, useful: int, cache: dict) -> Row
         registers=stats.registers,
         spill_instructions=stats.spill_stores + stats.spill_loads,
         shared_kib=stats.shared_bytes / 1024,
-        blocks_per_sm=blocks_per_sm(stats.registers, warps, stats.shared_bytes),
+        blocks_per_sm=resident,
         loop_sass=stats.main_loop,
         per_slot=stats.main_loop * warps * 32 / slots if slots else 0.0,
         per_useful=executed * 32 / useful,

@@ -27,7 +27,8 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 
 @dataclasses.dataclass
 class Launch:
-    """One captured kernel launch: the kernel, its autotuning configs (None: a plain launch) and its arguments."""
+    """One captured kernel launch: the kernel, its autotuning configs after the autotuner's pruning (None: a plain
+    launch) and its arguments."""
 
     kernel: JITFunction
     configs: list[triton.Config] | None
@@ -76,7 +77,8 @@ def capture_launches() -> Iterator[list[Launch]]:
         fn = self.fn
         while not isinstance(fn, JITFunction):
             fn = fn.fn
-        launches.append(Launch(fn, list(self.configs), args, kwargs, grid))
+        self.nargs = dict(zip(self.arg_names, args))
+        launches.append(Launch(fn, list(self.prune_configs(kwargs)), args, kwargs, grid))
 
     JITFunction.run, Autotuner.run = fake_jit_run, fake_tuner_run
     try:
@@ -118,12 +120,15 @@ class SassStats:
     spill_stores: int
     spill_loads: int
     instructions: int
-    loops: list[tuple[int, int]]  # (first instruction index, instruction count) per loop, outermost first
+    loops: list[tuple[int, int]]  # (first instruction index, instruction count) per loop, in code order
 
     @property
     def main_loop(self) -> int:
-        """Instructions in the longest loop body (0 without a loop)."""
-        return max((count for _, count in self.loops), default=0)
+        """Instructions in the body of the first loop in code order, the kernels' main loop (0 without a loop).
+
+        Later loops are the reruns that only tiles with non-finite rows execute.
+        """
+        return self.loops[0][1] if self.loops else 0
 
 
 def sass_stats(compiled) -> SassStats:
@@ -148,7 +153,7 @@ def sass_stats(compiled) -> SassStats:
             target = int(branch.group(1), 16)
             if target <= addresses[i] and target in index_of:
                 loops.append((index_of[target], i - index_of[target] + 1))
-    loops.sort(key=lambda loop: -loop[1])
+    loops.sort()
     # `EXIT`-terminated padding (`BRA` to itself, NOPs) is not code that runs.
     body = [op for op in ops if not op.startswith("NOP")]
     return SassStats(
