@@ -74,20 +74,24 @@ def module_inputs(problem: Problem):
     return q, k, v, rpb
 
 
-def capture(problem: Problem, rpb: bool = True) -> tuple[list[Launch], list[Launch]]:
-    """The forward and backward launches of one training step of a layer (q, k, v and rpb all need gradients)."""
+def capture(problem: Problem, rpb: bool = True, rpb_grad: bool = True) -> tuple[list[Launch], list[Launch]]:
+    """The forward and backward launches of one training step of a layer (q, k, v and rpb need gradients; rpb's
+    only with `rpb_grad`)."""
     q, k, v, bias = module_inputs(problem)
     bias = bias if rpb else None
     with capture_launches() as fwd:
         out, lse = na_forward(problem, q, k, v, bias)
     grad_out = torch.empty_like(out)
     with capture_launches() as bwd:
-        backward_launch(problem, grad_out, q, k, v, bias, out, lse)
+        backward_launch(problem, grad_out, q, k, v, bias, out, lse, rpb_grad)
     return fwd, bwd
 
 
-def backward_launch(problem, grad_out, q, k, v, bias, out, lse):
-    return na_backward(problem, grad_out, None, q, k, v, bias, out, lse, False)
+def backward_launch(problem, grad_out, q, k, v, bias, out, lse, rpb_grad=True):
+    try:
+        return na_backward(problem, grad_out, None, q, k, v, bias, out, lse, False, (True, True, True, rpb_grad))
+    except TypeError:  # launchers that predate the `needs` argument always compute every gradient
+        return na_backward(problem, grad_out, None, q, k, v, bias, out, lse, False)
 
 
 def useful_scores(problem: Problem) -> int:
@@ -250,19 +254,25 @@ def compile_key(launch: Launch, config) -> dict:
 def report(all_configs: bool) -> dict:
     cache: dict = {}
     results = []
-    # The stage-0 layer once more without rpb, for the cost of rpb in forward + backward.
-    plan = [(*entry, True) for entry in LAYERS] + [(LAYERS[0][0] + " no rpb", *LAYERS[0][1:4], 0, 0, False)]
-    for layer, size, heads, dilation, nat_layers, dinat_layers, rpb in plan:
+    # The stage-0 layer once more without rpb, for the cost of rpb in forward + backward; and every layer's backward
+    # with a frozen rpb, for the cost of the rpb gradient where it is folded into another kernel.
+    plan = [(*entry, True, True) for entry in LAYERS]
+    plan += [(LAYERS[0][0] + " no rpb", *LAYERS[0][1:4], 0, 0, False, False)]
+    plan += [(name + " rpb frozen", size, heads, dil, 0, 0, True, False) for name, size, heads, dil, _, _ in LAYERS]
+    for layer, size, heads, dilation, nat_layers, dinat_layers, rpb, rpb_grad in plan:
         problem = layer_problem(size, heads, dilation)
         useful = useful_scores(problem)
-        fwd, bwd = capture(problem, rpb)
+        fwd, bwd = capture(problem, rpb, rpb_grad)
+        if rpb and not rpb_grad:
+            fwd = []  # the forward is the same as with a trainable rpb
         for phase, launches in (("fwd", fwd), ("bwd", bwd)):
             for launch in launches:
                 rows = [analyse(layer, launch, c, useful, cache) for c in (launch.configs or [None])]
                 best = min(rows, key=lambda r: r.model_us)
                 for row in rows if all_configs else [best]:
                     results.append(dict(dataclasses.asdict(row), phase=phase, best=row is best,
-                                        nat_layers=nat_layers, dinat_layers=dinat_layers))
+                                        nat_layers=nat_layers, dinat_layers=dinat_layers,
+                                        helper=not (rpb and rpb_grad)))
                 print(f"{layer:14s} {best.kernel:14s} {best.config:22s} {best.model_us:9.1f} us", file=sys.stderr,
                       flush=True)
     return {"rows": results}
@@ -278,6 +288,8 @@ def markdown(data: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if r.get("helper"):
+            continue  # the no-rpb and frozen-rpb variants only feed the summary
         out.append(
             f"| {r['layer']} | {r['kernel']} | {r['config']} | {r['registers']} | {r['spill_instructions']} | "
             f"{r['shared_kib']:.1f} | {r['blocks_per_sm']} | {r['loop_sass']} | {r['per_slot']:.1f} | "
@@ -295,11 +307,16 @@ def markdown(data: dict) -> str:
         if "drpb" in r["kernel"]:
             entry["drpb"] += r["model_us"]
     for name, e in layers.items():
-        rest = e["bwd"] - e["drpb"]
-        share = f"{e['drpb'] / rest:.2f}" if e["drpb"] else "folded"
-        out.append(f"| {name} | {e['fwd']:.1f} | {e['bwd']:.1f} | {e['drpb']:.1f} | {share} |")
+        frozen = layers.get(name + " rpb frozen")
+        if name.endswith("rpb frozen") or (not e["drpb"] and frozen is None):
+            continue
+        # A separate d_rpb kernel is its own cost; a folded one costs the difference to the frozen-rpb backward.
+        drpb = e["drpb"] or (e["bwd"] - frozen["bwd"])
+        rest = e["bwd"] - drpb
+        out.append(f"| {name} | {e['fwd']:.1f} | {e['bwd']:.1f} | {drpb:.1f} | {drpb / rest:.2f} |")
     with_rpb, without = layers.get(LAYERS[0][0]), layers.get(LAYERS[0][0] + " no rpb")
     if with_rpb and without:
+        out.append(f"| {LAYERS[0][0]} without rpb | {without['fwd']:.1f} | {without['bwd']:.1f} | - | - |")
         ratio = (with_rpb["fwd"] + with_rpb["bwd"]) / (without["fwd"] + without["bwd"])
         out.append(f"| {LAYERS[0][0]}: fwd+bwd with rpb / without | {ratio:.2f}x | | | |")
     for model, col in (("NAT-Tiny", "nat"), ("DiNAT-Tiny", "dinat")):
