@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dispatch import interpreter_enabled
+from ..dispatch import interpreter_enabled as interpreting
 
 Tile = tuple[int, int, int]
 Entry = tuple[Tile, Tile, int, int]
@@ -82,11 +82,6 @@ _INTERPRETER_CONFIGS: dict[str, dict[int, list[Entry]]] = {
 AUTOTUNE_KEY = ["B", "H", "L0", "L1", "L2", "DIL0", "DIL1", "DIL2", "HEAD_DIM", "K0", "K1", "K2", "S0", "S1", "S2",
                 "C0", "C1", "C2", "HAS_RPB", "COMPUTE_DQ", "COMPUTE_DRPB", "COMPUTE_DK", "COMPUTE_DV", "HAS_DLSE",
                 "DETERMINISTIC", "PRECISION"]
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter."""
-    return interpreter_enabled()
 
 
 def autotune_mode() -> str:
