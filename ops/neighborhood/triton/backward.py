@@ -38,11 +38,13 @@ from .forward import (
     Geometry,
     dot_precision,
     head_block,
+    key_sub_tile_scores,
     narrow_offsets,
-    pair_mask,
     query_tile,
     strides6,
+    sub_tile_offsets,
     tile_base,
+    tile_ptrs,
     tile_step,
     upcast_operands,
 )
@@ -86,26 +88,17 @@ def _dq_loop(dq, table, q, do, lse2, delta, k_base, v_base, rpb_base, n_trips, n
     LOG2E: tl.constexpr = 1.4426950408889634
     R1: tl.constexpr = 2 * K1 - 1
     R2: tl.constexpr = 2 * K2 - 1
-    c0, c1, c2 = box_coords(tl.arange(0, TK0 * TK1 * TK2), TK0, TK1, TK2)
-    koff = axis_offsets(c0, c1, c2, DIL0, DIL1, DIL2, sk0, sk1, sk2, WIDE)[:, None] + dims[None, :] * skd
-    voff = axis_offsets(c0, c1, c2, DIL0, DIL1, DIL2, sv0, sv1, sv2, WIDE)[:, None] + dims[None, :] * svd
+    c0, c1, c2, koff = sub_tile_offsets(dims, sk0, sk1, sk2, skd, DIL0, DIL1, DIL2, WIDE, TK0, TK1, TK2)
+    _c0, _c1, _c2, voff = sub_tile_offsets(dims, sv0, sv1, sv2, svd, DIL0, DIL1, DIL2, WIDE, TK0, TK1, TK2)
     bcol = (c0 * R1 + c1) * R2 + c2
     u0 = tl.full([], 0, tl.int32)
     u1 = tl.full([], 0, tl.int32)
     u2 = tl.full([], 0, tl.int32)
     for _ in range(n_trips):
-        o0, o1, o2 = u0 * TK0, u1 * TK1, u2 * TK2  # sub-tile origin relative to the halo box
-        k_ok = (c0 < end0 - box0 - o0) & (c1 < end1 - box1 - o1) & (c2 < end2 - box2 - o2)
-        kv_mask = k_ok[:, None] if EVEN_D else k_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + tile_step(o0, o1, o2, DIL0, DIL1, DIL2, sk0, sk1, sk2) + koff, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + tile_step(o0, o1, o2, DIL0, DIL1, DIL2, sv0, sv1, sv2) + voff, mask=kv_mask, other=0.0)
-        k = dot_operand(k, UPCAST)
-        v = dot_operand(v, UPCAST)
-        pair = pair_mask(q_ok, o0, o1, o2, c0, c1, c2, qs0, qs1, qs2, w0, w1, w2, K0, K1, K2, TK0, TK1, TK2)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BQ, BK], natural units
-        if HAS_RPB:
-            bias_ptr = rpb_base + ((o0 * R1 + o1) * R2 + o2) + (brow[:, None] + bcol[None, :])
-            s += tl.load(bias_ptr, mask=pair, other=0.0).to(tl.float32)
+        k, v, pair, s, o0, o1, o2 = key_sub_tile_scores(
+            q, k_base, v_base, rpb_base, koff, voff, u0, u1, u2, c0, c1, c2, bcol, brow, box0, box1, box2,
+            end0, end1, end2, q_ok, qs0, qs1, qs2, w0, w1, w2, d_ok, sk0, sk1, sk2, sv0, sv1, sv2, DIL0, DIL1, DIL2,
+            scale, K0, K1, K2, HAS_RPB, EVEN_D, PRECISION, UPCAST, 0.0, TK0, TK1, TK2)
         p = tl.exp2(s * LOG2E - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BQ, BK]
         ds = tl.where(pair, p * (dp - delta[:, None]), 0.0)
@@ -158,22 +151,18 @@ def _na_bwd_dq_kernel(
     RH: tl.constexpr = (2 * K0 - 1) * R1 * R2
     b = tl.program_id(2).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
-    (g0, g1, g2, first0, first1, first2, r0, r1, r2, q_ok, qs0, qs1, qs2, w0, w1, w2,
+    (g0, g1, g2, first0, first1, first2, r0, r1, r2, i0, i1, i2, q_ok, qs0, qs1, qs2, w0, w1, w2,
      box0, box1, box2, end0, end1, end2, nk1, nk2, n_trips) = query_tile(
         tl.program_id(0), L0, L1, L2, DIL0, DIL1, DIL2, K0, K1, K2, S0, S1, S2, C0, C1, C2,
         TQ0, TQ1, TQ2, TK0, TK1, TK2)
-    i0, i1, i2 = first0 + r0, first1 + r1, first2 + r2
-    qs0, qs1, qs2 = qs0 - box0, qs1 - box1, qs2 - box2  # window starts relative to the halo box
 
     dims = tl.arange(0, BLOCK_D)
     d_ok = dims < HEAD_DIM
     row_mask = q_ok[:, None] if EVEN_D else q_ok[:, None] & d_ok[None, :]
-    do = tl.load(DO + tile_base(g0, g1, g2, first0, first1, first2, b, h, sdb, sd0, sd1, sd2, sdh, DIL0, DIL1, DIL2)
-                 + axis_offsets(r0, r1, r2, DIL0, DIL1, DIL2, sd0, sd1, sd2, WIDE)[:, None] + dims[None, :] * sdd,
-                 mask=row_mask, other=0.0)
-    o = tl.load(O + tile_base(g0, g1, g2, first0, first1, first2, b, h, sob, so0, so1, so2, soh, DIL0, DIL1, DIL2)
-                + axis_offsets(r0, r1, r2, DIL0, DIL1, DIL2, so0, so1, so2, WIDE)[:, None] + dims[None, :] * sod,
-                mask=row_mask, other=0.0)
+    do = tl.load(tile_ptrs(DO, g0, g1, g2, first0, first1, first2, r0, r1, r2, b, h, sdb, sd0, sd1, sd2, sdh, sdd,
+                           dims, DIL0, DIL1, DIL2, WIDE), mask=row_mask, other=0.0)
+    o = tl.load(tile_ptrs(O, g0, g1, g2, first0, first1, first2, r0, r1, r2, b, h, sob, so0, so1, so2, soh, sod,
+                          dims, DIL0, DIL1, DIL2, WIDE), mask=row_mask, other=0.0)
     x0, x1, x2 = g0 + DIL0 * i0, g1 + DIL1 * i1, g2 + DIL2 * i2
     stat_rows = (((b * L0 + x0) * L1 + x1) * L2 + x2) * H + h
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # Delta = <dO, O> - dLSE per query
@@ -190,9 +179,8 @@ def _na_bwd_dq_kernel(
         table = tl.zeros([R0P * R1P, R2P], tl.float32)
     dq = tl.zeros([BQ, BLOCK_D], tl.float32)
     if COMPUTE_DQ or COMPUTE_DRPB:
-        q = tl.load(Q + tile_base(g0, g1, g2, first0, first1, first2, b, h, sqb, sq0, sq1, sq2, sqh, DIL0, DIL1, DIL2)
-                    + axis_offsets(r0, r1, r2, DIL0, DIL1, DIL2, sq0, sq1, sq2, WIDE)[:, None] + dims[None, :] * sqd,
-                    mask=row_mask, other=0.0)
+        q = tl.load(tile_ptrs(Q, g0, g1, g2, first0, first1, first2, r0, r1, r2, b, h, sqb, sq0, sq1, sq2, sqh,
+                              sqd, dims, DIL0, DIL1, DIL2, WIDE), mask=row_mask, other=0.0)
         q = dot_operand(q, UPCAST)
         do = dot_operand(do, UPCAST)
         lse2 = tl.load(LSE + stat_rows, mask=q_ok, other=0.0) * LOG2E  # natural -> base-2 log-sum-exp
@@ -214,9 +202,8 @@ def _na_bwd_dq_kernel(
                     DIL0, DIL1, DIL2, scale, K0, K1, K2, HAS_RPB, True, False, EVEN_D, WIDE, PRECISION,
                     RPB_PRECISION, UPCAST, True, TQ0, TQ1, TQ2, TK0, TK1, TK2, RANK, R0P, R1P, R2P, FI)
     if COMPUTE_DQ:
-        tl.store(DQ + tile_base(g0, g1, g2, first0, first1, first2, b, h, sgb, sg0, sg1, sg2, sgh, DIL0, DIL1, DIL2)
-                 + axis_offsets(r0, r1, r2, DIL0, DIL1, DIL2, sg0, sg1, sg2, WIDE)[:, None] + dims[None, :] * sgd,
-                 (dq * scale).to(DQ.dtype.element_ty), mask=row_mask)
+        tl.store(tile_ptrs(DQ, g0, g1, g2, first0, first1, first2, r0, r1, r2, b, h, sgb, sg0, sg1, sg2, sgh, sgd,
+                           dims, DIL0, DIL1, DIL2, WIDE), (dq * scale).to(DQ.dtype.element_ty), mask=row_mask)
     if COMPUTE_DRPB:
         R: tl.constexpr = RH
         if RANK == 1:
@@ -294,9 +281,8 @@ def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, rpb_base, n_
     R1: tl.constexpr = 2 * K1 - 1
     R2: tl.constexpr = 2 * K2 - 1
     # Loop invariants: in-sub-tile query coordinates, their q/dO/statistics offsets and rpb column term.
-    c0, c1, c2 = box_coords(tl.arange(0, TQ0 * TQ1 * TQ2), TQ0, TQ1, TQ2)
-    qoff = axis_offsets(c0, c1, c2, DIL0, DIL1, DIL2, sq0, sq1, sq2, WIDE)[:, None] + dims[None, :] * sqd
-    dooff = axis_offsets(c0, c1, c2, DIL0, DIL1, DIL2, sd0, sd1, sd2, WIDE)[:, None] + dims[None, :] * sdd
+    c0, c1, c2, qoff = sub_tile_offsets(dims, sq0, sq1, sq2, sqd, DIL0, DIL1, DIL2, WIDE, TQ0, TQ1, TQ2)
+    _c0, _c1, _c2, dooff = sub_tile_offsets(dims, sd0, sd1, sd2, sdd, DIL0, DIL1, DIL2, WIDE, TQ0, TQ1, TQ2)
     soff = axis_offsets(c0, c1, c2, DIL0, DIL1, DIL2, L1 * L2 * H, L2 * H, H, WIDE)
     ccol = (c0 * R1 + c1) * R2 + c2
     u0 = tl.full([], 0, tl.int32)
@@ -385,12 +371,10 @@ def _na_bwd_dkdv_kernel(
     dims = tl.arange(0, BLOCK_D)
     d_ok = dims < HEAD_DIM
     row_mask = k_ok[:, None] if EVEN_D else k_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + tile_base(g0, g1, g2, first0, first1, first2, b, h, skb, sk0, sk1, sk2, skh, DIL0, DIL1, DIL2)
-                + axis_offsets(r0, r1, r2, DIL0, DIL1, DIL2, sk0, sk1, sk2, WIDE)[:, None] + dims[None, :] * skd,
-                mask=row_mask, other=0.0)
-    v = tl.load(V + tile_base(g0, g1, g2, first0, first1, first2, b, h, svb, sv0, sv1, sv2, svh, DIL0, DIL1, DIL2)
-                + axis_offsets(r0, r1, r2, DIL0, DIL1, DIL2, sv0, sv1, sv2, WIDE)[:, None] + dims[None, :] * svd,
-                mask=row_mask, other=0.0)
+    k = tl.load(tile_ptrs(K, g0, g1, g2, first0, first1, first2, r0, r1, r2, b, h, skb, sk0, sk1, sk2, skh, skd,
+                          dims, DIL0, DIL1, DIL2, WIDE), mask=row_mask, other=0.0)
+    v = tl.load(tile_ptrs(V, g0, g1, g2, first0, first1, first2, r0, r1, r2, b, h, svb, sv0, sv1, sv2, svh, svd,
+                          dims, DIL0, DIL1, DIL2, WIDE), mask=row_mask, other=0.0)
     k = dot_operand(k, UPCAST)
     v = dot_operand(v, UPCAST)
     krow = ((K0 - 1 + j0) * R1 + (K1 - 1 + j1)) * R2 + (K2 - 1 + j2)  # rpb row term of each key
@@ -427,12 +411,12 @@ def _na_bwd_dkdv_kernel(
                 dims, d_ok, sq0, sq1, sq2, sqd, sd0, sd1, sd2, sdd, L1, L2, H, DIL0, DIL1, DIL2, scale,
                 K0, K1, K2, S0, S1, S2, C0, C1, C2, HAS_RPB, True, False, EVEN_D, WIDE, PRECISION, UPCAST, True,
                 TQ0, TQ1, TQ2)
-    out_off = (tile_base(g0, g1, g2, first0, first1, first2, b, h, sgb, sg0, sg1, sg2, sgh, DIL0, DIL1, DIL2)
-               + axis_offsets(r0, r1, r2, DIL0, DIL1, DIL2, sg0, sg1, sg2, WIDE)[:, None] + dims[None, :] * sgd)
     if COMPUTE_DK:
-        tl.store(DK + out_off, (dk * scale).to(DK.dtype.element_ty), mask=row_mask)
+        tl.store(tile_ptrs(DK, g0, g1, g2, first0, first1, first2, r0, r1, r2, b, h, sgb, sg0, sg1, sg2, sgh, sgd,
+                           dims, DIL0, DIL1, DIL2, WIDE), (dk * scale).to(DK.dtype.element_ty), mask=row_mask)
     if COMPUTE_DV:
-        tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=row_mask)
+        tl.store(tile_ptrs(DV, g0, g1, g2, first0, first1, first2, r0, r1, r2, b, h, sgb, sg0, sg1, sg2, sgh, sgd,
+                           dims, DIL0, DIL1, DIL2, WIDE), dv.to(DV.dtype.element_ty), mask=row_mask)
 
 
 def na_backward(

@@ -149,9 +149,10 @@ def query_tile(pid, L0, L1, L2, DIL0, DIL1, DIL2,
                TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr):
     """The query tile of program `pid` and the halo box its loop walks (forward and dQ kernels).
 
-    Returns the dilation group and tile origin per axis, the in-tile row coordinates (``[BQ]`` per axis), the row
-    validity, the per-axis window start and width of every row (``[BQ]``), the halo box start and end per axis, the
-    sub-tile counts of axes 1 and 2 and the number of loop trips (0 for a tile past the end of a short group).
+    Returns the dilation group and tile origin per axis, the in-tile row coordinates and in-group query indices
+    (``[BQ]`` per axis), the row validity, the per-axis window start (relative to the halo box start) and width of
+    every row (``[BQ]``), the halo box start and end per axis, the sub-tile counts of axes 1 and 2 and the number of
+    loop trips (0 for a tile past the end of a short group).
     """
     BQ: tl.constexpr = TQ0 * TQ1 * TQ2
     g0, g1, g2, lg0, lg1, lg2, first0, first1, first2 = tile_origin(pid, L0, L1, L2, DIL0, DIL1, DIL2,
@@ -172,8 +173,9 @@ def query_tile(pid, L0, L1, L2, DIL0, DIL1, DIL2,
     nk0 = tl.where(tile_ok, tl.cdiv(end0 - box0, TK0), 0)
     nk1 = tl.cdiv(end1 - box1, TK1)
     nk2 = tl.cdiv(end2 - box2, TK2)
-    return (g0, g1, g2, first0, first1, first2, r0, r1, r2, q_ok, qs0, qs1, qs2, qe0 - qs0, qe1 - qs1, qe2 - qs2,
-            box0, box1, box2, end0, end1, end2, nk1, nk2, nk0 * nk1 * nk2)
+    # Window starts relative to the halo box start, as the loops compare them with in-box key coordinates.
+    return (g0, g1, g2, first0, first1, first2, r0, r1, r2, i0, i1, i2, q_ok, qs0 - box0, qs1 - box1, qs2 - box2,
+            qe0 - qs0, qe1 - qs1, qe2 - qs2, box0, box1, box2, end0, end1, end2, nk1, nk2, nk0 * nk1 * nk2)
 
 
 @triton.jit
@@ -181,6 +183,52 @@ def tile_base(g0, g1, g2, t0, t1, t2, b, h, sb, s0, s1, s2, sh, DIL0, DIL1, DIL2
     """int64 offset of in-group position ``(t0, t1, t2)`` of dilation group ``(g0, g1, g2)`` for batch `b`, head `h`."""
     return (b * sb + h * sh + (g0 + DIL0 * t0).to(tl.int64) * s0 + (g1 + DIL1 * t1).to(tl.int64) * s1
             + (g2 + DIL2 * t2).to(tl.int64) * s2)
+
+
+@triton.jit
+def tile_ptrs(X, g0, g1, g2, t0, t1, t2, r0, r1, r2, b, h, sb, s0, s1, s2, sh, sd, dims, DIL0, DIL1, DIL2,
+              WIDE: tl.constexpr):
+    """``[BT, BLOCK_D]`` pointers to the rows ``t + r`` (in-group) of dilation group `g` of a strided
+    ``[B, L0, L1, L2, H, D]`` tensor `X`, for batch `b` and head `h`."""
+    return (X + tile_base(g0, g1, g2, t0, t1, t2, b, h, sb, s0, s1, s2, sh, DIL0, DIL1, DIL2)
+            + axis_offsets(r0, r1, r2, DIL0, DIL1, DIL2, s0, s1, s2, WIDE)[:, None] + dims[None, :] * sd)
+
+
+@triton.jit
+def sub_tile_offsets(dims, s0, s1, s2, sd, DIL0, DIL1, DIL2, WIDE: tl.constexpr,
+                     T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr):
+    """Loop invariants of a sub-tile walk: in-sub-tile coordinates per axis and ``[BT, BLOCK_D]`` element offsets."""
+    c0, c1, c2 = box_coords(tl.arange(0, T0 * T1 * T2), T0, T1, T2)
+    return c0, c1, c2, axis_offsets(c0, c1, c2, DIL0, DIL1, DIL2, s0, s1, s2, WIDE)[:, None] + dims[None, :] * sd
+
+
+@triton.jit
+def key_sub_tile_scores(q, k_base, v_base, rpb_base, koff, voff, u0, u1, u2, c0, c1, c2, bcol, brow,
+                        box0, box1, box2, end0, end1, end2, q_ok, qs0, qs1, qs2, w0, w1, w2, d_ok,
+                        sk0, sk1, sk2, sv0, sv1, sv2, DIL0, DIL1, DIL2, scale,
+                        K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, HAS_RPB: tl.constexpr,
+                        EVEN_D: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, MASKED: tl.constexpr,
+                        TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr):
+    """Key sub-tile ``(u0, u1, u2)`` of the halo walk: K and V, the window mask and the logits ``[BQ, BK]``.
+
+    Logits are ``scale * q.k`` plus the rpb in natural units; with rpb, masked slots get the value `MASKED` from the
+    bias load. Also returns the sub-tile origin relative to the box start.
+    """
+    R1: tl.constexpr = 2 * K1 - 1
+    R2: tl.constexpr = 2 * K2 - 1
+    o0, o1, o2 = u0 * TK0, u1 * TK1, u2 * TK2
+    k_ok = (c0 < end0 - box0 - o0) & (c1 < end1 - box1 - o1) & (c2 < end2 - box2 - o2)
+    kv_mask = k_ok[:, None] if EVEN_D else k_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_base + tile_step(o0, o1, o2, DIL0, DIL1, DIL2, sk0, sk1, sk2) + koff, mask=kv_mask, other=0.0)
+    v = tl.load(v_base + tile_step(o0, o1, o2, DIL0, DIL1, DIL2, sv0, sv1, sv2) + voff, mask=kv_mask, other=0.0)
+    k = dot_operand(k, UPCAST)
+    v = dot_operand(v, UPCAST)
+    pair = pair_mask(q_ok, o0, o1, o2, c0, c1, c2, qs0, qs1, qs2, w0, w1, w2, K0, K1, K2, TK0, TK1, TK2)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    if HAS_RPB:
+        bias_ptr = rpb_base + ((o0 * R1 + o1) * R2 + o2) + (brow[:, None] + bcol[None, :])
+        s += tl.load(bias_ptr, mask=pair, other=MASKED).to(tl.float32)
+    return k, v, pair, s, o0, o1, o2
 
 
 @triton.jit
@@ -201,30 +249,19 @@ def _fwd_loop(acc, m_i, l_i, poisoned, q, k_base, v_base, rpb_base, n_trips, nk1
     R1: tl.constexpr = 2 * K1 - 1
     R2: tl.constexpr = 2 * K2 - 1
     # Loop invariants: in-sub-tile key coordinates, their K/V offsets and rpb column term.
-    c0, c1, c2 = box_coords(tl.arange(0, TK0 * TK1 * TK2), TK0, TK1, TK2)
-    koff = axis_offsets(c0, c1, c2, DIL0, DIL1, DIL2, sk0, sk1, sk2, WIDE)[:, None] + dims[None, :] * skd
-    voff = axis_offsets(c0, c1, c2, DIL0, DIL1, DIL2, sv0, sv1, sv2, WIDE)[:, None] + dims[None, :] * svd
+    c0, c1, c2, koff = sub_tile_offsets(dims, sk0, sk1, sk2, skd, DIL0, DIL1, DIL2, WIDE, TK0, TK1, TK2)
+    _c0, _c1, _c2, voff = sub_tile_offsets(dims, sv0, sv1, sv2, svd, DIL0, DIL1, DIL2, WIDE, TK0, TK1, TK2)
     bcol = (c0 * R1 + c1) * R2 + c2
     u0 = tl.full([], 0, tl.int32)
     u1 = tl.full([], 0, tl.int32)
     u2 = tl.full([], 0, tl.int32)
     for _ in range(n_trips):
-        o0, o1, o2 = u0 * TK0, u1 * TK1, u2 * TK2  # sub-tile origin relative to the halo box
-        k_ok = (c0 < end0 - box0 - o0) & (c1 < end1 - box1 - o1) & (c2 < end2 - box2 - o2)
-        kv_mask = k_ok[:, None] if EVEN_D else k_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + tile_step(o0, o1, o2, DIL0, DIL1, DIL2, sk0, sk1, sk2) + koff, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + tile_step(o0, o1, o2, DIL0, DIL1, DIL2, sv0, sv1, sv2) + voff, mask=kv_mask, other=0.0)
-        k = dot_operand(k, UPCAST)
-        v = dot_operand(v, UPCAST)
-        pair = pair_mask(q_ok, o0, o1, o2, c0, c1, c2, qs0, qs1, qs2, w0, w1, w2, K0, K1, K2, TK0, TK1, TK2)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BQ, BK], natural units
-        if HAS_RPB:
-            bias_ptr = rpb_base + ((o0 * R1 + o1) * R2 + o2) + (brow[:, None] + bcol[None, :])
-            if GUARD:
-                s += tl.load(bias_ptr, mask=pair, other=0.0).to(tl.float32)
-            else:
-                # Masked slots load -inf: the bias load doubles as the window mask.
-                s += tl.load(bias_ptr, mask=pair, other=float("-inf")).to(tl.float32)
+        # Masked slots load a -inf bias: the bias load doubles as the window mask (not in the rerun, where a NaN
+        # logit must not survive a masked slot).
+        _k, v, pair, s, _o0, _o1, _o2 = key_sub_tile_scores(
+            q, k_base, v_base, rpb_base, koff, voff, u0, u1, u2, c0, c1, c2, bcol, brow, box0, box1, box2,
+            end0, end1, end2, q_ok, qs0, qs1, qs2, w0, w1, w2, d_ok, sk0, sk1, sk2, sv0, sv1, sv2, DIL0, DIL1, DIL2,
+            scale, K0, K1, K2, HAS_RPB, EVEN_D, PRECISION, UPCAST, 0.0 if GUARD else float("-inf"), TK0, TK1, TK2)
         if GUARD:
             v_fin = tl.abs(v.to(tl.float32)) < float("inf")
             bad = tl.sum(tl.where(v_fin, 0, 1), 1) > 0
@@ -273,19 +310,16 @@ def _na_fwd_kernel(
     RH: tl.constexpr = (2 * K0 - 1) * R1 * R2
     b = tl.program_id(2).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
-    (g0, g1, g2, first0, first1, first2, r0, r1, r2, q_ok, qs0, qs1, qs2, w0, w1, w2,
+    (g0, g1, g2, first0, first1, first2, r0, r1, r2, i0, i1, i2, q_ok, qs0, qs1, qs2, w0, w1, w2,
      box0, box1, box2, end0, end1, end2, nk1, nk2, n_trips) = query_tile(
         tl.program_id(0), L0, L1, L2, DIL0, DIL1, DIL2, K0, K1, K2, S0, S1, S2, C0, C1, C2,
         TQ0, TQ1, TQ2, TK0, TK1, TK2)
-    i0, i1, i2 = first0 + r0, first1 + r1, first2 + r2
-    qs0, qs1, qs2 = qs0 - box0, qs1 - box1, qs2 - box2  # window starts relative to the halo box
 
     dims = tl.arange(0, BLOCK_D)
     d_ok = dims < HEAD_DIM
     row_mask = q_ok[:, None] if EVEN_D else q_ok[:, None] & d_ok[None, :]
-    q_off = axis_offsets(r0, r1, r2, DIL0, DIL1, DIL2, sq0, sq1, sq2, WIDE)[:, None] + dims[None, :] * sqd
-    q = tl.load(Q + tile_base(g0, g1, g2, first0, first1, first2, b, h, sqb, sq0, sq1, sq2, sqh, DIL0, DIL1, DIL2)
-                + q_off, mask=row_mask, other=0.0)
+    q = tl.load(tile_ptrs(Q, g0, g1, g2, first0, first1, first2, r0, r1, r2, b, h, sqb, sq0, sq1, sq2, sqh, sqd,
+                          dims, DIL0, DIL1, DIL2, WIDE), mask=row_mask, other=0.0)
     q = dot_operand(q, UPCAST)
     k_base = K + tile_base(g0, g1, g2, box0, box1, box2, b, h, skb, sk0, sk1, sk2, skh, DIL0, DIL1, DIL2)
     v_base = V + tile_base(g0, g1, g2, box0, box1, box2, b, h, svb, sv0, sv1, sv2, svh, DIL0, DIL1, DIL2)
@@ -315,9 +349,8 @@ def _na_fwd_kernel(
     # Every valid query attends to itself, so l_i > 0 on valid rows; invalid rows are not stored.
     l_safe = tl.where(q_ok, l_i, 1.0)
     out = acc / l_safe[:, None]
-    o_off = axis_offsets(r0, r1, r2, DIL0, DIL1, DIL2, so0, so1, so2, WIDE)[:, None] + dims[None, :] * sod
-    tl.store(O + tile_base(g0, g1, g2, first0, first1, first2, b, h, sob, so0, so1, so2, soh, DIL0, DIL1, DIL2)
-             + o_off, out.to(O.dtype.element_ty), mask=row_mask)
+    tl.store(tile_ptrs(O, g0, g1, g2, first0, first1, first2, r0, r1, r2, b, h, sob, so0, so1, so2, soh, sod, dims,
+                       DIL0, DIL1, DIL2, WIDE), out.to(O.dtype.element_ty), mask=row_mask)
     x0, x1, x2 = g0 + DIL0 * i0, g1 + DIL1 * i1, g2 + DIL2 * i2
     lse_rows = (((b * L0 + x0) * L1 + x1) * L2 + x2) * H + h
     tl.store(LSE + lse_rows, m_i + tl.log2(l_safe) * LN2, mask=q_ok)
