@@ -438,13 +438,13 @@ def test_gpu_config_tables_follow_the_dot_rules(kind):
     """Every GPU config compiles for tl.dot (contractions >= 16, power-of-two tiles, dummy axes one wide), and the
     first dQ config (the quick, off and deterministic choice) can reduce the rpb gradient with tensor-core products."""
     for rank, entries in tiling._GPU_CONFIGS[kind].items():
-        for tq, tk, warps, stages in entries:
+        for tq, tk, warps, stages, *cap in entries:
             for tile in (tq, tk):
                 assert all(t == 1 for t in tile[rank:]), (kind, rank, tile)
                 assert all(t & (t - 1) == 0 for t in tile), (kind, rank, tile)
             contraction = math.prod(tq) if kind == "dkdv" else math.prod(tk)
             assert contraction >= 16, (kind, rank, tq, tk)
-            assert warps in (1, 2, 4, 8) and stages >= 1
+            assert warps in (1, 2, 4, 8) and stages >= 1 and all(64 <= c <= 255 for c in cap)
             if kind == "dq" and rank > 1 and tiling.rpb_products_ok(tq, tk, rank):
                 assert tiling.diagonals(tq, tk, rank) >= 16
         if kind == "dq":

@@ -506,4 +506,4 @@ def na_backward(
 
 def max_tiles(geo: Geometry, n: int, mode: str) -> int:
     """The largest dQ grid (query tiles) over the search space: rows of the deterministic partial-table buffer."""
-    return max(geo.num_tiles(tq) for tq, _, _, _ in config_entries("dq", n, mode))
+    return max(geo.num_tiles(entry[0]) for entry in config_entries("dq", n, mode))

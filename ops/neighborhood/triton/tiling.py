@@ -28,7 +28,7 @@ import triton.language as tl
 from ..dispatch import interpreter_enabled as interpreting
 
 Tile = tuple[int, int, int]
-Entry = tuple[Tile, Tile, int, int]
+Entry = tuple  # (query tile, key tile, warps, stages[, register cap])
 
 ENV_AUTOTUNE = "NATZOO_NA_AUTOTUNE"
 AUTOTUNE_MODES = ("full", "quick", "off")
@@ -38,13 +38,16 @@ AUTOTUNE_MODES = ("full", "quick", "off")
 # warp owns 16 rows, so row reductions stay inside the warp): a 2x8 tile has an 8x14 halo, walked in 2x16, 8x4 or
 # 2x8 key sub-tiles (128 score slots per query, 49 useful); 2x8 sub-tiles fit DiNAT's 7x7 dilation groups. dQ
 # configs need outer and inner tile products >= 16 to reduce the rpb gradient with tensor-core products (see
-# `rpb_partial`); the others are pruned when that gradient is needed.
+# `rpb_partial`); the others are pruned when that gradient is needed. A fifth entry caps the registers per thread:
+# the rerun path for non-finite rows needs more than the main loop, and the cap keeps enough one-warp programs
+# resident (the main loop then spills a little or not at all, see docs/benchmarks.md).
 _GPU_CONFIGS: dict[str, dict[int, list[Entry]]] = {
     "fwd": {
         1: [((16, 1, 1), (32, 1, 1), 1, 1), ((16, 1, 1), (16, 1, 1), 1, 2), ((32, 1, 1), (32, 1, 1), 2, 1),
             ((64, 1, 1), (32, 1, 1), 4, 1), ((64, 1, 1), (64, 1, 1), 4, 2)],
-        2: [((2, 8, 1), (2, 16, 1), 1, 1), ((2, 8, 1), (2, 8, 1), 1, 2), ((2, 8, 1), (2, 16, 1), 2, 1),
-            ((4, 8, 1), (2, 16, 1), 1, 1), ((8, 8, 1), (2, 16, 1), 4, 1), ((4, 4, 1), (2, 8, 1), 1, 2)],
+        2: [((2, 8, 1), (2, 16, 1), 1, 1, 168), ((2, 8, 1), (2, 8, 1), 1, 2, 128), ((2, 8, 1), (2, 16, 1), 1, 1),
+            ((2, 8, 1), (2, 16, 1), 2, 1), ((4, 8, 1), (2, 16, 1), 1, 1), ((8, 8, 1), (2, 16, 1), 4, 1),
+            ((4, 4, 1), (2, 8, 1), 1, 2)],
         3: [((1, 2, 8), (1, 2, 16), 1, 1), ((1, 2, 8), (1, 2, 8), 1, 2), ((1, 4, 8), (1, 2, 16), 2, 1),
             ((2, 2, 4), (1, 4, 8), 1, 1), ((1, 8, 8), (1, 2, 16), 4, 1)],
     },
@@ -59,7 +62,7 @@ _GPU_CONFIGS: dict[str, dict[int, list[Entry]]] = {
     "dkdv": {  # (query sub-tile, key tile = the program's tile)
         1: [((32, 1, 1), (16, 1, 1), 1, 1), ((16, 1, 1), (16, 1, 1), 1, 2), ((32, 1, 1), (32, 1, 1), 2, 1),
             ((32, 1, 1), (64, 1, 1), 4, 1), ((64, 1, 1), (64, 1, 1), 4, 2)],
-        2: [((2, 8, 1), (2, 8, 1), 1, 1), ((2, 8, 1), (4, 8, 1), 2, 1), ((1, 16, 1), (4, 8, 1), 2, 1),
+        2: [((2, 8, 1), (2, 8, 1), 1, 1, 128), ((2, 8, 1), (4, 8, 1), 2, 1), ((1, 16, 1), (4, 8, 1), 2, 1),
             ((1, 16, 1), (2, 8, 1), 1, 1), ((2, 8, 1), (4, 4, 1), 1, 1), ((2, 8, 1), (8, 8, 1), 4, 1)],
         3: [((1, 2, 8), (1, 2, 8), 1, 1), ((1, 1, 16), (1, 2, 8), 1, 1), ((1, 2, 8), (1, 4, 8), 2, 1),
             ((1, 2, 16), (1, 2, 8), 1, 1)],
@@ -131,11 +134,11 @@ def diagonals(tq: Tile, tk: Tile, rank: int) -> int:
     return max(16, triton.next_power_of_2(tq[rank - 1] + tk[rank - 1] - 1))
 
 
-def _cfg(kind: str, rank: int, tq: Tile, tk: Tile, warps: int, stages: int) -> triton.Config:
+def _cfg(kind: str, rank: int, tq: Tile, tk: Tile, warps: int, stages: int, maxnreg: int | None = None) -> triton.Config:
     kw = {"TQ0": tq[0], "TQ1": tq[1], "TQ2": tq[2], "TK0": tk[0], "TK1": tk[1], "TK2": tk[2]}
     if kind == "dq":
         kw["FI"] = diagonals(tq, tk, rank)
-    return triton.Config(kw, num_warps=warps, num_stages=stages)
+    return triton.Config(kw, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
 
 @functools.cache
