@@ -192,7 +192,8 @@ def config_label(config) -> str:
     kw = config.kwargs
     tq = "x".join(str(kw[f"TQ{i}"]) for i in range(3) if f"TQ{i}" in kw)
     tk = "x".join(str(kw[f"TK{i}"]) for i in range(3) if f"TK{i}" in kw)
-    return f"q{tq} k{tk} w{config.num_warps} s{config.num_stages}"
+    cap = f" r{config.maxnreg}" if config.maxnreg else ""
+    return f"q{tq} k{tk} w{config.num_warps} s{config.num_stages}{cap}"
 
 
 def analyse(layer: str, launch: Launch, config, useful: int, cache: dict) -> Row:
@@ -247,7 +248,7 @@ def compile_key(launch: Launch, config) -> dict:
         else:
             key[name] = "1" if value == 1 else ("D" if value % 16 == 0 else "i")
     if config is not None:
-        key["__cfg"] = (config.num_warps, config.num_stages)
+        key["__cfg"] = (config.num_warps, config.num_stages, config.maxnreg)
     return key
 
 
