@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import json
+import os
 import platform
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from collections.abc import Callable
 
 import timm
 import torch
@@ -27,12 +27,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from natzoo import models  # noqa: E402, F401  (registers the NAT family with timm)
+from natzoo import models  # noqa: F401  (registers the NAT family with timm)
 
 DEFAULT_MODELS = ["nat_tiny", "dinat_tiny", "swin_tiny_patch4_window7_224", "convnext_tiny"]
 
 
-def _rss_peak_mib() -> Optional[float]:
+def _rss_peak_mib() -> float | None:
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -57,7 +57,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _measure(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> Dict[str, float]:
+def _measure(step: Callable[[], None], device: torch.device, warmup: int, iters: int) -> dict[str, float]:
     for _ in range(warmup):
         step()
     _sync(device)
@@ -76,7 +76,7 @@ def _measure(step: Callable[[], None], device: torch.device, warmup: int, iters:
         peak = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         peak = _rss_peak_mib() if reset else float("nan")
-    return dict(seconds=elapsed / iters, peak_mib=peak if peak is not None else float("nan"))
+    return {"seconds": elapsed / iters, "peak_mib": peak if peak is not None else float("nan")}
 
 
 def bench_model(
@@ -84,12 +84,12 @@ def bench_model(
     device: torch.device,
     batch: int,
     img_size: int,
-    dtype: Optional[torch.dtype],
+    dtype: torch.dtype | None,
     channels_last: bool,
     warmup: int,
     iters: int,
-    modes: List[str],
-) -> List[Dict[str, object]]:
+    modes: list[str],
+) -> list[dict[str, object]]:
     model = timm.create_model(name, num_classes=1000).to(device)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     x = torch.randn(batch, 3, img_size, img_size, device=device)
@@ -126,7 +126,7 @@ def bench_model(
     return rows
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)

@@ -9,7 +9,9 @@ Times forward and forward+backward with CUDA events (warm-up, median of repeats;
 TFLOP/s (``4 * B * heads * N * prod(k) * head_dim`` per forward; forward+backward counts 3.5x that), the
 "roofline floor" ``max(bytes / bandwidth, FLOPs / peak)`` with bandwidth and peak measured on the device in the same
 run (a large copy and a large matmul in the benchmark dtype), the fraction of that floor reached, and peak memory.
-Writes ``<out>/bench_op.json`` and ``<out>/bench_op.md``. Imports only torch/triton/ops (no Hydra).
+FlexAttention is compiled afresh for every shape (``torch._dynamo.reset()`` first, so no row silently falls back to
+eager after Dynamo's recompile limit); its rows say whether a graph was compiled. ``<out>/bench_op.json`` and
+``<out>/bench_op.md`` are rewritten after every row. Imports only torch/triton/ops (no Hydra).
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def quick_shapes() -> list[Shape]:
 
 
 def na_mask_mod(shape: Shape):
-    """FlexAttention mask_mod of the spec's neighbourhood (sections 2.2/2.3) for stride 1, from tensor ops only."""
+    """FlexAttention mask_mod of the neighbourhood (docs/ops.md) for stride 1, from tensor ops only."""
     spatial, ks, dil, causal = shape.spatial, shape.kernel_size, shape.dilation, shape.is_causal
 
     def axis_ok(x, y, length, k, d, c):
@@ -126,7 +128,8 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
-def _time(fn: Callable[[], None], device: str, warmup: int, repeats: int) -> float:
+def time_ms(fn: Callable[[], None], device: str, warmup: int, repeats: int) -> float:
+    """Median milliseconds of `fn` over `repeats` runs after `warmup` runs (CUDA events on GPU, wall clock on CPU)."""
     for _ in range(warmup):
         fn()
     samples = []
@@ -137,7 +140,7 @@ def _time(fn: Callable[[], None], device: str, warmup: int, repeats: int) -> flo
             fn()
             end.record()
             torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end))
+            samples.append(start.elapsedtime_ms(end))
         else:
             t0 = time.perf_counter()
             fn()
@@ -151,10 +154,10 @@ def device_limits(device: str, dtype: torch.dtype) -> tuple[float | None, float 
         return None, None
     src = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    ms = _time(lambda: dst.copy_(src), device, 3, 10)
+    ms = time_ms(lambda: dst.copy_(src), device, 3, 10)
     bandwidth = 2 * src.numel() / (ms * 1e-3)
     a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
-    ms = _time(lambda: a @ a, device, 3, 10)
+    ms = time_ms(lambda: a @ a, device, 3, 10)
     peak = 2 * 8192**3 / (ms * 1e-3)
     return bandwidth, peak
 
@@ -169,7 +172,7 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: str):
     return q, k, v, rpb
 
 
-def provider_fns(shape: Shape, provider: str, q, k, v, rpb):
+def provider_fns(shape: Shape, provider: str, q, k, v, rpb, compile_flex: bool = True):
     """(forward callable, forward+backward callable) for one provider, or raises to skip it."""
     n = len(shape.spatial)
     na = getattr(ops, f"na{n}d")
@@ -184,7 +187,9 @@ def provider_fns(shape: Shape, provider: str, q, k, v, rpb):
 
         tokens = shape.tokens
         block_mask = create_block_mask(na_mask_mod(shape), None, None, tokens, tokens, device=q.device)
-        flex = torch.compile(flex_attention)
+        # A fresh compile per shape: after Dynamo's recompile limit later shapes would silently run eagerly.
+        torch._dynamo.reset()
+        flex = torch.compile(flex_attention) if compile_flex else flex_attention
 
         def fwd():
             qt, kt, vt = (t.reshape(shape.batch, tokens, shape.heads, shape.head_dim).transpose(1, 2)
@@ -212,21 +217,32 @@ def provider_fns(shape: Shape, provider: str, q, k, v, rpb):
     return fwd, fwdbwd
 
 
-def bench_one(shape, provider, dtype, device, limits, warmup, repeats) -> Result:
+def compiled_graphs() -> int:
+    """Graphs Dynamo has compiled so far (to tell a compiled FlexAttention row from an eager fallback)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def bench_one(shape, provider, dtype, device, limits, warmup, repeats, compile_flex: bool = True) -> Result:
     res = Result(shape.name, provider, str(dtype).replace("torch.", ""))
     try:
         q, k, v, rpb = make_inputs(shape, dtype, device)
         if provider != "triton" and provider != "reference":
             rpb = None
             res.note = "no rpb"
-        fwd, fwdbwd = provider_fns(shape, provider, q, k, v, rpb)
+        fwd, fwdbwd = provider_fns(shape, provider, q, k, v, rpb, compile_flex)
+        graphs = compiled_graphs() if provider == "flex" else 0
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         with torch.no_grad():
-            res.fwd_ms = _time(fwd, device, warmup, repeats)
-        res.fwdbwd_ms = _time(fwdbwd, device, warmup, repeats)
+            res.fwd_ms = time_ms(fwd, device, warmup, repeats)
+        res.fwdbwd_ms = time_ms(fwdbwd, device, warmup, repeats)
+        if provider == "flex":
+            made = compiled_graphs() - graphs
+            res.note = f"compiled ({made} graphs after dynamo reset)" if made else "EAGER: no graph compiled"
         if device == "cuda":
             res.peak_mem_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
         flops = shape.flops()
@@ -313,20 +329,19 @@ def main(argv: list[str] | None = None) -> list[Result]:
         "matmul_peak_TFLOPs": None if limits[1] is None else limits[1] / 1e12,
     }
     results = []
+    os.makedirs(args.out, exist_ok=True)
     for shape in shapes:
         for provider in providers:
             r = bench_one(shape, provider, dtype, args.device, limits, warmup, repeats)
             results.append(r)
             print(f"{r.shape:40s} {r.provider:11s} fwd {_fmt(r.fwd_ms, '9.3f')} ms  fwd+bwd "
                   f"{_fmt(r.fwdbwd_ms, '9.3f')} ms  {_fmt(r.fwd_tflops, '7.2f')} TFLOP/s  {r.note}", flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_op.json"), "w") as f:
-        json.dump({"meta": meta, "results": [asdict(r) for r in results]}, f, indent=1)
-    table = markdown(results, meta)
-    with open(os.path.join(args.out, "bench_op.md"), "w") as f:
-        f.write(table)
+            with open(os.path.join(args.out, "bench_op.json"), "w") as f:
+                json.dump({"meta": meta, "results": [asdict(r) for r in results]}, f, indent=1)
+            with open(os.path.join(args.out, "bench_op.md"), "w") as f:
+                f.write(markdown(results, meta))
     print()
-    print(table)
+    print(markdown(results, meta))
     return results
 
 

@@ -1,10 +1,11 @@
 """Triton kernels against the dense float64 oracle (and the reference backend), outputs, lse and all gradients.
 
-Without a GPU the kernels run in Triton's CPU interpreter: this module sets ``TRITON_INTERPRET=1`` for its own
-duration, before the kernel package is first imported (Triton decides interpreted vs compiled when the kernels are
-decorated). With a GPU the same tests run on CUDA. Shapes are tiny and ``head_dim`` is mostly 16 to keep the
-interpreter fast; the interpreter's tiles (see ``tiling._INTERPRETER_CONFIGS``) are smaller than the maps so that
-every kernel walks several, partly filled query and key tiles.
+Without a GPU the kernels run in Triton's CPU interpreter: ``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` before
+anything imports ``triton.language`` (Triton decides interpreted vs compiled when the kernels are decorated), and the
+module fixture below checks that it took effect. With a GPU the same tests run on CUDA. Shapes are tiny and
+``head_dim`` is mostly 16 to keep the interpreter fast; the interpreter's tiles (``tiling._INTERPRETER_CONFIGS``)
+are smaller than the maps so that every kernel walks several, partly filled query and key tiles, and
+`test_other_tile_shapes` reruns a few cases with the other tile kinds (one-wide and two-dimensional sub-tiles).
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ import os
 
 import pytest
 import torch
-from oracle import case_id, dense_na
+import triton
+from natzoo.ops.neighborhood.dispatch import use_backend
+from natzoo.ops.neighborhood.triton import tiling
+from oracle import case_id, dense_mask_and_bias_index, dense_na
 
 from natzoo import ops
-from natzoo.ops.neighborhood.dispatch import use_backend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# spec 6.4: (out/lse atol=rtol, dq/dk/dv atol=rtol, d_rpb relative L2)
+# Tolerances against the float64 oracle (docs/kernels.md): (out/lse atol=rtol, dq/dk/dv atol=rtol, d_rpb relative L2)
 TOL = {
     torch.float32: (1e-5, 1e-4, 1e-5),
     torch.float16: (2e-3, 1e-2, 5e-3),
@@ -32,7 +35,7 @@ TOL = {
 
 @pytest.fixture(scope="module", autouse=True)
 def _interpreter():
-    """Turns the Triton interpreter on for this module (CPU only) and imports the kernels under it."""
+    """On CPU: makes sure the kernels run in Triton's interpreter (conftest turned it on before any import)."""
     if DEVICE == "cuda":
         importlib.import_module("natzoo.ops.neighborhood.triton")
         yield
@@ -40,7 +43,7 @@ def _interpreter():
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     forward = importlib.import_module("natzoo.ops.neighborhood.triton.forward")
-    kernel = forward._fwd_tuned[1].fn
+    kernel = forward._na_fwd_kernel
     assert type(kernel).__name__ == "InterpretedFunction", "kernels were imported before TRITON_INTERPRET was set"
     yield
     if previous is None:
@@ -126,8 +129,8 @@ def run_case(spatial, kernel_size, stride=1, dilation=1, is_causal=False, rpb=Fa
     _assert_close("lse vs reference", lse, ref2_lse.double(), tol_out)
 
 
-# (spatial, kernel_size, stride, dilation, is_causal, rpb, batch, heads): every row of the spec 6.2 case matrix that
-# concerns the window arithmetic appears at least once.
+# (spatial, kernel_size, stride, dilation, is_causal, rpb, batch, heads): every window-arithmetic situation of
+# docs/ops.md appears at least once (odd/even k, stride, dilation not dividing the length, causal, L = k, L = k * d).
 CASES = [
     ((13,), 3, 1, 1, False, True, 2, 1),  # odd k, rpb, B=2
     ((10,), 4, 4, 1, False, False, 1, 3),  # even k, s = k not dividing L, H=3
@@ -137,7 +140,7 @@ CASES = [
     ((8,), 4, 1, 2, False, True, 1, 1),  # L = k*d: full attention within each group, even k rpb
     ((5,), 5, 5, 1, True, False, 1, 1),  # L = k, s = k, causal
     ((37,), 5, 3, 2, True, False, 1, 1),  # odd length, several 16-query tiles, 1 < s < k, dilation, causal
-    ((13, 9), (4, 3), (2, 1), (2, 3), (True, False), False, 1, 1),  # spec id example, mixed causal
+    ((13, 9), (4, 3), (2, 1), (2, 3), (True, False), False, 1, 1),  # stride and dilation on both axes, mixed causal
     ((9, 11), (3, 4), 1, (2, 1), (False, True), True, 1, 1),  # even/odd k, mixed causal, rpb
     ((7, 6), (7, 2), 1, 1, True, True, 1, 1),  # L = k on axis 0, all causal, rpb
     ((10, 10), (4, 4), (4, 4), 1, False, False, 1, 1),  # s = k not dividing L
@@ -177,13 +180,13 @@ def test_head_dims(nan_empty, head_dim):
 
 
 def test_custom_scale_and_large_logits(nan_empty):
-    """Logits around +-30 (spec 6.2 extreme values) with a custom scale: the online max subtraction must hold."""
+    """Logits around +-30 with a custom scale: the online max subtraction must hold."""
     run_case((11,), 4, 1, 1, False, rpb=True, scale=0.5, q_gain=2.5)
     run_case((9,), 3, 2, 1, True, rpb=False, scale=0.0)
 
 
 def test_gradient_into_lse_only(nan_empty):
-    """Only lse feeds the loss: d_out is None in the backward, Delta = -dLSE (spec 2.7)."""
+    """Only lse feeds the loss: d_out is None in the backward, so Delta = -dLSE."""
     q, k, v = _inputs((1, 11, 2, 16), torch.float32, "contiguous")
     bias = (torch.randn(2, 5) * 0.5).to(DEVICE).requires_grad_()
     _, lse = ops.na1d(q, k, v, 3, dilation=2, rpb=bias, return_lse=True, backend="triton")
@@ -208,7 +211,7 @@ def test_expanded_output_gradient(nan_empty):
 
 
 def test_unsupported_problems_name_the_property():
-    """V19: a forced Triton backend names `backend='triton'` and the failing property."""
+    """A forced Triton backend that cannot run a problem names `backend='triton'` and the failing property."""
     q = torch.randn(1, 9, 2, 16, device=DEVICE)
     with pytest.raises(ValueError, match=r"backend='triton'.*dtype=torch.float64"):
         ops.na1d(q.double(), q.double(), q.double(), 3, backend="triton")
@@ -272,3 +275,177 @@ def test_torch_compile_fullgraph():
     for got, ref in zip(grads, eager_grads):
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     assert math.isfinite(out.sum().item())
+
+
+def test_deterministic_drpb_matches_oracle():
+    """Under deterministic algorithms (fixed config, per-program partial tables summed in order) d_rpb is exact too."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        run_case((9, 11), (3, 4), 1, (2, 1), (False, True), rpb=True, batch=2, heads=2)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@pytest.fixture
+def tile_configs(monkeypatch):
+    """Replaces the interpreter's tile configs for one test: ``tile_configs(kind=(tq, tk), ...)`` per rank."""
+
+    def use(rank, **entries):
+        for kind, (tq, tk) in entries.items():
+            table = {**tiling._INTERPRETER_CONFIGS[kind], rank: [(tq, tk, 1, 1)]}
+            monkeypatch.setitem(tiling._INTERPRETER_CONFIGS, kind, table)
+        tiling.tuned.cache_clear()
+
+    yield use
+    tiling.tuned.cache_clear()
+
+
+# The other tile kind of every kernel: two-dimensional key sub-tiles in the forward, one-wide ones in dQ (its rpb
+# reduction then runs with contractions below 16, which only the interpreter accepts) and dK/dV.
+OTHER_TILES = {
+    2: {"fwd": ((2, 4, 1), (4, 4, 1)), "dq": ((2, 8, 1), (1, 8, 1)), "dkdv": ((4, 4, 1), (4, 4, 1))},
+    3: {"fwd": ((1, 2, 8), (2, 2, 4)), "dq": ((2, 2, 4), (1, 2, 8)), "dkdv": ((2, 2, 4), (1, 2, 8))},
+}
+
+
+@pytest.mark.parametrize(
+    "spatial,kernel_size,stride,dilation,is_causal,rpb",
+    [((9, 11), (3, 4), 1, (2, 1), (False, True), True), ((13, 9), (4, 3), (2, 1), (2, 3), (True, False), False),
+     ((4, 6, 5), (2, 3, 3), 1, (2, 1, 1), (False, False, True), True)],
+    ids=["n2-rpb", "n2-stride", "n3-rpb"],
+)
+def test_other_tile_shapes(nan_empty, tile_configs, spatial, kernel_size, stride, dilation, is_causal, rpb):
+    if DEVICE == "cuda":
+        pytest.skip("interpreter tile configs")
+    tile_configs(len(spatial), **OTHER_TILES[len(spatial)])
+    run_case(spatial, kernel_size, stride, dilation, is_causal, rpb, heads=2)
+
+
+def _rows(mask: torch.Tensor) -> set[int]:
+    return set(torch.nonzero(mask).flatten().tolist())
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("where,bad", [("v", float("nan")), ("v", float("inf")), ("k", float("nan"))],
+                         ids=["v-nan", "v-inf", "k-nan"])
+def test_non_finite_key_or_value_stays_in_its_neighbourhood(where, bad):
+    """A NaN/inf in one key or value makes non-finite exactly the outputs whose window contains that key.
+
+    The set is computed independently from the oracle's window rule; every other row equals the oracle on the
+    sanitised inputs. Gradients follow the chain rule: dQ rows of those queries, dK rows (and dV rows for a bad key)
+    of every key in their windows; a bad value leaves dV finite.
+    """
+    spatial, ks, dil, causal = (7, 9), (3, 4), (2, 1), (False, True)
+    batch, heads, dim, bad_b, bad_h, bad_key = 2, 2, 16, 1, 0, (3, 4)
+    q, k, v = _inputs((batch, *spatial, heads, dim), torch.float32, "contiguous")
+    bias = (torch.randn(heads, 5, 7, device=DEVICE) * 0.5).requires_grad_()
+    clean = [t.detach().clone() for t in (q, k, v)]
+    with torch.no_grad():
+        {"k": k, "v": v}[where][(bad_b, *bad_key, bad_h, 5)] = bad
+    out, lse = ops.na2d(q, k, v, ks, dilation=dil, is_causal=causal, rpb=bias, return_lse=True, backend="triton")
+    grad_out = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, [q, k, v], grad_out)
+
+    mask, _ = dense_mask_and_bias_index(spatial, ks, 1, dil, causal)
+    j = bad_key[0] * spatial[1] + bad_key[1]
+    attending = mask[:, j]  # queries whose window holds the bad key
+    touched = mask[attending].any(0)  # keys in the window of any such query
+    expect = {"out": attending, "lse": attending if where == "k" else torch.zeros_like(attending), "dq": attending,
+              "dk": touched, "dv": touched if where == "k" else torch.zeros_like(touched)}
+    ref = [t.double().requires_grad_() for t in clean]
+    ref_out, ref_lse = dense_na(*ref, ks, 1, dil, causal, rpb=bias.detach().double())
+    ref_grads = torch.autograd.grad(ref_out, ref, grad_out.double())
+    got = {"out": out, "lse": lse[..., None], "dq": dq, "dk": dk, "dv": dv}
+    refs = {"out": ref_out, "lse": ref_lse[..., None], "dq": ref_grads[0], "dk": ref_grads[1], "dv": ref_grads[2]}
+    for name, tensor in got.items():
+        rows = tensor.flatten(1, 2)  # [B, N, H, D]
+        bad_rows = ~torch.isfinite(rows).all(-1)
+        want = torch.zeros_like(bad_rows)
+        want[bad_b, :, bad_h] = expect[name]
+        assert _rows(bad_rows[bad_b, :, bad_h]) == _rows(want[bad_b, :, bad_h]), name
+        assert not bad_rows[~want].any(), f"{name}: non-finite rows outside the bad key's neighbourhood"
+        ref_rows = refs[name].flatten(1, 2)
+        torch.testing.assert_close(rows[~want].double(), ref_rows.detach()[~want], atol=1e-4, rtol=1e-4,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+class _LaunchSpy:
+    """Records the constexpr flags of every autotuned kernel launch (kernel name -> kwargs)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        real = triton.runtime.autotuner.Autotuner.run
+
+        def run(tuner, *args, **kwargs):
+            self.calls.append((tuner.base_fn.__name__, kwargs))
+            return real(tuner, *args, **kwargs)
+
+        monkeypatch.setattr(triton.runtime.autotuner.Autotuner, "run", run)
+
+    def flags(self, kernel: str) -> list[dict]:
+        return [kw for name, kw in self.calls if name == kernel]
+
+
+@pytest.mark.parametrize("needed", [("q",), ("k", "v"), ("rpb",), ("v",)], ids="-".join)
+def test_gradients_only_where_needed(monkeypatch, needed):
+    """``needs_input_grad`` is honoured: no dQ, d_rpb or dK/dV work unless asked for, the rest still exact."""
+    spy = _LaunchSpy(monkeypatch)
+    q, k, v = (t.detach() for t in _inputs((1, 6, 7, 2, 16), torch.float32, "contiguous"))
+    bias = torch.randn(2, 5, 5, device=DEVICE) * 0.5
+    leaves = {"q": q, "k": k, "v": v, "rpb": bias}
+    for name in needed:
+        leaves[name].requires_grad_()
+    out = ops.na2d(q, k, v, 3, dilation=(2, 1), rpb=bias, backend="triton")
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [leaves[n] for n in needed], grad_out)
+    ref = {n: t.detach().double().requires_grad_(n in needed) for n, t in leaves.items()}
+    ref_out, _ = dense_na(ref["q"], ref["k"], ref["v"], 3, 1, (2, 1), rpb=ref["rpb"])
+    ref_grads = torch.autograd.grad(ref_out, [ref[n] for n in needed], grad_out.double())
+    for name, got, want in zip(needed, grads, ref_grads):
+        _assert_close(name, got, want, 1e-4)
+    (dq_flags,) = spy.flags("_na_bwd_dq_kernel")
+    assert dq_flags["COMPUTE_DQ"] == ("q" in needed)
+    assert dq_flags["COMPUTE_DRPB"] == ("rpb" in needed)
+    assert dq_flags["STORE_DELTA"] == bool({"k", "v"} & set(needed))
+    dkdv = spy.flags("_na_bwd_dkdv_kernel")
+    assert len(dkdv) == int(bool({"k", "v"} & set(needed)))
+    for flags in dkdv:
+        assert (flags["COMPUTE_DK"], flags["COMPUTE_DV"]) == ("k" in needed, "v" in needed)
+
+
+def test_autotune_modes(monkeypatch):
+    """``NATZOO_NA_AUTOTUNE`` restricts the search space; deterministic algorithms pin the first config."""
+    monkeypatch.setattr(tiling, "interpreting", lambda: False)
+    full = tiling.config_entries("fwd", 2, "full")
+    assert tiling.config_entries("fwd", 2, "quick") == full[:2]
+    assert tiling.config_entries("fwd", 2, "off") == full[:1]
+    monkeypatch.setenv(tiling.ENV_AUTOTUNE, "quick")
+    assert tiling.autotune_mode() == "quick"
+    monkeypatch.setenv(tiling.ENV_AUTOTUNE, "fastest")
+    with pytest.raises(ValueError, match="NATZOO_NA_AUTOTUNE must be one of full, quick, off, got 'fastest'"):
+        tiling.autotune_mode()
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert tiling.autotune_mode() == "off"
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.parametrize("kind", ["fwd", "dq", "dkdv"])
+def test_gpu_config_tables_follow_the_dot_rules(kind):
+    """Every GPU config compiles for tl.dot (contractions >= 16, power-of-two tiles, dummy axes one wide), and the
+    first dQ config (the quick, off and deterministic choice) can reduce the rpb gradient with tensor-core products."""
+    for rank, entries in tiling._GPU_CONFIGS[kind].items():
+        for tq, tk, warps, stages, *cap in entries:
+            for tile in (tq, tk):
+                assert all(t == 1 for t in tile[rank:]), (kind, rank, tile)
+                assert all(t & (t - 1) == 0 for t in tile), (kind, rank, tile)
+            contraction = math.prod(tq) if kind == "dkdv" else math.prod(tk)
+            assert contraction >= 16, (kind, rank, tq, tk)
+            assert warps in (1, 2, 4, 8) and stages >= 1 and all(64 <= c <= 255 for c in cap)
+            if kind == "dq" and rank > 1 and tiling.rpb_products_ok(tq, tk, rank):
+                assert tiling.diagonals(tq, tk, rank) >= 16
+        if kind == "dq":
+            assert tiling.rpb_products_ok(*entries[0][:2], rank), rank

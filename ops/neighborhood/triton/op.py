@@ -72,22 +72,26 @@ def na_bwd(
     dilation: list[int],
     is_causal: list[bool],
     scale: float,
+    needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused backward: ``dq, dk, dv`` and ``d_rpb`` (rpb's shape and dtype; an empty tensor when rpb is None)."""
+    """Fused backward: ``dq, dk, dv`` and ``d_rpb`` (rpb's shape and dtype).
+
+    `needs` says which of ``query, key, value, rpb`` need a gradient; the others (and ``d_rpb`` without rpb) come
+    back as empty tensors and cost no work.
+    """
     problem = _problem(query, kernel_size, stride, dilation, is_causal, scale)
     # Read at run time (not trace time), so a compiled graph follows the current setting.
     deterministic = torch.are_deterministic_algorithms_enabled()
-    dq, dk, dv, d_rpb = na_backward(problem, grad_out, grad_lse, query, key, value, rpb, out, lse, deterministic)
-    if d_rpb is None:
-        d_rpb = query.new_empty((0,))
-    return dq, dk, dv, d_rpb
+    grads = na_backward(problem, grad_out, grad_lse, query, key, value, rpb, out, lse, deterministic, tuple(needs))
+    return tuple(g if g is not None else query.new_empty((0,)) for g in grads)
 
 
 @na_bwd.register_fake
 def _na_bwd_fake(grad_out, grad_lse, query, key, value, rpb, out, lse, kernel_size, stride, dilation, is_causal,
-                 scale):
-    d_rpb = rpb.new_empty(rpb.shape) if rpb is not None else query.new_empty((0,))
-    return query.new_empty(query.shape), query.new_empty(query.shape), query.new_empty(query.shape), d_rpb
+                 scale, needs):
+    shapes = (query, query, query, rpb if rpb is not None else None)
+    return tuple(like.new_empty(like.shape) if need and like is not None else query.new_empty((0,))
+                 for need, like in zip(needs, shapes))
 
 
 def _setup_context(ctx, inputs, output):
@@ -101,8 +105,10 @@ def _backward(ctx, grad_out, grad_lse):
     query, key, value, rpb, out, lse = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv, d_rpb = na_bwd(grad_out, grad_lse, query, key, value, rpb, out, lse, *ctx.params)
-    return dq, dk, dv, (d_rpb if rpb is not None else None), None, None, None, None, None
+    needs = [bool(x) for x in ctx.needs_input_grad[:4]]
+    needs[3] = needs[3] and rpb is not None
+    grads = na_bwd(grad_out, grad_lse, query, key, value, rpb, out, lse, *ctx.params, needs)
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None, None, None, None)
 
 
 na_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -1,69 +1,157 @@
-"""Tile configurations and the in-kernel window arithmetic shared by the forward and backward kernels.
+"""Tile configurations, autotuning modes and the in-kernel window arithmetic shared by the kernels.
 
 Every kernel works on three spatial axes. A 1-D or 2-D problem is padded to three axes with dummy axes of length 1,
 kernel 1, stride 1, dilation 1 and no causal mask (so window ``[0, 1)`` and rpb extent 1); their strides are 0.
 
-Query tiles are boxes ``(T0, T1, T2)`` of in-group indices of one dilation group, flattened row-major into
-``T0 * T1 * T2`` rows of a Triton block. Each tile size is a power of two. On the GPU the block row counts are at
-least 16, because ``tl.dot`` needs it.
+A config is ``(query tile, key tile, warps, stages)``; each tile is a box ``(T0, T1, T2)`` of in-group indices of one
+dilation group, flattened row-major into the rows (or columns) of a Triton block. The program's own tile is the query
+tile in the forward and dQ kernels and the key tile in the dK/dV kernel; the other one is the sub-tile its loop walks
+over the halo (or inverse-neighbourhood) box. A sub-tile one wide on an axis makes that axis a scalar per loop trip,
+so its window test costs one check per row instead of one per score slot. See docs/kernels.md.
+
+Autotuning is per kernel, keyed on everything that changes the best config or the result: batch, heads, map,
+dilation, head dim, window, stride, causal flags, rpb and gradient flags, input dtypes. ``NATZOO_NA_AUTOTUNE``
+restricts the search: ``full`` (default), ``quick`` (the first two configs) or ``off`` (the first config only).
+Under ``torch.use_deterministic_algorithms(True)`` the first config is always used, so results are
+bit-reproducible across processes, not only within one.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
+import torch
 import triton
 import triton.language as tl
 
+from ..dispatch import interpreter_enabled as interpreting
+
 Tile = tuple[int, int, int]
+Entry = tuple  # (query tile, key tile, warps, stages[, register cap])
+
+ENV_AUTOTUNE = "NATZOO_NA_AUTOTUNE"
+AUTOTUNE_MODES = ("full", "quick", "off")
+
+# GPU search spaces per kernel and rank, best first by the static cost model (docs/benchmarks.md); quick mode takes
+# the first two, deterministic mode the first. Small NAT windows (k=7) want 16-row query tiles on one warp (each
+# warp owns 16 rows, so row reductions stay inside the warp): a 2x8 tile has an 8x14 halo, walked in 2x16, 8x4 or
+# 2x8 key sub-tiles (128 score slots per query, 49 useful); 2x8 sub-tiles fit DiNAT's 7x7 dilation groups. dQ
+# configs need outer and inner tile products >= 16 to reduce the rpb gradient with tensor-core products (see
+# `rpb_partial`); the others are pruned when that gradient is needed. A fifth entry caps the registers per thread:
+# the rerun path for non-finite rows needs more than the main loop, and the cap keeps enough one-warp programs
+# resident (the main loop then spills a little or not at all, see docs/benchmarks.md).
+_GPU_CONFIGS: dict[str, dict[int, list[Entry]]] = {
+    "fwd": {
+        1: [((16, 1, 1), (32, 1, 1), 1, 1), ((16, 1, 1), (16, 1, 1), 1, 2), ((32, 1, 1), (32, 1, 1), 2, 1),
+            ((64, 1, 1), (32, 1, 1), 4, 1), ((64, 1, 1), (64, 1, 1), 4, 2)],
+        2: [((2, 8, 1), (2, 16, 1), 1, 1, 168), ((2, 8, 1), (2, 8, 1), 1, 2, 128), ((8, 8, 1), (4, 8, 1), 4, 2, 128),
+            ((2, 8, 1), (2, 16, 1), 2, 1), ((4, 8, 1), (2, 16, 1), 1, 1), ((8, 8, 1), (2, 16, 1), 4, 1),
+            ((4, 4, 1), (2, 8, 1), 1, 2)],
+        3: [((1, 2, 8), (1, 2, 16), 1, 1), ((1, 2, 8), (1, 2, 8), 1, 2), ((1, 4, 8), (1, 2, 16), 2, 1),
+            ((2, 2, 4), (1, 4, 8), 1, 1), ((1, 8, 8), (1, 2, 16), 4, 1)],
+    },
+    "dq": {
+        1: [((16, 1, 1), (32, 1, 1), 1, 1), ((16, 1, 1), (16, 1, 1), 1, 2), ((32, 1, 1), (32, 1, 1), 2, 1),
+            ((64, 1, 1), (32, 1, 1), 4, 1), ((64, 1, 1), (64, 1, 1), 4, 2)],
+        2: [((2, 8, 1), (8, 4, 1), 1, 1), ((4, 8, 1), (4, 4, 1), 1, 1), ((4, 8, 1), (4, 8, 1), 1, 1),
+            ((8, 8, 1), (4, 4, 1), 4, 1), ((2, 8, 1), (8, 8, 1), 1, 1), ((2, 8, 1), (2, 16, 1), 1, 1)],
+        3: [((1, 2, 8), (1, 8, 4), 1, 1), ((1, 4, 4), (1, 4, 4), 1, 1), ((1, 2, 8), (2, 4, 4), 1, 1),
+            ((2, 2, 4), (1, 8, 4), 1, 1), ((1, 2, 8), (1, 2, 16), 1, 1)],
+    },
+    "dkdv": {  # (query sub-tile, key tile = the program's tile)
+        1: [((32, 1, 1), (16, 1, 1), 1, 1), ((16, 1, 1), (16, 1, 1), 1, 2), ((32, 1, 1), (32, 1, 1), 2, 1),
+            ((32, 1, 1), (64, 1, 1), 4, 1), ((64, 1, 1), (64, 1, 1), 4, 2)],
+        2: [((2, 8, 1), (2, 8, 1), 1, 1, 128), ((2, 8, 1), (4, 8, 1), 2, 1), ((1, 16, 1), (4, 8, 1), 2, 1),
+            ((1, 16, 1), (2, 8, 1), 1, 1), ((2, 8, 1), (4, 4, 1), 1, 1), ((2, 8, 1), (8, 8, 1), 4, 1)],
+        3: [((1, 2, 8), (1, 2, 8), 1, 1), ((1, 1, 16), (1, 2, 8), 1, 1), ((1, 2, 8), (1, 4, 8), 2, 1),
+            ((1, 2, 16), (1, 2, 8), 1, 1)],
+    },
+}
+
+# Interpreter: one small config per kernel (no autotuning on CPU), smaller than the test maps so that every kernel
+# walks several, partly filled tiles and sub-tiles; the forward and dK/dV configs use one-wide sub-tiles (scalar
+# axis), the dQ config two-dimensional ones that satisfy the rpb-gradient product rule.
+_INTERPRETER_CONFIGS: dict[str, dict[int, list[Entry]]] = {
+    "fwd": {1: [((16, 1, 1), (16, 1, 1), 1, 1)], 2: [((4, 4, 1), (1, 8, 1), 1, 1)],
+            3: [((2, 2, 4), (1, 2, 8), 1, 1)]},
+    "dq": {1: [((16, 1, 1), (16, 1, 1), 1, 1)], 2: [((4, 4, 1), (4, 4, 1), 1, 1)],
+           3: [((1, 2, 8), (2, 4, 4), 1, 1)]},
+    "dkdv": {1: [((16, 1, 1), (16, 1, 1), 1, 1)], 2: [((1, 8, 1), (4, 4, 1), 1, 1)],
+             3: [((1, 2, 8), (2, 2, 4), 1, 1)]},
+}
+
+# Autotuning key: everything that changes the best config (and so, through the accumulation order, the result bits).
+AUTOTUNE_KEY = ["B", "H", "L0", "L1", "L2", "DIL0", "DIL1", "DIL2", "HEAD_DIM", "K0", "K1", "K2", "S0", "S1", "S2",
+                "C0", "C1", "C2", "HAS_RPB", "COMPUTE_DQ", "COMPUTE_DRPB", "COMPUTE_DK", "COMPUTE_DV", "HAS_DLSE",
+                "DETERMINISTIC", "PRECISION"]
 
 
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1`` when triton was imported)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+def autotune_mode() -> str:
+    """The autotuning mode: ``off`` under deterministic algorithms, else ``$NATZOO_NA_AUTOTUNE`` (default full)."""
+    if torch.are_deterministic_algorithms_enabled():
+        return "off"
+    mode = os.environ.get(ENV_AUTOTUNE, "").strip().lower() or "full"
+    if mode not in AUTOTUNE_MODES:
+        raise ValueError(f"{ENV_AUTOTUNE} must be one of {', '.join(AUTOTUNE_MODES)}, got {mode!r}")
+    return mode
 
 
-def _cfg(tq: Tile, tk: Tile, warps: int, stages: int) -> triton.Config:
+def config_entries(kind: str, rank: int, mode: str) -> list[Entry]:
+    """The search space of kernel `kind` (``fwd``, ``dq``, ``dkdv``) for `rank` spatial axes in autotuning `mode`."""
+    if interpreting():
+        return _INTERPRETER_CONFIGS[kind][rank][:1]
+    table = _GPU_CONFIGS[kind][rank]
+    return table[:1] if mode == "off" else table[:2] if mode == "quick" else table
+
+
+def rpb_products_ok(tq: Tile, tk: Tile, rank: int) -> bool:
+    """Whether a dQ config can reduce the rpb gradient with tensor-core products (both contractions >= 16)."""
+    if rank == 1:
+        return True
+    outer = tq[0] * tk[0] * (tq[1] * tk[1] if rank == 3 else 1)
+    inner = tq[rank - 1] * tk[rank - 1]
+    return outer >= 16 and inner >= 16
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    if not kwargs.get("COMPUTE_DRPB", False):
+        return configs
+    rank = 3 if kwargs["K2"] > 1 else 2 if kwargs["K1"] > 1 else 1
+    kept = [c for c in configs if rpb_products_ok(*_tiles(c), rank)]
+    return kept or configs[:1]
+
+
+def _tiles(config: triton.Config) -> tuple[Tile, Tile]:
+    kw = config.kwargs
+    return (kw["TQ0"], kw["TQ1"], kw["TQ2"]), (kw["TK0"], kw["TK1"], kw["TK2"])
+
+
+def diagonals(tq: Tile, tk: Tile, rank: int) -> int:
+    """Width of the inner-diagonal block of `rpb_partial` (`rpb_partial_1d` for rank 1) for a dQ config."""
+    if rank == 1:
+        return triton.next_power_of_2(tq[0] + tk[0] - 1)
+    return max(16, triton.next_power_of_2(tq[rank - 1] + tk[rank - 1] - 1))
+
+
+def _cfg(kind: str, rank: int, tq: Tile, tk: Tile, warps: int, stages: int, maxnreg: int | None = None) -> triton.Config:
     kw = {"TQ0": tq[0], "TQ1": tq[1], "TQ2": tq[2], "TK0": tk[0], "TK1": tk[1], "TK2": tk[2]}
-    return triton.Config(kw, num_warps=warps, num_stages=stages)
+    if kind == "dq":
+        kw["FI"] = diagonals(tq, tk, rank)
+    return triton.Config(kw, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
 
-# GPU search spaces per rank: (query tile, key tile, warps, stages). Small NAT windows (k=7) favour small query
-# tiles (spec 5.2: tile efficiency), large head dims favour fewer rows per block.
-_GPU_CONFIGS: dict[int, list[tuple[Tile, Tile, int, int]]] = {
-    1: [((64, 1, 1), (64, 1, 1), 4, 2), ((128, 1, 1), (64, 1, 1), 8, 2), ((64, 1, 1), (32, 1, 1), 4, 3),
-        ((32, 1, 1), (32, 1, 1), 4, 2)],
-    2: [((8, 8, 1), (8, 8, 1), 4, 2), ((8, 8, 1), (4, 8, 1), 4, 2), ((4, 8, 1), (8, 8, 1), 4, 2),
-        ((16, 8, 1), (8, 8, 1), 8, 2), ((4, 4, 1), (4, 8, 1), 4, 2)],
-    3: [((4, 4, 4), (4, 4, 4), 4, 2), ((2, 4, 8), (2, 4, 8), 4, 2), ((2, 8, 8), (2, 4, 8), 8, 2),
-        ((2, 4, 4), (2, 4, 4), 4, 2)],
-}
-
-# Interpreter: one small config (no autotuning on CPU); tiles smaller than the test maps so that every kernel walks
-# several query and key tiles, partial tiles included.
-_INTERPRETER_CONFIGS: dict[int, list[tuple[Tile, Tile, int, int]]] = {
-    1: [((16, 1, 1), (16, 1, 1), 1, 1)],
-    2: [((4, 8, 1), (4, 8, 1), 1, 1)],
-    3: [((2, 4, 4), (2, 4, 4), 1, 1)],
-}
-
-
-def configs(rank: int) -> list[triton.Config]:
-    """The autotuning search space for a problem of `rank` spatial axes."""
-    table = _INTERPRETER_CONFIGS if interpreting() else _GPU_CONFIGS
-    return [_cfg(*entry) for entry in table[rank]]
-
-
-# Autotuning keys: everything that changes the best tile (map shape, dilation, head dim, window).
-AUTOTUNE_KEY = ["L0", "L1", "L2", "DIL0", "DIL1", "DIL2", "BLOCK_D", "K0", "K1", "K2", "S0", "S1", "S2"]
-
-# Flat query block of the d_rpb kernel (not autotuned: its atomic adds must run exactly once).
-DRPB_BLOCK_Q = 64 if interpreting() else 32
+@functools.cache
+def tuned(kernel, kind: str, rank: int, mode: str, reset: tuple[str, ...] = ()):
+    """`kernel` wrapped in a ``triton.autotune`` over the configs of (`kind`, `rank`, `mode`); built once per mode."""
+    entries = config_entries(kind, rank, mode)
+    return triton.autotune(configs=[_cfg(kind, rank, *e) for e in entries], key=AUTOTUNE_KEY, reset_to_zero=list(reset) or None,
+                           prune_configs_by={"early_config_prune": _prune})(kernel)
 
 
 @triton.jit
 def window(i, group_len, K: tl.constexpr, S: tl.constexpr, CAUSAL: tl.constexpr):
-    """In-group key range ``[start, end)`` of in-group query `i` (spec 2.2); `i` may be a scalar or a block."""
+    """In-group key range ``[start, end)`` of in-group query `i` (docs/ops.md); `i` may be a scalar or a block."""
     if CAUSAL:
         leader = tl.minimum((i // S) * S + S - 1, group_len - 1)
         start = tl.maximum(leader - K + 1, 0)
@@ -77,7 +165,7 @@ def window(i, group_len, K: tl.constexpr, S: tl.constexpr, CAUSAL: tl.constexpr)
 
 @triton.jit
 def inverse_window(j, group_len, K: tl.constexpr, S: tl.constexpr, CAUSAL: tl.constexpr):
-    """In-group query range ``[qs, qe)`` attending to in-group key `j` (spec 2.6).
+    """In-group query range ``[qs, qe)`` attending to in-group key `j` (same formulas as ``indexing.inverse_window``).
 
     Triton's integer division truncates towards zero; the branches that could see a negative numerator are the
     ones ``tl.where`` discards, so the kept values always use floor division of non-negative numbers.
@@ -117,27 +205,38 @@ def tile_origin(pid, L0, L1, L2, DIL0, DIL1, DIL2, T0, T1, T2):
 
 
 @triton.jit
-def row_offsets(b, h, x0, x1, x2, sb, s0, s1, s2, sh):
-    """int64 element offsets of tokens ``(b, x0, x1, x2, h)`` in a strided ``[B, L0, L1, L2, H, *]`` tensor.
-
-    `b` and `h` are int64 scalars; the coordinates are int32 blocks, widened before multiplying by the strides so
-    that tensors over 2**31 elements address correctly.
-    """
-    return b * sb + h * sh + x0.to(tl.int64) * s0 + x1.to(tl.int64) * s1 + x2.to(tl.int64) * s2
+def box_coords(idx, T0: tl.constexpr, T1: tl.constexpr, T2: tl.constexpr):
+    """Row-major coordinates of the flat indices `idx` inside a box ``(T0, T1, T2)`` (0 on one-wide axes)."""
+    return (idx // (T1 * T2)) % T0, (idx // T2) % T1, idx % T2
 
 
 @triton.jit
-def bias_block(RPB, h, i0, i1, i2, j0, j1, j2, mask, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr):
-    """rpb[h, r0, r1, r2] for every (query row, key column) pair, in float32, 0 where `mask` is false.
+def advance(u0, u1, u2, n1, n2):
+    """The next sub-tile counter of a row-major walk over ``(_, n1, n2)`` sub-tiles (no division in the loop)."""
+    u2 += 1
+    wrap = u2 >= n2
+    u2 = tl.where(wrap, 0, u2)
+    u1 = tl.where(wrap, u1 + 1, u1)
+    wrap = u1 >= n1
+    u1 = tl.where(wrap, 0, u1)
+    u0 = tl.where(wrap, u0 + 1, u0)
+    return u0, u1, u2
 
-    `i*` are ``[BQ, 1]`` and `j*` ``[1, BK]`` in-group indices (or the transposed arrangement); rpb is a
-    contiguous ``[H, 2K0-1, 2K1-1, 2K2-1]`` table and ``r_a = (K_a - 1) + j_a - i_a`` (spec 3.2).
-    """
-    R1: tl.constexpr = 2 * K1 - 1
-    R2: tl.constexpr = 2 * K2 - 1
-    RH: tl.constexpr = (2 * K0 - 1) * R1 * R2
-    idx = ((K0 - 1 + j0 - i0) * R1 + (K1 - 1 + j1 - i1)) * R2 + (K2 - 1 + j2 - i2)
-    return tl.load(RPB + h * RH + idx, mask=mask, other=0.0).to(tl.float32)
+
+@triton.jit
+def axis_offsets(c0, c1, c2, DIL0, DIL1, DIL2, s0, s1, s2, WIDE: tl.constexpr):
+    """Element offsets ``sum_a c_a * DIL_a * s_a`` of in-tile coordinates; int64 when `WIDE` (tensors >= 2**31)."""
+    if WIDE:
+        out = (c0 * DIL0).to(tl.int64) * s0 + (c1 * DIL1).to(tl.int64) * s1 + (c2 * DIL2).to(tl.int64) * s2
+    else:
+        out = c0 * DIL0 * s0 + c1 * DIL1 * s1 + c2 * DIL2 * s2
+    return out
+
+
+@triton.jit
+def inwin(j, qs, w):
+    """``qs <= j < qs + w`` as one unsigned comparison (``w == 0`` makes it false)."""
+    return (j - qs).to(tl.uint32) < w.to(tl.uint32)
 
 
 @triton.jit
@@ -146,3 +245,88 @@ def dot_operand(x, UPCAST: tl.constexpr):
     if UPCAST:
         x = x.to(tl.float32)
     return x
+
+
+@triton.jit
+def finite_rows(x):
+    """Per row of a 2-D float32 block: True when every element is finite (a row sum that stays finite)."""
+    total = tl.sum(x, 1)
+    return tl.abs(total) < float("inf")
+
+
+@triton.jit
+def rpb_partial(ds, off0, off1, off2,
+                TQ0: tl.constexpr, TQ1: tl.constexpr, TQ2: tl.constexpr,
+                TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
+                RANK: tl.constexpr, R0P: tl.constexpr, R1P: tl.constexpr, R2P: tl.constexpr, FI: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """Sums ``ds [BQ, BK]`` of one (query tile, key sub-tile) pair into rpb bins, for 2-D and 3-D problems.
+
+    Pair (query row q, key column c) has bin ``r_a = off_a + c_a - q_a`` on every axis, ``off_a`` being
+    ``K_a - 1 +`` (sub-tile origin - tile origin). The last axis is reduced first: ``ds`` is rearranged so that its
+    rows are (outer query, outer key) pairs and its columns (inner query, inner key) pairs, and a product with a
+    one-hot ``[inner pairs, inner diagonal]`` matrix sums every inner diagonal. Two more one-hot products place
+    the outer pairs and shift the inner diagonals onto their bins. Pairs outside the window have ``ds == 0``.
+
+    Returns:
+        ``[RO, RI]`` float32 partial sums, rows the outer bins (``R0P`` or ``R0P * R1P``), columns the last axis.
+        ``FI`` (>= 16, a power of two) is the number of inner diagonals, see `diagonals`.
+    """
+    if RANK == 3:
+        TQO: tl.constexpr = TQ0 * TQ1
+        TKO: tl.constexpr = TK0 * TK1
+        TQI: tl.constexpr = TQ2
+        TKI: tl.constexpr = TK2
+        RO: tl.constexpr = R0P * R1P
+        RI: tl.constexpr = R2P
+    else:
+        TQO: tl.constexpr = TQ0
+        TKO: tl.constexpr = TK0
+        TQI: tl.constexpr = TQ1
+        TKI: tl.constexpr = TK1
+        RO: tl.constexpr = R0P
+        RI: tl.constexpr = R1P
+    # [(qo, qi), (ko, ki)] -> [(qo, ko), (qi, ki)]
+    a = tl.reshape(tl.permute(tl.reshape(ds, (TQO, TQI, TKO, TKI)), (0, 2, 1, 3)), (TQO * TKO, TQI * TKI))
+    # Inner diagonals: f = ki - qi + TQI - 1.
+    pi = tl.arange(0, TQI * TKI)
+    f = tl.arange(0, FI)
+    diag = tl.where((pi % TKI - pi // TKI + TQI - 1)[:, None] == f[None, :], 1.0, 0.0)
+    inner = tl.dot(a, diag, input_precision=PRECISION)  # [TQO * TKO, FI]
+    # Outer placement: row r_o of the result collects the pairs (qo, ko) with r_a = off_a + k_a - q_a on outer axes.
+    po = tl.arange(0, TQO * TKO)
+    qo, ko = po // TKO, po % TKO
+    ro = tl.arange(0, RO)
+    if RANK == 3:
+        hit = ((ro // R1P)[:, None] == (off0 + ko // TK1 - qo // TQ1)[None, :]) & \
+              ((ro % R1P)[:, None] == (off1 + ko % TK1 - qo % TQ1)[None, :])
+    else:
+        hit = ro[:, None] == (off0 + ko - qo)[None, :]
+    outer = tl.dot(tl.where(hit, 1.0, 0.0), inner, input_precision=PRECISION)  # [RO, FI]
+    # Inner shift: diagonal f lands on bin off_inner + f - (TQI - 1).
+    if RANK == 3:
+        off_i = off2
+    else:
+        off_i = off1
+    ri = tl.arange(0, RI)
+    shift = tl.where((off_i + f - (TQI - 1))[:, None] == ri[None, :], 1.0, 0.0)
+    return tl.dot(outer, shift, input_precision=PRECISION)
+
+
+@triton.jit
+def rpb_partial_1d(ds, off, BQ: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, TP: tl.constexpr):
+    """1-D variant of `rpb_partial`: ``[RP]`` sums of ``ds [BQ, BK]`` over bins ``off + c - q``.
+
+    Each diagonal ``t = c - q + BQ - 1`` (``TP`` of them, a power of two) is gathered into one column
+    (``tl.gather``) and summed over rows; the diagonals are then gathered onto their bins.
+    """
+    q = tl.arange(0, BQ)
+    t = tl.arange(0, TP)
+    col = t[None, :] + q[:, None] - (BQ - 1)  # [BQ, TP]
+    valid = (col >= 0) & (col < BK)
+    skew = tl.where(valid, tl.gather(ds, tl.minimum(tl.maximum(col, 0), BK - 1), 1), 0.0)
+    diag = tl.sum(skew, 0)  # [TP]
+    r = tl.arange(0, RP)
+    src = r - off + BQ - 1
+    ok = (src >= 0) & (src < TP)
+    return tl.where(ok, tl.gather(diag, tl.minimum(tl.maximum(src, 0), TP - 1), 0), 0.0)
