@@ -1,4 +1,4 @@
-"""Helpers shared by the model, checkpoint and detection-backbone tests (conftest puts tests/ on sys.path).
+"""Helpers shared by several test files (conftest puts tests/ on sys.path).
 
 Import the fixture into a test module to apply it there: ``from helpers import one_thread  # noqa: F401``.
 """
@@ -6,6 +6,8 @@ Import the fixture into a test module to apply it there: ``from helpers import o
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,3 +77,18 @@ def randomized(model: torch.nn.Module) -> torch.nn.Module:
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.1)
     return model.eval()
+
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+
+def fenced_blocks(languages: str) -> Iterator[tuple[Path, int, str, str]]:
+    """``(file, first code line, code, the line before the fence)`` of every block of README.md and docs/*.md whose
+    fence names one of `languages` (a regex alternation such as ``"python"`` or ``"bash|sh"``)."""
+    fence = re.compile(rf"^```(?:{languages})[^\n]*\n(.*?)^```", re.S | re.M)
+    for path in DOCS:
+        text = path.read_text()
+        for match in fence.finditer(text):
+            before = text[: match.start()].rstrip("\n").rsplit("\n", 1)[-1]
+            yield path, text.count("\n", 0, match.start()) + 2, match.group(1), before

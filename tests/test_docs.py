@@ -13,23 +13,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO, fenced_blocks
 
-REPO = Path(__file__).resolve().parents[1]
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-FENCE = re.compile(r"^```python[^\n]*\n(.*?)^```", re.S | re.M)
 SKIP = re.compile(r"<!--\s*skip:\s*(.*?)\s*-->\s*$")
 
 
 def python_blocks() -> list:
     params = []
-    for path in DOCS:
-        text = path.read_text()
-        for match in FENCE.finditer(text):
-            line = text.count("\n", 0, match.start()) + 1
-            before = text[: match.start()].rstrip("\n").rsplit("\n", 1)[-1]
-            skip = SKIP.search(before)
-            marks = [pytest.mark.skip(reason=f"{path.name}:{line}: {skip.group(1)}")] if skip else []
-            params.append(pytest.param(match.group(1), id=f"{path.relative_to(REPO)}:{line}", marks=marks))
+    for path, line, code, before in fenced_blocks("python"):
+        skip = SKIP.search(before)
+        marks = [pytest.mark.skip(reason=f"{path.name}:{line}: {skip.group(1)}")] if skip else []
+        params.append(pytest.param(code, id=f"{path.relative_to(REPO)}:{line}", marks=marks))
     return params
 
 

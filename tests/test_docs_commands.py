@@ -12,34 +12,27 @@ import shlex
 from pathlib import Path
 
 import pytest
+from helpers import REPO, fenced_blocks
 
 from natzoo.config import COMMON_RULES, check_config
 from natzoo.tasks import get_task
 from natzoo.testing import compose_config
 
-REPO = Path(__file__).resolve().parents[1]
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-FENCE = re.compile(r"^```(?:bash|sh|shell)[^\n]*\n(.*?)^```", re.S | re.M)
 ENTRY = re.compile(r"(?:^|\s)(train|eval)\.py(?:\s|$)")
 
 
 def documented_commands() -> list:
     params = []
-    for path in DOCS:
-        text = path.read_text()
-        for block in FENCE.finditer(text):
-            start = text.count("\n", 0, block.start()) + 2
-            lines = block.group(1).replace("\\\n", " ").split("\n")
-            for offset, line in enumerate(lines):
-                command = line.split("#", 1)[0].strip()
-                match = ENTRY.search(command)
-                if match is None or "pip install" in command:
-                    continue
-                words = shlex.split(command.replace("<", "PLACEHOLDER_").replace(">", ""))
-                entry = words.index(f"{match.group(1)}.py")
-                overrides = [w for w in words[entry + 1:] if "=" in w and not w.startswith("-")]
-                ident = f"{path.relative_to(REPO)}:{start + offset}"
-                params.append(pytest.param(match.group(1), overrides, id=ident))
+    for path, start, code, _ in fenced_blocks("bash|sh|shell"):
+        for offset, line in enumerate(code.replace("\\\n", " ").split("\n")):
+            command = line.split("#", 1)[0].strip()
+            match = ENTRY.search(command)
+            if match is None or "pip install" in command:
+                continue
+            words = shlex.split(command.replace("<", "PLACEHOLDER_").replace(">", ""))
+            entry = words.index(f"{match.group(1)}.py")
+            overrides = [w for w in words[entry + 1:] if "=" in w and not w.startswith("-")]
+            params.append(pytest.param(match.group(1), overrides, id=f"{path.relative_to(REPO)}:{start + offset}"))
     return params
 
 
