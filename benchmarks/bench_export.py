@@ -108,7 +108,8 @@ def main() -> None:
     print(f"Command: python benchmarks/bench_export.py {' '.join(sys.argv[1:])}".rstrip())
     print(f"Median of {args.iters} iterations (eager and onnxruntime alternating) after {args.warmup} warm-up, "
           "float32, random weights.\n")
-    print("| model | input | batch | PyTorch eager ms | PyTorch img/s | onnxruntime ms | onnxruntime img/s | speed-up | "
+    print("| model | input | batch | PyTorch eager ms | PyTorch img/s | onnxruntime ms | onnxruntime img/s | "
+          "speed-up | "
           "max abs diff |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -256,7 +256,8 @@ def test_synthetic_coco_never_touches_a_folder_it_cannot_prove_it_wrote(tmp_path
     target = _target(tmp_path)
     make(target)
     before = _snapshot(target)
-    with pytest.raises(ValueError, match=f"{re.escape(str(target))} exists but is not a complete shapes dataset natzoo generated"):
+    message = f"{re.escape(str(target))} exists but is not a complete shapes dataset natzoo generated"
+    with pytest.raises(ValueError, match=message):
         make_synthetic_coco(SPEC, tmp_path)
     assert _snapshot(target) == before
     assert _scratch(tmp_path) == []

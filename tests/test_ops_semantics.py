@@ -107,7 +107,7 @@ def test_inverse_formulas_exhaustive():
 
 
 def test_window_properties_brute_force():
-    """Documented properties: self in window, monotone starts/ends, rpb index in [0, 2k-2], exactly k keys when non-causal."""
+    """Documented properties: self in window, monotone starts/ends, rpb index in [0, 2k-2], k keys when non-causal."""
     for length in range(2, 26):
         for k in range(2, length + 1):
             for d in range(1, length // k + 1):

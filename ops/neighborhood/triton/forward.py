@@ -232,8 +232,8 @@ def key_sub_tile_scores(q, k_base, v_base, rpb_base, koff, voff, u0, u1, u2, c0,
 
 
 @triton.jit
-def _fwd_loop(acc, m_i, l_i, poisoned, q, k_base, v_base, rpb_base, n_trips, nk1, nk2, box0, box1, box2, end0, end1, end2,
-              q_ok, qs0, qs1, qs2, w0, w1, w2, brow, dims, d_ok, sk0, sk1, sk2, skd, sv0, sv1, sv2, svd,
+def _fwd_loop(acc, m_i, l_i, poisoned, q, k_base, v_base, rpb_base, n_trips, nk1, nk2, box0, box1, box2, end0, end1,
+              end2, q_ok, qs0, qs1, qs2, w0, w1, w2, brow, dims, d_ok, sk0, sk1, sk2, skd, sv0, sv1, sv2, svd,
               DIL0, DIL1, DIL2, scale,
               K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
               HAS_RPB: tl.constexpr, EVEN_D: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr,

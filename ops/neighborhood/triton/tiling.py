@@ -134,7 +134,9 @@ def diagonals(tq: Tile, tk: Tile, rank: int) -> int:
     return max(16, triton.next_power_of_2(tq[rank - 1] + tk[rank - 1] - 1))
 
 
-def _cfg(kind: str, rank: int, tq: Tile, tk: Tile, warps: int, stages: int, maxnreg: int | None = None) -> triton.Config:
+def _cfg(
+    kind: str, rank: int, tq: Tile, tk: Tile, warps: int, stages: int, maxnreg: int | None = None
+) -> triton.Config:
     kw = {"TQ0": tq[0], "TQ1": tq[1], "TQ2": tq[2], "TK0": tk[0], "TK1": tk[1], "TK2": tk[2]}
     if kind == "dq":
         kw["FI"] = diagonals(tq, tk, rank)
@@ -145,7 +147,8 @@ def _cfg(kind: str, rank: int, tq: Tile, tk: Tile, warps: int, stages: int, maxn
 def tuned(kernel, kind: str, rank: int, mode: str, reset: tuple[str, ...] = ()):
     """`kernel` wrapped in a ``triton.autotune`` over the configs of (`kind`, `rank`, `mode`); built once per mode."""
     entries = config_entries(kind, rank, mode)
-    return triton.autotune(configs=[_cfg(kind, rank, *e) for e in entries], key=AUTOTUNE_KEY, reset_to_zero=list(reset) or None,
+    return triton.autotune(configs=[_cfg(kind, rank, *e) for e in entries], key=AUTOTUNE_KEY,
+                           reset_to_zero=list(reset) or None,
                            prune_configs_by={"early_config_prune": _prune})(kernel)
 
 
