@@ -20,8 +20,8 @@ import pytest
 from natzoo import train
 from natzoo.classification.module import ClassificationModule
 from natzoo.datasets import demo, ensure_demo_dataset, generate_demo_dataset
-from natzoo.detection import synthetic
-from natzoo.detection.synthetic import SyntheticCocoSpec, make_synthetic_coco
+from natzoo.datasets import coco_shapes
+from natzoo.datasets.coco_shapes import SyntheticCocoSpec, make_synthetic_coco
 from natzoo.ownership import scratch_prefix
 from natzoo.testing import compose_config, tiny_overrides
 
@@ -264,17 +264,17 @@ def test_synthetic_coco_never_touches_a_folder_it_cannot_prove_it_wrote(tmp_path
 
 
 def test_synthetic_coco_generation_says_what_it_creates_and_where(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="natzoo.detection.synthetic"):
+    with caplog.at_level(logging.INFO, logger="natzoo.datasets.coco_shapes"):
         make_synthetic_coco(SPEC, tmp_path / "cache")
         make_synthetic_coco(SPEC, tmp_path / "cache")
-    lines = [r.getMessage() for r in caplog.records if r.name == "natzoo.detection.synthetic"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "natzoo.datasets.coco_shapes"]
     assert len(lines) == 1, lines
     assert f"(4 training + 2 validation images of 32 px, COCO format) in {_target(tmp_path / 'cache')}" in lines[0]
 
 
 def test_killed_synthetic_coco_generation_is_cleaned_up_by_the_next_run(tmp_path):
     def run() -> None:
-        synthetic._generate_split = _kill_after(2, synthetic._generate_split)  # killed before the val split
+        coco_shapes._generate_split = _kill_after(2, coco_shapes._generate_split)  # killed before the val split
         make_synthetic_coco(SPEC, tmp_path)
 
     _killed_child(run)

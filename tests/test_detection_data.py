@@ -9,8 +9,8 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from natzoo.detection.data import CocoDataModule, CocoDetectionDataset, detection_collate, load_coco_annotations
-from natzoo.detection.synthetic import SHAPE_CATEGORIES, SyntheticCocoSpec, make_synthetic_coco
+from natzoo.datasets.coco import CocoDataModule, CocoDetectionDataset, detection_collate, load_coco_annotations
+from natzoo.datasets.coco_shapes import SHAPE_CATEGORIES, SyntheticCocoSpec, make_synthetic_coco
 
 SPEC = SyntheticCocoSpec(num_train=6, num_val=3, image_size=48, min_shape_size=10, max_shape_size=20, seed=3)
 
@@ -52,7 +52,7 @@ def test_generated_annotations_are_consistent(shapes_root):
 def test_dataset_targets_and_collate(shapes_root):
     ds = CocoDetectionDataset(shapes_root / "val", shapes_root / "annotations" / "instances_val.json",
                               with_masks=True)
-    from natzoo.detection.data import val_transforms
+    from natzoo.datasets.coco import val_transforms
 
     ds.transforms = val_transforms()
     image, target = ds[0]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from natzoo.config import plain
-from natzoo.detection.data import CocoDataModule
+from natzoo.datasets.coco import CocoDataModule
 from natzoo.detection.module import DetectionModule
 from natzoo.optim import param_groups, warmup_step_factor
 from natzoo.testing import compose_config

@@ -18,7 +18,7 @@ from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from natzoo.detection.synthetic import SyntheticCocoSpec, make_synthetic_coco
+from natzoo.datasets.coco_shapes import SyntheticCocoSpec, make_synthetic_coco
 
 __all__ = [
     "CocoDataModule",
@@ -240,7 +240,7 @@ def detection_collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torc
 class CocoDataModule(pl.LightningDataModule):
     """Lightning data module for COCO-format detection datasets, or the generated shapes demo.
 
-    With ``synthetic`` set, the shapes dataset (:mod:`natzoo.detection.synthetic`) is generated in
+    With ``synthetic`` set, the shapes dataset (:mod:`natzoo.datasets.coco_shapes`) is generated in
     ``prepare_data`` (cached under ``cache_dir``) and the four paths are taken from it.
 
     Args:

@@ -30,7 +30,7 @@ __all__ = ["SHAPE_CATEGORIES", "SyntheticCocoSpec", "default_cache_dir", "make_s
 SHAPE_CATEGORIES: tuple[str, ...] = ("rectangle", "ellipse", "triangle")
 
 _DONE_FILE = "generation.json"
-_GENERATOR = "natzoo.detection.synthetic"
+_GENERATOR = "natzoo.detection.synthetic"  # the name it had when it wrote the first caches; kept so they are reused
 # Every path the generator writes, relative to the dataset folder (folders with a trailing "/").
 _WRITES = re.compile(
     rf"(?:train|val)/(?:\d{{6,}}\.png)?|annotations/(?:instances_(?:train|val)\.json)?|{re.escape(_DONE_FILE)}"

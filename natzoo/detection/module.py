@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -37,7 +36,6 @@ class DetectionModule(pl.LightningModule):
         sched: Schedule settings (``configs/sched``); needed for training only.
         with_masks: Also evaluate mask mAP; None means "if the detector is a Mask R-CNN".
         mask_threshold: Probability threshold turning predicted mask logits into binary masks.
-        category_ids: COCO category id of each contiguous label ``1..K`` (for result files); optional.
     """
 
     def __init__(
@@ -47,7 +45,6 @@ class DetectionModule(pl.LightningModule):
         sched: dict[str, Any] | None = None,
         with_masks: bool | None = None,
         mask_threshold: float = 0.5,
-        category_ids: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         check_settings({"with_masks": with_masks, "mask_threshold": mask_threshold}, _ARGUMENT_RULES,

@@ -11,9 +11,9 @@ from omegaconf import DictConfig
 
 from natzoo.config import DETECTION_RULES, plain
 from natzoo.detection.backbone import NATBackbone, load_backbone_checkpoint, model_family
-from natzoo.detection.data import CocoDataModule
+from natzoo.datasets.coco import CocoDataModule
 from natzoo.detection.module import DetectionModule
-from natzoo.detection.synthetic import SyntheticCocoSpec
+from natzoo.datasets.coco_shapes import SyntheticCocoSpec
 from natzoo.models import load_weights
 from natzoo.checkpoints import network_weights
 from natzoo.tasks import Task, register_task
@@ -93,7 +93,7 @@ def build_module(cfg: DictConfig, datamodule: CocoDataModule) -> DetectionModule
     weights (official ``.pth``, HF, or this project's classification ``.ckpt``)."""
     module = DetectionModule(
         detector_config(cfg, datamodule.num_classes), optim=plain(cfg.get("optim")), sched=plain(cfg.get("sched")),
-        with_masks=_with_masks(cfg), category_ids=datamodule.val_set.category_ids,
+        with_masks=_with_masks(cfg),
     )
     if cfg.get("checkpoint"):
         body: NATBackbone = module.model.backbone.body
