@@ -6,7 +6,7 @@ A thin Hydra entry point around :func:`natzoo.evaluate`; see docs/training.md.
 import hydra
 from omegaconf import DictConfig
 
-from natzoo.config import register_with_hydra
+from natzoo.hydra_setup import register_with_hydra
 
 register_with_hydra()  # `model=<variant>` configs for every registered NAT-family variant, resolvers
 

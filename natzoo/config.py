@@ -1,31 +1,49 @@
-"""Config helpers of the train/eval drivers: the value rules every knob is checked against before anything is built,
-the `model=<variant>` configs generated from timm's registry, and small conversions.
+"""The value rules every knob of the train/eval drivers is checked against before anything is built, and the checks
+of ``ckpt_path`` and of the weights an evaluation uses.
 
-Every numeric, boolean and choice knob the code reads has one rule here (or, for task-specific knobs, in the task's
-``config_rules``). :func:`check_config` applies them to a composed config and raises ``TypeError`` (wrong type) or
-``ValueError`` (out of range, unknown choice) naming the key and the value, e.g. ``optim.lr='abc': expected a number
-> 0``. The LightningModules check their own ``optim``/``sched`` dictionaries against the same rules.
+Every numeric, boolean and choice knob the code reads has one rule: here, in the module that owns the knob
+(``natzoo.optim`` for ``optim``/``sched``), or, for task-specific knobs, in the task's ``config_rules``. Choice lists
+are imported from the code that owns the choices (``natzoo.optim.SCHEDULES``, ``natzoo.detection.detectors
+.ARCHITECTURES``, ...), never restated. :func:`check_config` applies them to a composed config and raises
+``TypeError`` (wrong type) or ``ValueError`` (out of range, unknown choice) naming the key and the value, e.g.
+``optim.lr='abc': expected a number > 0``. The rule vocabulary is :mod:`natzoo.rules`; the Hydra registration is
+:mod:`natzoo.hydra_setup`.
 """
 
 from __future__ import annotations
 
 import glob
-import math
 import os
 import typing
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig
+
+from natzoo.datasets.folder import BAD_IMAGE_POLICIES
+from natzoo.detection.detectors import ARCHITECTURES
+from natzoo.optim import OPTIM_RULES, SCHED_REQUIRED, SCHED_RULES
+from natzoo.rules import (
+    Choice,
+    Either,
+    Flag,
+    Integer,
+    ListOf,
+    Number,
+    Rule,
+    Table,
+    Text,
+    Texts,
+    check_config,
+    check_settings,
+    plain,
+)
 
 __all__ = [
     "CLASSIFICATION_RULES",
     "COMMON_RULES",
     "DETECTION_RULES",
     "OPTIM_RULES",
+    "SCHED_REQUIRED",
     "SCHED_RULES",
     "Choice",
     "Either",
@@ -42,201 +60,8 @@ __all__ = [
     "check_weights_source",
     "find_last_checkpoint",
     "plain",
-    "register_with_hydra",
     "run_dir_of_checkpoint",
 ]
-
-
-def plain(value: Any) -> Any:
-    """OmegaConf node -> plain Python containers (resolved); other values unchanged."""
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    return value
-
-
-class Rule:
-    """A check of one config value: :meth:`problem` returns ``(exception type, what was expected)`` or None."""
-
-    nullable: bool = False
-
-    def expected(self) -> str:
-        """Human description of the accepted values."""
-        raise NotImplementedError
-
-    def accepts_type(self, value: Any) -> bool:
-        """Whether ``value`` has an acceptable type (range aside)."""
-        raise NotImplementedError
-
-    def accepts(self, value: Any) -> bool:
-        """Whether ``value`` (of an acceptable type) is in range."""
-        return True
-
-    def problem(self, value: Any) -> tuple[type[Exception], str] | None:
-        """None when ``value`` is valid, else the exception type and the description of the valid values."""
-        if value is None:
-            return None if self.nullable else (TypeError, self.describe())
-        if not self.accepts_type(value):
-            return TypeError, self.describe()
-        if not self.accepts(value):
-            return ValueError, self.describe()
-        return None
-
-    def describe(self) -> str:
-        """:meth:`expected`, plus "or null" for nullable rules."""
-        return self.expected() + (" or null" if self.nullable else "")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-@dataclass(frozen=True)
-class Number(Rule):
-    """A real number in a range: ``low``/``high`` bounds (None: unbounded), open when ``*_open``."""
-
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    nullable: bool = False
-
-    def accepts_type(self, value: Any) -> bool:
-        return _is_number(value)
-
-    def accepts(self, value: Any) -> bool:
-        if not math.isfinite(value):
-            return False
-        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
-            return False
-        return self.high is None or not (value > self.high or (self.high_open and value == self.high))
-
-    def _range(self) -> str:
-        if self.low is not None and self.high is not None:
-            return f" in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
-        if self.low is not None:
-            return f" {'>' if self.low_open else '>='} {self.low:g}"
-        if self.high is not None:
-            return f" {'<' if self.high_open else '<='} {self.high:g}"
-        return ""
-
-    def expected(self) -> str:
-        return "a finite number" + self._range()
-
-
-@dataclass(frozen=True)
-class Integer(Number):
-    """An integer in a range (bounds inclusive)."""
-
-    def accepts_type(self, value: Any) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
-    def expected(self) -> str:
-        return "an integer" + self._range()
-
-
-@dataclass(frozen=True)
-class Flag(Rule):
-    """``true`` or ``false``."""
-
-    nullable: bool = False
-
-    def accepts_type(self, value: Any) -> bool:
-        return isinstance(value, bool)
-
-    def expected(self) -> str:
-        return "true or false"
-
-
-@dataclass(frozen=True)
-class Choice(Rule):
-    """One of fixed values (compared by type and value, so ``1`` is not ``true``)."""
-
-    options: tuple = ()
-    nullable: bool = False
-
-    def accepts_type(self, value: Any) -> bool:
-        return isinstance(value, (str, bool, int, float))
-
-    def accepts(self, value: Any) -> bool:
-        return any(type(value) is type(o) and value == o for o in self.options)
-
-    def expected(self) -> str:
-        shown = ", ".join(str(o).lower() if isinstance(o, bool) else repr(o) for o in self.options)
-        return f"one of {shown}"
-
-
-@dataclass(frozen=True)
-class Text(Rule):
-    """A non-empty string, optionally checked by ``valid`` (described by ``what``)."""
-
-    nullable: bool = False
-    valid: Callable[[str], bool] | None = None
-    what: str = "a non-empty string"
-
-    def accepts_type(self, value: Any) -> bool:
-        return isinstance(value, str)
-
-    def accepts(self, value: Any) -> bool:
-        return bool(value) and (self.valid is None or self.valid(value))
-
-    def expected(self) -> str:
-        return self.what
-
-
-@dataclass(frozen=True)
-class ListOf(Rule):
-    """A list of values each passing ``item``; ``length`` fixes the count (None: any, at least ``min_length``)."""
-
-    item: Rule = Number()
-    length: int | None = None
-    min_length: int = 0
-    nullable: bool = False
-
-    def accepts_type(self, value: Any) -> bool:
-        return isinstance(value, (list, tuple)) and all(self.item.accepts_type(v) for v in value)
-
-    def accepts(self, value: Any) -> bool:
-        count_ok = len(value) == self.length if self.length is not None else len(value) >= self.min_length
-        return count_ok and all(self.item.accepts(v) for v in value)
-
-    def expected(self) -> str:
-        count = f"{self.length} " if self.length is not None else ""
-        return f"a list of {count}values, each {self.item.expected()}"
-
-
-def Texts(nullable: bool = False) -> ListOf:
-    """A list of non-empty strings."""
-    return ListOf(item=Text(), nullable=nullable)
-
-
-@dataclass(frozen=True)
-class Table(Rule):
-    """A mapping (keyword arguments passed on to a library, checked there)."""
-
-    nullable: bool = False
-
-    def accepts_type(self, value: Any) -> bool:
-        return isinstance(value, Mapping)
-
-    def expected(self) -> str:
-        return "a mapping of keyword arguments"
-
-
-@dataclass(frozen=True)
-class Either(Rule):
-    """Any of several rules."""
-
-    rules: tuple[Rule, ...] = ()
-    nullable: bool = False
-
-    def accepts_type(self, value: Any) -> bool:
-        return any(r.accepts_type(value) for r in self.rules)
-
-    def accepts(self, value: Any) -> bool:
-        return any(r.accepts_type(value) and r.accepts(value) for r in self.rules)
-
-    def expected(self) -> str:
-        return " or ".join(r.expected() for r in self.rules)
 
 
 def _precisions() -> tuple:
@@ -247,55 +72,12 @@ def _precisions() -> tuple:
     return tuple(v for literal in typing.get_args(_PRECISION_INPUT) for v in typing.get_args(literal))
 
 
-def _is_timm_optimizer(name: str) -> bool:
-    from timm.optim import list_optimizers
-
-    return name.lower().split("_")[-1] in list_optimizers()
-
-
 _UNIT = Number(0.0, 1.0)
 _POSITIVE = Number(0.0, low_open=True)
 _NON_NEGATIVE = Number(0.0)
 _COUNT = Integer(1)
 _PRECISION = Choice(_precisions()) if _precisions() else Either((Text(), Integer()))
 _INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "box", "hamming", "lanczos", "random")
-
-# Optimizer settings (configs/optim) read by natzoo.optim.configure_optimizers.
-OPTIM_RULES: dict[str, Rule] = {
-    "name": Text(valid=_is_timm_optimizer, what="an optimizer name of timm.optim.list_optimizers() (adamw, sgd, ...)"),
-    "lr": _POSITIVE,
-    "scale_lr": Flag(),
-    "lr_base_batch": _COUNT,
-    "weight_decay": _NON_NEGATIVE,
-    "betas": ListOf(Number(0.0, 1.0, high_open=True), length=2),
-    "eps": _POSITIVE,
-    "momentum": Number(0.0, 1.0, high_open=True),
-    "no_decay_1d": Flag(),
-    "no_decay_rpb": Flag(),
-    "no_decay_names": Texts(),
-}
-
-# Schedule settings (configs/sched) read by natzoo.optim.build_lr_lambda and the trainer's max_epochs.
-SCHED_RULES: dict[str, Rule] = {
-    "name": Choice(("cosine", "constant", "warmup_step")),
-    "epochs": _COUNT,
-    "cooldown_epochs": Integer(0),
-    "warmup_epochs": _NON_NEGATIVE,
-    "warmup_lr": _NON_NEGATIVE,
-    "min_lr": _NON_NEGATIVE,
-    "warmup_steps": Integer(0),
-    "warmup_ratio": Number(0.0, 1.0, low_open=True),
-    "milestones": ListOf(Integer(0)),
-    "milestone_unit": Choice(("epoch", "step")),
-    "gamma": _POSITIVE,
-}
-
-# Keys every schedule needs, by name (the configure_optimizers check).
-SCHED_REQUIRED = {
-    "cosine": ("epochs", "warmup_epochs", "warmup_lr", "min_lr"),
-    "constant": ("epochs", "warmup_epochs", "warmup_lr", "min_lr"),
-    "warmup_step": ("epochs", "warmup_steps", "warmup_ratio", "milestones", "milestone_unit", "gamma"),
-}
 
 _TRAINER_RULES: dict[str, Rule] = {
     "accelerator": Text(),
@@ -357,7 +139,7 @@ CLASSIFICATION_RULES: dict[str, Rule] = {
     "confusion_matrix": Choice(("auto", True, False)),
     "model.freeze": Texts(),
     "data.img_size": Integer(8, nullable=True),
-    "data.bad_images": Choice(("error", "skip")),
+    "data.bad_images": Choice(BAD_IMAGE_POLICIES),
     "data.drop_last": Flag(),
     "data.mean": ListOf(_UNIT, length=3, nullable=True),
     "data.std": ListOf(_POSITIVE, length=3, nullable=True),
@@ -391,7 +173,7 @@ CLASSIFICATION_RULES: dict[str, Rule] = {
 
 # Detection-only knobs (torchvision detectors on a NAT-family backbone, COCO-format data).
 DETECTION_RULES: dict[str, Rule] = {
-    "model.arch": Choice(("fasterrcnn", "maskrcnn")),
+    "model.arch": Choice(ARCHITECTURES),
     "model.out_indices": ListOf(Integer(0, 3), min_length=1),
     "model.frozen_stages": Integer(-1, 5),
     "model.norm_eval": Flag(),
@@ -405,52 +187,6 @@ DETECTION_RULES: dict[str, Rule] = {
     "data.with_masks": Flag(nullable=True),
     "data.filter_empty": Flag(),
 }
-
-_MISSING = object()
-
-
-def _raise(key: str, value: Any, problem: tuple[type[Exception], str]) -> None:
-    kind, expected = problem
-    raise kind(f"{key}={value!r}: expected {expected}")
-
-
-def check_config(cfg: DictConfig, rules: Mapping[str, Rule]) -> None:
-    """Checks every key of ``rules`` that ``cfg`` holds (keys it lacks are not used by that config).
-
-    Raises:
-        TypeError: a value has the wrong type (the message names the key, the value and what was expected).
-        ValueError: a value is out of range or not one of the choices.
-    """
-    for key, rule in rules.items():
-        try:
-            value = OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=True)
-        except OmegaConfBaseException as err:  # an unset mandatory value (???) or a failing interpolation
-            raise ValueError(f"{key}: {err}") from None
-        if value is _MISSING:
-            continue
-        value = plain(value)
-        problem = rule.problem(value)
-        if problem is not None:
-            _raise(key, value, problem)
-
-
-def check_settings(values: Mapping[str, Any], rules: Mapping[str, Rule], prefix: str,
-                   required: Sequence[str] = ()) -> None:
-    """Checks a settings dictionary (e.g. a module's ``optim``) against ``rules``; ``required`` keys must be present.
-
-    Raises:
-        ValueError: a required key is missing, or a value is out of range.
-        TypeError: a value has the wrong type.
-    """
-    for key, value in values.items():
-        rule = rules.get(key)
-        problem = rule.problem(plain(value)) if rule is not None else None
-        if problem is not None:
-            _raise(f"{prefix}.{key}", value, problem)
-    missing = [k for k in required if k not in values]
-    if missing:
-        raise ValueError(f"{prefix} settings lack {[f'{prefix}.{k}' for k in missing]} (see configs/{prefix})")
-
 
 _WEIGHT_SOURCES = ("ckpt_path", "checkpoint", "pretrained")
 
@@ -493,34 +229,3 @@ def run_dir_of_checkpoint(ckpt_path: str | None, resume_dir: str) -> Path | None
     if path is None or path.parent.name != "checkpoints" or not (path.parent.parent / ".hydra").is_dir():
         return None
     return path.parent.parent.resolve()
-
-
-def _run_dir(ckpt_path: str | None, resume_dir: str, fresh_dir: str) -> str:
-    found = run_dir_of_checkpoint(ckpt_path, resume_dir)
-    return str(found) if found is not None else fresh_dir
-
-
-def _output_subdir(ckpt_path: str | None, resume_dir: str, timestamp: str) -> str:
-    # A resumed run keeps the first part's Hydra record and writes its own next to it.
-    return ".hydra" if run_dir_of_checkpoint(ckpt_path, resume_dir) is None else f".hydra/resumed_{timestamp}"
-
-
-def register_with_hydra() -> None:
-    """Registers natzoo's additions to Hydra; call before Hydra composes (``train.py``/``eval.py`` do so on import).
-
-    * One ``model=<variant>`` config per registered NAT-family variant in Hydra's ConfigStore: each is
-      ``configs/model/timm.yaml`` with ``name: <variant>``, so the architecture and its defaults (drop path, ...)
-      come from the registered variant and the config overrides only what the user changes.
-    * The resolvers ``natzoo_run_dir`` and ``natzoo_output_subdir`` of ``configs/hydra/train.yaml``: a run resumed
-      with ``ckpt_path=`` continues in the run directory that wrote the checkpoint.
-    """
-    from hydra.core.config_store import ConfigStore
-
-    from natzoo.models import registered_models
-
-    store = ConfigStore.instance()
-    for name in registered_models():
-        store.store(group="model", name=name, node={"defaults": ["timm"], "name": name})
-    for name, function in (("natzoo_run_dir", _run_dir), ("natzoo_output_subdir", _output_subdir)):
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, function)

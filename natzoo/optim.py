@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -20,9 +20,16 @@ import torch
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from torch import nn
 
+from natzoo.rules import Choice, Flag, Integer, ListOf, Number, Rule, Text, Texts, check_settings
+
 __all__ = [
+    "MILESTONE_UNITS",
+    "OPTIM_RULES",
     "SCHEDULES",
+    "SCHED_REQUIRED",
+    "SCHED_RULES",
     "build_lr_lambda",
+    "check_optim_settings",
     "configure_optimizers",
     "lr_at_step",
     "param_groups",
@@ -33,7 +40,70 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("cosine", "constant", "warmup_step")
+# Keys every schedule needs, by name: the schedules of build_lr_lambda.
+SCHED_REQUIRED: dict[str, tuple[str, ...]] = {
+    "cosine": ("epochs", "warmup_epochs", "warmup_lr", "min_lr"),
+    "constant": ("epochs", "warmup_epochs", "warmup_lr", "min_lr"),
+    "warmup_step": ("epochs", "warmup_steps", "warmup_ratio", "milestones", "milestone_unit", "gamma"),
+}
+SCHEDULES = tuple(SCHED_REQUIRED)
+MILESTONE_UNITS = ("epoch", "step")
+
+
+def _is_timm_optimizer(name: str) -> bool:
+    from timm.optim import list_optimizers
+
+    return name.lower().split("_")[-1] in list_optimizers()
+
+
+_POSITIVE = Number(0.0, low_open=True)
+_NON_NEGATIVE = Number(0.0)
+
+# Optimizer settings (configs/optim) read by configure_optimizers.
+OPTIM_RULES: dict[str, Rule] = {
+    "name": Text(valid=_is_timm_optimizer, what="an optimizer name of timm.optim.list_optimizers() (adamw, sgd, ...)"),
+    "lr": _POSITIVE,
+    "scale_lr": Flag(),
+    "lr_base_batch": Integer(1),
+    "weight_decay": _NON_NEGATIVE,
+    "betas": ListOf(Number(0.0, 1.0, high_open=True), length=2),
+    "eps": _POSITIVE,
+    "momentum": Number(0.0, 1.0, high_open=True),
+    "no_decay_1d": Flag(),
+    "no_decay_rpb": Flag(),
+    "no_decay_names": Texts(),
+}
+
+# Schedule settings (configs/sched) read by build_lr_lambda and the trainer's max_epochs.
+SCHED_RULES: dict[str, Rule] = {
+    "name": Choice(SCHEDULES),
+    "epochs": Integer(1),
+    "cooldown_epochs": Integer(0),
+    "warmup_epochs": _NON_NEGATIVE,
+    "warmup_lr": _NON_NEGATIVE,
+    "min_lr": _NON_NEGATIVE,
+    "warmup_steps": Integer(0),
+    "warmup_ratio": Number(0.0, 1.0, low_open=True),
+    "milestones": ListOf(Integer(0)),
+    "milestone_unit": Choice(MILESTONE_UNITS),
+    "gamma": _POSITIVE,
+}
+
+
+def check_optim_settings(optim: Mapping[str, Any] | None, sched: Mapping[str, Any] | None) -> None:
+    """Checks a LightningModule's ``optim``/``sched`` arguments (``configs/optim``, ``configs/sched``) before anything
+    is built: every optimizer key must be present, and the keys the schedule ``sched.name`` needs; None skips a check
+    (a module built for evaluation only).
+
+    Raises:
+        ValueError: a required key is missing, or a value is out of range or not one of the choices.
+        TypeError: a value has the wrong type.
+    """
+    if optim is not None:
+        check_settings(optim, OPTIM_RULES, "optim", required=tuple(OPTIM_RULES))
+    if sched is not None:
+        check_settings(sched, SCHED_RULES, "sched", required=("name",))
+        check_settings(sched, SCHED_RULES, "sched", required=SCHED_REQUIRED[sched["name"]])
 
 
 def _own_no_weight_decay(model: nn.Module, no_decay_rpb: bool) -> set[str]:

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
-from natzoo.config import register_with_hydra
+from natzoo.hydra_setup import register_with_hydra
 
 __all__ = ["CONFIG_DIR", "CrashAtStep", "InterruptAtStep", "compose_config", "tiny_overrides"]
 

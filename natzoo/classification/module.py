@@ -20,13 +20,10 @@ from natzoo import models  # noqa: F401  (registers the NAT families with timm)
 from natzoo.config import (
     CLASSIFICATION_RULES,
     COMMON_RULES,
-    OPTIM_RULES,
-    SCHED_REQUIRED,
-    SCHED_RULES,
     Integer,
     check_settings,
 )
-from natzoo.optim import configure_optimizers
+from natzoo.optim import check_optim_settings, configure_optimizers
 
 __all__ = ["ClassificationModule", "create_model"]
 
@@ -107,11 +104,7 @@ class ClassificationModule(pl.LightningModule):
                          "drop_path_rate": drop_path_rate, "freeze": list(freeze), "nonfinite_loss": nonfinite_loss,
                          "channels_last": channels_last, "compile": compile}
         check_settings(arguments, _ARGUMENT_RULES, type(self).__name__)
-        if optim is not None:
-            check_settings(optim, OPTIM_RULES, "optim", required=tuple(OPTIM_RULES))
-        if sched is not None:
-            check_settings(sched, SCHED_RULES, "sched", required=("name",))
-            check_settings(sched, SCHED_RULES, "sched", required=SCHED_REQUIRED[sched["name"]])
+        check_optim_settings(optim, sched)
         self.mixup_cfg = dict(mixup or {})
         check_settings(self.mixup_cfg, _MIXUP_RULES, "data.mixup")
         self.ema_cfg = dict(ema or {})

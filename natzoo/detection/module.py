@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torchmetrics.detection import MeanAveragePrecision
 
-from natzoo.config import OPTIM_RULES, SCHED_REQUIRED, SCHED_RULES, Flag, Number, check_settings
+from natzoo.config import Flag, Number, check_settings
 from natzoo.detection.detectors import build_detector
-from natzoo.optim import configure_optimizers
+from natzoo.optim import check_optim_settings, configure_optimizers
 
 __all__ = ["DetectionModule"]
 
@@ -49,11 +49,7 @@ class DetectionModule(pl.LightningModule):
         super().__init__()
         check_settings({"with_masks": with_masks, "mask_threshold": mask_threshold}, _ARGUMENT_RULES,
                        type(self).__name__)
-        if optim is not None:
-            check_settings(optim, OPTIM_RULES, "optim", required=tuple(OPTIM_RULES))
-        if sched is not None:
-            check_settings(sched, SCHED_RULES, "sched", required=("name",))
-            check_settings(sched, SCHED_RULES, "sched", required=SCHED_REQUIRED[sched["name"]])
+        check_optim_settings(optim, sched)
         if isinstance(detector, nn.Module):
             self.save_hyperparameters(ignore=["detector"])
             model = detector
