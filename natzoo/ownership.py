@@ -9,19 +9,36 @@ Two kinds of proof are used (docs/reliability.md describes the guarantees built 
 * **Ownership by listing.** A generator describes what it writes with a predicate on relative POSIX paths (folders
   end in ``/``); :func:`scan_tree` splits a folder into the files the predicate accepts and everything else.
   Anything else makes the folder foreign, and foreign folders are never deleted.
+
+On these rules :class:`GeneratedFolder` builds the one protocol of generated datasets: generate in a scratch
+folder, write a record (the generator, its parameters and every file with its size) last, rename the folder into
+place; reuse a folder whose record matches and whose listed files are all there with their sizes; replace or delete
+only a folder that holds nothing but the files its record lists.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import socket
 import stat
-from collections.abc import Callable, Iterable
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-__all__ = ["abandoned_scratch", "delete_scanned", "scan_tree", "scratch_prefix", "sweep_abandoned"]
+__all__ = [
+    "GeneratedFolder",
+    "Survey",
+    "abandoned_scratch",
+    "delete_scanned",
+    "scan_tree",
+    "scratch_prefix",
+    "sweep_abandoned",
+]
 
 log = logging.getLogger(__name__)
 
@@ -184,3 +201,140 @@ def sweep_abandoned(directory: Path, kind: str, owns: Callable[[str], bool] | No
         log.info("removed %s, left behind by an interrupted natzoo process", path)
         removed.append(path)
     return removed
+
+
+@dataclass(frozen=True)
+class Survey:
+    """What a generated folder holds compared with its record (see :meth:`GeneratedFolder.survey`).
+
+    Attributes:
+        files: Listed files present (relative path -> size in bytes), and the record itself.
+        foreign: Entries the record does not list (paths relative to the folder, folders with a trailing ``/``).
+        missing: Listed files that are absent.
+        changed: Listed files present with another size than recorded.
+    """
+
+    files: dict[str, int]
+    foreign: list[str]
+    missing: list[str]
+    changed: list[str]
+
+
+@dataclass(frozen=True)
+class GeneratedFolder:
+    """The protocol of one dataset generator: generate in scratch, record last, reuse if complete, delete only its own.
+
+    The record is a JSON file in the folder, ``{"generator": <generator>, <the record's other keys>, "files":
+    {relative path: size}}``, written after every other file. A folder is this generator's when its record names
+    ``generator`` and lists only paths ``owns`` accepts; it is complete for the wanted parameters when the record
+    holds them (key by key) and every listed file is there with the recorded size.
+
+    Attributes:
+        generator: Identifier written in the record (kept stable so existing folders stay recognised).
+        record_name: File name of the record inside the folder.
+        owns: Predicate on the relative POSIX paths the generator writes, the record included (folders with a
+            trailing ``/``).
+    """
+
+    generator: str
+    record_name: str
+    owns: Callable[[str], bool]
+
+    def read_record(self, root: Path) -> Any:
+        """The record file of ``root`` as written (any JSON value; :meth:`listed_files` says whether it is ours).
+
+        Raises:
+            FileNotFoundError: ``root`` has no record.
+            OSError: it cannot be read.
+            ValueError: it is not JSON.
+        """
+        return json.loads((Path(root) / self.record_name).read_text())
+
+    def listed_files(self, record: Any) -> dict[str, int] | None:
+        """Files a record of this generator lists (path -> size), or None when the record is not this generator's."""
+        if not isinstance(record, dict) or record.get("generator") != self.generator:
+            return None
+        files = record.get("files")
+        if not isinstance(files, dict):
+            return None
+        if not all(self.owns(k) and isinstance(v, int) and not isinstance(v, bool) for k, v in files.items()):
+            return None
+        return dict(files)
+
+    @staticmethod
+    def matches(record: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
+        """Whether the record holds every key of ``wanted`` with that value."""
+        return all(record.get(k) == v for k, v in wanted.items())
+
+    def survey(self, root: Path, listed: Mapping[str, int]) -> Survey:
+        """Compares the folder ``root`` with the files its record lists (``listed``, from :meth:`listed_files`)."""
+        dirs = {rel[: i + 1] for rel in listed for i, ch in enumerate(rel) if ch == "/"}
+        files, foreign = scan_tree(Path(root), lambda rel: rel in listed or rel in dirs or rel == self.record_name)
+        missing = [rel for rel in listed if rel not in files]
+        changed = [rel for rel, size in listed.items() if rel in files and files[rel] != size]
+        return Survey(files, foreign, missing, changed)
+
+    def is_complete(self, root: Path, wanted: Mapping[str, Any]) -> bool:
+        """Whether ``root`` holds this generator's record for ``wanted`` and every file it lists, with the recorded
+        sizes (other files are not looked at)."""
+        try:
+            record = self.read_record(root)
+        except (OSError, ValueError):
+            return False
+        listed = self.listed_files(record)
+        if listed is None or not self.matches(record, wanted):
+            return False
+        survey = self.survey(root, listed)
+        return not survey.missing and not survey.changed
+
+    def sweep(self, root: Path) -> None:
+        """Removes the scratch folders of interrupted generations and replacements of ``root`` (this host only)."""
+        root = Path(root)
+        for kind in ("partial", "stale"):
+            sweep_abandoned(root.parent, kind, self.owns, base=root.name)
+
+    def generate(self, root: Path, record: Mapping[str, Any], fill: Callable[[Path], None]) -> Path:
+        """Writes a new folder ``root`` (absent, or an empty folder): ``fill`` writes the files into a scratch sibling,
+        then the record (``record`` plus the generator and the file list) is written and the folder renamed into place,
+        so an interrupted generation never leaves a folder that looks complete.
+
+        If the rename fails because another process (another rank, a concurrent run) put the same dataset there
+        first, its copy is used when :meth:`is_complete` for ``record``. The scratch folder is removed on every exit,
+        when it holds only what the generator writes.
+
+        Raises:
+            OSError: the rename failed and ``root`` is not a complete copy.
+        """
+        root = Path(root)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=scratch_prefix(root.name, "partial"), dir=root.parent))
+        try:
+            fill(scratch)
+            files, _ = scan_tree(scratch, self.owns)
+            full = {"generator": self.generator, **record, "files": files}
+            (scratch / self.record_name).write_text(json.dumps(full, indent=1) + "\n")
+            try:
+                os.replace(scratch, root)
+            except OSError:
+                if not self.is_complete(root, record):
+                    raise
+        finally:
+            if scratch.exists():
+                files, foreign = scan_tree(scratch, self.owns)
+                if not foreign:
+                    delete_scanned(scratch, files)
+        return root
+
+    def remove(self, root: Path, survey: Survey) -> None:
+        """Deletes the folder ``root`` whose :meth:`survey` found nothing foreign: it is first renamed to a scratch
+        name (so an interrupted deletion is finished by a later :meth:`sweep`), the record deleted last.
+
+        Raises:
+            ValueError: the survey found foreign entries (nothing is deleted).
+        """
+        if survey.foreign:
+            raise ValueError(f"{root} holds entries its record does not list ({', '.join(survey.foreign[:3])})")
+        root = Path(root)
+        stale = Path(tempfile.mkdtemp(prefix=scratch_prefix(root.name, "stale"), dir=root.parent))
+        os.replace(root, stale)
+        delete_scanned(stale, survey.files, last=self.record_name)

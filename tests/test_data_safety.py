@@ -22,7 +22,7 @@ from natzoo.classification.module import ClassificationModule
 from natzoo.datasets import demo, ensure_demo_dataset, generate_demo_dataset
 from natzoo.datasets import coco_shapes
 from natzoo.datasets.coco_shapes import SyntheticCocoSpec, make_synthetic_coco
-from natzoo.ownership import scratch_prefix
+from natzoo.ownership import GeneratedFolder, scratch_prefix
 from natzoo.testing import compose_config, tiny_overrides
 
 SMALL = {"train_per_class": 2, "val_per_class": 1, "img_size": 16}
@@ -114,7 +114,7 @@ def _legacy_manifest_over_user_files(root: Path) -> None:
         (_user_folder_binary_manifest, r"MANIFEST.json that cannot be read as JSON.*data=folder"),
         (_demo_with_user_file, r"also files the generator did not write or that changed since \(train/circle/my_dr"),
         (_demo_with_changed_image, r"also files the generator did not write or that changed since \(val/ring/00000"),
-        (_legacy_manifest_over_user_files, r"also files the generator did not write .*val/extra/"),
+        (_legacy_manifest_over_user_files, r"MANIFEST.json that natzoo's demo generator did not write"),
     ],
 )
 def test_demo_never_replaces_a_folder_it_cannot_prove_it_wrote(tmp_path, make, message):
@@ -160,7 +160,8 @@ def test_demo_replaces_only_its_own_outdated_dataset(tmp_path):
     assert _scratch(tmp_path) == []
 
 
-def test_demo_reuses_and_replaces_a_dataset_of_the_older_manifest_format(tmp_path):
+def test_demo_leaves_a_dataset_of_the_older_manifest_format_alone(tmp_path):
+    # Manifests without a file list (natzoo before the file-listing format) prove nothing about the folder's files.
     root = tmp_path / "demo"
     generate_demo_dataset(root, **SMALL)
     manifest = json.loads((root / "MANIFEST.json").read_text())
@@ -168,10 +169,10 @@ def test_demo_reuses_and_replaces_a_dataset_of_the_older_manifest_format(tmp_pat
                                        "seed", "counts")}
     (root / "MANIFEST.json").write_text(json.dumps(legacy))
     before = _snapshot(root)
-    ensure_demo_dataset(root, **SMALL)
-    assert _snapshot(root) == before  # same parameters: reused
-    ensure_demo_dataset(root, **dict(SMALL, seed=1))
-    assert json.loads((root / "MANIFEST.json").read_text())["seed"] == 1
+    for params in (SMALL, dict(SMALL, seed=1)):
+        with pytest.raises(ValueError, match=r"did not write.*data=folder"):
+            ensure_demo_dataset(root, **params)
+        assert _snapshot(root) == before
 
 
 def test_demo_generation_says_what_it_creates_and_where(tmp_path, caplog):
@@ -284,3 +285,43 @@ def test_killed_synthetic_coco_generation_is_cleaned_up_by_the_next_run(tmp_path
     make_synthetic_coco(SPEC, tmp_path)
     assert _scratch(tmp_path) == [running.name]  # the killed run's folder is gone; a running process's is kept
     assert (_target(tmp_path) / "annotations" / "instances_val.json").is_file()
+
+
+def _record_folder() -> GeneratedFolder:
+    return GeneratedFolder("tests.generator", "RECORD.json", lambda rel: rel in ("a.txt", "RECORD.json"))
+
+
+@pytest.mark.parametrize("theirs, ours_used", [({"v": 1}, True), ({"v": 2}, False)])
+def test_generated_folder_uses_a_concurrent_copy_only_when_it_is_the_wanted_one(tmp_path, theirs, ours_used):
+    folder, root = _record_folder(), tmp_path / "data"
+
+    def fill(out: Path) -> None:
+        (out / "a.txt").write_text("x")
+
+    def fill_while_another_process_finishes(out: Path) -> None:
+        fill(out)
+        folder.generate(root, theirs, fill)
+
+    if ours_used:
+        assert folder.generate(root, {"v": 1}, fill_while_another_process_finishes) == root
+    else:
+        with pytest.raises(OSError):
+            folder.generate(root, {"v": 1}, fill_while_another_process_finishes)
+    assert json.loads((root / "RECORD.json").read_text()) == {"generator": "tests.generator", **theirs,
+                                                               "files": {"a.txt": 1}}
+    assert folder.is_complete(root, {"v": 1}) is ours_used
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no scratch folder left behind
+
+
+def test_generated_folder_removes_only_a_folder_holding_nothing_but_its_listed_files(tmp_path):
+    folder, root = _record_folder(), tmp_path / "data"
+    folder.generate(root, {"v": 1}, lambda out: (out / "a.txt").write_text("x"))
+    (root / "b.txt").write_text("mine")
+    survey = folder.survey(root, folder.listed_files(folder.read_record(root)))
+    assert (survey.foreign, survey.missing, survey.changed) == (["b.txt"], [], [])
+    with pytest.raises(ValueError, match=r"entries its record does not list \(b.txt\)"):
+        folder.remove(root, survey)
+    assert sorted(p.name for p in root.iterdir()) == ["RECORD.json", "a.txt", "b.txt"]
+    (root / "b.txt").unlink()
+    folder.remove(root, folder.survey(root, folder.listed_files(folder.read_record(root))))
+    assert list(tmp_path.iterdir()) == []

@@ -4,8 +4,9 @@ Each image is a noisy background with one to ``max_objects`` non-overlapping fil
 ellipse, triangle). Every shape is drawn from the polygon that is stored as its COCO segmentation, so boxes, masks
 and pixels agree exactly. The dataset is written as PNG files plus one COCO JSON per split and cached on disk under
 a directory named after a hash of the generation parameters, with ``generation.json`` (written last) listing the
-parameters and every file with its size. A folder at that path which is not such a complete dataset is never written
-into or deleted (docs/reliability.md).
+parameters and every file with its size: natzoo's one protocol of generated data (:class:`natzoo.ownership
+.GeneratedFolder`). A folder at that path which is not such a complete dataset is never written into or deleted
+(docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -16,14 +17,13 @@ import logging
 import math
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from natzoo.ownership import delete_scanned, scan_tree, scratch_prefix, sweep_abandoned
+from natzoo.ownership import GeneratedFolder
 
 __all__ = ["SHAPE_CATEGORIES", "SyntheticCocoSpec", "default_cache_dir", "make_synthetic_coco"]
 
@@ -35,6 +35,7 @@ _GENERATOR = "natzoo.detection.synthetic"  # the name it had when it wrote the f
 _WRITES = re.compile(
     rf"(?:train|val)/(?:\d{{6,}}\.png)?|annotations/(?:instances_(?:train|val)\.json)?|{re.escape(_DONE_FILE)}"
 )
+_FOLDER = GeneratedFolder(_GENERATOR, _DONE_FILE, lambda rel: _WRITES.fullmatch(rel) is not None)
 
 log = logging.getLogger(__name__)
 
@@ -163,36 +164,9 @@ def _generate_split(spec: SyntheticCocoSpec, split: str, count: int, seed: int, 
     return coco
 
 
-def _owns(rel: str) -> bool:
-    return _WRITES.fullmatch(rel) is not None
-
-
-def _listed_files(done: object, spec: SyntheticCocoSpec) -> dict[str, int | None] | None:
-    """Files the completion record of a dataset generated for ``spec`` lists (path -> size, None where unrecorded)."""
-    if isinstance(done, dict) and done.get("generator") == _GENERATOR and done.get("spec") == asdict(spec):
-        files = done.get("files")
-        if isinstance(files, dict) and all(_owns(k) and isinstance(v, int) for k, v in files.items()):
-            return dict(files)
-        return None
-    if done == asdict(spec):
-        # Record of an older natzoo without a file list: the paths follow from the image counts.
-        images = [f"{split}/{i:06d}.png" for split, n in (("train", spec.num_train), ("val", spec.num_val))
-                  for i in range(1, n + 1)]
-        return dict.fromkeys(images + ["annotations/instances_train.json", "annotations/instances_val.json"])
-    return None
-
-
-def _is_complete(target: Path, spec: SyntheticCocoSpec) -> bool:
-    """Whether ``target`` holds every file its completion record lists, with the recorded sizes (extra files are
-    ignored: the COCO JSON names the images that are used)."""
-    try:
-        listed = _listed_files(json.loads((target / _DONE_FILE).read_text()), spec)
-    except (OSError, ValueError):
-        return False
-    if listed is None:
-        return False
-    files, _ = scan_tree(target, _owns)
-    return all(rel in files and size in (None, files[rel]) for rel, size in listed.items())
+def _generate(spec: SyntheticCocoSpec, out_dir: Path) -> None:
+    _generate_split(spec, "train", spec.num_train, spec.seed, out_dir)
+    _generate_split(spec, "val", spec.num_val, spec.seed + 1_000_003, out_dir)
 
 
 def make_synthetic_coco(spec: SyntheticCocoSpec | None = None, root: str | os.PathLike | None = None) -> Path:
@@ -218,8 +192,9 @@ def make_synthetic_coco(spec: SyntheticCocoSpec | None = None, root: str | os.Pa
     root = Path(root) if root is not None else default_cache_dir()
     name = f"coco_shapes_{spec.fingerprint()}"
     target = root / name
-    sweep_abandoned(root, "partial", _owns, base=name)
-    if _is_complete(target, spec):
+    wanted = {"spec": asdict(spec)}
+    _FOLDER.sweep(target)
+    if _FOLDER.is_complete(target, wanted):
         return target
     if target.exists() and not (target.is_dir() and not any(target.iterdir())):
         raise ValueError(
@@ -229,23 +204,5 @@ def make_synthetic_coco(spec: SyntheticCocoSpec | None = None, root: str | os.Pa
         )
     log.info("generating the detection demo dataset (%d training + %d validation images of %d px, COCO format) in %s",
              spec.num_train, spec.num_val, spec.image_size, target.absolute())
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=scratch_prefix(name, "partial"), dir=root))
-    try:
-        _generate_split(spec, "train", spec.num_train, spec.seed, staging)
-        _generate_split(spec, "val", spec.num_val, spec.seed + 1_000_003, staging)
-        files, _ = scan_tree(staging, _owns)
-        with open(staging / _DONE_FILE, "w") as f:
-            json.dump({"generator": _GENERATOR, "spec": asdict(spec), "files": files}, f, indent=1)
-        try:
-            os.replace(staging, target)
-        except OSError:
-            # Another process finished the same dataset first; theirs is identical (same seed and parameters).
-            if not _is_complete(target, spec):
-                raise
-    finally:
-        if staging.exists():
-            files, foreign = scan_tree(staging, _owns)
-            if not foreign:
-                delete_scanned(staging, files)
-    return target
+    # Another process that finishes the same dataset first wins; its copy is identical (same seed and parameters).
+    return _FOLDER.generate(target, wanted, lambda out: _generate(spec, out))

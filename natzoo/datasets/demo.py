@@ -10,24 +10,23 @@ Layout (the same as ImageNet's, so the demo goes through the ImageFolder code pa
     <root>/val/<class>/<index>.png
     <root>/MANIFEST.json        written last: generator, parameters and every file with its size
 
-The generator deletes only what it can prove it wrote (see :mod:`natzoo.ownership` and docs/reliability.md): a
-folder whose manifest it did not write, or which holds files its manifest does not list, is never touched.
+Generation, reuse and replacement follow natzoo's one protocol of generated data (:class:`natzoo.ownership
+.GeneratedFolder`, docs/reliability.md): a folder whose manifest it did not write, or which holds files its manifest
+does not list, is never touched.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from natzoo.ownership import delete_scanned, scan_tree, scratch_prefix, sweep_abandoned
+from natzoo.ownership import GeneratedFolder
 
 __all__ = ["DEMO_CLASSES", "MANIFEST_NAME", "ensure_demo_dataset", "generate_demo_dataset"]
 
@@ -36,7 +35,7 @@ log = logging.getLogger(__name__)
 DEMO_CLASSES = ("circle", "square", "triangle", "cross", "ring", "stripes", "checker", "dots")
 MANIFEST_NAME = "MANIFEST.json"
 _GENERATOR = "natzoo.datasets.demo"
-_MANIFEST_VERSION = 3  # 3: generator marker and file list with sizes; 2: parameters only
+_MANIFEST_VERSION = 3  # the generator, its parameters and every file with its size
 _FORMAT_VERSION = 2  # version of the drawing code: images of equal parameters and format version are byte-identical
 _SUPERSAMPLE = 4
 
@@ -127,13 +126,17 @@ def _params(train_per_class: int, val_per_class: int, img_size: int, seed: int) 
 _WRITES = re.compile(rf"(?:train|val)/(?:(?:{'|'.join(DEMO_CLASSES)})/(?:\d{{5,}}\.png)?)?|{re.escape(MANIFEST_NAME)}")
 
 
-def _owns(rel: str) -> bool:
-    return _WRITES.fullmatch(rel) is not None
+_FOLDER = GeneratedFolder(_GENERATOR, MANIFEST_NAME, lambda rel: _WRITES.fullmatch(rel) is not None)
 
 
-def _image_paths(train_per_class: int, val_per_class: int) -> list[str]:
-    return [f"{split}/{cls}/{i:05d}.png" for split, count in (("train", train_per_class), ("val", val_per_class))
-            for cls in DEMO_CLASSES for i in range(count)]
+def _draw_all(out: Path, train_per_class: int, val_per_class: int, img_size: int, seed: int) -> None:
+    for split_idx, (split, count) in enumerate((("train", train_per_class), ("val", val_per_class))):
+        for cls_idx, cls in enumerate(DEMO_CLASSES):
+            rng = np.random.default_rng([seed, split_idx, cls_idx])
+            folder = out / split / cls
+            folder.mkdir(parents=True)
+            for i in range(count):
+                _draw_sample(cls, img_size, rng).save(folder / f"{i:05d}.png", optimize=False)
 
 
 def generate_demo_dataset(
@@ -161,47 +164,9 @@ def generate_demo_dataset(
     if root.is_symlink() or root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise FileExistsError(f"{root} exists and is not an empty folder; the demo dataset is written only to a new "
                               "or empty folder")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=scratch_prefix(root.name, "partial"), dir=root.parent))
-    try:
-        counts = {}
-        for split_idx, (split, count) in enumerate((("train", train_per_class), ("val", val_per_class))):
-            for cls_idx, cls in enumerate(DEMO_CLASSES):
-                rng = np.random.default_rng([seed, split_idx, cls_idx])
-                out = tmp / split / cls
-                out.mkdir(parents=True)
-                for i in range(count):
-                    _draw_sample(cls, img_size, rng).save(out / f"{i:05d}.png", optimize=False)
-            counts[split] = count * len(DEMO_CLASSES)
-        files, _ = scan_tree(tmp, _owns)
-        manifest = {"generator": _GENERATOR, "manifest_version": _MANIFEST_VERSION, **params, "counts": counts,
-                    "files": files}
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
-        os.replace(tmp, root)
-    except BaseException:
-        files, foreign = scan_tree(tmp, _owns)
-        if not foreign:
-            delete_scanned(tmp, files)
-        raise
-    return root
-
-
-def _listed_files(manifest: object) -> dict[str, int | None] | None:
-    """Files a manifest written by this generator lists (path -> size, None where unrecorded); None if not ours."""
-    if not isinstance(manifest, dict) or manifest.get("classes") != list(DEMO_CLASSES):
-        return None
-    counts = (manifest.get("train_per_class"), manifest.get("val_per_class"))
-    if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in counts):
-        return None
-    if manifest.get("generator") == _GENERATOR:
-        files = manifest.get("files")
-        if not isinstance(files, dict) or not all(_owns(k) and isinstance(v, int) for k, v in files.items()):
-            return None
-        return dict(files)
-    if "generator" not in manifest and manifest.get("format_version") == 2:
-        # Manifest of an older natzoo without a file list: the paths follow from the image counts.
-        return dict.fromkeys(_image_paths(*counts))
-    return None
+    counts = {"train": train_per_class * len(DEMO_CLASSES), "val": val_per_class * len(DEMO_CLASSES)}
+    record = {"manifest_version": _MANIFEST_VERSION, **params, "counts": counts}
+    return _FOLDER.generate(root, record, lambda out: _draw_all(out, train_per_class, val_per_class, img_size, seed))
 
 
 def _not_ours(root: Path, why: str) -> ValueError:
@@ -231,8 +196,7 @@ def ensure_demo_dataset(
     root = Path(root)
     if root.is_symlink():
         root = root.resolve()
-    for kind in ("partial", "stale"):
-        sweep_abandoned(root.parent, kind, _owns, base=root.name)
+    _FOLDER.sweep(root)
     if root.exists() and not root.is_dir():
         raise _not_ours(root, "is a file, not a folder")
     if root.is_dir() and any(root.iterdir()):
@@ -242,43 +206,24 @@ def ensure_demo_dataset(
     log.info("generating the demo dataset (%d classes, %d training + %d validation PNG images of %d px) in %s; later "
              "runs with the same data.root reuse it", len(DEMO_CLASSES), train_per_class * len(DEMO_CLASSES),
              val_per_class * len(DEMO_CLASSES), img_size, root.absolute())
-    try:
-        return generate_demo_dataset(root, train_per_class, val_per_class, img_size, seed)
-    except OSError:
-        # Another process (e.g. another rank of a multi-node job) finished first: use its copy if it matches.
-        if _complete(root, wanted):
-            return root
-        raise
-
-
-def _complete(root: Path, wanted: dict) -> bool:
-    try:
-        manifest = json.loads((root / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
-        return False
-    listed = _listed_files(manifest)
-    if listed is None or {k: manifest.get(k) for k in wanted} != wanted:
-        return False
-    files, _ = scan_tree(root, _owns)
-    return all(rel in files and size in (None, files[rel]) for rel, size in listed.items())
+    # A rank of a multi-node job that finishes second uses the first one's copy (GeneratedFolder.generate).
+    return generate_demo_dataset(root, train_per_class, val_per_class, img_size, seed)
 
 
 def _reuse_or_remove(root: Path, wanted: dict) -> None:
     """Returns with ``root`` intact if it is the wanted dataset, or removed if it is provably an outdated one."""
     try:
-        manifest = json.loads((root / MANIFEST_NAME).read_text())
+        manifest = _FOLDER.read_record(root)
     except FileNotFoundError:
         raise _not_ours(root, f"holds files but no {MANIFEST_NAME}") from None
     except (OSError, ValueError) as exc:
         raise _not_ours(root, f"holds a {MANIFEST_NAME} that cannot be read as JSON ({exc})") from None
-    listed = _listed_files(manifest)
+    listed = _FOLDER.listed_files(manifest)
     if listed is None:
         raise _not_ours(root, f"holds a {MANIFEST_NAME} that natzoo's demo generator did not write")
-    dirs = {rel[: i + 1] for rel in listed for i, ch in enumerate(rel) if ch == "/"}
-    files, foreign = scan_tree(root, lambda rel: rel in listed or rel in dirs or rel == MANIFEST_NAME)
-    changed = [rel for rel, size in listed.items() if rel in files and size not in (None, files[rel])]
-    missing = [rel for rel in listed if rel not in files]
-    same = {k: manifest.get(k) for k in wanted} == wanted
+    survey = _FOLDER.survey(root, listed)
+    foreign, changed, missing = survey.foreign, survey.changed, survey.missing
+    same = _FOLDER.matches(manifest, wanted)
     if same and not missing and not changed:
         if foreign:
             log.warning("the demo dataset in %s also holds files the generator did not write (%s); image files among "
@@ -297,6 +242,4 @@ def _reuse_or_remove(root: Path, wanted: dict) -> None:
     log.info("replacing the demo dataset in %s: %s", root,
              f"{len(missing)} of its files are missing" if same else
              "it was generated with " + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in differs.items()))
-    stale = Path(tempfile.mkdtemp(prefix=scratch_prefix(root.name, "stale"), dir=root.parent))
-    os.replace(root, stale)
-    delete_scanned(stale, files, last=MANIFEST_NAME)
+    _FOLDER.remove(root, survey)
