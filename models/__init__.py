@@ -1,7 +1,9 @@
 """NAT-family models registered with timm's registry.
 
 Importing this package registers ``nat_*``, ``dinat_*``, ``dinat_s_*``, ``*_isotropic_*`` and ``vitrpb_*`` with
-timm, so ``timm.create_model("nat_tiny.in1k", pretrained=True)`` and ``timm.list_models("*nat*")`` work.
+timm, so ``timm.create_model("nat_tiny.in1k", pretrained=True)`` and ``timm.list_models("*nat*")`` work. A new
+family is one more module here, imported below; :func:`registered_models` finds its models by the module that
+registered them, so the generated ``model=<variant>`` configs, ``hubconf.py`` and the tests pick it up.
 :func:`load_weights` is the one function every weight-loading route goes through (docs/models.md).
 """
 
@@ -29,14 +31,14 @@ from .nat import NAT, ConvDownsampler, ConvTokenizer, NATBlock, NATStage, conver
 
 
 def registered_models() -> list[str]:
-    """Names of the models this package registers with timm."""
+    """Names of the models this package registers with timm, sorted as ``timm.list_models`` sorts them.
+
+    timm's registry keeps each model's entry point; the ones defined in a module of this package are ours, whatever
+    their names (timm itself records only the last part of the module name, which a timm module could share).
+    """
     import timm
 
-    return [
-        n
-        for n in timm.list_models(["*nat*", "vitrpb*"])
-        if timm.models.model_entrypoint(n).__module__.startswith("natzoo.models.")
-    ]
+    return [n for n in timm.list_models() if timm.models.model_entrypoint(n).__module__.startswith(__name__ + ".")]
 
 
 __all__ = [

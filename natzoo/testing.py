@@ -33,26 +33,9 @@ def compose_config(config_name: str, overrides: Sequence[str] = (), output_dir: 
 
 
 def tiny_overrides(data_root: str | Path, log_dir: str | Path, epochs: int = 2) -> list[str]:
-    """Overrides that shrink the default training config to a few CPU-seconds: a tiny generated dataset (8 classes x
-    8 + 4 images at 32 px), a one-block-per-stage NAT with 3x3 windows, batch 8, CSV logging, no progress bar."""
-    return [
-        f"data.root={data_root}",
-        "data.generate.train_per_class=8",
-        "data.generate.val_per_class=4",
-        "data.batch_size=8",
-        "data.eval_batch_size=16",
-        "model.kwargs.embed_dim=16",
-        "model.kwargs.depths=[1,1,1,1]",
-        "model.kwargs.num_heads=[1,1,2,2]",
-        "+model.kwargs.kernel_size=3",
-        f"sched.epochs={epochs}",
-        "sched.warmup_epochs=0",
-        "logger=csv",
-        "callbacks=none",
-        "+trainer.enable_progress_bar=false",
-        "+trainer.enable_model_summary=false",
-        f"paths.log_dir={log_dir}",
-    ]
+    """Overrides that shrink the default training config to a few CPU-seconds: the ``debug=tiny`` preset
+    (``configs/debug/tiny.yaml``) with the dataset in ``data_root``, logs under ``log_dir`` and ``epochs`` epochs."""
+    return ["debug=tiny", f"data.root={data_root}", f"paths.log_dir={log_dir}", f"sched.epochs={epochs}"]
 
 
 class CrashAtStep(pl.Callback):
