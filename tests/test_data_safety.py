@@ -19,8 +19,7 @@ import pytest
 
 from natzoo import train
 from natzoo.classification.module import ClassificationModule
-from natzoo.datasets import demo, ensure_demo_dataset, generate_demo_dataset
-from natzoo.datasets import coco_shapes
+from natzoo.datasets import coco_shapes, demo, ensure_demo_dataset, generate_demo_dataset
 from natzoo.datasets.coco_shapes import SyntheticCocoSpec, make_synthetic_coco
 from natzoo.ownership import GeneratedFolder, scratch_prefix
 from natzoo.testing import compose_config, tiny_overrides

@@ -9,13 +9,13 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from natzoo.config import DETECTION_RULES, plain
-from natzoo.detection.backbone import NATBackbone, load_backbone_checkpoint, model_family
-from natzoo.datasets.coco import CocoDataModule
-from natzoo.detection.module import DetectionModule
-from natzoo.datasets.coco_shapes import SyntheticCocoSpec
-from natzoo.models import load_weights
 from natzoo.checkpoints import network_weights
+from natzoo.config import DETECTION_RULES, plain
+from natzoo.datasets.coco import CocoDataModule
+from natzoo.datasets.coco_shapes import SyntheticCocoSpec
+from natzoo.detection.backbone import NATBackbone, load_backbone_checkpoint, model_family
+from natzoo.detection.module import DetectionModule
+from natzoo.models import load_weights
 from natzoo.tasks import Task, register_task
 
 __all__ = ["build_datamodule", "build_module", "load_module_for_eval", "summarize_eval", "validate_config"]
