@@ -26,7 +26,7 @@ from torchvision.models import feature_extraction as tv_fx
 from natzoo import models
 
 ALL = models.registered_models()
-TAGGED = sorted(timm.list_models(["*nat*", "vitrpb*"], pretrained=True))
+TAGGED = sorted(n for n in timm.list_models(pretrained=True) if n.split(".", 1)[0] in ALL)
 ISOTROPIC = [n for n in ALL if "isotropic" in n or n.startswith("vitrpb")]
 HIERARCHICAL = [n for n in ALL if n not in ISOTROPIC]
 # One full-size model per structure: NAT, DiNAT 11x11 at 384, DiNAT_s at 384, DiNAT-iso, ViT-rpb.
