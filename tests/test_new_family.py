@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 TOY = Path(__file__).resolve().parent / "toy_family"
 
@@ -59,6 +61,7 @@ print("FOUND " + json.dumps(found))
 """
 
 
+@pytest.mark.slow  # a child process that imports the stack and trains for an epoch
 def test_a_new_family_in_one_file_and_its_config_appears_everywhere(tmp_path):
     done = subprocess.run([sys.executable, "-c", CHILD, str(TOY / "toy.py"), str(TOY / "configs"), str(tmp_path)],
                           check=False, cwd=REPO, capture_output=True, text=True, timeout=600)
