@@ -12,8 +12,10 @@ from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
 
 from natzoo.classification.module import create_model
 from natzoo.classification.task import image_config
-from natzoo.config import plain
-from natzoo.optim import build_lr_lambda, param_groups, scaled_lr
+from natzoo.config import CLASSIFICATION_RULES, COMMON_RULES, DETECTION_RULES, plain
+from natzoo.datasets.folder import BAD_IMAGE_POLICIES
+from natzoo.detection.detectors import ARCHITECTURES
+from natzoo.optim import MILESTONE_UNITS, SCHEDULES, build_lr_lambda, param_groups, scaled_lr
 from natzoo.testing import CONFIG_DIR, compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
@@ -188,3 +190,24 @@ def test_weight_decay_rule_for_models_without_rpb_or_the_method():
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(4, 2))
     assert _exempt(param_groups(net, 0.05), net) == {"0.bias", "1.weight", "1.bias", "2.bias"}
     assert _exempt(param_groups(net, 0.05, no_decay_1d=False, no_decay_names=["2.*"]), net) == {"2.weight", "2.bias"}
+
+
+def test_choice_rules_take_their_options_from_the_code_that_owns_them():
+    # The same objects, not restated copies: a schedule, detector or policy added there is accepted here.
+    owners = {"sched.name": (COMMON_RULES, SCHEDULES), "sched.milestone_unit": (COMMON_RULES, MILESTONE_UNITS),
+              "model.arch": (DETECTION_RULES, ARCHITECTURES), "data.bad_images": (CLASSIFICATION_RULES, BAD_IMAGE_POLICIES)}
+    for key, (rules, options) in owners.items():
+        assert rules[key].options is options, key
+
+
+@pytest.mark.parametrize("overrides", [["debug=tiny"], ["debug=fdr"], ["debug=limit"], ["debug=[tiny,fdr]"]])
+def test_debug_presets_compose_on_the_default_config(tmp_path, overrides):
+    cfg = compose_config("train", overrides, tmp_path)
+    names = overrides[0].removeprefix("debug=").strip("[]").split(",")
+    if "tiny" in names:
+        assert (cfg.data.generate.train_per_class, cfg.model.kwargs.depths, cfg.sched.epochs) == (8, [1, 1, 1, 1], 2)
+        assert cfg.data.root.endswith("natzoo_demo_tiny") and list(cfg.logger) == ["csv"]
+    if "fdr" in names:
+        assert cfg.trainer.fast_dev_run is True
+    if "limit" in names:
+        assert (cfg.trainer.limit_train_batches, cfg.trainer.limit_val_batches) == (5, 2)
