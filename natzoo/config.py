@@ -1,5 +1,5 @@
-"""The value rules every knob of the train/eval drivers is checked against before anything is built, and the checks
-of ``ckpt_path`` and of the weights an evaluation uses.
+"""The value rules every knob of the train/eval drivers is checked against before anything is built, the check of the
+weights an evaluation uses, and the look-up of a ``ckpt_path`` run directory.
 
 Every numeric, boolean and choice knob the code reads has one rule: here, in the module that owns the knob
 (``natzoo.optim`` for ``optim``/``sched``), or, for task-specific knobs, in the task's ``config_rules``. Choice lists
