@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 
 from natzoo.ops.neighborhood.modules import _NeighborhoodAttentionNd
 
