@@ -1,4 +1,4 @@
-"""Attention maps: keys and weights per stage against the dense float64 oracle, and the PNG of docs/attention_maps.md."""
+"""Attention maps: keys and weights per stage against the float64 oracle, and the PNG of docs/attention_maps.md."""
 
 from __future__ import annotations
 

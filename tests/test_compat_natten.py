@@ -252,21 +252,26 @@ def test_transformers_dinat_and_nat_run_unchanged():
     """transformers' DiNAT (and the deprecated NAT) models on natzoo, against natzoo's own DiNAT with the converted
     weights. Runs in a subprocess: transformers must be imported after install_natten()."""
     code = r"""
-import torch, natzoo.compat
+import sys, torch, natzoo.compat
+sys.path.insert(0, "tests")
+from helpers import official_to_hf  # independent of natzoo's own converter
 natzoo.compat.install_natten()
 import transformers
 if not hasattr(transformers, "DinatForImageClassification"):
     print("skip: transformers", transformers.__version__, "has no DiNAT")
     raise SystemExit(0)
 from transformers import DinatConfig, DinatForImageClassification, NatConfig, NatForImageClassification
-from natzoo.models.nat import NAT, convert_hf_state_dict
+from natzoo.models.nat import NAT
 torch.manual_seed(0)
 cfg = DinatConfig(embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], kernel_size=3, mlp_ratio=2.0,
                   dilations=[[2], [1], [1, 2], [1]], num_labels=5)
 hf = DinatForImageClassification(cfg).double().eval()
 ours = NAT(embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], kernel_size=3, mlp_ratio=2.0,
            dilations=[[2], [1], [1, 2], [1]], num_classes=5, drop_path_rate=0.0).double().eval()
-ours.load_state_dict(convert_hf_state_dict(hf.state_dict()), strict=True)
+with torch.no_grad():
+    for p in ours.parameters():
+        p.normal_(0.0, 0.2)
+hf.load_state_dict(official_to_hf(ours.state_dict(), "dinat"), strict=True)
 x = torch.randn(2, 3, 64, 48, dtype=torch.float64)
 torch.testing.assert_close(hf(x).logits, ours(x), atol=1e-10, rtol=1e-8)
 nat = NatForImageClassification(NatConfig(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4],
