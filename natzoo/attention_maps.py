@@ -62,7 +62,7 @@ def _stage_modules(model: nn.Module, block: int) -> list[tuple[int, str, Neighbo
     names = {id(m): name for name, m in model.named_modules()}
     stages = getattr(model, "stages", None)
     groups = [list(s.modules()) for s in stages] if stages is not None else [[m] for m in model.modules()]
-    chosen = []
+    chosen: list[tuple[int, str, NeighborhoodAttention2D]] = []
     for index, members in enumerate(groups):
         attn = [m for m in members if isinstance(m, NeighborhoodAttention2D)]
         if attn:
@@ -133,8 +133,8 @@ def attention_maps(model: nn.Module, image: torch.Tensor, point: Sequence[float]
         map_h, map_w = x.shape[1:3]
         query = (min(int(point[0] * map_h / height), map_h - 1), min(int(point[1] * map_w / width), map_w - 1))
         keys, weights, dil = _weights_at(attn, x, dilation, query)
-        result.append(StageAttention(stage, name, (map_h, map_w), query, tuple(attn.kernel_size), dil, keys.cpu(),
-                                     weights.cpu()))
+        result.append(StageAttention(stage, name, (map_h, map_w), query, (attn.kernel_size[0], attn.kernel_size[1]),
+                                     (dil[0], dil[1]), keys.cpu(), weights.cpu()))
     return result
 
 

@@ -82,7 +82,7 @@ def na_with_extras(
 ) -> Output:
     """The fused op with GQA/MQA heads and/or extra tokens on top of `run` (``functional._run``)."""
     key, value = expand_kv_heads(key, problem.heads), expand_kv_heads(value, problem.heads)
-    if additional_keys is None or additional_keys.shape[1] == 0:
+    if additional_keys is None or additional_values is None or additional_keys.shape[1] == 0:
         return run(problem, query, key, value, rpb, return_lse, backend)
     out_nb, lse_nb = run(problem, query, key, value, rpb, True, backend)
     out_x, lse_x = dense_extra(

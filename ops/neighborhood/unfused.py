@@ -32,10 +32,14 @@ from .validation import SUPPORTED_DTYPES, BoolOrTuple, IntOrTuple, check_window_
 __all__ = ["na1d_av", "na1d_qk", "na2d_av", "na2d_qk", "na3d_av", "na3d_qk", "neighborhood_tables"]
 
 
-def _axis_table(length: int, k: int, s: int, d: int, causal: bool) -> tuple[list[list[int]], ...]:
+def _axis_table(
+    length: int, k: int, s: int, d: int, causal: bool
+) -> tuple[list[list[int]], list[list[bool]], list[list[int]]]:
     """Per position of one axis: ``keys [L, k]`` (key coordinate of each slot; the query's own where unused),
     ``valid [L, k]`` and ``bias [L, k]`` (rpb index ``(k - 1) + (j - i)``, ``k - 1`` where unused)."""
-    keys, valid, bias = [], [], []
+    keys: list[list[int]] = []
+    valid: list[list[bool]] = []
+    bias: list[list[int]] = []
     for x in range(length):
         g, i = x % d, x // d
         start, end = window(i, group_length(length, d, g), k, s, causal)
