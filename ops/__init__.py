@@ -14,11 +14,18 @@ if __name__ != "natzoo.ops":
 
 from .neighborhood.functional import na1d, na2d, na3d
 from .neighborhood.modules import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
+from .neighborhood.unfused import na1d_av, na1d_qk, na2d_av, na2d_qk, na3d_av, na3d_qk
 
 __all__ = [
     "na1d",
     "na2d",
     "na3d",
+    "na1d_qk",
+    "na2d_qk",
+    "na3d_qk",
+    "na1d_av",
+    "na2d_av",
+    "na3d_av",
     "NeighborhoodAttention1D",
     "NeighborhoodAttention2D",
     "NeighborhoodAttention3D",

@@ -62,7 +62,7 @@ def test_validation_rule(overrides, pattern):
 
 def test_unknown_keyword_is_type_error():
     with pytest.raises(TypeError):
-        call(additional_keys=Q)
+        call(cu_seqlens_q=Q)  # NATTEN varlen keyword, not provided
 
 
 def test_checks_run_in_documented_order():

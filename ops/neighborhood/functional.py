@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import select_backend
+from .extra_kv import na_with_extras
 from .reference import na_reference
 from .validation import BoolOrTuple, IntOrTuple, Problem, check_problem
 
@@ -40,8 +41,14 @@ def _na(
     rpb: torch.Tensor | None,
     return_lse: bool,
     backend: str | None,
+    additional_keys: torch.Tensor | None = None,
+    additional_values: torch.Tensor | None = None,
 ) -> Output:
-    problem = check_problem(fn, n, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, backend)
+    problem = check_problem(fn, n, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, backend,
+                            additional_keys, additional_values)
+    if additional_keys is not None or key.shape[-2] != problem.heads:
+        return na_with_extras(problem, _run, query, key, value, rpb, additional_keys, additional_values, return_lse,
+                              backend)
     return _run(problem, query, key, value, rpb, return_lse, backend)
 
 
@@ -57,13 +64,16 @@ def na1d(
     rpb: torch.Tensor | None = None,
     return_lse: bool = False,
     backend: str | None = None,
+    additional_keys: torch.Tensor | None = None,
+    additional_values: torch.Tensor | None = None,
 ) -> Output:
     """1-D neighborhood attention over ``[B, L, heads, head_dim]`` tensors.
 
     Args:
         query: ``[B, L, H, D]``.
-        key: Same shape, dtype and device as `query`.
-        value: Same shape, dtype and device as `query`.
+        key: ``[B, L, H_kv, D]``, dtype and device of `query`; ``H_kv`` divides ``H`` (GQA/MQA: query head ``h``
+            reads key head ``h // (H // H_kv)``).
+        value: Same shape as `key`.
         kernel_size: Window size ``k >= 2``.
         stride: Query-block stride, ``1 <= s <= k``.
         dilation: Dilation ``d >= 1`` with ``k * d <= L``.
@@ -72,11 +82,15 @@ def na1d(
         rpb: Relative positional bias ``[H, 2k-1]`` added to the scaled logits (stride 1 only).
         return_lse: Also return the natural log-sum-exp of the logits, ``[B, L, H]``.
         backend: None/``'auto'``, ``'triton'`` or ``'reference'``.
+        additional_keys: ``[B, n_extra, H_kv, D]`` tokens every query attends to besides its neighborhood, in the
+            same softmax (no rpb); given together with `additional_values`.
+        additional_values: ``[B, n_extra, H_kv, D]``.
 
     Returns:
         ``out`` of the shape and dtype of `query`, or ``(out, lse)`` when `return_lse` is true.
     """
-    return _na(1, "na1d", query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, return_lse, backend)
+    return _na(1, "na1d", query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, return_lse, backend,
+               additional_keys, additional_values)
 
 
 def na2d(
@@ -91,12 +105,15 @@ def na2d(
     rpb: torch.Tensor | None = None,
     return_lse: bool = False,
     backend: str | None = None,
+    additional_keys: torch.Tensor | None = None,
+    additional_values: torch.Tensor | None = None,
 ) -> Output:
     """2-D neighborhood attention over ``[B, X, Y, heads, head_dim]`` tensors.
 
     Arguments as in :func:`na1d`, per axis where a tuple is given; `rpb` is ``[H, 2k_0-1, 2k_1-1]``.
     """
-    return _na(2, "na2d", query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, return_lse, backend)
+    return _na(2, "na2d", query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, return_lse, backend,
+               additional_keys, additional_values)
 
 
 def na3d(
@@ -111,9 +128,12 @@ def na3d(
     rpb: torch.Tensor | None = None,
     return_lse: bool = False,
     backend: str | None = None,
+    additional_keys: torch.Tensor | None = None,
+    additional_values: torch.Tensor | None = None,
 ) -> Output:
     """3-D neighborhood attention over ``[B, X, Y, Z, heads, head_dim]`` tensors.
 
     Arguments as in :func:`na1d`, per axis where a tuple is given; `rpb` is ``[H, 2k_0-1, 2k_1-1, 2k_2-1]``.
     """
-    return _na(3, "na3d", query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, return_lse, backend)
+    return _na(3, "na3d", query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, return_lse, backend,
+               additional_keys, additional_values)

@@ -105,6 +105,8 @@ def check_problem(
     scale: Any,
     rpb: Any,
     backend: Any,
+    additional_keys: Any = None,
+    additional_values: Any = None,
 ) -> Problem:
     """Runs every argument check of docs/ops.md ("Validation") in order and returns the normalised problem.
 
@@ -140,15 +142,25 @@ def check_problem(
             f"{fn}: query must have the layout [B, *spatial({n}), heads, head_dim] ({n + 3} dims), "
             f"got query.shape={tuple(query.shape)}"
         )
-    if key.shape != query.shape or value.shape != query.shape:
+    # key and value may have fewer heads than query (GQA/MQA): every other axis must match.
+    if key.shape != value.shape or key.dim() != query.dim() or key.shape[:-2] + key.shape[-1:] != (
+        query.shape[:-2] + query.shape[-1:]
+    ):
         raise ValueError(
-            f"{fn}: query, key and value must have identical shapes, got query.shape={tuple(query.shape)}, "
-            f"key.shape={tuple(key.shape)}, value.shape={tuple(value.shape)}"
+            f"{fn}: query, key and value must have identical shapes (key and value may have fewer heads), got "
+            f"query.shape={tuple(query.shape)}, key.shape={tuple(key.shape)}, value.shape={tuple(value.shape)}"
         )
     batch, *spatial, heads, head_dim = query.shape
-    if heads == 0 or head_dim == 0 or any(length == 0 for length in spatial):
+    if heads == 0 or head_dim == 0 or any(length == 0 for length in spatial) or key.shape[-2] == 0:
         raise ValueError(
-            f"{fn}: heads, head_dim and every spatial length must be non-zero, got query.shape={tuple(query.shape)}"
+            f"{fn}: heads, head_dim and every spatial length must be non-zero, got query.shape={tuple(query.shape)}, "
+            f"key.shape={tuple(key.shape)}"
+        )
+    heads_kv = key.shape[-2]
+    if heads % heads_kv != 0:
+        raise ValueError(
+            f"{fn}: the heads of key and value must divide the heads of query (GQA/MQA), got {heads_kv} and {heads} "
+            f"heads (query.shape={tuple(query.shape)}, key.shape={tuple(key.shape)})"
         )
     ks, st, dil, causal = check_window_args(fn, n, kernel_size, stride, dilation, is_causal)
     for axis, (k, d, length) in enumerate(zip(ks, dil, spatial)):
@@ -187,6 +199,7 @@ def check_problem(
         raise ValueError(f"{fn}: scale must be None or a finite real number, got scale={scale!r}")
     if backend not in BACKENDS:
         raise ValueError(f"{fn}: backend must be one of None, 'auto', 'triton', 'reference', got backend={backend!r}")
+    check_additional_kv(fn, query, heads_kv, additional_keys, additional_values)
     return Problem(
         name=fn,
         n=n,
@@ -209,3 +222,36 @@ def check_rpb_flag(fn: str, rel_pos_bias: bool, stride: tuple[int, ...]) -> None
     if rel_pos_bias and any(s != 1 for s in stride):
         raise ValueError(f"{fn}: rel_pos_bias=True requires stride 1 on every axis, got stride={stride}")
 
+
+
+def check_additional_kv(fn: str, query: torch.Tensor, heads_kv: int, additional_keys: Any,
+                        additional_values: Any) -> None:
+    """Extra key/value tokens: both or neither, ``[B, n_extra, heads_kv, head_dim]`` each, identical shapes, in the
+    dtype and on the device of `query`."""
+    if additional_keys is None and additional_values is None:
+        return
+    if additional_keys is None or additional_values is None:
+        raise ValueError(
+            f"{fn}: additional_keys and additional_values must be given together, got additional_keys "
+            f"{type(additional_keys).__name__} and additional_values {type(additional_values).__name__}"
+        )
+    batch, head_dim = query.shape[0], query.shape[-1]
+    for name, t in (("additional_keys", additional_keys), ("additional_values", additional_values)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != query.dtype or t.device != query.device:
+            raise ValueError(
+                f"{fn}: {name} must have the dtype and device of query ({query.dtype}, {query.device}), got "
+                f"dtype={t.dtype}, device={t.device}"
+            )
+        if t.dim() != 4 or t.shape[0] != batch or tuple(t.shape[2:]) != (heads_kv, head_dim):
+            raise ValueError(
+                f"{fn}: {name} must have shape [B, n_extra, heads_kv, head_dim] = ({batch}, n_extra, {heads_kv}, "
+                f"{head_dim}), got {name}.shape={tuple(t.shape)}"
+            )
+    if additional_keys.shape != additional_values.shape:
+        raise ValueError(
+            f"{fn}: additional_keys and additional_values must have identical shapes, got "
+            f"additional_keys.shape={tuple(additional_keys.shape)}, "
+            f"additional_values.shape={tuple(additional_values.shape)}"
+        )
