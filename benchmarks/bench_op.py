@@ -43,11 +43,11 @@ class Shape:
     heads: int
     head_dim: int
     kernel_size: tuple[int, ...]
-    dilation: tuple[int, ...] = None
-    is_causal: tuple[bool, ...] = None
+    dilation: tuple[int, ...] = ()  # () means 1 on every axis
+    is_causal: tuple[bool, ...] = ()  # () means False on every axis
     rpb: bool = False
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         n = len(self.spatial)
         self.dilation = self.dilation or (1,) * n
         self.is_causal = self.is_causal or (False,) * n
@@ -128,7 +128,7 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
-def time_ms(fn: Callable[[], None], device: str, warmup: int, repeats: int) -> float:
+def time_ms(fn: Callable[[], object], device: str, warmup: int, repeats: int) -> float:
     """Median milliseconds of `fn` over `repeats` runs after `warmup` runs (CUDA events on GPU, wall clock on CPU)."""
     for _ in range(warmup):
         fn()
@@ -140,7 +140,7 @@ def time_ms(fn: Callable[[], None], device: str, warmup: int, repeats: int) -> f
             fn()
             end.record()
             torch.cuda.synchronize()
-            samples.append(start.elapsedtime_ms(end))
+            samples.append(start.elapsed_time(end))
         else:
             t0 = time.perf_counter()
             fn()
@@ -148,17 +148,26 @@ def time_ms(fn: Callable[[], None], device: str, warmup: int, repeats: int) -> f
     return statistics.median(samples)
 
 
-def device_limits(device: str, dtype: torch.dtype) -> tuple[float | None, float | None]:
-    """Measured copy bandwidth (bytes/s) and matmul peak (FLOP/s) in `dtype`; None on CPU."""
+def device_limits(
+    device: str, dtype: torch.dtype, copy_bytes: int = 2**28, matmul_n: int = 8192
+) -> tuple[float | None, float | None]:
+    """Measured copy bandwidth (bytes/s) and matmul peak (FLOP/s) in `dtype`; None on CPU.
+
+    Args:
+        device: ``"cuda"`` measures; anything else returns ``(None, None)``.
+        dtype: The matmul dtype.
+        copy_bytes: Size of the copied buffer (read once, written once).
+        matmul_n: Side of the square matmul.
+    """
     if device != "cuda":
         return None, None
-    src = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+    src = torch.empty(copy_bytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), device, 3, 10)
     bandwidth = 2 * src.numel() / (ms * 1e-3)
-    a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+    a = torch.randn(matmul_n, matmul_n, device="cuda", dtype=dtype)
     ms = time_ms(lambda: a @ a, device, 3, 10)
-    peak = 2 * 8192**3 / (ms * 1e-3)
+    peak = 2 * matmul_n**3 / (ms * 1e-3)
     return bandwidth, peak
 
 
