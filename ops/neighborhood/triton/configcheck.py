@@ -29,7 +29,7 @@ import dataclasses
 import math
 import time
 import zlib
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -266,7 +266,7 @@ def run_case(case: Case, device: torch.device | str | None = None) -> dict:
             got = _run_op(case, tensors, case.dtype, "triton")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    except Exception as exc:  # a compile or launch failure is this case's result, not the end of the run
+    except Exception as exc:  # noqa: BLE001 - a compile or launch failure is this case's result, not the end
         row.update(passed=False, error=f"{type(exc).__name__}: {exc}", seconds=time.perf_counter() - start)
         return row
     want = _run_op(case, tensors, torch.float64, "reference")

@@ -22,7 +22,7 @@ import contextlib
 import contextvars
 import functools
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -132,7 +132,8 @@ def search_space(kind: str, rank: int, head_dim: int) -> list[Entry]:
 
 
 # Per kernel kind: the one entry forced by `force_config` in this thread (or asyncio task), if any.
-_pinned: contextvars.ContextVar[dict[str, Entry]] = contextvars.ContextVar("natzoo_na_pinned", default={})
+_pinned: contextvars.ContextVar[tuple[tuple[str, Entry], ...]] = contextvars.ContextVar("natzoo_na_pinned",
+                                                                                       default=())
 
 
 @contextlib.contextmanager
@@ -151,7 +152,7 @@ def force_config(kind: str, entry: Entry) -> Iterator[None]:
         raise ValueError(f"force_config: kind must be one of {KINDS}, got {kind!r}")
     if not (isinstance(entry, tuple) and len(entry) in (4, 5) and all(len(t) == 3 for t in entry[:2])):
         raise ValueError(f"force_config: entry must be (query tile, key tile, warps, stages[, maxnreg]), got {entry!r}")
-    token = _pinned.set({**_pinned.get(), kind: tuple(entry)})
+    token = _pinned.set((*_pinned.get(), (kind, tuple(entry))))
     try:
         yield
     finally:
@@ -162,9 +163,9 @@ def config_entries(kind: str, rank: int, mode: str, head_dim: int = 32) -> list[
     """The configs kernel `kind` (``fwd``, ``dq``, ``dkdv``) may use for `rank` spatial axes in autotuning `mode`:
     the forced entry (:func:`force_config`), else the interpreter's one, else the GPU search space of the head-dim
     class cut down to the mode."""
-    forced = _pinned.get().get(kind)
-    if forced is not None:
-        return [forced]
+    forced = [entry for pinned, entry in _pinned.get() if pinned == kind]
+    if forced:
+        return forced[-1:]  # the innermost
     if interpreting():
         return _INTERPRETER_CONFIGS[kind][rank][:1]
     table = search_space(kind, rank, head_dim)
