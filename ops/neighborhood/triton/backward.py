@@ -49,6 +49,7 @@ from .forward import (
     upcast_operands,
 )
 from .tiling import (
+    LOG2E,
     advance,
     autotune_mode,
     axis_offsets,
@@ -85,7 +86,6 @@ def _dq_loop(dq, table, q, do, lse2, delta, k_base, v_base, rpb_base, n_trips, n
     `GUARD` is the rerun of a tile with a non-finite dQ row: keys are sanitised and the slots of non-finite keys
     become NaN in ``dS``, so a bad key reaches only its own queries' rows.
     """
-    LOG2E: tl.constexpr = 1.4426950408889634
     R1: tl.constexpr = 2 * K1 - 1
     R2: tl.constexpr = 2 * K2 - 1
     c0, c1, c2, koff = sub_tile_offsets(dims, sk0, sk1, sk2, skd, DIL0, DIL1, DIL2, WIDE, TK0, TK1, TK2)
@@ -145,7 +145,6 @@ def _na_bwd_dq_kernel(
     TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr, FI: tl.constexpr,
 ):
     BQ: tl.constexpr = TQ0 * TQ1 * TQ2
-    LOG2E: tl.constexpr = 1.4426950408889634
     R1: tl.constexpr = 2 * K1 - 1
     R2: tl.constexpr = 2 * K2 - 1
     RH: tl.constexpr = (2 * K0 - 1) * R1 * R2
@@ -277,7 +276,6 @@ def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, rpb_base, n_
     `GUARD` is the rerun of a tile with a non-finite dK row: masked slots of ``dS`` then select 0 instead of
     multiplying it, so a non-finite Delta or dP stays in its own pairs.
     """
-    LOG2E: tl.constexpr = 1.4426950408889634
     R1: tl.constexpr = 2 * K1 - 1
     R2: tl.constexpr = 2 * K2 - 1
     # Loop invariants: in-sub-tile query coordinates, their q/dO/statistics offsets and rpb column term.
@@ -476,13 +474,13 @@ def na_backward(
     # d_rpb partial tables: one row per program (deterministic; rows past the chosen config's grid stay zero), or
     # copies that the programs' atomic adds are spread over.
     if need_drpb and deterministic:
-        table = torch.zeros((problem.batch * max_tiles(geo, n, mode), problem.heads, table_size), dtype=torch.float32,
+        table = torch.zeros((problem.batch * max_tiles(geo, n, mode, problem.head_dim), problem.heads, table_size), dtype=torch.float32,
                             device=device)
     elif need_drpb:
         table = torch.zeros((ATOMIC_COPIES, problem.heads, table_size), dtype=torch.float32, device=device)
     else:
         table = lse  # dummy pointer (never written)
-    dq_kernel = tuned(_na_bwd_dq_kernel, "dq", n, mode, ("TABLE",) if need_drpb else ())
+    dq_kernel = tuned(_na_bwd_dq_kernel, "dq", n, mode, problem.head_dim, ("TABLE",) if need_drpb else ())
     dq_kernel[grid_q](
         query, key, value, rpb_c, out, grad_out, lse, grad_lse if grad_lse is not None else lse, delta,
         dq if dq is not None else grads, table,
@@ -493,7 +491,7 @@ def na_backward(
         RPB_PRECISION="tf32x3" if common["PRECISION"] == "ieee" else "tf32",
     )
     if need_dk or need_dv:
-        dkdv_kernel = tuned(_na_bwd_dkdv_kernel, "dkdv", n, mode)
+        dkdv_kernel = tuned(_na_bwd_dkdv_kernel, "dkdv", n, mode, problem.head_dim)
         dkdv_kernel[grid_k](
             query, key, value, rpb_c, grad_out, lse, delta, dk if dk is not None else grads,
             dv if dv is not None else grads,
@@ -504,6 +502,6 @@ def na_backward(
     return dq, dk, dv, d_rpb
 
 
-def max_tiles(geo: Geometry, n: int, mode: str) -> int:
+def max_tiles(geo: Geometry, n: int, mode: str, head_dim: int) -> int:
     """The largest dQ grid (query tiles) over the search space: rows of the deterministic partial-table buffer."""
-    return max(geo.num_tiles(entry[0]) for entry in config_entries("dq", n, mode))
+    return max(geo.num_tiles(entry[0]) for entry in config_entries("dq", n, mode, head_dim))

@@ -33,6 +33,8 @@ import triton.language as tl
 
 from ..validation import Problem
 from .tiling import (
+    LN2,
+    LOG2E,
     advance,
     autotune_mode,
     axis_offsets,
@@ -245,7 +247,6 @@ def _fwd_loop(acc, m_i, l_i, poisoned, q, k_base, v_base, rpb_base, n_trips, nk1
     sanitised, and `poisoned` marks the rows whose window holds a non-finite value (their output becomes NaN; their
     lse does not depend on values).
     """
-    LOG2E: tl.constexpr = 1.4426950408889634
     R1: tl.constexpr = 2 * K1 - 1
     R2: tl.constexpr = 2 * K2 - 1
     # Loop invariants: in-sub-tile key coordinates, their K/V offsets and rpb column term.
@@ -304,7 +305,6 @@ def _na_fwd_kernel(
     TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
 ):
     BQ: tl.constexpr = TQ0 * TQ1 * TQ2
-    LN2: tl.constexpr = 0.6931471805599453
     R1: tl.constexpr = 2 * K1 - 1
     R2: tl.constexpr = 2 * K2 - 1
     RH: tl.constexpr = (2 * K0 - 1) * R1 * R2
@@ -386,7 +386,7 @@ def na_forward(
     def grid(meta):
         return (geo.num_tiles((meta["TQ0"], meta["TQ1"], meta["TQ2"])), problem.heads, problem.batch)
 
-    kernel = tuned(_na_fwd_kernel, "fwd", n, autotune_mode())
+    kernel = tuned(_na_fwd_kernel, "fwd", n, autotune_mode(), problem.head_dim)
     kernel[grid](
         query, key, value, rpb_arg, out, lse,
         *strides6(query, n), *strides6(key, n), *strides6(value, n), *strides6(out, n),

@@ -18,8 +18,11 @@ bit-reproducible across processes, not only within one.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -32,6 +35,12 @@ Entry = tuple  # (query tile, key tile, warps, stages[, register cap])
 
 ENV_AUTOTUNE = "NATZOO_NA_AUTOTUNE"
 AUTOTUNE_MODES = ("full", "quick", "off")
+KINDS = ("fwd", "dq", "dkdv")
+HEAD_DIM_CLASSES = (32, 64, 128, 256)
+
+# Base-conversion constants of the kernels (they work with exp2/log2 and return natural-log lse).
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 # GPU search spaces per kernel and rank, best first by the static cost model (docs/benchmarks.md); quick mode takes
 # the first two, deterministic mode the first. Small NAT windows (k=7) want 16-row query tiles on one warp (each
@@ -41,7 +50,7 @@ AUTOTUNE_MODES = ("full", "quick", "off")
 # `rpb_partial`); the others are pruned when that gradient is needed. A fifth entry caps the registers per thread:
 # the rerun path for non-finite rows needs more than the main loop, and the cap keeps enough one-warp programs
 # resident (the main loop then spills a little or not at all, see docs/benchmarks.md).
-_GPU_CONFIGS: dict[str, dict[int, list[Entry]]] = {
+_CONFIGS_32: dict[str, dict[int, list[Entry]]] = {
     "fwd": {
         1: [((16, 1, 1), (32, 1, 1), 1, 1), ((16, 1, 1), (16, 1, 1), 1, 2), ((32, 1, 1), (32, 1, 1), 2, 1),
             ((64, 1, 1), (32, 1, 1), 4, 1), ((64, 1, 1), (64, 1, 1), 4, 2)],
@@ -67,6 +76,16 @@ _GPU_CONFIGS: dict[str, dict[int, list[Entry]]] = {
         3: [((1, 2, 8), (1, 2, 8), 1, 1), ((1, 1, 16), (1, 2, 8), 1, 1), ((1, 2, 8), (1, 4, 8), 2, 1),
             ((1, 2, 16), (1, 2, 8), 1, 1)],
     },
+}
+
+# Search spaces per head-dim class (the smallest class holding the head dim; see `head_dim_class`). Larger head dims
+# hold larger accumulators and K/V sub-tiles per program: the tables of the larger classes trade rows per warp or key
+# sub-tile width for registers so that the main loops do not spill for sm_90 (static report, docs/kernels.md).
+_GPU_CONFIGS: dict[int, dict[str, dict[int, list[Entry]]]] = {
+    32: _CONFIGS_32,
+    64: _CONFIGS_32,
+    128: _CONFIGS_32,
+    256: _CONFIGS_32,
 }
 
 # Interpreter: one small config per kernel (no autotuning on CPU), smaller than the test maps so that every kernel
@@ -97,11 +116,59 @@ def autotune_mode() -> str:
     return mode
 
 
-def config_entries(kind: str, rank: int, mode: str) -> list[Entry]:
-    """The search space of kernel `kind` (``fwd``, ``dq``, ``dkdv``) for `rank` spatial axes in autotuning `mode`."""
+def head_dim_class(head_dim: int) -> int:
+    """The config-table class of `head_dim`: the smallest of 32, 64, 128, 256 that holds it."""
+    for cls in HEAD_DIM_CLASSES:
+        if head_dim <= cls:
+            return cls
+    raise ValueError(f"head_dim={head_dim} exceeds the largest kernel class {HEAD_DIM_CLASSES[-1]}")
+
+
+def search_space(kind: str, rank: int, head_dim: int) -> list[Entry]:
+    """Every GPU config `full` autotuning may choose for kernel `kind` (what ``configcheck`` checks, one by one)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return list(_GPU_CONFIGS[head_dim_class(head_dim)][kind][rank])
+
+
+# Per kernel kind: the one entry forced by `force_config` in this thread (or asyncio task), if any.
+_pinned: contextvars.ContextVar[tuple[tuple[str, Entry], ...]] = contextvars.ContextVar("natzoo_na_pinned",
+                                                                                       default=())
+
+
+@contextlib.contextmanager
+def force_config(kind: str, entry: Entry) -> Iterator[None]:
+    """Runs every launch of kernel `kind` (``fwd``, ``dq``, ``dkdv``) inside the block with exactly `entry`.
+
+    Autotuning is bypassed: the kernel is wrapped in an autotuner holding only `entry`, which Triton launches without
+    benchmarking or consulting any autotuning cache, on GPU and in the interpreter alike. The compiled binary is the
+    one `full` autotuning launches when it picks `entry` for the same arguments. Forcing nests and is per thread.
+
+    Args:
+        kind: The kernel.
+        entry: ``(query tile, key tile, warps, stages[, register cap])``, e.g. one of :func:`search_space`.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"force_config: kind must be one of {KINDS}, got {kind!r}")
+    if not (isinstance(entry, tuple) and len(entry) in (4, 5) and all(len(t) == 3 for t in entry[:2])):
+        raise ValueError(f"force_config: entry must be (query tile, key tile, warps, stages[, maxnreg]), got {entry!r}")
+    token = _pinned.set((*_pinned.get(), (kind, tuple(entry))))
+    try:
+        yield
+    finally:
+        _pinned.reset(token)
+
+
+def config_entries(kind: str, rank: int, mode: str, head_dim: int = 32) -> list[Entry]:
+    """The configs kernel `kind` (``fwd``, ``dq``, ``dkdv``) may use for `rank` spatial axes in autotuning `mode`:
+    the forced entry (:func:`force_config`), else the interpreter's one, else the GPU search space of the head-dim
+    class cut down to the mode."""
+    forced = [entry for pinned, entry in _pinned.get() if pinned == kind]
+    if forced:
+        return forced[-1:]  # the innermost
     if interpreting():
         return _INTERPRETER_CONFIGS[kind][rank][:1]
-    table = _GPU_CONFIGS[kind][rank]
+    table = search_space(kind, rank, head_dim)
     return table[:1] if mode == "off" else table[:2] if mode == "quick" else table
 
 
@@ -143,10 +210,13 @@ def _cfg(
     return triton.Config(kw, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
 
+def tuned(kernel, kind: str, rank: int, mode: str, head_dim: int, reset: tuple[str, ...] = ()):
+    """`kernel` wrapped in a ``triton.autotune`` over :func:`config_entries`; one wrapper per distinct config list."""
+    return _autotuned(kernel, kind, rank, tuple(config_entries(kind, rank, mode, head_dim)), reset)
+
+
 @functools.cache
-def tuned(kernel, kind: str, rank: int, mode: str, reset: tuple[str, ...] = ()):
-    """`kernel` wrapped in a ``triton.autotune`` over the configs of (`kind`, `rank`, `mode`); built once per mode."""
-    entries = config_entries(kind, rank, mode)
+def _autotuned(kernel, kind: str, rank: int, entries: tuple[Entry, ...], reset: tuple[str, ...]):
     return triton.autotune(configs=[_cfg(kind, rank, *e) for e in entries], key=AUTOTUNE_KEY,
                            reset_to_zero=list(reset) or None,
                            prune_configs_by={"early_config_prune": _prune})(kernel)
