@@ -169,7 +169,7 @@ def dry_plan() -> Plan:
         extra_layers=((Layer("tiny 3d 4x4x4 k3", (4, 4, 4), 1, 16, (3, 3, 3), (1, 1, 1), rpb=False), 1),),
         warmup=0, repeats=1, compile_flex=False,
         budgets={"environment": 60, "precompile": 240, "correctness": 300, "models": 120, "ops": 200, "extra": 60},
-        total_budget=1000, compile_limit=2, flex_workers=True,
+        total_budget=1000, compile_limit=1, flex_workers=True,
         row_reserve={"case": 0.0, "model": 0.0, "op": 0.0, "flex": 0.0},
     )
 
@@ -630,7 +630,7 @@ def step_precompile(kit: Kit, step: dict[str, Any], steps: list[str]) -> None:
         else:
             os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = env_threads
     target = compile_target(plan.device)
-    workers = max(1, os.cpu_count() or 1)
+    workers = max(1, min(os.cpu_count() or 1, plan.compile_limit or 4096))
     pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
                                                   initializer=_compile_worker_init, initargs=(target, sys.path[:]))
     futures: dict[concurrent.futures.Future[dict[str, Any]], CompileSpec] = {}
