@@ -465,7 +465,7 @@ def recording(sink: list[CompileSpec], source: str) -> Iterator[None]:
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
-    patched: list[tuple[type, Callable[..., Any]]] = [(Autotuner, Autotuner.run), (JITFunction, JITFunction.run)]
+    patched: list[tuple[Any, Callable[..., Any]]] = [(Autotuner, Autotuner.run), (JITFunction, JITFunction.run)]
     try:
         from triton.runtime.interpreter import InterpretedFunction
 
@@ -497,12 +497,12 @@ def recording(sink: list[CompileSpec], source: str) -> Iterator[None]:
 
     Autotuner.run = tuner_run  # type: ignore[method-assign]
     for cls, _ in patched[1:]:
-        cls.run = jit_run  # type: ignore[method-assign]
+        cls.run = jit_run
     try:
         yield
     finally:
         for cls, original in patched:
-            cls.run = original  # type: ignore[method-assign]
+            cls.run = original
 
 
 class _CompileOnlyDriver:
@@ -931,7 +931,7 @@ def step_models(kit: Kit, step: dict[str, Any]) -> None:
                 torch.cuda.empty_cache()
         for r in rows:
             kit.report.add(step, {"model": name, "mode": r["mode"], "batch": plan.model_batch, "img/s": r["img_s"],
-                                  "ms/batch": float(r["seconds"]) * 1e3, "peak MiB": r["peak_mib"],
+                                  "ms/batch": r["seconds"] * 1e3, "peak MiB": r["peak_mib"],
                                   "params M": r["params"]})
     swin = {r["mode"]: r["img/s"] for r in step["rows"] if r["model"].startswith("swin") and "img/s" in r}
     for row in step["rows"]:
@@ -984,7 +984,7 @@ def flex_fn(layer: Layer, batch: int, dtype: Any, device: str, compile_flex: boo
         flex = flex_attention
 
     def fwd() -> Any:
-        return flex(*flat, block_mask=block_mask)
+        return flex(flat[0], flat[1], flat[2], block_mask=block_mask)
 
     return fwd, backward
 
