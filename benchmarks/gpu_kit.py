@@ -140,8 +140,8 @@ def gpu_plan() -> Plan:
         check_groups=(CheckGroup("NAT-Tiny layer, head_dim 32", (2,), ALL_DTYPES, (32,), nat),
                       CheckGroup("DiNAT-Tiny layer, head_dim 32", (2,), ALL_DTYPES, (32,), dinat),
                       CheckGroup("2-D, head_dim 64/128", (2,), ALL_DTYPES, (64, 128)),
-                      CheckGroup("3-D, head_dim 32/64/128", (3,), ALL_DTYPES, (32, 64, 128)),
                       CheckGroup("1-D, head_dim 32/64/128", (1,), ALL_DTYPES, (32, 64, 128)),
+                      CheckGroup("3-D, head_dim 32/64/128", (3,), ALL_DTYPES, (32, 64, 128)),
                       CheckGroup("head_dim 256", (1, 2, 3), ALL_DTYPES, (256,))),
         race_layer=layers[1], race_runs=20, deterministic_runs=3,
         models=("nat_tiny", "swin_tiny_patch4_window7_224", "dinat_tiny", "convnext_tiny"), model_batch=128,
@@ -310,12 +310,17 @@ def counting_compiles(kit: Kit) -> Iterator[None]:
 
     previous = knobs.compilation.listener
 
-    def listener(*, src: Any, metadata: Any, metadata_group: Any, times: Any, cache_hit: bool) -> None:
+    def listener(**event: Any) -> None:
         if previous is not None:
-            previous(src=src, metadata=metadata, metadata_group=metadata_group, times=times, cache_hit=cache_hit)
-        fn = getattr(src, "fn", None)
-        if not cache_hit and fn is not None and _kernel_key(fn).startswith(NA_KERNELS):
-            kit.compiles.append({"kernel": getattr(fn, "__name__", "?"), "seconds": _total_seconds(times)})
+            previous(**event)
+        if event.get("cache_hit", True):
+            return
+        try:  # other compilations (Inductor's kernels, IR sources) are not ours to count
+            key = _kernel_key(event["src"].fn)
+        except (AttributeError, KeyError, TypeError):
+            return
+        if key.startswith(NA_KERNELS):
+            kit.compiles.append({"kernel": key.rsplit(":", 1)[-1], "seconds": _total_seconds(event.get("times"))})
 
     knobs.compilation.listener = listener
     try:
@@ -325,9 +330,9 @@ def counting_compiles(kit: Kit) -> Iterator[None]:
 
 
 def _total_seconds(times: Any) -> float:
-    """Total of Triton's ``CompileTimes`` (microseconds per stage) in seconds; 0 when it has another form."""
+    """Seconds in Triton's ``CompileTimes`` (microseconds); 0 when the Triton version reports none."""
     try:
-        return (sum(us for _, us in times.ir_initialization + times.lowering_stages) + times.store_results) / 1e6
+        return float(times.total) / 1e6
     except (AttributeError, TypeError):
         return 0.0
 
@@ -579,6 +584,23 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity set, capped by a cgroup v2 CPU quota; at most 32 workers.
+
+    ``os.cpu_count()`` counts the host's CPUs, which a container may be far from allowed to use (and every worker
+    holds a few hundred MiB of imports).
+    """
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, min(count, 32))
+
+
 def compile_target(device: str) -> tuple[str, Any, int]:
     """The parent's Triton target (backend, arch, warp size); sm_90 for the dry run, which has no GPU."""
     if device != "cuda":
@@ -630,7 +652,7 @@ def step_precompile(kit: Kit, step: dict[str, Any], steps: list[str]) -> None:
         else:
             os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = env_threads
     target = compile_target(plan.device)
-    workers = max(1, min(os.cpu_count() or 1, plan.compile_limit or 4096))
+    workers = max(1, min(usable_cpus(), plan.compile_limit or 4096))
     pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
                                                   initializer=_compile_worker_init, initargs=(target, sys.path[:]))
     futures: dict[concurrent.futures.Future[dict[str, Any]], CompileSpec] = {}
@@ -671,8 +693,8 @@ def step_precompile(kit: Kit, step: dict[str, Any], steps: list[str]) -> None:
                 result = {"layer": job[0].name, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
             kit.report.add(step, {"kernel": f"FlexAttention {result.pop('layer')}", **result})
         flex_pool.shutdown(wait=all(f.done() for f in flex_futures), cancel_futures=True)
-    kit.report.note(step, f"compile time on its own: {time.perf_counter() - start:.1f} s wall ({os.cpu_count()} "
-                          "CPUs); later steps list any NA binary they still had to compile")
+    kit.report.note(step, f"compile time on its own: {time.perf_counter() - start:.1f} s wall ({workers} worker "
+                          "processes); later steps list any NA binary they still had to compile")
     if plan.device == "cuda":
         torch.cuda.empty_cache()
 
@@ -704,9 +726,11 @@ def _report_compiles(kit: Kit, step: dict[str, Any], results: list[dict[str, Any
         row["max s"] = max(row["max s"], r["seconds"])
     for row in by_kernel.values():
         kit.report.add(step, row)
-    for r in results:
-        if r["error"]:
-            kit.report.note(step, f"FAILED {r['kernel']} ({r['source']}): {r['error']}")
+    failed = [r for r in results if r["error"]]
+    for r in failed[:10]:
+        kit.report.note(step, f"FAILED {r['kernel']} ({r['source']}): {r['error']}")
+    if len(failed) > 10:
+        kit.report.note(step, f"... and {len(failed) - 10} more failed builds (see kit.json)")
     compiled = [r for r in results if not r["cache_hit"] and r["error"] is None]
     kit.report.add(step, {"kernel": "TOTAL Triton", "binaries": len(results), "compiled": len(compiled),
                           "already cached": sum(r["cache_hit"] for r in results),

@@ -149,3 +149,22 @@ def test_precompiled_binary_is_the_one_the_launch_finds(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], check=False, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0 and "HIT" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_runtime_compiles_of_na_kernels_are_counted(tmp_path):
+    """Triton's compilation listener: an NA kernel built at run time (a cache miss) is counted with its seconds;
+    cache hits and other sources (Inductor's kernels, IR text) are not, and the previous listener is restored."""
+    from natzoo.ops.neighborhood.triton import forward
+    from triton import knobs
+    from triton.knobs import CompileTimes
+
+    kit_module = _load_kit()
+    kit = kit_module.Kit(kit_module.dry_plan(), kit_module.Report(str(tmp_path), {"command": "t", "started": "n"}), 9)
+    src = type("Src", (), {"fn": forward._na_fwd_kernel})()
+    times = CompileTimes(ir_initialization=1000, lowering_stages=[("ttir", 2_000_000)], store_results=0)
+    previous = knobs.compilation.listener
+    with kit_module.counting_compiles(kit):
+        for source, hit in ((src, False), (src, True), ("ir text", False)):
+            knobs.compilation.listener(src=source, metadata={}, metadata_group={}, times=times, cache_hit=hit)
+    assert kit.compiles == [{"kernel": "_na_fwd_kernel", "seconds": 2.001}]
+    assert knobs.compilation.listener is previous
