@@ -168,8 +168,8 @@ def dry_plan() -> Plan:
         timing_batch=1, timing_layers=tiny[1:],
         extra_layers=((Layer("tiny 3d 4x4x4 k3", (4, 4, 4), 1, 16, (3, 3, 3), (1, 1, 1), rpb=False), 1),),
         warmup=0, repeats=1, compile_flex=False,
-        budgets={"environment": 60, "precompile": 240, "correctness": 300, "models": 120, "ops": 200, "extra": 60},
-        total_budget=1000, compile_limit=1, flex_workers=True,
+        # Generous: the dry run checks code paths on shared CI machines, where a budget skip would hide one.
+        budgets=dict.fromkeys(STEP_NAMES, 1200.0), total_budget=3600, compile_limit=1, flex_workers=True,
         row_reserve={"case": 0.0, "model": 0.0, "op": 0.0, "flex": 0.0},
     )
 
