@@ -1,4 +1,4 @@
-"""Op benchmark: the fused Triton NA kernels against the reference path, FlexAttention and dense SDPA.
+"""Op benchmark: the fused Triton NA kernels against the dense and reference backends, FlexAttention and SDPA.
 
 Usage::
 
@@ -185,7 +185,7 @@ def provider_fns(shape: Shape, provider: str, q, k, v, rpb, compile_flex: bool =
     """(forward callable, forward+backward callable) for one provider, or raises to skip it."""
     n = len(shape.spatial)
     na = getattr(ops, f"na{n}d")
-    if provider in ("triton", "reference"):
+    if provider in ("triton", "dense", "reference"):
 
         def fwd():
             return na(q, k, v, shape.kernel_size, dilation=shape.dilation, is_causal=shape.is_causal, rpb=rpb,
@@ -205,7 +205,7 @@ def provider_fns(shape: Shape, provider: str, q, k, v, rpb, compile_flex: bool =
                           for t in (q, k, v))
             return flex(qt, kt, vt, block_mask=block_mask)
 
-    elif provider == "sdpa-dense":
+    elif provider == "sdpa-full":
 
         def fwd():
             qt, kt, vt = (t.reshape(shape.batch, shape.tokens, shape.heads, shape.head_dim).transpose(1, 2)
@@ -237,7 +237,7 @@ def bench_one(shape, provider, dtype, device, limits, warmup, repeats, compile_f
     res = Result(shape.name, provider, str(dtype).replace("torch.", ""))
     try:
         q, k, v, rpb = make_inputs(shape, dtype, device)
-        if provider != "triton" and provider != "reference":
+        if provider not in ("triton", "dense", "reference"):
             rpb = None
             res.note = "no rpb"
         fwd, fwdbwd = provider_fns(shape, provider, q, k, v, rpb, compile_flex)
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    parser.add_argument("--providers", default=None, help="comma list of triton,reference,flex,sdpa-dense")
+    parser.add_argument("--providers", default=None, help="comma list of triton,dense,reference,flex,sdpa-full")
     parser.add_argument("--interpreter", action="store_true", help="on CPU, also run the kernels in the interpreter")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         dtype = torch.float32 if args.dtype == "float16" else dtype
         providers = ["reference"] + (["triton"] if args.interpreter else [])
     else:
-        providers = ["triton", "reference", "flex", "sdpa-dense"]
+        providers = ["triton", "dense", "reference", "flex", "sdpa-full"]
     if args.providers:
         providers = args.providers.split(",")
     shapes = quick_shapes() if args.quick or args.device == "cpu" else full_shapes()

@@ -18,10 +18,13 @@ from unittest import mock
 
 import pytest
 import torch
+from natzoo.ops.neighborhood.validation import BACKENDS
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 sys.path.insert(0, BENCHMARKS)
 
+# The dense backend (SDPA with the neighbourhood as a bias) where this tree has it.
+DENSE = pytest.param("dense", marks=pytest.mark.skipif("dense" not in BACKENDS, reason="no dense backend in this tree"))
 EVENT_MS = 2.5  # every stand-in CUDA event pair measures this many milliseconds
 ALLOCATED, PEAK = 3 * 2**20, 7 * 2**20
 
@@ -98,7 +101,7 @@ def test_device_limits_from_event_timings(fake_cuda, cuda_on_cpu):
     assert peak == pytest.approx(2 * 8**3 / (EVENT_MS * 1e-3))
 
 
-@pytest.mark.parametrize("provider", ["triton", "sdpa-dense"])
+@pytest.mark.parametrize("provider", ["triton", DENSE, "sdpa-full"])
 def test_bench_one_cuda_row(fake_cuda, cuda_on_cpu, provider):
     """A CUDA row of bench_op: event timings, peak memory above the baseline, the floor; no swallowed error."""
     bench_op = _module("bench_op")
