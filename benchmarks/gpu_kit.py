@@ -1169,7 +1169,9 @@ def dispatch_rule(rows: list[dict[str, Any]]) -> list[str]:
             parts.append(f"rpb costs {100 * (tri['fwd+bwd ms'] / plain['fwd+bwd ms'] - 1):.0f} % in fwd+bwd")
         if parts:
             lines.append(f"{layer}: " + "; ".join(parts))
-    if winners:
+    if not winners:
+        lines.append("dispatch rule implied: none (no layer has both a triton and a dense timing)")
+    else:
         dense_max = max((t for t, _, w in winners if w == "dense"), default=None)
         triton_min = min((t for t, _, w in winners if w == "triton"), default=None)
         if dense_max is None:

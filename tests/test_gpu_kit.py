@@ -80,7 +80,7 @@ def test_dry_run_completes_every_step(dry_run):
         timed = {r["provider"] for r in rows if r.get("fwd ms") is not None}
         assert wanted <= timed, rows
     notes = [n for s in data["steps"] for n in s["notes"] if n.startswith("dispatch rule implied")]
-    assert len(notes) == 2
+    assert len(notes) == 2 and ("dense" not in BACKENDS or all("none" not in n for n in notes)), notes
     markdown = (out / "kit-2.md").read_text()
     assert all(f"## {name} (ok" in markdown for name in STEPS)
 
