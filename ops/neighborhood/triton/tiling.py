@@ -81,12 +81,32 @@ _CONFIGS_32: dict[str, dict[int, list[Entry]]] = {
 # Search spaces per head-dim class (the smallest class holding the head dim; see `head_dim_class`). Larger head dims
 # hold larger accumulators and K/V sub-tiles per program: the tables of the larger classes trade rows per warp or key
 # sub-tile width for registers so that the main loops do not spill for sm_90 (static report, docs/kernels.md).
+def _widened(table: dict[str, dict[int, list[Entry]]], factor: int, keep: int) -> dict[str, dict[int, list[Entry]]]:
+    """`table` with `factor` times the warps per entry (at most 8) and no register cap, first `keep` distinct ones.
+
+    A 16-row tile on several warps splits the head-dim columns of its accumulators over the warps, so each thread
+    keeps the registers of a head-dim-32 tile on one warp.
+    """
+    out: dict[str, dict[int, list[Entry]]] = {}
+    for kind, ranks in table.items():
+        out[kind] = {}
+        for rank, entries in ranks.items():
+            seen: list[Entry] = []
+            for tq, tk, warps, stages, *_cap in entries:
+                entry = (tq, tk, min(8, warps * factor), stages)
+                if entry not in seen:
+                    seen.append(entry)
+            out[kind][rank] = seen[:keep]
+    return out
+
+
 _GPU_CONFIGS: dict[int, dict[str, dict[int, list[Entry]]]] = {
     32: _CONFIGS_32,
-    64: _CONFIGS_32,
-    128: _CONFIGS_32,
-    256: _CONFIGS_32,
+    64: _widened(_CONFIGS_32, 2, 4),
+    128: _widened(_CONFIGS_32, 4, 4),
+    256: _widened(_CONFIGS_32, 8, 3),
 }
+
 
 # Interpreter: one small config per kernel (no autotuning on CPU), smaller than the test maps so that every kernel
 # walks several, partly filled tiles and sub-tiles; the forward and dK/dV configs use one-wide sub-tiles (scalar
