@@ -258,9 +258,9 @@ def analyse(layer: str, launch: Launch, config, useful: int, cache: dict) -> Row
     trips, slots = loop_trips(launch, config)
     programs = launch.programs(config)
     g0, g1, g2 = launch.grid_size(config)
-    if trips and len(trips) != g0:
+    if trips and g0 % len(trips) != 0:
         raise RuntimeError(f"{launch.name}: modelled {len(trips)} programs along pid 0, the launch has {g0}")
-    other = g1 * g2
+    other = g1 * g2 * (g0 // len(trips) if trips else 1)  # the batch is folded into grid axis 0
     loops_total = sum(count for _, count in stats.loops)
     outside = stats.instructions - loops_total
     executed = (outside * programs + stats.main_loop * sum(trips) * other) * warps

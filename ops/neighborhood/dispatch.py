@@ -32,6 +32,7 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Compute capability the kernels need: bfloat16 and TF32 tensor-core products (and the compiled configs) start at
 # sm_80; the kernels were compiled ahead of time for sm_80 and sm_90 only.
 TRITON_MIN_CAPABILITY = (8, 0)
+MAX_GRID_HEADS = 65535  # heads are grid axis 1; batch is folded into axis 0 (2**31 - 1), so it has no such limit
 _ALLOWED = ", ".join(repr(b) for b in BACKENDS)
 
 # The innermost use_backend() of the current thread (or asyncio task): a ContextVar, so a switch made in one thread
@@ -98,6 +99,8 @@ def triton_unsupported_reason(problem: Problem) -> str | None:
         return f"dtype={problem.dtype} not in supported set {{float16, bfloat16, float32}}"
     if problem.head_dim not in TRITON_HEAD_DIMS:
         return f"head_dim={problem.head_dim} not in supported set {{16, 32, 48, ..., 256}} (multiples of 16)"
+    if problem.heads > MAX_GRID_HEADS:
+        return f"heads={problem.heads} exceeds {MAX_GRID_HEADS} (grid axis 1 of the kernels)"
     return None
 
 
@@ -125,10 +128,10 @@ def capability_reason(device: torch.device) -> str | None:
 
 
 @functools.cache
-def _warn_once(reason: str, fallback: str) -> None:
-    warnings.warn(f"natzoo neighborhood attention: {reason}; using backend={fallback!r} instead. Pass backend= "
-                  "('dense' or 'reference'), use_backend() or NATZOO_NA_BACKEND to choose explicitly.", RuntimeWarning,
-                  stacklevel=4)
+def _warn_once(reason: str) -> None:
+    warnings.warn(f"natzoo neighborhood attention: {reason}; using backend='dense' instead (backend='reference' where "
+                  "the dense bias would be too large). Pass backend= ('dense' or 'reference'), use_backend() or "
+                  "NATZOO_NA_BACKEND to choose explicitly.", RuntimeWarning, stacklevel=4)
 
 
 def select_backend(
@@ -178,7 +181,7 @@ def select_backend(
             return "triton"
         fallback = "dense" if dense_unsupported_reason(problem, has_rpb, need_lse) is None else "reference"
         if not torch.compiler.is_compiling():
-            _warn_once(gpu_reason, fallback)
+            _warn_once(gpu_reason)
         _debug("%s: %s backend (auto: %s)", problem.name, fallback, gpu_reason)
         return fallback
     _debug("%s: reference backend (auto: %s)", problem.name, reason or "Triton unavailable")

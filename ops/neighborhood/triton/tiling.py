@@ -230,6 +230,34 @@ def _cfg(
     return triton.Config(kw, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
 
+class KernelLaunchError(RuntimeError):
+    """A Triton kernel failed to compile or launch; the message names kernel, configs, shape, dtype and the way out."""
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """``torch.cuda.device(device)`` for a CUDA device (launches go to the inputs' GPU, not the current one)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def launching(kernel: str, kind: str, problem, mode: str) -> Iterator[None]:
+    """Device guard around a kernel launch; a failure is re-raised as :class:`KernelLaunchError` with the context."""
+    with device_guard(problem.device):
+        try:
+            yield
+        except Exception as exc:  # any compile or launch error: add the context, keep the cause
+            entries = config_entries(kind, problem.n, mode, problem.head_dim)
+            configs = entries[0] if len(entries) == 1 else f"autotuning over {len(entries)} configs {entries}"
+            raise KernelLaunchError(
+                f"{problem.name}: the Triton {kernel} kernel failed ({type(exc).__name__}: {exc}); config "
+                f"{configs}; shape [B={problem.batch}, spatial={problem.spatial}, heads={problem.heads}, "
+                f"head_dim={problem.head_dim}], kernel_size={problem.kernel_size}, dilation={problem.dilation}, "
+                f"dtype={problem.dtype}, device={problem.device}. Choose another backend with backend='dense' or "
+                "backend='reference' (or use_backend(...) / NATZOO_NA_BACKEND=dense), or another config with "
+                f"{ENV_AUTOTUNE}=off"
+            ) from exc
+
+
 def tuned(kernel, kind: str, rank: int, mode: str, head_dim: int, reset: tuple[str, ...] = ()):
     """`kernel` wrapped in a ``triton.autotune`` over :func:`config_entries`; one wrapper per distinct config list."""
     return _autotuned(kernel, kind, rank, tuple(config_entries(kind, rank, mode, head_dim)), reset)
@@ -279,6 +307,16 @@ def inverse_window(j, group_len, K: tl.constexpr, S: tl.constexpr, CAUSAL: tl.co
 def split3(flat, N1, N2):
     """Row-major decomposition of `flat` over a box ``(_, N1, N2)``."""
     return flat // (N1 * N2), (flat // N2) % N1, flat % N2
+
+
+@triton.jit
+def program_batch(T0, T1, T2, L0, L1, L2, DIL0, DIL1, DIL2):
+    """Splits program id 0 into (tile index, batch): the grid is ``(tiles * batch, heads, 1)``, batch folded into
+    axis 0 (up to 2**31 - 1 programs) so that no batch size meets the 65535 limit of grid axes 1 and 2."""
+    tiles = (DIL0 * DIL1 * DIL2 * tl.cdiv(tl.cdiv(L0, DIL0), T0) * tl.cdiv(tl.cdiv(L1, DIL1), T1)
+             * tl.cdiv(tl.cdiv(L2, DIL2), T2))
+    pid = tl.program_id(0)
+    return pid % tiles, (pid // tiles).to(tl.int64)
 
 
 @triton.jit
