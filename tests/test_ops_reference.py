@@ -87,7 +87,7 @@ def _out_only_matches(fn, q, k, v, ks, ss, ds, cs, rpb, backend, tol, gtol, rtol
     for g, r, x in zip(grads, ref_grads, inputs):
         assert g.dtype == x.dtype
     for name, g, r in zip(("dq", "dk", "dv"), grads[:3], ref_grads[:3]):
-        torch.testing.assert_close(g.double(), r.double(), atol=gtol, rtol=gtol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g.double(), r.double(), atol=gtol, rtol=gtol, msg=lambda m, name=name: f"{name}: {m}")
     if rpb is not None:
         assert rel_l2(grads[3], ref_grads[3]) < rtol_rpb
 
