@@ -112,7 +112,8 @@ def triton_available(problem: Problem) -> bool:
 
 @functools.cache
 def _capability(index: int) -> tuple[int, int]:
-    return tuple(torch.cuda.get_device_capability(index))
+    major, minor = torch.cuda.get_device_capability(index)
+    return major, minor
 
 
 def capability_reason(device: torch.device) -> str | None:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import torch
 
 from .dense import na_dense
@@ -11,6 +13,27 @@ from .reference import na_reference
 from .validation import BoolOrTuple, IntOrTuple, Problem, check_problem
 
 Output = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+@overload
+def neighborhood_attention(
+    problem: Problem, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rpb: torch.Tensor | None = ...,
+    return_lse: Literal[False] = ..., dropout_p: float = ..., backend: str | None = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def neighborhood_attention(
+    problem: Problem, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rpb: torch.Tensor | None,
+    return_lse: Literal[True], dropout_p: float = ..., backend: str | None = ...,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def neighborhood_attention(
+    problem: Problem, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rpb: torch.Tensor | None,
+    return_lse: bool, dropout_p: float = ..., backend: str | None = ...,
+) -> Output: ...
 
 
 def neighborhood_attention(
@@ -42,6 +65,7 @@ def neighborhood_attention(
         # The reference returns empty tensors attached to the autograd graph, so a backward pass gives gradients of
         # the right shapes (zeros for rpb).
         name = "reference"
+    lse: torch.Tensor | None
     if name == "triton":
         from .triton import na_triton
 
@@ -50,7 +74,10 @@ def neighborhood_attention(
         out, lse = na_dense(problem, query, key, value, rpb, need_lse=return_lse)
     else:
         out, lse = na_reference(problem, query, key, value, rpb, dropout_p=dropout_p, need_lse=return_lse)
-    return (out, lse) if return_lse else out
+    if not return_lse:
+        return out
+    assert lse is not None  # every backend computes it when asked (need_lse)
+    return out, lse
 
 
 def _na(

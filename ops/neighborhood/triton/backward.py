@@ -507,7 +507,7 @@ def na_backward(
                 *strides6(query, n), *strides6(key, n), *strides6(value, n), *strides6(grad_out, n),
                 *strides6(grads, n), **common, COMPUTE_DK=need_dk, COMPUTE_DV=need_dv,
             )
-    d_rpb = table.sum(0).view(rpb.shape).to(rpb.dtype) if need_drpb else None
+    d_rpb = table.sum(0).view(rpb.shape).to(rpb.dtype) if need_drpb and rpb is not None else None
     return dq, dk, dv, d_rpb
 
 
