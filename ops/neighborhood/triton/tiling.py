@@ -81,12 +81,38 @@ _CONFIGS_32: dict[str, dict[int, list[Entry]]] = {
 # Search spaces per head-dim class (the smallest class holding the head dim; see `head_dim_class`). Larger head dims
 # hold larger accumulators and K/V sub-tiles per program: the tables of the larger classes trade rows per warp or key
 # sub-tile width for registers so that the main loops do not spill for sm_90 (static report, docs/kernels.md).
+def _widened(table: dict[str, dict[int, list[Entry]]], factor: int, keep: int) -> dict[str, dict[int, list[Entry]]]:
+    """`table` with `factor` times the warps per entry (at most 8) and no register cap, first `keep` distinct ones.
+
+    A 16-row tile on several warps splits the head-dim columns of its accumulators over the warps, so each thread
+    keeps the registers of a head-dim-32 tile on one warp.
+    """
+    out: dict[str, dict[int, list[Entry]]] = {}
+    for kind, ranks in table.items():
+        out[kind] = {}
+        for rank, entries in ranks.items():
+            seen: list[Entry] = []
+            for tq, tk, warps, stages, *_cap in entries:
+                entry = (tq, tk, min(8, warps * factor), stages)
+                if entry not in seen:
+                    seen.append(entry)
+            out[kind][rank] = seen[:keep]
+    return out
+
+
 _GPU_CONFIGS: dict[int, dict[str, dict[int, list[Entry]]]] = {
     32: _CONFIGS_32,
-    64: _CONFIGS_32,
-    128: _CONFIGS_32,
-    256: _CONFIGS_32,
+    64: _widened(_CONFIGS_32, 2, 4),
+    128: _widened(_CONFIGS_32, 4, 4),
+    256: _widened(_CONFIGS_32, 8, 3),
 }
+# 2-D dQ entries that spill in the main loop for sm_90 are left out (static report, docs/kernels.md). At head dim 256
+# every dQ entry tried spills (each warp holds all 256 columns of its q and dO rows as tl.dot operands): the two
+# that spill least are kept.
+_GPU_CONFIGS[32]["dq"][2] = [e for i, e in enumerate(_CONFIGS_32["dq"][2]) if i not in (2, 4)]
+_GPU_CONFIGS[128]["dq"][2] = [((4, 8, 1), (4, 4, 1), 4, 1), ((8, 8, 1), (4, 4, 1), 8, 1)]
+_GPU_CONFIGS[256]["dq"][2] = [((4, 4, 1), (4, 4, 1), 8, 1), ((4, 8, 1), (4, 4, 1), 8, 1)]
+
 
 # Interpreter: one small config per kernel (no autotuning on CPU), smaller than the test maps so that every kernel
 # walks several, partly filled tiles and sub-tiles; the forward and dK/dV configs use one-wide sub-tiles (scalar
@@ -210,6 +236,34 @@ def _cfg(
     return triton.Config(kw, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
 
+class KernelLaunchError(RuntimeError):
+    """A Triton kernel failed to compile or launch; the message names kernel, configs, shape, dtype and the way out."""
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """``torch.cuda.device(device)`` for a CUDA device (launches go to the inputs' GPU, not the current one)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def launching(kernel: str, kind: str, problem, mode: str) -> Iterator[None]:
+    """Device guard around a kernel launch; a failure is re-raised as :class:`KernelLaunchError` with the context."""
+    with device_guard(problem.device):
+        try:
+            yield
+        except Exception as exc:  # any compile or launch error: add the context, keep the cause
+            entries = config_entries(kind, problem.n, mode, problem.head_dim)
+            configs = entries[0] if len(entries) == 1 else f"autotuning over {len(entries)} configs {entries}"
+            raise KernelLaunchError(
+                f"{problem.name}: the Triton {kernel} kernel failed ({type(exc).__name__}: {exc}); config "
+                f"{configs}; shape [B={problem.batch}, spatial={problem.spatial}, heads={problem.heads}, "
+                f"head_dim={problem.head_dim}], kernel_size={problem.kernel_size}, dilation={problem.dilation}, "
+                f"dtype={problem.dtype}, device={problem.device}. Choose another backend with backend='dense' or "
+                "backend='reference' (or use_backend(...) / NATZOO_NA_BACKEND=dense), or another config with "
+                f"{ENV_AUTOTUNE}=off"
+            ) from exc
+
+
 def tuned(kernel, kind: str, rank: int, mode: str, head_dim: int, reset: tuple[str, ...] = ()):
     """`kernel` wrapped in a ``triton.autotune`` over :func:`config_entries`; one wrapper per distinct config list."""
     return _autotuned(kernel, kind, rank, tuple(config_entries(kind, rank, mode, head_dim)), reset)
@@ -259,6 +313,16 @@ def inverse_window(j, group_len, K: tl.constexpr, S: tl.constexpr, CAUSAL: tl.co
 def split3(flat, N1, N2):
     """Row-major decomposition of `flat` over a box ``(_, N1, N2)``."""
     return flat // (N1 * N2), (flat // N2) % N1, flat % N2
+
+
+@triton.jit
+def program_batch(T0, T1, T2, L0, L1, L2, DIL0, DIL1, DIL2):
+    """Splits program id 0 into (tile index, batch): the grid is ``(tiles * batch, heads, 1)``, batch folded into
+    axis 0 (up to 2**31 - 1 programs) so that no batch size meets the 65535 limit of grid axes 1 and 2."""
+    tiles = (DIL0 * DIL1 * DIL2 * tl.cdiv(tl.cdiv(L0, DIL0), T0) * tl.cdiv(tl.cdiv(L1, DIL1), T1)
+             * tl.cdiv(tl.cdiv(L2, DIL2), T2))
+    pid = tl.program_id(0)
+    return pid % tiles, (pid // tiles).to(tl.int64)
 
 
 @triton.jit
