@@ -151,7 +151,7 @@ def gpu_plan() -> Plan:
                       (Layer("2d 64x64 k13 hd128", (64, 64), 8, 128, (13, 13), (1, 1), rpb=False), 8),
                       (Layer("3d 16x32x32 k3x7x7 hd64", (16, 32, 32), 8, 64, (3, 7, 7), (1, 1, 1), rpb=False), 1)),
         warmup=5, repeats=20, compile_flex=True,
-        budgets={"environment": 30, "precompile": 150, "correctness": 110, "models": 90, "ops": 100, "extra": 45},
+        budgets={"environment": 30, "precompile": 170, "correctness": 100, "models": 80, "ops": 90, "extra": 40},
         total_budget=500, compile_limit=None, flex_workers=True,
         row_reserve={"case": 0.5, "model": 15, "op": 3, "flex": 10},
     )
