@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort  # type: ignore[import-untyped]  # ships no type information
+import onnxruntime as ort
 import timm
 import torch
 
