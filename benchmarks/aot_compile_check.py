@@ -53,6 +53,7 @@ class Case:
     needs: tuple[bool, bool, bool, bool] = (True, True, True, True)
     deterministic: bool = False
     grad_lse: bool = False
+    batch: int = 2
 
 
 CASES = [
@@ -75,12 +76,14 @@ CASES = [
     Case("nat: only v", (28, 28), (7, 7), heads=4, needs=(False, False, True, False)),
     Case("nat deterministic", (14, 14), (7, 7), heads=8, deterministic=True),
     Case("3d deterministic", (9, 17, 19), (3, 5, 4), dilation=(1, 2, 3), head_dim=64, deterministic=True),
+    # The fused qkv of 4000 images spans more than 2**31 elements: 64-bit offsets (WIDE) and a folded batch grid.
+    Case("nat 56x56 k7 int64 offsets B4000", (56, 56), (7, 7), batch=4000),
 ]
 
 
-def problem_of(case: Case, batch: int = 2) -> Problem:
+def problem_of(case: Case) -> Problem:
     n = len(case.spatial)
-    return Problem(f"na{n}d", n, batch, case.spatial, case.heads, case.head_dim, case.kernel, case.stride or (1,) * n,
+    return Problem(f"na{n}d", n, case.batch, case.spatial, case.heads, case.head_dim, case.kernel, case.stride or (1,) * n,
                    case.dilation or (1,) * n, case.causal or (False,) * n, case.head_dim**-0.5, case.dtype,
                    torch.device("meta"))
 
@@ -115,10 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--all", action="store_true", help="every config of the full search space")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80 or 90")
+    parser.add_argument("--only", default="", help="only the cases whose name contains this text")
     args = parser.parse_args(argv)
     os.environ["NATZOO_NA_AUTOTUNE"] = "full" if args.all else "off"
     failures, compiled, seen = 0, 0, set()
     for case in CASES:
+        if args.only not in case.name:
+            continue
         for launch in launches_of(case):
             for config in launch.configs or [None]:
                 key = (launch.name, case.dtype, case.layout, repr(sorted(launch.named_args(config).items(),
@@ -137,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
                 compiled += 1
                 status = "ok  " if stats.shared_bytes <= SMEM_LIMIT and not stats.local_bytes else "WARN"
                 failures += stats.shared_bytes > SMEM_LIMIT
+                wide = launch.named_args(config).get("WIDE")
                 print(f"{status} {label} {time.time() - t0:4.1f}s regs={stats.registers} smem={stats.shared_bytes} "
-                      f"local={stats.local_bytes}", flush=True)
+                      f"local={stats.local_bytes} wide={wide}", flush=True)
     print(f"{compiled} compiled, {failures} failure(s)")
     return 1 if failures else 0
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import platform
 import statistics
@@ -78,7 +79,7 @@ def bench_model(name: str, batches: list[int], warmup: int, iters: int, threads:
         x = torch.randn(batch, *size)
         feed = {session.get_inputs()[0].name: x.numpy()}
         with torch.inference_mode():
-            eager_s, ort_s = _paired_medians([lambda x=x: model(x), lambda feed=feed: session.run(None, feed)],
+            eager_s, ort_s = _paired_medians([functools.partial(model, x), functools.partial(session.run, None, feed)],
                                              warmup, iters)
             expected = model(x).numpy()
         diff = float(np.abs(session.run(None, feed)[0] - expected).max())

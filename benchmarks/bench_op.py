@@ -1,4 +1,4 @@
-"""Op benchmark: the fused Triton NA kernels against the reference path, FlexAttention and dense SDPA.
+"""Op benchmark: the fused Triton NA kernels against the dense and reference backends, FlexAttention and SDPA.
 
 Usage::
 
@@ -43,11 +43,11 @@ class Shape:
     heads: int
     head_dim: int
     kernel_size: tuple[int, ...]
-    dilation: tuple[int, ...] = None
-    is_causal: tuple[bool, ...] = None
+    dilation: tuple[int, ...] = ()  # () means 1 on every axis
+    is_causal: tuple[bool, ...] = ()  # () means False on every axis
     rpb: bool = False
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         n = len(self.spatial)
         self.dilation = self.dilation or (1,) * n
         self.is_causal = self.is_causal or (False,) * n
@@ -128,7 +128,7 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
-def time_ms(fn: Callable[[], None], device: str, warmup: int, repeats: int) -> float:
+def time_ms(fn: Callable[[], object], device: str, warmup: int, repeats: int) -> float:
     """Median milliseconds of `fn` over `repeats` runs after `warmup` runs (CUDA events on GPU, wall clock on CPU)."""
     for _ in range(warmup):
         fn()
@@ -140,7 +140,7 @@ def time_ms(fn: Callable[[], None], device: str, warmup: int, repeats: int) -> f
             fn()
             end.record()
             torch.cuda.synchronize()
-            samples.append(start.elapsedtime_ms(end))
+            samples.append(start.elapsed_time(end))
         else:
             t0 = time.perf_counter()
             fn()
@@ -148,17 +148,26 @@ def time_ms(fn: Callable[[], None], device: str, warmup: int, repeats: int) -> f
     return statistics.median(samples)
 
 
-def device_limits(device: str, dtype: torch.dtype) -> tuple[float | None, float | None]:
-    """Measured copy bandwidth (bytes/s) and matmul peak (FLOP/s) in `dtype`; None on CPU."""
+def device_limits(
+    device: str, dtype: torch.dtype, copy_bytes: int = 2**28, matmul_n: int = 8192
+) -> tuple[float | None, float | None]:
+    """Measured copy bandwidth (bytes/s) and matmul peak (FLOP/s) in `dtype`; None on CPU.
+
+    Args:
+        device: ``"cuda"`` measures; anything else returns ``(None, None)``.
+        dtype: The matmul dtype.
+        copy_bytes: Size of the copied buffer (read once, written once).
+        matmul_n: Side of the square matmul.
+    """
     if device != "cuda":
         return None, None
-    src = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+    src = torch.empty(copy_bytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     ms = time_ms(lambda: dst.copy_(src), device, 3, 10)
     bandwidth = 2 * src.numel() / (ms * 1e-3)
-    a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+    a = torch.randn(matmul_n, matmul_n, device="cuda", dtype=dtype)
     ms = time_ms(lambda: a @ a, device, 3, 10)
-    peak = 2 * 8192**3 / (ms * 1e-3)
+    peak = 2 * matmul_n**3 / (ms * 1e-3)
     return bandwidth, peak
 
 
@@ -176,7 +185,7 @@ def provider_fns(shape: Shape, provider: str, q, k, v, rpb, compile_flex: bool =
     """(forward callable, forward+backward callable) for one provider, or raises to skip it."""
     n = len(shape.spatial)
     na = getattr(ops, f"na{n}d")
-    if provider in ("triton", "reference"):
+    if provider in ("triton", "dense", "reference"):
 
         def fwd():
             return na(q, k, v, shape.kernel_size, dilation=shape.dilation, is_causal=shape.is_causal, rpb=rpb,
@@ -196,7 +205,7 @@ def provider_fns(shape: Shape, provider: str, q, k, v, rpb, compile_flex: bool =
                           for t in (q, k, v))
             return flex(qt, kt, vt, block_mask=block_mask)
 
-    elif provider == "sdpa-dense":
+    elif provider == "sdpa-full":
 
         def fwd():
             qt, kt, vt = (t.reshape(shape.batch, shape.tokens, shape.heads, shape.head_dim).transpose(1, 2)
@@ -228,7 +237,7 @@ def bench_one(shape, provider, dtype, device, limits, warmup, repeats, compile_f
     res = Result(shape.name, provider, str(dtype).replace("torch.", ""))
     try:
         q, k, v, rpb = make_inputs(shape, dtype, device)
-        if provider != "triton" and provider != "reference":
+        if provider not in ("triton", "dense", "reference"):
             rpb = None
             res.note = "no rpb"
         fwd, fwdbwd = provider_fns(shape, provider, q, k, v, rpb, compile_flex)
@@ -295,7 +304,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    parser.add_argument("--providers", default=None, help="comma list of triton,reference,flex,sdpa-dense")
+    parser.add_argument("--providers", default=None, help="comma list of triton,dense,reference,flex,sdpa-full")
     parser.add_argument("--interpreter", action="store_true", help="on CPU, also run the kernels in the interpreter")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
@@ -308,7 +317,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         dtype = torch.float32 if args.dtype == "float16" else dtype
         providers = ["reference"] + (["triton"] if args.interpreter else [])
     else:
-        providers = ["triton", "reference", "flex", "sdpa-dense"]
+        providers = ["triton", "dense", "reference", "flex", "sdpa-full"]
     if args.providers:
         providers = args.providers.split(",")
     shapes = quick_shapes() if args.quick or args.device == "cpu" else full_shapes()

@@ -60,9 +60,61 @@ LAYERS = [
 ]
 
 
-def layer_problem(size: int, heads: int, dilation: int, batch: int = 128, dtype=torch.bfloat16) -> Problem:
-    return Problem("na2d", 2, batch, (size, size), heads, 32, (7, 7), (1, 1), (dilation, dilation), (False, False),
-                   32**-0.5, dtype, torch.device("meta"))
+def layer_problem(size: int, heads: int, dilation: int, batch: int = 128, dtype=torch.bfloat16,
+                  head_dim: int = 32) -> Problem:
+    return Problem("na2d", 2, batch, (size, size), heads, head_dim, (7, 7), (1, 1), (dilation, dilation),
+                   (False, False), head_dim**-0.5, dtype, torch.device("meta"))
+
+
+# Per rank, the problem the search-space report compiles (bf16, rpb and every gradient; a NAT-like window).
+SPACE_PROBLEMS = {
+    1: lambda head_dim: Problem("na1d", 1, 128, (784,), 4, head_dim, (7,), (1,), (1,), (False,), head_dim**-0.5,
+                                torch.bfloat16, torch.device("meta")),
+    2: lambda head_dim: layer_problem(14, 8, 1, head_dim=head_dim),
+    3: lambda head_dim: Problem("na3d", 3, 16, (8, 14, 14), 4, head_dim, (3, 7, 7), (1, 1, 1), (1, 1, 1),
+                                (False, False, False), head_dim**-0.5, torch.bfloat16, torch.device("meta")),
+}
+
+
+def search_space_report(head_dims: list[int], ranks: list[int]) -> list[dict]:
+    """Registers and spills (total and in the main loop) of every search-space entry per head-dim class and rank.
+
+    Every entry of ``tiling.search_space`` is forced in turn (``tiling.force_config``); the dQ kernel is compiled
+    with the rpb gradient for entries that can reduce it with tensor-core products and without it otherwise.
+    """
+    from natzoo.ops.neighborhood.triton import tiling
+
+    rows = []
+    for head_dim in head_dims:
+        for rank in ranks:
+            problem = SPACE_PROBLEMS[rank](head_dim)
+            for kind in tiling.KINDS:
+                for index, entry in enumerate(tiling.search_space(kind, rank, head_dim)):
+                    rpb_grad = kind != "dq" or tiling.rpb_products_ok(entry[0], entry[1], rank)
+                    with tiling.force_config(kind, entry):
+                        fwd, bwd = capture(problem, True, rpb_grad)
+                    wanted = {"fwd": "_na_fwd_kernel", "dq": "_na_bwd_dq_kernel", "dkdv": "_na_bwd_dkdv_kernel"}
+                    (launch,) = [x for x in fwd + bwd if x.name == wanted[kind]]
+                    (config,) = launch.configs
+                    stats = sass_stats(compile_launch(launch, config))
+                    row = {"head_dim": head_dim, "rank": rank, "kernel": kind, "index": index,
+                           "config": config_label(config), "rpb_grad": rpb_grad, "registers": stats.registers,
+                           "spill_instructions": stats.spill_stores + stats.spill_loads,
+                           "loop_spills": stats.loop_spills, "loop_sass": stats.main_loop,
+                           "shared_kib": round(stats.shared_bytes / 1024, 1)}
+                    rows.append(row)
+                    print(" ".join(f"{k}={v}" for k, v in row.items()), file=sys.stderr, flush=True)
+    return rows
+
+
+def space_markdown(rows: list[dict]) -> str:
+    out = ["| head dim | rank | kernel | # | config | regs | spill instr | in main loop | loop SASS | smem KiB |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['head_dim']} | {r['rank']} | {r['kernel']} | {r['index']} | {r['config']} | "
+                   f"{r['registers']} | {r['spill_instructions']} | {r['loop_spills']} | {r['loop_sass']} | "
+                   f"{r['shared_kib']} |")
+    return "\n".join(out)
 
 
 def module_inputs(problem: Problem):
@@ -206,9 +258,9 @@ def analyse(layer: str, launch: Launch, config, useful: int, cache: dict) -> Row
     trips, slots = loop_trips(launch, config)
     programs = launch.programs(config)
     g0, g1, g2 = launch.grid_size(config)
-    if trips and len(trips) != g0:
+    if trips and g0 % len(trips) != 0:
         raise RuntimeError(f"{launch.name}: modelled {len(trips)} programs along pid 0, the launch has {g0}")
-    other = g1 * g2
+    other = g1 * g2 * (g0 // len(trips) if trips else 1)  # the batch is folded into grid axis 0
     loops_total = sum(count for _, count in stats.loops)
     outside = stats.instructions - loops_total
     executed = (outside * programs + stats.main_loop * sum(trips) * other) * warps
@@ -331,7 +383,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--all-configs", action="store_true", help="one row per autotuning config")
     parser.add_argument("--json", default=None, help="also write the rows as JSON to this path")
+    parser.add_argument("--search-space", action="store_true",
+                        help="registers and spills of every search-space entry per head-dim class (estimates)")
+    parser.add_argument("--head-dims", default="32,64,128,256", help="head-dim classes for --search-space")
+    parser.add_argument("--ranks", default="1,2,3", help="ranks for --search-space")
     args = parser.parse_args(argv)
+    if args.search_space:
+        rows = search_space_report([int(x) for x in args.head_dims.split(",")], [int(x) for x in args.ranks.split(",")])
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"rows": rows}, f, indent=1)
+        print(space_markdown(rows))
+        return 0
     data = report(args.all_configs)
     if args.json:
         with open(args.json, "w") as f:

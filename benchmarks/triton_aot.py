@@ -121,6 +121,7 @@ class SassStats:
     spill_loads: int
     instructions: int
     loops: list[tuple[int, int]]  # (first instruction index, instruction count) per loop, in code order
+    loop_spills: int = 0  # STL/LDL instructions inside the main loop (the first loop in code order)
 
     @property
     def main_loop(self) -> int:
@@ -154,6 +155,9 @@ def sass_stats(compiled) -> SassStats:
             if target <= addresses[i] and target in index_of:
                 loops.append((index_of[target], i - index_of[target] + 1))
     loops.sort()
+    loops = [loop for loop in loops if loop[1] > 2]  # drops the trailing `BRA self` of the exit padding
+    first, count = loops[0] if loops else (0, 0)
+    loop_spills = sum(1 for op in ops[first:first + count] if re.search(r"\b(STL|LDL)\b", op))
     # `EXIT`-terminated padding (`BRA` to itself, NOPs) is not code that runs.
     body = [op for op in ops if not op.startswith("NOP")]
     return SassStats(
@@ -163,5 +167,6 @@ def sass_stats(compiled) -> SassStats:
         spill_stores=sum(1 for op in ops if re.search(r"\bSTL\b", op)),
         spill_loads=sum(1 for op in ops if re.search(r"\bLDL\b", op)),
         instructions=len(body),
-        loops=[loop for loop in loops if loop[1] > 2],  # drops the trailing `BRA self` of the exit padding
+        loops=loops,
+        loop_spills=loop_spills,
     )

@@ -1,9 +1,13 @@
 """GPU suite for the Triton kernels (skipped without CUDA).
 
-``pytest -m gpu tests/test_gpu.py``: a short subset meant to finish in a few minutes on one GPU from a cold Triton
-cache (autotuning off unless ``NATZOO_NA_AUTOTUNE`` says otherwise, so every kernel compiles one config): NAT/DiNAT
-layer problems in bf16, a general 2-D case in fp16 and fp32, run-to-run bit equality, deterministic d_rpb,
-non-finite inputs, automatic backend selection.
+``pytest -m gpu tests/test_gpu.py``: every entry of every kernel's search space, forced one at a time, against the
+float64 reference (``configcheck``: forward; dQ without rpb, with the atomic and the deterministic rpb gradient;
+dK/dV with and without rpb; bf16, fp16, fp32; every head-dim class; 1-D, 2-D and 3-D), about 1170 cases, so
+autotuning in ``full`` mode can never pick a config that no check covered; then a short subset (autotuning off
+unless ``NATZOO_NA_AUTOTUNE`` says otherwise): NAT/DiNAT layer problems in bf16, a general 2-D case in fp16 and fp32,
+run-to-run bit equality, deterministic d_rpb, non-finite inputs, automatic backend selection. From a cold Triton
+cache the sweep compiles about as many binaries as it has cases; prefill the cache in parallel with
+``python benchmarks/gpu_kit.py --steps precompile,correctness`` (which also checks the cases) when time is short.
 
 ``pytest -m gpu_long tests/test_gpu.py``: the longer checks (the full case matrix in every dtype, all NAT/DiNAT
 stage shapes, TF32 policy, 50 repeats, ``torch.compile`` with inductor).
@@ -93,6 +97,30 @@ def _against_reference(n, inputs, ks, st, dil, causal, dtype, rpb):
     rounded = [t.to(dtype).double() for t in inputs[:3]] + list(inputs[3:])
     ref = _run(n, rounded, ks, st, dil, causal, torch.float64, rpb, "reference")
     _check(got, ref, dtype, rpb)
+
+
+# ------------------------------------------------------------------------------- every config of every kernel (-m gpu)
+
+
+def _all_cases():
+    from natzoo.ops.neighborhood.triton import configcheck
+
+    return configcheck.cases()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", _all_cases(), ids=lambda case: case.name)
+def test_every_search_space_entry_against_float64(case):
+    """One search-space entry forced on its kernel (the others at their first entry) against the float64 reference:
+    out, lse and, for backward variants, dq, dk, dv and d_rpb within the dtype's tolerance; a compile or launch
+    failure fails the case with Triton's message."""
+    from natzoo.ops.neighborhood.triton import configcheck
+
+    row = configcheck.run_case(case, "cuda")
+    assert row["error"] is None, row["error"]
+    errors = {k: v for k, v in row.items() if k.endswith(("_max_abs", "_rel_l2"))}
+    assert row["passed"], f"{case.name}: {errors} (tolerances out/lse {row['tol_out']}, grads {row['tol_grad']}, "\
+                          f"d_rpb {row['tol_rpb']})"
 
 
 # ------------------------------------------------------------------------------------------- short subset (-m gpu)

@@ -1,4 +1,7 @@
-"""The reference backend against the dense float64 oracle: outputs, LSE and every gradient."""
+"""The reference and dense backends against the dense float64 oracle: outputs, LSE and every gradient.
+
+The Triton backend runs the same oracle comparisons in tests/test_triton.py (in the interpreter on CPU).
+"""
 
 from __future__ import annotations
 
@@ -69,8 +72,35 @@ def rel_l2(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case_id(*c[:5], c[5]) for c in CASES])
-def test_reference_matches_oracle_float64(case):
+BACKENDS = ["reference", "dense"]
+
+
+def _out_only_matches(fn, q, k, v, ks, ss, ds, cs, rpb, backend, tol, gtol, rtol_rpb):
+    """The call without lse (the dense backend's fused scaled_dot_product_attention path) and its gradients."""
+    out = fn(q, k, v, ks, stride=ss, dilation=ds, is_causal=cs, rpb=rpb, backend=backend)
+    ref_out, _ = dense_na(q, k, v, ks, ss, ds, cs, rpb=rpb)
+    torch.testing.assert_close(out.double(), ref_out.double(), atol=tol, rtol=tol)
+    d_out = torch.randn(out.shape, dtype=torch.float64)
+    inputs = [q, k, v] + ([rpb] if rpb is not None else [])
+    grads = torch.autograd.grad((out.double() * d_out).sum(), inputs)
+    ref_grads = torch.autograd.grad((ref_out.double() * d_out).sum(), inputs)
+    for g, r, x in zip(grads, ref_grads, inputs):
+        assert g.dtype == x.dtype
+    for name, g, r in zip(("dq", "dk", "dv"), grads[:3], ref_grads[:3]):
+        torch.testing.assert_close(g.double(), r.double(), atol=gtol, rtol=gtol, msg=lambda m, name=name: f"{name}: {m}")
+    if rpb is not None:
+        assert rel_l2(grads[3], ref_grads[3]) < rtol_rpb
+
+
+# The dense backend on every fourth random case and every fixed one (CI time); the reference on all of them.
+ORACLE_PARAMS = [pytest.param(c, "reference", id=case_id(*c[:5], c[5]) + "-reference") for c in CASES] + [
+    pytest.param(c, "dense", id=case_id(*c[:5], c[5]) + "-dense") for i, c in enumerate(CASES)
+    if i % 4 == 0 or i >= 240
+]
+
+
+@pytest.mark.parametrize("case,backend", ORACLE_PARAMS)
+def test_reference_matches_oracle_float64(case, backend):
     spatial, ks, ss, ds, cs, use_rpb = case
     n = len(spatial)
     heads = 1 + (hash(case) % 3)
@@ -78,7 +108,7 @@ def test_reference_matches_oracle_float64(case):
     rpb = None
     if use_rpb:
         rpb = (torch.randn(heads, *(2 * x - 1 for x in ks), dtype=torch.float64) * 0.5).requires_grad_()
-    out, lse = FNS[n](q, k, v, ks, stride=ss, dilation=ds, is_causal=cs, rpb=rpb, return_lse=True, backend="reference")
+    out, lse = FNS[n](q, k, v, ks, stride=ss, dilation=ds, is_causal=cs, rpb=rpb, return_lse=True, backend=backend)
     ref_out, ref_lse = dense_na(q, k, v, ks, ss, ds, cs, rpb=rpb)
     atol, gtol, rtol_rpb = TOL[torch.float64]
     torch.testing.assert_close(out, ref_out, atol=atol, rtol=atol)
@@ -91,17 +121,20 @@ def test_reference_matches_oracle_float64(case):
         torch.testing.assert_close(g, r, atol=gtol, rtol=gtol, msg=lambda m: f"{name}: {m}")
     if rpb is not None:
         assert rel_l2(grads[3], ref_grads[3]) < rtol_rpb
+    if backend == "dense":
+        _out_only_matches(FNS[n], q, k, v, ks, ss, ds, cs, rpb, backend, atol, gtol, rtol_rpb)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES[-9:], ids=[case_id(*c[:5], c[5]) for c in CASES[-9:]])
-def test_reference_low_precision(case, dtype):
+def test_reference_low_precision(case, dtype, backend):
     spatial, ks, ss, ds, cs, use_rpb = case
     n = len(spatial)
     q, k, v = make_inputs(spatial, 3, 8, dtype)
     # float32 rpb under half inputs, as with a float32 parameter under autocast.
     rpb = (torch.randn(3, *(2 * x - 1 for x in ks)) * 0.5).requires_grad_() if use_rpb else None
-    out, lse = FNS[n](q, k, v, ks, stride=ss, dilation=ds, is_causal=cs, rpb=rpb, return_lse=True)
+    out, lse = FNS[n](q, k, v, ks, stride=ss, dilation=ds, is_causal=cs, rpb=rpb, return_lse=True, backend=backend)
     assert out.dtype == dtype and lse.dtype == torch.float32
     ref_out, ref_lse = dense_na(q, k, v, ks, ss, ds, cs, rpb=rpb)
     tol, gtol, rtol_rpb = TOL[dtype]
@@ -117,19 +150,22 @@ def test_reference_low_precision(case, dtype):
         torch.testing.assert_close(g.double(), r.double(), atol=gtol, rtol=gtol)
     if rpb is not None:
         assert rel_l2(grads[3], ref_grads[3]) < rtol_rpb
+    if backend == "dense":
+        _out_only_matches(FNS[n], q, k, v, ks, ss, ds, cs, rpb, backend, tol, gtol, rtol_rpb)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "n,spatial,ks,ds,cs",
     [(1, (7,), 3, 2, False), (2, (4, 5), (2, 3), (2, 1), (False, True)), (3, (2, 4, 2), 2, (1, 2, 1), True)],
 )
-def test_gradcheck_float64(n, spatial, ks, ds, cs):
+def test_gradcheck_float64(n, spatial, ks, ds, cs, backend):
     q, k, v = make_inputs(spatial, 2, 2, torch.float64, batch=1)
     kt = (ks,) * n if isinstance(ks, int) else ks
     rpb = torch.randn(2, *(2 * x - 1 for x in kt), dtype=torch.float64, requires_grad=True)
 
     def fn(q, k, v, rpb):
-        out, lse = FNS[n](q, k, v, ks, dilation=ds, is_causal=cs, rpb=rpb, return_lse=True)
+        out, lse = FNS[n](q, k, v, ks, dilation=ds, is_causal=cs, rpb=rpb, return_lse=True, backend=backend)
         return out, lse
 
     assert torch.autograd.gradcheck(fn, (q, k, v, rpb))
@@ -152,9 +188,10 @@ def test_non_contiguous_inputs_and_extreme_logits():
     torch.testing.assert_close(out, dense_na(xt, xt, xt, (3, 2), 1, (1, 3), False)[0], atol=1e-10, rtol=1e-10)
 
 
-def test_scale_zero_is_used_as_given():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scale_zero_is_used_as_given(backend):
     q, k, v = make_inputs((6,), 1, 4, torch.float64, requires_grad=False)
-    out = ops.na1d(q * 100, k, v, 3, scale=0.0)
+    out = ops.na1d(q * 100, k, v, 3, scale=0.0, backend=backend)
     torch.testing.assert_close(out, dense_na(q, k, v, 3, scale=0.0)[0])
     torch.testing.assert_close(out, dense_na(q * 100, k, v, 3, scale=0.0)[0])
 
@@ -201,7 +238,7 @@ def test_non_finite_input_stays_inside_its_neighbourhood(case, bad, where):
     q, k, v = make_inputs(spatial, 1, 4, torch.float64, batch=1, requires_grad=False)
     target = k if where == "key" else v
     target[(0, *token, 0, 1)] = bad
-    out = FNS[len(spatial)](q, k, v, ks, stride=ss, dilation=ds, is_causal=cs)
+    out = FNS[len(spatial)](q, k, v, ks, stride=ss, dilation=ds, is_causal=cs, backend="reference")
     mask, _ = dense_mask_and_bias_index(spatial, ks, ss, ds, cs)
     flat = 0
     for coord, length in zip(token, spatial):

@@ -50,7 +50,7 @@ def call(**overrides):
         (dict(rpb=torch.zeros(2, 5, 5), stride=(1, 2)), r"rpb is only defined for stride 1.*stride=\(1, 2\)"),
         (dict(scale=float("nan")), r"scale must be None or a finite real number, got scale=nan"),  # scale
         (dict(scale="0.5"), r"scale=.0.5."),  # scale
-        (dict(backend="cuda"), r"backend must be one of None, 'auto', 'triton', 'reference', got backend='cuda'"),
+        (dict(backend="cuda"), r"backend must be one of None, 'auto', 'triton', 'dense', 'reference', got backend='cuda'"),
         # a forced backend that cannot run the problem
         (dict(backend="triton", query=Q.double(), key=Q.double(), value=Q.double()), r"backend='triton'"),
     ],

@@ -11,6 +11,7 @@ are smaller than the maps so that every kernel walks several, partly filled quer
 from __future__ import annotations
 
 import importlib
+import itertools
 import math
 import os
 
@@ -295,10 +296,8 @@ def tile_configs(monkeypatch):
         for kind, (tq, tk) in entries.items():
             table = {**tiling._INTERPRETER_CONFIGS[kind], rank: [(tq, tk, 1, 1)]}
             monkeypatch.setitem(tiling._INTERPRETER_CONFIGS, kind, table)
-        tiling.tuned.cache_clear()
 
     yield use
-    tiling.tuned.cache_clear()
 
 
 # The other tile kind of every kernel: two-dimensional key sub-tiles in the forward, one-wide ones in dQ (its rpb
@@ -437,7 +436,8 @@ def test_autotune_modes(monkeypatch):
 def test_gpu_config_tables_follow_the_dot_rules(kind):
     """Every GPU config compiles for tl.dot (contractions >= 16, power-of-two tiles, dummy axes one wide), and the
     first dQ config (the quick, off and deterministic choice) can reduce the rpb gradient with tensor-core products."""
-    for rank, entries in tiling._GPU_CONFIGS[kind].items():
+    for rank, hd_class in itertools.product((1, 2, 3), tiling.HEAD_DIM_CLASSES):
+        entries = tiling.search_space(kind, rank, hd_class)
         for tq, tk, warps, stages, *cap in entries:
             for tile in (tq, tk):
                 assert all(t == 1 for t in tile[rank:]), (kind, rank, tile)

@@ -80,11 +80,11 @@ def na_with_extras(
     return_lse: bool,
     backend: str | None,
 ) -> Output:
-    """The fused op with GQA/MQA heads and/or extra tokens on top of `run` (``functional._run``)."""
+    """The fused op with GQA/MQA heads and/or extra tokens on top of `run` (:func:`functional.neighborhood_attention`)."""
     key, value = expand_kv_heads(key, problem.heads), expand_kv_heads(value, problem.heads)
     if additional_keys is None or additional_values is None or additional_keys.shape[1] == 0:
-        return run(problem, query, key, value, rpb, return_lse, backend)
-    out_nb, lse_nb = run(problem, query, key, value, rpb, True, backend)
+        return run(problem, query, key, value, rpb, return_lse, backend=backend)
+    out_nb, lse_nb = run(problem, query, key, value, rpb, True, backend=backend)
     out_x, lse_x = dense_extra(
         query, expand_kv_heads(additional_keys, problem.heads), expand_kv_heads(additional_values, problem.heads),
         problem.scale,

@@ -1,11 +1,13 @@
-"""Functional neighborhood attention: ``na1d``, ``na2d``, ``na3d`` (NATTEN-compatible names and layout)."""
+"""Functional neighborhood attention: ``na1d``, ``na2d``, ``na3d`` (NATTEN-compatible names and layout), and
+:func:`neighborhood_attention`, the entry that runs an already validated problem (what the modules call)."""
 
 from __future__ import annotations
 
-
+from typing import Literal, overload
 
 import torch
 
+from .dense import na_dense
 from .dispatch import select_backend
 from .extra_kv import na_with_extras
 from .reference import na_reference
@@ -14,17 +16,69 @@ from .validation import BoolOrTuple, IntOrTuple, Problem, check_problem
 Output = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 
-def _run(problem: Problem, query, key, value, rpb, return_lse: bool, backend: str | None) -> Output:
-    name = select_backend(problem, backend)
-    if name == "triton" and problem.batch > 0:
+@overload
+def neighborhood_attention(
+    problem: Problem, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rpb: torch.Tensor | None = ...,
+    return_lse: Literal[False] = ..., dropout_p: float = ..., backend: str | None = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def neighborhood_attention(
+    problem: Problem, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rpb: torch.Tensor | None,
+    return_lse: Literal[True], dropout_p: float = ..., backend: str | None = ...,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def neighborhood_attention(
+    problem: Problem, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rpb: torch.Tensor | None,
+    return_lse: bool, dropout_p: float = ..., backend: str | None = ...,
+) -> Output: ...
+
+
+def neighborhood_attention(
+    problem: Problem,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    rpb: torch.Tensor | None = None,
+    return_lse: bool = False,
+    dropout_p: float = 0.0,
+    backend: str | None = None,
+) -> Output:
+    """Runs a validated problem on the backend :func:`dispatch.select_backend` chooses.
+
+    Args:
+        problem: From :func:`validation.check_problem` for these tensors (the checks are not repeated).
+        query: ``[B, *S, H, D]``; `key` and `value` alike.
+        rpb: ``[H, 2k_0-1, ...]`` or None.
+        return_lse: Also return ``lse [B, *S, H]``.
+        dropout_p: Dropout on the attention probabilities (only the reference backend has it; auto selection then
+            picks it, a forced ``triton`` or ``dense`` backend raises ValueError).
+        backend: None/``'auto'``, ``'triton'``, ``'dense'`` or ``'reference'``.
+
+    Returns:
+        ``out`` of the shape and dtype of `query`, or ``(out, lse)`` when `return_lse` is true.
+    """
+    name = select_backend(problem, backend, rpb is not None, return_lse, dropout_p)
+    if problem.batch == 0:
+        # The reference returns empty tensors attached to the autograd graph, so a backward pass gives gradients of
+        # the right shapes (zeros for rpb).
+        name = "reference"
+    lse: torch.Tensor | None
+    if name == "triton":
         from .triton import na_triton
 
         out, lse = na_triton(problem, query, key, value, rpb)
+    elif name == "dense":
+        out, lse = na_dense(problem, query, key, value, rpb, need_lse=return_lse)
     else:
-        # An empty batch also goes here: the reference returns empty tensors attached to the autograd graph, so a
-        # backward pass gives gradients of the right shapes (zeros for rpb).
-        out, lse = na_reference(problem, query, key, value, rpb, need_lse=return_lse)
-    return (out, lse) if return_lse else out
+        out, lse = na_reference(problem, query, key, value, rpb, dropout_p=dropout_p, need_lse=return_lse)
+    if not return_lse:
+        return out
+    assert lse is not None  # every backend computes it when asked (need_lse)
+    return out, lse
 
 
 def _na(
@@ -47,9 +101,9 @@ def _na(
     problem = check_problem(fn, n, query, key, value, kernel_size, stride, dilation, is_causal, scale, rpb, backend,
                             additional_keys, additional_values)
     if additional_keys is not None or key.shape[-2] != problem.heads:
-        return na_with_extras(problem, _run, query, key, value, rpb, additional_keys, additional_values, return_lse,
-                              backend)
-    return _run(problem, query, key, value, rpb, return_lse, backend)
+        return na_with_extras(problem, neighborhood_attention, query, key, value, rpb, additional_keys,
+                              additional_values, return_lse, backend)
+    return neighborhood_attention(problem, query, key, value, rpb, return_lse, backend=backend)
 
 
 def na1d(
@@ -81,10 +135,10 @@ def na1d(
         scale: Logit scale; None means ``D ** -0.5``.
         rpb: Relative positional bias ``[H, 2k-1]`` added to the scaled logits (stride 1 only).
         return_lse: Also return the natural log-sum-exp of the logits, ``[B, L, H]``.
-        backend: None/``'auto'``, ``'triton'`` or ``'reference'``.
         additional_keys: ``[B, n_extra, H_kv, D]`` tokens every query attends to besides its neighborhood, in the
             same softmax (no rpb); given together with `additional_values`.
         additional_values: ``[B, n_extra, H_kv, D]``.
+        backend: None/``'auto'``, ``'triton'``, ``'dense'`` or ``'reference'``.
 
     Returns:
         ``out`` of the shape and dtype of `query`, or ``(out, lse)`` when `return_lse` is true.

@@ -8,8 +8,6 @@ and compiled execution run the same code either way.
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any
 
 import torch
@@ -17,63 +15,24 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from .functional import _run
-from .reference import na_reference
-from .validation import BoolOrTuple, IntOrTuple, check_problem, check_rpb_flag, check_window_args
+from .functional import neighborhood_attention
+from .validation import (
+    BoolOrTuple,
+    IntOrTuple,
+    check_bool,
+    check_heads,
+    check_problem,
+    check_rate,
+    check_real,
+    check_rpb_flag,
+    check_window_args,
+)
 
 __all__ = [
     "NeighborhoodAttention1D",
     "NeighborhoodAttention2D",
     "NeighborhoodAttention3D",
-    "check_bool",
-    "check_heads",
-    "check_int",
-    "check_rate",
-    "check_real",
 ]
-
-
-def check_int(owner: str, name: str, value: Any, minimum: int = 1) -> int:
-    """`value` as an int ``>= minimum``; TypeError for a non-integer (bools and floats included), ValueError below."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-        raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{owner}: {name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def check_real(owner: str, name: str, value: Any, positive: bool = False) -> float:
-    """`value` as a finite float (and ``> 0`` when `positive`); TypeError for a non-number, ValueError otherwise."""
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(f"{owner}: {name} must be a real number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value) or (positive and value <= 0):
-        raise ValueError(f"{owner}: {name} must be a finite number{' > 0' if positive else ''}, got {value}")
-    return float(value)
-
-
-def check_rate(owner: str, name: str, value: Any) -> float:
-    """A dropout or drop-path probability: a real number in ``[0, 1)``."""
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(f"{owner}: {name} must be a probability (a float in [0, 1)), got {type(value).__name__} "
-                        f"{value!r}")
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{owner}: {name} must be in [0, 1), got {value}")
-    return float(value)
-
-
-def check_heads(owner: str, dim: Any, num_heads: Any) -> tuple[int, int]:
-    """`dim` and `num_heads` as ints ``>= 1``, the head count dividing the width."""
-    dim, num_heads = check_int(owner, "dim", dim), check_int(owner, "num_heads", num_heads)
-    if dim % num_heads != 0:
-        raise ValueError(f"{owner}: num_heads must divide dim, got dim={dim}, num_heads={num_heads}")
-    return dim, num_heads
-
-
-def check_bool(owner: str, name: str, value: Any) -> bool:
-    """`value` if it is a bool; TypeError otherwise (a string such as ``"false"`` would be truthy)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{owner}: {name} must be a bool, got {type(value).__name__} {value!r}")
-    return value
 
 
 @torch.fx.wrap
@@ -109,10 +68,7 @@ def _attend(
     ``[B, *S, dim]``."""
     q, k, v = qkv.unflatten(-1, (3, num_heads, -1)).unbind(dim=-3)  # 3 x [B, *S', heads, head_dim]
     problem = check_problem(owner, n, q, k, v, kernel_size, stride, dilation, is_causal, scale, rpb, None)
-    if dropout_p > 0.0:
-        out, _ = na_reference(problem, q, k, v, rpb, dropout_p=dropout_p, need_lse=False)
-    else:
-        out = _run(problem, q, k, v, rpb, False, None)
+    out = neighborhood_attention(problem, q, k, v, rpb, dropout_p=dropout_p)
     spatial = x.shape[1:-1]
     if tuple(out.shape[1:-2]) != tuple(spatial):
         out = out[(slice(None), *(slice(0, length) for length in spatial))]

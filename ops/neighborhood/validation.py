@@ -17,7 +17,7 @@ IntOrTuple = int | Sequence[int]
 BoolOrTuple = bool | Sequence[bool]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-BACKENDS = (None, "auto", "triton", "reference")
+BACKENDS = (None, "auto", "triton", "dense", "reference")
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,8 @@ def check_problem(
     else:
         raise ValueError(f"{fn}: scale must be None or a finite real number, got scale={scale!r}")
     if backend not in BACKENDS:
-        raise ValueError(f"{fn}: backend must be one of None, 'auto', 'triton', 'reference', got backend={backend!r}")
+        allowed = ", ".join(repr(b) for b in BACKENDS)
+        raise ValueError(f"{fn}: backend must be one of {allowed}, got backend={backend!r}")
     check_additional_kv(fn, query, heads_kv, additional_keys, additional_values)
     return Problem(
         name=fn,
@@ -255,3 +256,47 @@ def check_additional_kv(fn: str, query: torch.Tensor, heads_kv: int, additional_
             f"additional_keys.shape={tuple(additional_keys.shape)}, "
             f"additional_values.shape={tuple(additional_values.shape)}"
         )
+# Constructor-argument checks shared by the modules and the model families.
+
+
+def check_int(owner: str, name: str, value: Any, minimum: int = 1) -> int:
+    """`value` as an int ``>= minimum``; TypeError for a non-integer (bools and floats included), ValueError below."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{owner}: {name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_real(owner: str, name: str, value: Any, positive: bool = False) -> float:
+    """`value` as a finite float (and ``> 0`` when `positive`); TypeError for a non-number, ValueError otherwise."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be a real number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{owner}: {name} must be a finite number{' > 0' if positive else ''}, got {value}")
+    return float(value)
+
+
+def check_rate(owner: str, name: str, value: Any) -> float:
+    """A dropout or drop-path probability: a real number in ``[0, 1)``."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be a probability (a float in [0, 1)), got {type(value).__name__} "
+                        f"{value!r}")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{owner}: {name} must be in [0, 1), got {value}")
+    return float(value)
+
+
+def check_heads(owner: str, dim: Any, num_heads: Any) -> tuple[int, int]:
+    """`dim` and `num_heads` as ints ``>= 1``, the head count dividing the width."""
+    dim, num_heads = check_int(owner, "dim", dim), check_int(owner, "num_heads", num_heads)
+    if dim % num_heads != 0:
+        raise ValueError(f"{owner}: num_heads must divide dim, got dim={dim}, num_heads={num_heads}")
+    return dim, num_heads
+
+
+def check_bool(owner: str, name: str, value: Any) -> bool:
+    """`value` if it is a bool; TypeError otherwise (a string such as ``"false"`` would be truthy)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be a bool, got {type(value).__name__} {value!r}")
+    return value

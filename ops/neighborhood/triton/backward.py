@@ -39,6 +39,7 @@ from .forward import (
     dot_precision,
     head_block,
     key_sub_tile_scores,
+    launch_grid,
     narrow_offsets,
     query_tile,
     strides6,
@@ -49,6 +50,7 @@ from .forward import (
     upcast_operands,
 )
 from .tiling import (
+    LOG2E,
     advance,
     autotune_mode,
     axis_offsets,
@@ -58,6 +60,8 @@ from .tiling import (
     finite_rows,
     inverse_window,
     inwin,
+    launching,
+    program_batch,
     rpb_partial,
     rpb_partial_1d,
     tile_origin,
@@ -85,7 +89,6 @@ def _dq_loop(dq, table, q, do, lse2, delta, k_base, v_base, rpb_base, n_trips, n
     `GUARD` is the rerun of a tile with a non-finite dQ row: keys are sanitised and the slots of non-finite keys
     become NaN in ``dS``, so a bad key reaches only its own queries' rows.
     """
-    LOG2E: tl.constexpr = 1.4426950408889634
     R1: tl.constexpr = 2 * K1 - 1
     R2: tl.constexpr = 2 * K2 - 1
     c0, c1, c2, koff = sub_tile_offsets(dims, sk0, sk1, sk2, skd, DIL0, DIL1, DIL2, WIDE, TK0, TK1, TK2)
@@ -145,15 +148,14 @@ def _na_bwd_dq_kernel(
     TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr, FI: tl.constexpr,
 ):
     BQ: tl.constexpr = TQ0 * TQ1 * TQ2
-    LOG2E: tl.constexpr = 1.4426950408889634
     R1: tl.constexpr = 2 * K1 - 1
     R2: tl.constexpr = 2 * K2 - 1
     RH: tl.constexpr = (2 * K0 - 1) * R1 * R2
-    b = tl.program_id(2).to(tl.int64)
+    pid, b = program_batch(TQ0, TQ1, TQ2, L0, L1, L2, DIL0, DIL1, DIL2)
     h = tl.program_id(1).to(tl.int64)
     (g0, g1, g2, first0, first1, first2, r0, r1, r2, i0, i1, i2, q_ok, qs0, qs1, qs2, w0, w1, w2,
      box0, box1, box2, end0, end1, end2, nk1, nk2, n_trips) = query_tile(
-        tl.program_id(0), L0, L1, L2, DIL0, DIL1, DIL2, K0, K1, K2, S0, S1, S2, C0, C1, C2,
+        pid, L0, L1, L2, DIL0, DIL1, DIL2, K0, K1, K2, S0, S1, S2, C0, C1, C2,
         TQ0, TQ1, TQ2, TK0, TK1, TK2)
 
     dims = tl.arange(0, BLOCK_D)
@@ -222,10 +224,10 @@ def _na_bwd_dq_kernel(
             flat = (r0 * R1 + r1) * R2 + r2
             ok = (r0 < 2 * K0 - 1) & (r1 < R1) & (r2 < R2)
         if DETERMINISTIC:
-            row = (b * tl.num_programs(0) + tl.program_id(0)) * H + h
+            row = tl.program_id(0).to(tl.int64) * H + h  # program id 0 already counts (batch, tile)
             tl.store(TABLE + row * R + flat, table, mask=ok)
         else:
-            copy = (tl.program_id(0) + tl.program_id(2)) % COPIES
+            copy = tl.program_id(0) % COPIES
             tl.atomic_add(TABLE + (copy * H + h) * R + flat, table, mask=ok, sem="relaxed")
 
 
@@ -265,7 +267,7 @@ def pair_mask_t(j0, j1, j2, qs0, qs1, qs2, w0, w1, w2, q_ok,
 @triton.jit
 def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, rpb_base, n_trips, nq1, nq2,
                box0, box1, box2, end0, end1, end2, lg0, lg1, lg2, j0, j1, j2, krow, dims, d_ok,
-               sq0, sq1, sq2, sqd, sd0, sd1, sd2, sdd, L1, L2, H, DIL0, DIL1, DIL2, scale,
+               sq0, sq1, sq2, sqd, sd0, sd1, sd2, sdd, st0, st1, st2, DIL0, DIL1, DIL2, scale,
                K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
                S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr,
                C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
@@ -277,13 +279,12 @@ def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, rpb_base, n_
     `GUARD` is the rerun of a tile with a non-finite dK row: masked slots of ``dS`` then select 0 instead of
     multiplying it, so a non-finite Delta or dP stays in its own pairs.
     """
-    LOG2E: tl.constexpr = 1.4426950408889634
     R1: tl.constexpr = 2 * K1 - 1
     R2: tl.constexpr = 2 * K2 - 1
     # Loop invariants: in-sub-tile query coordinates, their q/dO/statistics offsets and rpb column term.
     c0, c1, c2, qoff = sub_tile_offsets(dims, sq0, sq1, sq2, sqd, DIL0, DIL1, DIL2, WIDE, TQ0, TQ1, TQ2)
     _c0, _c1, _c2, dooff = sub_tile_offsets(dims, sd0, sd1, sd2, sdd, DIL0, DIL1, DIL2, WIDE, TQ0, TQ1, TQ2)
-    soff = axis_offsets(c0, c1, c2, DIL0, DIL1, DIL2, L1 * L2 * H, L2 * H, H, WIDE)
+    soff = axis_offsets(c0, c1, c2, DIL0, DIL1, DIL2, st0, st1, st2, WIDE)
     ccol = (c0 * R1 + c1) * R2 + c2
     u0 = tl.full([], 0, tl.int32)
     u1 = tl.full([], 0, tl.int32)
@@ -297,7 +298,7 @@ def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, rpb_base, n_
                      other=0.0)
         q = dot_operand(q, UPCAST)
         do = dot_operand(do, UPCAST)
-        stat = tile_step(o0, o1, o2, DIL0, DIL1, DIL2, L1 * L2 * H, L2 * H, H) + soff
+        stat = tile_step(o0, o1, o2, DIL0, DIL1, DIL2, st0, st1, st2) + soff
         lse2 = tl.load(lse_base + stat, mask=q_ok, other=0.0) * LOG2E
         # Windows of the sub-tile's queries (a scalar on one-wide axes).
         if TQ0 == 1:
@@ -359,10 +360,10 @@ def _na_bwd_dkdv_kernel(
     R1: tl.constexpr = 2 * K1 - 1
     R2: tl.constexpr = 2 * K2 - 1
     RH: tl.constexpr = (2 * K0 - 1) * R1 * R2
-    b = tl.program_id(2).to(tl.int64)
+    pid, b = program_batch(TK0, TK1, TK2, L0, L1, L2, DIL0, DIL1, DIL2)
     h = tl.program_id(1).to(tl.int64)
     g0, g1, g2, lg0, lg1, lg2, first0, first1, first2 = tile_origin(
-        tl.program_id(0), L0, L1, L2, DIL0, DIL1, DIL2, TK0, TK1, TK2
+        pid, L0, L1, L2, DIL0, DIL1, DIL2, TK0, TK1, TK2
     )
     r0, r1, r2 = box_coords(tl.arange(0, BK), TK0, TK1, TK2)
     j0, j1, j2 = first0 + r0, first1 + r1, first2 + r2  # [BK] in-group key indices
@@ -393,14 +394,17 @@ def _na_bwd_dkdv_kernel(
 
     q_base = Q + tile_base(g0, g1, g2, box0, box1, box2, b, h, sqb, sq0, sq1, sq2, sqh, DIL0, DIL1, DIL2)
     do_base = DO + tile_base(g0, g1, g2, box0, box1, box2, b, h, sdb, sd0, sd1, sd2, sdh, DIL0, DIL1, DIL2)
-    stat0 = tile_base(g0, g1, g2, box0, box1, box2, b, h, L0 * L1 * L2 * H, L1 * L2 * H, L2 * H, H, 1,
-                      DIL0, DIL1, DIL2)
+    # Strides of the [B, L0, L1, L2, H] statistics, in int64 from the first product (L0 * L1 * L2 * H may pass 2**31).
+    st2 = h * 0 + H
+    st1 = st2 * L2
+    st0 = st1 * L1
+    stat0 = tile_base(g0, g1, g2, box0, box1, box2, b, h, st0 * L0, st0, st1, st2, 1, DIL0, DIL1, DIL2)
     rpb_base = RPB + h * RH
     dk = tl.zeros([BK, BLOCK_D], tl.float32)
     dv = tl.zeros([BK, BLOCK_D], tl.float32)
     dk, dv = _dkdv_loop(dk, dv, k, v, q_base, do_base, LSE + stat0, DELTA + stat0, rpb_base, nq0 * nq1 * nq2,
                         nq1, nq2, box0, box1, box2, end0, end1, end2, lg0, lg1, lg2, j0, j1, j2, krow, dims, d_ok,
-                        sq0, sq1, sq2, sqd, sd0, sd1, sd2, sdd, L1, L2, H, DIL0, DIL1, DIL2, scale,
+                        sq0, sq1, sq2, sqd, sd0, sd1, sd2, sdd, st0, st1, st2, DIL0, DIL1, DIL2, scale,
                         K0, K1, K2, S0, S1, S2, C0, C1, C2, HAS_RPB, COMPUTE_DK, COMPUTE_DV, EVEN_D, WIDE, PRECISION,
                         UPCAST, False, TQ0, TQ1, TQ2)
     if COMPUTE_DK:  # noqa: SIM102 - a constexpr test around a run-time one
@@ -408,7 +412,7 @@ def _na_bwd_dkdv_kernel(
             dk, _rerun_dv = _dkdv_loop(
                 tl.zeros([BK, BLOCK_D], tl.float32), dv, k, v, q_base, do_base, LSE + stat0, DELTA + stat0, rpb_base,
                 nq0 * nq1 * nq2, nq1, nq2, box0, box1, box2, end0, end1, end2, lg0, lg1, lg2, j0, j1, j2, krow,
-                dims, d_ok, sq0, sq1, sq2, sqd, sd0, sd1, sd2, sdd, L1, L2, H, DIL0, DIL1, DIL2, scale,
+                dims, d_ok, sq0, sq1, sq2, sqd, sd0, sd1, sd2, sdd, st0, st1, st2, DIL0, DIL1, DIL2, scale,
                 K0, K1, K2, S0, S1, S2, C0, C1, C2, HAS_RPB, True, False, EVEN_D, WIDE, PRECISION, UPCAST, True,
                 TQ0, TQ1, TQ2)
     if COMPUTE_DK:
@@ -468,42 +472,45 @@ def na_backward(
                   PRECISION=dot_precision(query.dtype), UPCAST=upcast_operands(query.dtype))
 
     def grid_q(meta):
-        return (geo.num_tiles((meta["TQ0"], meta["TQ1"], meta["TQ2"])), problem.heads, problem.batch)
+        return launch_grid(geo, (meta["TQ0"], meta["TQ1"], meta["TQ2"]), problem.batch, problem.heads)
 
     def grid_k(meta):
-        return (geo.num_tiles((meta["TK0"], meta["TK1"], meta["TK2"])), problem.heads, problem.batch)
+        return launch_grid(geo, (meta["TK0"], meta["TK1"], meta["TK2"]), problem.batch, problem.heads)
 
     # d_rpb partial tables: one row per program (deterministic; rows past the chosen config's grid stay zero), or
     # copies that the programs' atomic adds are spread over.
     if need_drpb and deterministic:
-        table = torch.zeros((problem.batch * max_tiles(geo, n, mode), problem.heads, table_size), dtype=torch.float32,
+        rows = problem.batch * max_tiles(geo, n, mode, problem.head_dim)
+        table = torch.zeros((rows, problem.heads, table_size), dtype=torch.float32,
                             device=device)
     elif need_drpb:
         table = torch.zeros((ATOMIC_COPIES, problem.heads, table_size), dtype=torch.float32, device=device)
     else:
         table = lse  # dummy pointer (never written)
-    dq_kernel = tuned(_na_bwd_dq_kernel, "dq", n, mode, ("TABLE",) if need_drpb else ())
-    dq_kernel[grid_q](
-        query, key, value, rpb_c, out, grad_out, lse, grad_lse if grad_lse is not None else lse, delta,
-        dq if dq is not None else grads, table,
-        *strides6(query, n), *strides6(key, n), *strides6(value, n), *strides6(out, n), *strides6(grad_out, n),
-        *strides6(grads, n), **common,
-        HAS_DLSE=grad_lse is not None, STORE_DELTA=need_dk or need_dv, COMPUTE_DQ=need_dq, COMPUTE_DRPB=need_drpb,
-        DETERMINISTIC=deterministic, COPIES=ATOMIC_COPIES, RANK=n, **pads,
-        RPB_PRECISION="tf32x3" if common["PRECISION"] == "ieee" else "tf32",
-    )
-    if need_dk or need_dv:
-        dkdv_kernel = tuned(_na_bwd_dkdv_kernel, "dkdv", n, mode)
-        dkdv_kernel[grid_k](
-            query, key, value, rpb_c, grad_out, lse, delta, dk if dk is not None else grads,
-            dv if dv is not None else grads,
-            *strides6(query, n), *strides6(key, n), *strides6(value, n), *strides6(grad_out, n), *strides6(grads, n),
-            **common, COMPUTE_DK=need_dk, COMPUTE_DV=need_dv,
+    dq_kernel = tuned(_na_bwd_dq_kernel, "dq", n, mode, problem.head_dim, ("TABLE",) if need_drpb else ())
+    with launching("backward dQ", "dq", problem, mode):
+        dq_kernel[grid_q](
+            query, key, value, rpb_c, out, grad_out, lse, grad_lse if grad_lse is not None else lse, delta,
+            dq if dq is not None else grads, table,
+            *strides6(query, n), *strides6(key, n), *strides6(value, n), *strides6(out, n), *strides6(grad_out, n),
+            *strides6(grads, n), **common,
+            HAS_DLSE=grad_lse is not None, STORE_DELTA=need_dk or need_dv, COMPUTE_DQ=need_dq, COMPUTE_DRPB=need_drpb,
+            DETERMINISTIC=deterministic, COPIES=ATOMIC_COPIES, RANK=n, **pads,
+            RPB_PRECISION="tf32x3" if common["PRECISION"] == "ieee" else "tf32",
         )
-    d_rpb = table.sum(0).view(rpb.shape).to(rpb.dtype) if need_drpb else None
+    if need_dk or need_dv:
+        dkdv_kernel = tuned(_na_bwd_dkdv_kernel, "dkdv", n, mode, problem.head_dim)
+        with launching("backward dK/dV", "dkdv", problem, mode):
+            dkdv_kernel[grid_k](
+                query, key, value, rpb_c, grad_out, lse, delta, dk if dk is not None else grads,
+                dv if dv is not None else grads,
+                *strides6(query, n), *strides6(key, n), *strides6(value, n), *strides6(grad_out, n),
+                *strides6(grads, n), **common, COMPUTE_DK=need_dk, COMPUTE_DV=need_dv,
+            )
+    d_rpb = table.sum(0).view(rpb.shape).to(rpb.dtype) if need_drpb and rpb is not None else None
     return dq, dk, dv, d_rpb
 
 
-def max_tiles(geo: Geometry, n: int, mode: str) -> int:
+def max_tiles(geo: Geometry, n: int, mode: str, head_dim: int) -> int:
     """The largest dQ grid (query tiles) over the search space: rows of the deterministic partial-table buffer."""
-    return max(geo.num_tiles(entry[0]) for entry in config_entries("dq", n, mode))
+    return max(geo.num_tiles(entry[0]) for entry in config_entries("dq", n, mode, head_dim))

@@ -33,6 +33,8 @@ import triton.language as tl
 
 from ..validation import Problem
 from .tiling import (
+    LN2,
+    LOG2E,
     advance,
     autotune_mode,
     axis_offsets,
@@ -41,6 +43,8 @@ from .tiling import (
     finite_rows,
     interpreting,
     inwin,
+    launching,
+    program_batch,
     tile_origin,
     tuned,
     window,
@@ -96,11 +100,34 @@ def head_block(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def tf32_allowed() -> bool:
+    """Whether PyTorch allows TF32 for float32 CUDA matmuls, under either of its precision APIs.
+
+    The new API (``torch.backends.cuda.matmul.fp32_precision``, else ``torch.backends.fp32_precision``) wins where set;
+    ``torch.get_float32_matmul_precision()`` raises RuntimeError once a program has mixed the two (torch 2.9+), so it
+    is read only when neither is set.
+    """
+    for setting in (getattr(torch.backends.cuda.matmul, "fp32_precision", "none"),
+                    getattr(torch.backends, "fp32_precision", "none")):
+        if setting in ("tf32", "ieee"):
+            return setting == "tf32"
+    try:
+        return torch.get_float32_matmul_precision() != "highest"
+    except RuntimeError:
+        return False
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """IEEE products for float32 unless PyTorch allows TF32 for matmuls; 16-bit inputs ignore the setting."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+    if dtype == torch.float32 and not tf32_allowed():
         return "ieee"
     return "tf32"
+
+
+def launch_grid(geo: Geometry, tile: tuple[int, int, int], batch: int, heads: int) -> tuple[int, int, int]:
+    """``(tiles * batch, heads, 1)``: batch is folded into grid axis 0 (limit 2**31 - 1), heads stay on axis 1
+    (limit 65535, checked by the capability predicate); the kernels split axis 0 with `program_batch`."""
+    return (geo.num_tiles(tile) * batch, heads, 1)
 
 
 def upcast_operands(dtype: torch.dtype) -> bool:
@@ -245,7 +272,6 @@ def _fwd_loop(acc, m_i, l_i, poisoned, q, k_base, v_base, rpb_base, n_trips, nk1
     sanitised, and `poisoned` marks the rows whose window holds a non-finite value (their output becomes NaN; their
     lse does not depend on values).
     """
-    LOG2E: tl.constexpr = 1.4426950408889634
     R1: tl.constexpr = 2 * K1 - 1
     R2: tl.constexpr = 2 * K2 - 1
     # Loop invariants: in-sub-tile key coordinates, their K/V offsets and rpb column term.
@@ -304,15 +330,14 @@ def _na_fwd_kernel(
     TK0: tl.constexpr, TK1: tl.constexpr, TK2: tl.constexpr,
 ):
     BQ: tl.constexpr = TQ0 * TQ1 * TQ2
-    LN2: tl.constexpr = 0.6931471805599453
     R1: tl.constexpr = 2 * K1 - 1
     R2: tl.constexpr = 2 * K2 - 1
     RH: tl.constexpr = (2 * K0 - 1) * R1 * R2
-    b = tl.program_id(2).to(tl.int64)
+    pid, b = program_batch(TQ0, TQ1, TQ2, L0, L1, L2, DIL0, DIL1, DIL2)
     h = tl.program_id(1).to(tl.int64)
     (g0, g1, g2, first0, first1, first2, r0, r1, r2, i0, i1, i2, q_ok, qs0, qs1, qs2, w0, w1, w2,
      box0, box1, box2, end0, end1, end2, nk1, nk2, n_trips) = query_tile(
-        tl.program_id(0), L0, L1, L2, DIL0, DIL1, DIL2, K0, K1, K2, S0, S1, S2, C0, C1, C2,
+        pid, L0, L1, L2, DIL0, DIL1, DIL2, K0, K1, K2, S0, S1, S2, C0, C1, C2,
         TQ0, TQ1, TQ2, TK0, TK1, TK2)
 
     dims = tl.arange(0, BLOCK_D)
@@ -384,15 +409,17 @@ def na_forward(
     rpb_arg = rpb.contiguous() if rpb is not None else out  # rpb: a dummy pointer when absent (never read)
 
     def grid(meta):
-        return (geo.num_tiles((meta["TQ0"], meta["TQ1"], meta["TQ2"])), problem.heads, problem.batch)
+        return launch_grid(geo, (meta["TQ0"], meta["TQ1"], meta["TQ2"]), problem.batch, problem.heads)
 
-    kernel = tuned(_na_fwd_kernel, "fwd", n, autotune_mode())
-    kernel[grid](
-        query, key, value, rpb_arg, out, lse,
-        *strides6(query, n), *strides6(key, n), *strides6(value, n), *strides6(out, n),
-        B=problem.batch, **geo.sizes(), H=problem.heads, HEAD_DIM=problem.head_dim, scale=problem.scale,
-        **geo.constexprs(), HAS_RPB=rpb is not None, BLOCK_D=head_block(problem.head_dim),
-        EVEN_D=head_block(problem.head_dim) == problem.head_dim, WIDE=not narrow_offsets(query, key, value, out),
-        PRECISION=dot_precision(query.dtype), UPCAST=upcast_operands(query.dtype),
-    )
+    mode = autotune_mode()
+    kernel = tuned(_na_fwd_kernel, "fwd", n, mode, problem.head_dim)
+    with launching("forward", "fwd", problem, mode):
+        kernel[grid](
+            query, key, value, rpb_arg, out, lse,
+            *strides6(query, n), *strides6(key, n), *strides6(value, n), *strides6(out, n),
+            B=problem.batch, **geo.sizes(), H=problem.heads, HEAD_DIM=problem.head_dim, scale=problem.scale,
+            **geo.constexprs(), HAS_RPB=rpb is not None, BLOCK_D=head_block(problem.head_dim),
+            EVEN_D=head_block(problem.head_dim) == problem.head_dim, WIDE=not narrow_offsets(query, key, value, out),
+            PRECISION=dot_precision(query.dtype), UPCAST=upcast_operands(query.dtype),
+        )
     return out, lse

@@ -82,8 +82,11 @@ def na_bwd(
     problem = _problem(query, kernel_size, stride, dilation, is_causal, scale)
     # Read at run time (not trace time), so a compiled graph follows the current setting.
     deterministic = torch.are_deterministic_algorithms_enabled()
-    grads = na_backward(problem, grad_out, grad_lse, query, key, value, rpb, out, lse, deterministic, tuple(needs))
-    return tuple(g if g is not None else query.new_empty((0,)) for g in grads)
+    need_q, need_k, need_v, need_rpb = needs
+    grads = na_backward(problem, grad_out, grad_lse, query, key, value, rpb, out, lse, deterministic,
+                        (need_q, need_k, need_v, need_rpb))
+    dq, dk, dv, d_rpb = (g if g is not None else query.new_empty((0,)) for g in grads)
+    return dq, dk, dv, d_rpb
 
 
 @na_bwd.register_fake

@@ -18,8 +18,11 @@ bit-reproducible across processes, not only within one.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -32,6 +35,12 @@ Entry = tuple  # (query tile, key tile, warps, stages[, register cap])
 
 ENV_AUTOTUNE = "NATZOO_NA_AUTOTUNE"
 AUTOTUNE_MODES = ("full", "quick", "off")
+KINDS = ("fwd", "dq", "dkdv")
+HEAD_DIM_CLASSES = (32, 64, 128, 256)
+
+# Base-conversion constants of the kernels (they work with exp2/log2 and return natural-log lse).
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 # GPU search spaces per kernel and rank, best first by the static cost model (docs/benchmarks.md); quick mode takes
 # the first two, deterministic mode the first. Small NAT windows (k=7) want 16-row query tiles on one warp (each
@@ -41,7 +50,7 @@ AUTOTUNE_MODES = ("full", "quick", "off")
 # `rpb_partial`); the others are pruned when that gradient is needed. A fifth entry caps the registers per thread:
 # the rerun path for non-finite rows needs more than the main loop, and the cap keeps enough one-warp programs
 # resident (the main loop then spills a little or not at all, see docs/benchmarks.md).
-_GPU_CONFIGS: dict[str, dict[int, list[Entry]]] = {
+_CONFIGS_32: dict[str, dict[int, list[Entry]]] = {
     "fwd": {
         1: [((16, 1, 1), (32, 1, 1), 1, 1), ((16, 1, 1), (16, 1, 1), 1, 2), ((32, 1, 1), (32, 1, 1), 2, 1),
             ((64, 1, 1), (32, 1, 1), 4, 1), ((64, 1, 1), (64, 1, 1), 4, 2)],
@@ -68,6 +77,42 @@ _GPU_CONFIGS: dict[str, dict[int, list[Entry]]] = {
             ((1, 2, 16), (1, 2, 8), 1, 1)],
     },
 }
+
+# Search spaces per head-dim class (the smallest class holding the head dim; see `head_dim_class`). Larger head dims
+# hold larger accumulators and K/V sub-tiles per program: the tables of the larger classes trade rows per warp or key
+# sub-tile width for registers so that the main loops do not spill for sm_90 (static report, docs/kernels.md).
+def _widened(table: dict[str, dict[int, list[Entry]]], factor: int, keep: int) -> dict[str, dict[int, list[Entry]]]:
+    """`table` with `factor` times the warps per entry (at most 8) and no register cap, first `keep` distinct ones.
+
+    A 16-row tile on several warps splits the head-dim columns of its accumulators over the warps, so each thread
+    keeps the registers of a head-dim-32 tile on one warp.
+    """
+    out: dict[str, dict[int, list[Entry]]] = {}
+    for kind, ranks in table.items():
+        out[kind] = {}
+        for rank, entries in ranks.items():
+            seen: list[Entry] = []
+            for tq, tk, warps, stages, *_cap in entries:
+                entry = (tq, tk, min(8, warps * factor), stages)
+                if entry not in seen:
+                    seen.append(entry)
+            out[kind][rank] = seen[:keep]
+    return out
+
+
+_GPU_CONFIGS: dict[int, dict[str, dict[int, list[Entry]]]] = {
+    32: _CONFIGS_32,
+    64: _widened(_CONFIGS_32, 2, 4),
+    128: _widened(_CONFIGS_32, 4, 4),
+    256: _widened(_CONFIGS_32, 8, 3),
+}
+# 2-D dQ entries that spill in the main loop for sm_90 are left out (static report, docs/kernels.md). At head dim 256
+# every dQ entry tried spills (each warp holds all 256 columns of its q and dO rows as tl.dot operands): the two
+# that spill least are kept.
+_GPU_CONFIGS[32]["dq"][2] = [e for i, e in enumerate(_CONFIGS_32["dq"][2]) if i not in (2, 4)]
+_GPU_CONFIGS[128]["dq"][2] = [((4, 8, 1), (4, 4, 1), 4, 1), ((8, 8, 1), (4, 4, 1), 8, 1)]
+_GPU_CONFIGS[256]["dq"][2] = [((4, 4, 1), (4, 4, 1), 8, 1), ((4, 8, 1), (4, 4, 1), 8, 1)]
+
 
 # Interpreter: one small config per kernel (no autotuning on CPU), smaller than the test maps so that every kernel
 # walks several, partly filled tiles and sub-tiles; the forward and dK/dV configs use one-wide sub-tiles (scalar
@@ -97,11 +142,59 @@ def autotune_mode() -> str:
     return mode
 
 
-def config_entries(kind: str, rank: int, mode: str) -> list[Entry]:
-    """The search space of kernel `kind` (``fwd``, ``dq``, ``dkdv``) for `rank` spatial axes in autotuning `mode`."""
+def head_dim_class(head_dim: int) -> int:
+    """The config-table class of `head_dim`: the smallest of 32, 64, 128, 256 that holds it."""
+    for cls in HEAD_DIM_CLASSES:
+        if head_dim <= cls:
+            return cls
+    raise ValueError(f"head_dim={head_dim} exceeds the largest kernel class {HEAD_DIM_CLASSES[-1]}")
+
+
+def search_space(kind: str, rank: int, head_dim: int) -> list[Entry]:
+    """Every GPU config `full` autotuning may choose for kernel `kind` (what ``configcheck`` checks, one by one)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return list(_GPU_CONFIGS[head_dim_class(head_dim)][kind][rank])
+
+
+# Per kernel kind: the one entry forced by `force_config` in this thread (or asyncio task), if any.
+_pinned: contextvars.ContextVar[tuple[tuple[str, Entry], ...]] = contextvars.ContextVar("natzoo_na_pinned",
+                                                                                       default=())
+
+
+@contextlib.contextmanager
+def force_config(kind: str, entry: Entry) -> Iterator[None]:
+    """Runs every launch of kernel `kind` (``fwd``, ``dq``, ``dkdv``) inside the block with exactly `entry`.
+
+    Autotuning is bypassed: the kernel is wrapped in an autotuner holding only `entry`, which Triton launches without
+    benchmarking or consulting any autotuning cache, on GPU and in the interpreter alike. The compiled binary is the
+    one `full` autotuning launches when it picks `entry` for the same arguments. Forcing nests and is per thread.
+
+    Args:
+        kind: The kernel.
+        entry: ``(query tile, key tile, warps, stages[, register cap])``, e.g. one of :func:`search_space`.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"force_config: kind must be one of {KINDS}, got {kind!r}")
+    if not (isinstance(entry, tuple) and len(entry) in (4, 5) and all(len(t) == 3 for t in entry[:2])):
+        raise ValueError(f"force_config: entry must be (query tile, key tile, warps, stages[, maxnreg]), got {entry!r}")
+    token = _pinned.set((*_pinned.get(), (kind, tuple(entry))))
+    try:
+        yield
+    finally:
+        _pinned.reset(token)
+
+
+def config_entries(kind: str, rank: int, mode: str, head_dim: int = 32) -> list[Entry]:
+    """The configs kernel `kind` (``fwd``, ``dq``, ``dkdv``) may use for `rank` spatial axes in autotuning `mode`:
+    the forced entry (:func:`force_config`), else the interpreter's one, else the GPU search space of the head-dim
+    class cut down to the mode."""
+    forced = [entry for pinned, entry in _pinned.get() if pinned == kind]
+    if forced:
+        return forced[-1:]  # the innermost
     if interpreting():
         return _INTERPRETER_CONFIGS[kind][rank][:1]
-    table = _GPU_CONFIGS[kind][rank]
+    table = search_space(kind, rank, head_dim)
     return table[:1] if mode == "off" else table[:2] if mode == "quick" else table
 
 
@@ -143,10 +236,41 @@ def _cfg(
     return triton.Config(kw, num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
 
+class KernelLaunchError(RuntimeError):
+    """A Triton kernel failed to compile or launch; the message names kernel, configs, shape, dtype and the way out."""
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """``torch.cuda.device(device)`` for a CUDA device (launches go to the inputs' GPU, not the current one)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def launching(kernel: str, kind: str, problem, mode: str) -> Iterator[None]:
+    """Device guard around a kernel launch; a failure is re-raised as :class:`KernelLaunchError` with the context."""
+    with device_guard(problem.device):
+        try:
+            yield
+        except Exception as exc:  # any compile or launch error: add the context, keep the cause
+            entries = config_entries(kind, problem.n, mode, problem.head_dim)
+            configs = entries[0] if len(entries) == 1 else f"autotuning over {len(entries)} configs {entries}"
+            raise KernelLaunchError(
+                f"{problem.name}: the Triton {kernel} kernel failed ({type(exc).__name__}: {exc}); config "
+                f"{configs}; shape [B={problem.batch}, spatial={problem.spatial}, heads={problem.heads}, "
+                f"head_dim={problem.head_dim}], kernel_size={problem.kernel_size}, dilation={problem.dilation}, "
+                f"dtype={problem.dtype}, device={problem.device}. Choose another backend with backend='dense' or "
+                "backend='reference' (or use_backend(...) / NATZOO_NA_BACKEND=dense), or another config with "
+                f"{ENV_AUTOTUNE}=off"
+            ) from exc
+
+
+def tuned(kernel, kind: str, rank: int, mode: str, head_dim: int, reset: tuple[str, ...] = ()):
+    """`kernel` wrapped in a ``triton.autotune`` over :func:`config_entries`; one wrapper per distinct config list."""
+    return _autotuned(kernel, kind, rank, tuple(config_entries(kind, rank, mode, head_dim)), reset)
+
+
 @functools.cache
-def tuned(kernel, kind: str, rank: int, mode: str, reset: tuple[str, ...] = ()):
-    """`kernel` wrapped in a ``triton.autotune`` over the configs of (`kind`, `rank`, `mode`); built once per mode."""
-    entries = config_entries(kind, rank, mode)
+def _autotuned(kernel, kind: str, rank: int, entries: tuple[Entry, ...], reset: tuple[str, ...]):
     return triton.autotune(configs=[_cfg(kind, rank, *e) for e in entries], key=AUTOTUNE_KEY,
                            reset_to_zero=list(reset) or None,
                            prune_configs_by={"early_config_prune": _prune})(kernel)
@@ -189,6 +313,16 @@ def inverse_window(j, group_len, K: tl.constexpr, S: tl.constexpr, CAUSAL: tl.co
 def split3(flat, N1, N2):
     """Row-major decomposition of `flat` over a box ``(_, N1, N2)``."""
     return flat // (N1 * N2), (flat // N2) % N1, flat % N2
+
+
+@triton.jit
+def program_batch(T0, T1, T2, L0, L1, L2, DIL0, DIL1, DIL2):
+    """Splits program id 0 into (tile index, batch): the grid is ``(tiles * batch, heads, 1)``, batch folded into
+    axis 0 (up to 2**31 - 1 programs) so that no batch size meets the 65535 limit of grid axes 1 and 2."""
+    tiles = (DIL0 * DIL1 * DIL2 * tl.cdiv(tl.cdiv(L0, DIL0), T0) * tl.cdiv(tl.cdiv(L1, DIL1), T1)
+             * tl.cdiv(tl.cdiv(L2, DIL2), T2))
+    pid = tl.program_id(0)
+    return pid % tiles, (pid // tiles).to(tl.int64)
 
 
 @triton.jit
