@@ -9,13 +9,11 @@ Every numeric, boolean and choice knob the code reads has one rule here (or, for
 
 from __future__ import annotations
 
-import glob
 import math
 import os
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -40,10 +38,8 @@ __all__ = [
     "check_config",
     "check_settings",
     "check_weights_source",
-    "find_last_checkpoint",
     "plain",
     "register_with_hydra",
-    "run_dir_of_checkpoint",
 ]
 
 
@@ -257,6 +253,8 @@ _UNIT = Number(0.0, 1.0)
 _POSITIVE = Number(0.0, low_open=True)
 _NON_NEGATIVE = Number(0.0)
 _COUNT = Integer(1)
+# More threads than cores only adds contention; far more fails later with an unrelated out-of-memory error.
+_MAX_CPU_THREADS = max(os.cpu_count() or 1, 256)
 _PRECISION = Choice(_precisions()) if _precisions() else Either((Text(), Integer()))
 _INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "box", "hamming", "lanczos", "random")
 
@@ -325,7 +323,7 @@ COMMON_RULES: dict[str, Rule] = {
     "task": Text(),
     "run_name": Text(),
     "seed": Integer(0, 2**32 - 1),
-    "cpu_threads": Integer(1, nullable=True),
+    "cpu_threads": Integer(1, _MAX_CPU_THREADS, nullable=True),
     "ckpt_path": Text(nullable=True, what="a checkpoint path or `last`"),
     "checkpoint": Text(nullable=True, what="a weights file path"),
     "nonfinite_loss": Choice(("stop", "skip")),
@@ -476,33 +474,25 @@ def check_weights_source(cfg: DictConfig) -> None:
         )
 
 
-def find_last_checkpoint(search_root: str | os.PathLike) -> Path | None:
-    """Newest ``last*.ckpt`` under ``search_root/**/checkpoints/`` (by modification time), or None."""
-    pattern = os.path.join(glob.escape(str(search_root)), "**", "checkpoints", "last*.ckpt")
-    found = [Path(p) for p in glob.glob(pattern, recursive=True)]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
-
-
-def run_dir_of_checkpoint(ckpt_path: str | None, resume_dir: str) -> Path | None:
-    """The run directory a resumed run continues in: for ``ckpt_path=last`` or a path, the run that wrote the
-    checkpoint (``<run dir>/checkpoints/<file>``, with Hydra's ``.hydra`` record); None for a fresh run or a
-    checkpoint from elsewhere."""
-    if not ckpt_path:
-        return None
-    path = find_last_checkpoint(resume_dir) if str(ckpt_path) == "last" else Path(str(ckpt_path))
-    if path is None or path.parent.name != "checkpoints" or not (path.parent.parent / ".hydra").is_dir():
-        return None
-    return path.parent.parent.resolve()
-
-
 def _run_dir(ckpt_path: str | None, resume_dir: str, fresh_dir: str) -> str:
+    from natzoo.checkpoints import run_dir_of_checkpoint
+    from natzoo.rundir import claim_fresh_dir
+
     found = run_dir_of_checkpoint(ckpt_path, resume_dir)
-    return str(found) if found is not None else fresh_dir
+    return str(found) if found is not None else claim_fresh_dir(fresh_dir)
 
 
 def _output_subdir(ckpt_path: str | None, resume_dir: str, timestamp: str) -> str:
+    from natzoo.checkpoints import run_dir_of_checkpoint
+
     # A resumed run keeps the first part's Hydra record and writes its own next to it.
     return ".hydra" if run_dir_of_checkpoint(ckpt_path, resume_dir) is None else f".hydra/resumed_{timestamp}"
+
+
+def _fresh_dir(candidate: str) -> str:
+    from natzoo.rundir import claim_fresh_dir
+
+    return claim_fresh_dir(candidate)
 
 
 def register_with_hydra() -> None:
@@ -512,7 +502,8 @@ def register_with_hydra() -> None:
       ``configs/model/timm.yaml`` with ``name: <variant>``, so the architecture and its defaults (drop path, ...)
       come from the registered variant and the config overrides only what the user changes.
     * The resolvers ``natzoo_run_dir`` and ``natzoo_output_subdir`` of ``configs/hydra/train.yaml``: a run resumed
-      with ``ckpt_path=`` continues in the run directory that wrote the checkpoint.
+      with ``ckpt_path=`` continues in the run directory that wrote the checkpoint; a fresh run gets a directory of
+      its own (``natzoo_fresh_dir``, also in ``configs/hydra/default.yaml``; see :mod:`natzoo.rundir`).
     """
     from hydra.core.config_store import ConfigStore
 
@@ -521,6 +512,7 @@ def register_with_hydra() -> None:
     store = ConfigStore.instance()
     for name in registered_models():
         store.store(group="model", name=name, node={"defaults": ["timm"], "name": name})
-    for name, function in (("natzoo_run_dir", _run_dir), ("natzoo_output_subdir", _output_subdir)):
+    for name, function in (("natzoo_run_dir", _run_dir), ("natzoo_output_subdir", _output_subdir),
+                           ("natzoo_fresh_dir", _fresh_dir)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, function)
