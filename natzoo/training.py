@@ -27,7 +27,7 @@ from natzoo.checkpoints import resolve_ckpt_path as read_ckpt_path
 from natzoo.config import COMMON_RULES, check_config, check_weights_source
 from natzoo.console import configure_console
 from natzoo.loggers import drop_rows_after
-from natzoo.rundir import RunDirLock, discard_unused
+from natzoo.rundir import RunDirectoryBusy, RunDirLock, discard_unused
 from natzoo.tasks import Task, get_task, task_of_checkpoint
 
 __all__ = [
@@ -190,7 +190,11 @@ def run_directory(cfg: DictConfig, stage: str, lock: bool) -> Iterator[tuple[Tas
     try:
         task, info = check_run_config(cfg, stage)
         if holder is not None:
-            holder.acquire()
+            try:
+                holder.acquire()
+            except RunDirectoryBusy as err:
+                err.natzoo_config_error = True  # type: ignore[attr-defined]
+                raise
     except BaseException:
         if rank_zero_only.rank == 0:
             discard_unused(output_dir, _hydra_output_subdir())
