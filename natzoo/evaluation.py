@@ -96,4 +96,5 @@ def _summary_line(result: dict[str, Any]) -> str:
         parts.append(f"loss={result['loss']:.4f}")
     if result.get("images_per_second"):
         parts.append(f"{result['images_per_second']:.1f} images/s")
-    return f"Evaluation: {', '.join(parts)}. Results written to {result['output']}"
+    written = [result["output"], *(result[k] for k in ("confusion_matrix_png",) if result.get(k))]
+    return f"Evaluation: {', '.join(parts)}. Results written to {', '.join(map(str, written))}"

@@ -68,6 +68,7 @@ def check_run_config(cfg: DictConfig, stage: str) -> tuple[Task, CheckpointInfo 
         check_config(cfg, {**COMMON_RULES, **task.config_rules})
         if stage == "eval":
             check_weights_source(cfg)
+            _check_output_file(cfg.get("output"))
         resolved = resolve_ckpt_path(cfg, task)
         if resolved is not None:
             with open_dict(cfg):
@@ -77,6 +78,19 @@ def check_run_config(cfg: DictConfig, stage: str) -> tuple[Task, CheckpointInfo 
         err.natzoo_config_error = True  # type: ignore[attr-defined]
         raise
     return task, resolved
+
+
+def _check_output_file(output: Any) -> None:
+    """``output`` (the evaluation's JSON file) must not be a folder, and its folder must be creatable."""
+    if not output:
+        return
+    path = Path(str(output))
+    if path.is_dir():
+        raise ValueError(f"output={str(output)!r} is a folder; give the JSON file to write, e.g. "
+                         f"output={str(path / 'eval.json')!r}")
+    existing = next((p for p in path.parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ValueError(f"output={str(output)!r}: {existing} is a file, not a folder")
 
 
 def resolve_ckpt_path(cfg: DictConfig, task: Task | None = None) -> CheckpointInfo | None:

@@ -68,14 +68,16 @@ def test_fresh_run_directories_are_unique_per_process(tmp_path):
 
 @pytest.mark.slow
 def test_two_runs_started_together_get_separate_directories(demo_root, tmp_path):
+    # train.yaml's run directory with the timestamp pinned: both runs start "in the same second".
     logs = tmp_path / "logs"
-    base = ["train.py", *tiny_overrides(demo_root, logs, epochs=1), "run_name=same"]
+    pinned = "hydra.run.dir=${natzoo_run_dir:${ckpt_path},${paths.resume_dir},${paths.log_dir}/same/runs/2026-01-01}"
+    base = ["train.py", *tiny_overrides(demo_root, logs, epochs=1), "run_name=same", pinned]
     procs = [subprocess.Popen([sys.executable, *base, f"seed={s}"], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for s in (1, 2)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
     runs = sorted((logs / "same" / "runs").iterdir())
-    assert len(runs) == 2
+    assert [run.name for run in runs] == ["2026-01-01", "2026-01-01_2"]
     seeds = sorted((run / ".hydra" / "overrides.yaml").read_text().split("seed=")[1].split()[0] for run in runs)
     assert seeds == ["1", "2"]
     for run in runs:  # each metrics.csv holds one run: one validation row for its one epoch
@@ -239,6 +241,8 @@ def test_symlink_loop_in_a_class_folder_does_not_inflate_the_dataset(small_copy)
     classes = sorted(p.name for p in (small_copy / "train").iterdir() if p.is_dir())
     os.symlink("..", small_copy / "train" / classes[0] / "loop")
     os.symlink("../../..", small_copy / "train" / classes[1] / "up")
+    os.symlink(small_copy / "val", small_copy / "train" / classes[2] / "val")  # would leak val images into train
+    os.symlink(f"../{classes[4]}", small_copy / "train" / classes[3] / "sibling")  # would count them twice
     assert len(RobustImageFolder(small_copy / "train")) == 64
 
 

@@ -49,22 +49,32 @@ def _guarded_dirs(split_dir: Path) -> set[tuple[int, int]]:
     return keys
 
 
-def walk_class_folder(class_dir: str | os.PathLike, guarded: set[tuple[int, int]]) -> Iterator[str]:
+def walk_class_folder(class_dir: str | os.PathLike, guarded: set[tuple[int, int]],
+                      dataset_root: str | os.PathLike | None = None) -> Iterator[str]:
     """Paths of the files under ``class_dir`` in sorted order, following symbolic links to folders, but each folder
-    once: a link back to a folder already walked or to one in ``guarded`` (the split folder and its ancestors) is
-    skipped with a warning, so a link loop cannot repeat images.
+    once and never back into the data set: a link to a folder already walked, to one in ``guarded`` (the split
+    folder and its ancestors: a loop), or to another folder under ``dataset_root`` (another class or split: its images
+    would be counted twice, or leak from one split into another) is skipped with a warning.
 
     Raises:
         ValueError: a folder cannot be read (naming it).
     """
     seen = set(guarded)
-    stack = [Path(class_dir)]
+    top = Path(class_dir)
+    inside = Path(os.path.realpath(top))
+    root = Path(os.path.realpath(dataset_root)) if dataset_root is not None else None
+    stack = [top]
     while stack:
         folder = stack.pop()
         key = _directory_key(folder)
         if key in seen:
             log.warning("%s: skipped, a symbolic link to a folder that is already part of the data set (a loop "
                         "would repeat its images)", folder)
+            continue
+        real = Path(os.path.realpath(folder))
+        if root is not None and real.is_relative_to(root) and not real.is_relative_to(inside):
+            log.warning("%s: skipped, a symbolic link to %s, another part of the data set (its images would be "
+                        "counted twice or leak into this class)", folder, real)
             continue
         seen.add(key)
         try:
@@ -87,7 +97,7 @@ def _is_image(path: str) -> bool:
 def _check_class_folder(split: str, class_dir: Path, guarded: set[tuple[int, int]]) -> None:
     """Fails unless ``class_dir`` can be read and holds at least one image file (stops at the first one)."""
     try:
-        found = any(_is_image(path) for path in walk_class_folder(class_dir, guarded))
+        found = any(_is_image(path) for path in walk_class_folder(class_dir, guarded, class_dir.parent.parent))
     except ValueError as err:
         raise ValueError(f"split {split!r}: class folder {class_dir}: {err}") from None
     if not found:
@@ -168,7 +178,9 @@ class RobustImageFolder(ImageFolder):
         guarded = _guarded_dirs(Path(directory))
         samples = []
         for name, index in sorted(class_to_idx.items()):
-            samples.extend((path, index) for path in walk_class_folder(Path(directory) / name, guarded) if valid(path))
+            folder = Path(directory) / name
+            samples.extend((path, index) for path in walk_class_folder(folder, guarded, Path(directory).parent)
+                           if valid(path))
         return samples
 
     def __getitem__(self, index: int) -> Any:
