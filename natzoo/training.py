@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.imports import RequirementCache
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from natzoo.callbacks import CurvePlot, RNGState
+from natzoo.callbacks import CurvePlot, ModelSummary, RNGState
 from natzoo.checkpoints import AtomicCheckpointIO, CheckpointInfo, find_last_checkpoint
 from natzoo.checkpoints import resolve_ckpt_path as read_ckpt_path
 from natzoo.config import COMMON_RULES, check_config, check_weights_source
@@ -125,6 +125,9 @@ def build_callbacks(cfg: DictConfig, task: Task) -> list[pl.Callback]:
     callbacks.append(CurvePlot(str(Path(cfg.paths.output_dir) / "curves.png"), task.curves,
                                title=str(cfg.get("run_name", ""))))
     callbacks.append(RNGState())
+    summary = cfg.get("trainer", {}).get("enable_model_summary", True)
+    if summary is not False and not any(isinstance(cb, pl.callbacks.ModelSummary) for cb in callbacks):
+        callbacks.append(ModelSummary())  # Lightning's default, without its "0 Total Flops" line
     return callbacks
 
 

@@ -321,3 +321,43 @@ def test_export_checks_the_output_path_before_exporting(tmp_path, monkeypatch):
     monkeypatch.setattr(export, "export_program", lambda *a, **k: pytest.fail("exported before checking the path"))
     with pytest.raises(ValueError, match="is a folder"):
         export.export_onnx(torch.nn.Linear(2, 2), tmp_path, input_size=(3, 8, 8))
+
+
+# --- Console -------------------------------------------------------------------------------------------------------
+
+def test_model_summary_has_no_zero_flops_line(caplog):
+    from lightning.pytorch.utilities.model_summary import summarize
+
+    from natzoo.callbacks import ModelSummary
+
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    model = BoringModel()
+    model.example_input_array = None
+    summary = summarize(model)
+    with caplog.at_level(logging.INFO, logger="natzoo.callbacks"):
+        ModelSummary.summarize(summary._get_summary_data(), summary.total_parameters, summary.trainable_parameters,
+                               summary.model_size, summary.total_training_modes, total_flops=0)
+    assert "Total params" in caplog.text and "Total Flops" not in caplog.text
+
+
+def test_no_top5_curve_with_five_classes_or_fewer(tmp_path):
+    from types import SimpleNamespace
+
+    from natzoo.callbacks import CurvePlot
+    from natzoo.tasks import get_task
+
+    metrics = {"val/acc1": torch.tensor(0.5), "val/acc5": torch.tensor(1.0), "val/loss": torch.tensor(1.0)}
+    trainer = SimpleNamespace(callback_metrics=metrics, current_epoch=0, sanity_checking=False, is_global_zero=False)
+    for classes, expected in ((5, False), (6, True)):
+        plot = CurvePlot(str(tmp_path / "curves.png"), get_task("classification").curves)
+        plot.on_validation_end(trainer, SimpleNamespace(num_classes=classes))
+        plot.on_train_epoch_end(trainer, SimpleNamespace(num_classes=classes))
+        assert ("val/acc5" in plot.history[0]) is expected
+
+
+def test_eval_summary_names_every_file_it_wrote():
+    from natzoo.evaluation import _summary_line
+
+    line = _summary_line({"top1": 50.0, "output": "/r/eval.json", "confusion_matrix_png": "/r/confusion_matrix.png"})
+    assert line.endswith("Results written to /r/eval.json, /r/confusion_matrix.png")
