@@ -70,7 +70,7 @@ def test_fresh_run_directories_are_unique_per_process(tmp_path):
 def test_two_runs_started_together_get_separate_directories(demo_root, tmp_path):
     # train.yaml's run directory with the timestamp pinned: both runs start "in the same second".
     logs = tmp_path / "logs"
-    pinned = "hydra.run.dir=${natzoo_run_dir:${ckpt_path},${paths.resume_dir},${paths.log_dir}/same/runs/2026-01-01}"
+    pinned = "hydra.run.dir='${natzoo_run_dir:${ckpt_path},${paths.resume_dir},${paths.log_dir}/same/runs/2026-01-01}'"
     base = ["train.py", *tiny_overrides(demo_root, logs, epochs=1), "run_name=same", pinned]
     procs = [subprocess.Popen([sys.executable, *base, f"seed={s}"], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for s in (1, 2)]

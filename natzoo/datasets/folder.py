@@ -142,9 +142,6 @@ def check_image_folder_layout(root: str | Path, splits: Sequence[str]) -> list[s
                 f"{split_dir} has no class sub-directories; expected the ImageNet layout {split_dir}/<class>/<image>"
                 " (images directly inside the split directory are not supported)"
             )
-        guarded = _guarded_dirs(split_dir)
-        for name in found:
-            _check_class_folder(split, split_dir / name, guarded)
         if classes is None:
             classes = found
         elif found != classes:
@@ -152,6 +149,10 @@ def check_image_folder_layout(root: str | Path, splits: Sequence[str]) -> list[s
             raise ValueError(
                 f"{split_dir} has different classes than {root / splits[0]}: extra {extra[:5]}, missing {missing[:5]}"
             )
+    for split in splits:  # the class lists agree; now every class folder must be readable and hold an image
+        guarded = _guarded_dirs(root / split)
+        for name in classes or []:
+            _check_class_folder(split, root / split / name, guarded)
     return classes or []
 
 
