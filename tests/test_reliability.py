@@ -161,7 +161,7 @@ def test_resume_with_changed_optimizer_values_names_them_as_overridden(demo_root
 
     with caplog.at_level(logging.WARNING):
         check_run_config(cfg, "fit")
-    assert "overrides optim.lr=0.5 (checkpoint: 0.001" in caplog.text or "overrides optim.lr=0.5" in caplog.text
+    assert "overrides optim.lr=0.5 (checkpoint: " in caplog.text
 
 
 def test_resume_reads_the_checkpoint_once(demo_root, ema_run, tmp_path, monkeypatch):
