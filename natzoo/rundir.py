@@ -193,12 +193,12 @@ def _lock(fd: int) -> None:
     except ImportError:  # Windows
         import msvcrt
 
-        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
         return
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-def write_atomically(path: str | os.PathLike, write: Callable[[IO[Any]], None], mode: str = "w") -> None:
+def write_atomically(path: str | os.PathLike, write: Callable[[IO[Any]], object], mode: str = "w") -> None:
     """Writes ``path`` through ``write(handle)`` into a temporary file of this process beside it, then
     ``os.replace``; on failure the temporary file is removed and ``path`` is unchanged.
 
@@ -211,7 +211,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[IO[Any]], None], 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=scratch_prefix(path.name, "tmp"), suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, mode, **({"newline": ""} if "b" not in mode else {})) as handle:
+        with os.fdopen(fd, mode, newline=None if "b" in mode else "") as handle:
             write(handle)
         umask = os.umask(0)
         os.umask(umask)

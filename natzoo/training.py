@@ -75,7 +75,7 @@ def check_run_config(cfg: DictConfig, stage: str) -> tuple[Task, CheckpointInfo 
                 cfg.ckpt_path = resolved.path
         task.validate_config(cfg, stage)
     except (ValueError, TypeError) as err:
-        err.natzoo_config_error = True  # type: ignore[attr-defined]
+        setattr(err, "natzoo_config_error", True)  # noqa: B010  (read by natzoo.console.exit_on_config_error)
         raise
     return task, resolved
 
@@ -210,7 +210,7 @@ def run_directory(cfg: DictConfig, stage: str, lock: bool) -> Iterator[tuple[Tas
             try:
                 holder.acquire()
             except RunDirectoryBusy as err:
-                err.natzoo_config_error = True  # type: ignore[attr-defined]
+                setattr(err, "natzoo_config_error", True)  # noqa: B010
                 raise
     except BaseException:
         if rank_zero_only.rank == 0:
