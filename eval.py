@@ -15,8 +15,9 @@ register_with_hydra()  # `model=<variant>` configs for every registered NAT-fami
 def main(cfg: DictConfig) -> None:
     """Runs evaluation and writes the JSON result."""
     from natzoo import evaluate
+    from natzoo.console import exit_on_config_error
 
-    evaluate(cfg)
+    exit_on_config_error(lambda: evaluate(cfg))
 
 
 if __name__ == "__main__":

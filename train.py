@@ -15,8 +15,9 @@ register_with_hydra()  # `model=<variant>` configs for every registered NAT-fami
 def main(cfg: DictConfig) -> float:
     """Runs training; returns the best monitored metric (for Hydra sweepers)."""
     from natzoo import train
+    from natzoo.console import exit_on_config_error
 
-    result = train(cfg)
+    result = exit_on_config_error(lambda: train(cfg))
     return result["best_score"] if result["best_score"] is not None else float("nan")
 
 

@@ -1,7 +1,9 @@
-"""Generic callbacks: RNG state in checkpoints (exact resume), curve recording/plotting, evaluation stopwatch."""
+"""Generic callbacks: RNG state in checkpoints (exact resume), curve recording/plotting, evaluation stopwatch, model
+summary."""
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Mapping, Sequence
@@ -11,9 +13,30 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-__all__ = ["CurvePlot", "RNGState", "Stopwatch"]
+__all__ = ["CurvePlot", "ModelSummary", "RNGState", "Stopwatch"]
+
+log = logging.getLogger(__name__)
+
+
+class ModelSummary(LightningModelSummary):
+    """Lightning's model summary without its "0 Total Flops" line: Lightning counts FLOPs only for modules with an
+    ``example_input_array``, and natzoo's modules have none, so the count is always 0."""
+
+    @staticmethod
+    def summarize(summary_data: list[tuple[str, list[str]]], total_parameters: int, trainable_parameters: int,
+                  model_size: float, total_training_modes: dict[str, int], total_flops: int,
+                  **summarize_kwargs: Any) -> None:
+        """Logs the summary table, without the FLOPs line when nothing was counted."""
+        from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
+
+        table = _format_summary_table(total_parameters, trainable_parameters, model_size, total_training_modes,
+                                      total_flops, *summary_data)
+        if not total_flops:
+            table = "\n".join(line for line in table.splitlines() if not line.endswith("Total Flops"))
+        log.info("\n" + table)
 
 
 class RNGState(pl.Callback):
@@ -93,6 +116,8 @@ class CurvePlot(pl.Callback):
         metrics = trainer.callback_metrics
         validated = self._validated_epoch == trainer.current_epoch
         keys = {key for entries in self.panels.values() for key, _ in entries}
+        if getattr(pl_module, "num_classes", None) is not None and int(pl_module.num_classes) <= 5:
+            keys = {key for key in keys if "acc5" not in key}  # top-5 of 5 classes or fewer is always 100 %
         row: dict[str, Any] = {"epoch": trainer.current_epoch}
         row.update({k: float(metrics[k]) for k in sorted(keys)
                     if k in metrics and (validated or not k.startswith("val"))})

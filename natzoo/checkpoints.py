@@ -8,8 +8,11 @@
   by a killed process is deleted by the next save or load in that directory. A full disk is reported as such
   (``OSError`` with ``errno.ENOSPC`` naming the checkpoint), not as the serializer's internal error; the file at the
   destination, and every other checkpoint, stay as they were.
-* Reading ``ckpt_path=`` (:func:`read_lightning_checkpoint`): clear errors for files that are missing, empty, a
-  directory or another kind of file, and no pickled code ever run (``weights_only=True``).
+* Resolving ``ckpt_path=`` (:func:`resolve_ckpt_path`, the one place that turns the config value into a file):
+  ``last`` finds the newest ``last.ckpt`` (:func:`find_last_checkpoint`), the file is read once
+  (:func:`read_lightning_checkpoint`: clear errors for files that are missing, empty, a directory or another kind of
+  file, and no pickled code ever run, ``weights_only=True``) and comes back as a :class:`CheckpointInfo` with its
+  hyper-parameters, epoch, step and the run directory that wrote it (:func:`run_dir_of_checkpoint`).
 * The network inside (:func:`network_weights`): a LightningModule holding its network as ``self.model`` writes it
   under ``model.``, and the EMA copy (classification with ``ema.enabled``) under ``model_ema.module.``. The model
   layer (:func:`natzoo.models.load_weights`) knows nothing of that training-layer convention; the task code strips
@@ -19,6 +22,7 @@
 from __future__ import annotations
 
 import errno
+import glob
 import logging
 import os
 import pickle
@@ -27,6 +31,7 @@ import shutil
 import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +42,18 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from natzoo.models import read_state_dict, unwrap_state_dict
 from natzoo.ownership import scratch_prefix, sweep_abandoned
 
-__all__ = ["AtomicCheckpointIO", "atomic_torch_save", "network_weights", "read_lightning_checkpoint"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "CheckpointInfo",
+    "atomic_torch_save",
+    "differences",
+    "find_last_checkpoint",
+    "lightning_hyper_parameters",
+    "network_weights",
+    "read_lightning_checkpoint",
+    "resolve_ckpt_path",
+    "run_dir_of_checkpoint",
+]
 
 log = logging.getLogger(__name__)
 
@@ -200,3 +216,113 @@ def network_weights(
         log.info("using the %d tensors under %r (%d others in the checkpoint ignored)", len(selected), prefix,
                  len(state) - len(selected))
     return selected
+
+
+def find_last_checkpoint(search_root: str | os.PathLike) -> Path | None:
+    """Newest ``last*.ckpt`` under ``search_root/**/checkpoints/`` (by modification time), or None."""
+    pattern = os.path.join(glob.escape(str(search_root)), "**", "checkpoints", "last*.ckpt")
+    found = [Path(p) for p in glob.glob(pattern, recursive=True)]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def _locate(value: Any, resume_dir: str | os.PathLike | None) -> Path | None:
+    if value in (None, "", "null"):
+        return None
+    if str(value) != "last":
+        return Path(str(value))
+    return find_last_checkpoint(resume_dir) if resume_dir else None
+
+
+def run_dir_of_checkpoint(ckpt_path: str | None, resume_dir: str | os.PathLike | None) -> Path | None:
+    """The run directory a resumed run continues in: for ``ckpt_path=last`` or a path, the run that wrote the
+    checkpoint (``<run dir>/checkpoints/<file>``, with Hydra's ``.hydra`` record); None for a fresh run or a
+    checkpoint from elsewhere."""
+    path = _locate(ckpt_path, resume_dir)
+    if path is None or path.parent.name != "checkpoints" or not (path.parent.parent / ".hydra").is_dir():
+        return None
+    return path.parent.parent.resolve()
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A resolved ``ckpt_path``: the file and what the run needs to know of it, read once.
+
+    Attributes:
+        path: The checkpoint file.
+        hyper_parameters: The LightningModule's saved arguments (``model_name``, ``optim``, ...).
+        epoch: Epochs completed when it was saved, minus one (Lightning's count).
+        global_step: Optimizer steps taken when it was saved.
+        run_dir: The natzoo run directory that wrote it (None for a checkpoint from elsewhere).
+    """
+
+    path: str
+    hyper_parameters: dict[str, Any] = field(default_factory=dict)
+    epoch: int = 0
+    global_step: int = 0
+    run_dir: Path | None = None
+
+
+# (resolved path, size, modification time) -> what was read from it: each checkpoint file is read once per process.
+_READ: dict[tuple[str, int, int], CheckpointInfo] = {}
+
+
+def resolve_ckpt_path(value: Any, resume_dir: str | os.PathLike | None = None) -> CheckpointInfo | None:
+    """``ckpt_path``: None, a file, or ``last`` (newest ``last.ckpt`` under ``resume_dir``), resolved and read once
+    (later calls for the same unchanged file return what the first read).
+
+    Args:
+        value: The config value.
+        resume_dir: Where ``last`` searches (``paths.resume_dir``).
+
+    Returns:
+        None without a checkpoint, else its :class:`CheckpointInfo`.
+
+    Raises:
+        ValueError: ``last`` finds no checkpoint, or the file is missing, empty, a directory or not a Lightning
+            checkpoint (the message names the file and what was expected).
+    """
+    if value in (None, ""):
+        return None
+    path = _locate(value, resume_dir)
+    if path is None:
+        raise ValueError(f"ckpt_path=last: no checkpoints/last.ckpt under {resume_dir}; nothing to resume (start a "
+                         "run without ckpt_path, or pass ckpt_path=/path/to/last.ckpt)")
+    stat = path.stat() if path.is_file() else None
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns) if stat is not None else None
+    if key is not None and key in _READ:
+        return _READ[key]
+    checkpoint = read_lightning_checkpoint(path)
+    info = CheckpointInfo(path=str(path), hyper_parameters=dict(checkpoint.get("hyper_parameters") or {}),
+                          epoch=int(checkpoint.get("epoch", 0)), global_step=int(checkpoint.get("global_step", 0)),
+                          run_dir=run_dir_of_checkpoint(str(path), None))
+    if key is not None:
+        _READ[key] = info
+    return info
+
+
+def differences(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, saved value, current value)`` for every leaf where two nested mappings differ."""
+    found = []
+    for key in sorted(set(saved) | set(current), key=str):
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            found.extend(differences(old, new, f"{prefix}{key}."))
+        elif old != new and not (isinstance(old, (list, tuple)) and isinstance(new, (list, tuple))
+                                 and list(old) == list(new)):
+            found.append((f"{prefix}{key}", old, new))
+    return found
+
+
+def lightning_hyper_parameters(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The saved hyper-parameters when ``path`` is a Lightning checkpoint of a LightningModule, else None (official
+    ``.pth``, HF or flat state-dict files, unreadable files: their own loaders report those)."""
+    file = Path(path)
+    if not file.is_file() or not zipfile.is_zipfile(file):
+        return None
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(checkpoint, dict) or "pytorch-lightning_version" not in checkpoint:
+        return None
+    return dict(checkpoint.get("hyper_parameters") or {})

@@ -12,10 +12,8 @@ are imported from the code that owns the choices (``natzoo.optim.SCHEDULES``, ``
 
 from __future__ import annotations
 
-import glob
 import os
 import typing
-from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -58,9 +56,7 @@ __all__ = [
     "check_config",
     "check_settings",
     "check_weights_source",
-    "find_last_checkpoint",
     "plain",
-    "run_dir_of_checkpoint",
 ]
 
 
@@ -76,6 +72,8 @@ _UNIT = Number(0.0, 1.0)
 _POSITIVE = Number(0.0, low_open=True)
 _NON_NEGATIVE = Number(0.0)
 _COUNT = Integer(1)
+# More threads than cores only adds contention; far more fails later with an unrelated out-of-memory error.
+_MAX_CPU_THREADS = max(os.cpu_count() or 1, 256)
 _PRECISION = Choice(_precisions()) if _precisions() else Either((Text(), Integer()))
 _INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "box", "hamming", "lanczos", "random")
 
@@ -107,7 +105,7 @@ COMMON_RULES: dict[str, Rule] = {
     "task": Text(),
     "run_name": Text(),
     "seed": Integer(0, 2**32 - 1),
-    "cpu_threads": Integer(1, nullable=True),
+    "cpu_threads": Integer(1, _MAX_CPU_THREADS, nullable=True),
     "ckpt_path": Text(nullable=True, what="a checkpoint path or `last`"),
     "checkpoint": Text(nullable=True, what="a weights file path"),
     "nonfinite_loss": Choice(("stop", "skip")),
@@ -212,20 +210,3 @@ def check_weights_source(cfg: DictConfig) -> None:
         )
 
 
-def find_last_checkpoint(search_root: str | os.PathLike) -> Path | None:
-    """Newest ``last*.ckpt`` under ``search_root/**/checkpoints/`` (by modification time), or None."""
-    pattern = os.path.join(glob.escape(str(search_root)), "**", "checkpoints", "last*.ckpt")
-    found = [Path(p) for p in glob.glob(pattern, recursive=True)]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
-
-
-def run_dir_of_checkpoint(ckpt_path: str | None, resume_dir: str) -> Path | None:
-    """The run directory a resumed run continues in: for ``ckpt_path=last`` or a path, the run that wrote the
-    checkpoint (``<run dir>/checkpoints/<file>``, with Hydra's ``.hydra`` record); None for a fresh run or a
-    checkpoint from elsewhere."""
-    if not ckpt_path:
-        return None
-    path = find_last_checkpoint(resume_dir) if str(ckpt_path) == "last" else Path(str(ckpt_path))
-    if path is None or path.parent.name != "checkpoints" or not (path.parent.parent / ".hydra").is_dir():
-        return None
-    return path.parent.parent.resolve()

@@ -15,9 +15,14 @@ Fixed at the source, each for one known cause (nothing else is filtered):
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
+from collections.abc import Callable
+from typing import TypeVar
 
-__all__ = ["ConsoleFormatter", "configure_console"]
+_T = TypeVar("_T")
+
+__all__ = ["ConsoleFormatter", "configure_console", "exit_on_config_error"]
 
 _LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
 _ADVERTISEMENT = "💡 Tip:"
@@ -51,3 +56,15 @@ def configure_console() -> None:
         rank_zero.addFilter(_DropAdvertisements())
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
+
+
+def exit_on_config_error(run: Callable[[], _T]) -> _T:
+    """Runs ``run``; a failed config check (an exception marked ``natzoo_config_error``) is printed as one
+    ``Error: <message>`` line without a traceback and ends the process with status 2. Other exceptions propagate."""
+    try:
+        return run()
+    except Exception as err:
+        if not getattr(err, "natzoo_config_error", False):
+            raise
+        print(f"Error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -13,17 +12,15 @@ from omegaconf import DictConfig
 
 from natzoo.callbacks import Stopwatch
 from natzoo.console import configure_console
+from natzoo.rundir import write_atomically
 from natzoo.tasks import Task
-from natzoo.training import build_trainer, check_run_config, cpu_threads
+from natzoo.training import build_trainer, cpu_threads, run_directory
 
 __all__ = ["evaluate"]
 
 
 def _write_json(result: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomically(path, lambda handle: handle.write(json.dumps(result, indent=2) + "\n"))
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -38,10 +35,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         ValueError: no weights were given (and ``random_weights`` is false), or a config value is invalid.
     """
     configure_console()
-    task, _ = check_run_config(cfg, "eval")
-    output_dir = Path(str(cfg.paths.output_dir))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with cpu_threads(cfg):
+    with run_directory(cfg, "eval", lock=False) as (task, _, output_dir), cpu_threads(cfg):
         return _evaluate(cfg, task, output_dir)
 
 
@@ -68,7 +62,7 @@ def _evaluate(cfg: DictConfig, task: Task, output_dir: Path) -> dict[str, Any]:
         result = dict(metrics)
     result.update({
         "task": task.name,
-        "source": _source(cfg),
+        "source": _source(cfg, module),
         "data_root": str(cfg.data.root),
         **timing,
         "wall_seconds": total_seconds,
@@ -83,10 +77,15 @@ def _evaluate(cfg: DictConfig, task: Task, output_dir: Path) -> dict[str, Any]:
     return result
 
 
-def _source(cfg: DictConfig) -> dict[str, Any]:
+def _source(cfg: DictConfig, module: Any) -> dict[str, Any]:
+    """Where the weights came from: the file, the model they belong to (for a Lightning checkpoint the one it
+    recorded) and whether the EMA copy was used."""
+    hparams = getattr(module, "hparams", {}) or {}
+    model = hparams.get("model_name") or (hparams.get("detector") or {}).get("backbone") or str(cfg.model.name)
+    source: dict[str, Any] = {"model": str(model), "use_ema": bool(cfg.get("use_ema", False))}
     if cfg.get("ckpt_path"):
-        return {"ckpt_path": str(cfg.ckpt_path), "use_ema": bool(cfg.get("use_ema", False))}
-    return {"model": str(cfg.model.name), "checkpoint": str(cfg.checkpoint) if cfg.get("checkpoint") else None,
+        return {"ckpt_path": str(cfg.ckpt_path), **source}
+    return {**source, "checkpoint": str(cfg.checkpoint) if cfg.get("checkpoint") else None,
             "pretrained": bool(cfg.get("pretrained", False)), "random_weights": bool(cfg.get("random_weights", False))}
 
 
@@ -97,4 +96,5 @@ def _summary_line(result: dict[str, Any]) -> str:
         parts.append(f"loss={result['loss']:.4f}")
     if result.get("images_per_second"):
         parts.append(f"{result['images_per_second']:.1f} images/s")
-    return f"Evaluation: {', '.join(parts)}. Results written to {result['output']}"
+    written = [result["output"], *(result[k] for k in ("confusion_matrix_png",) if result.get(k))]
+    return f"Evaluation: {', '.join(parts)}. Results written to {', '.join(map(str, written))}"

@@ -104,6 +104,21 @@ def export_program(model: nn.Module, input_size: Sequence[int] | None = None, *,
         return torch.export.export(model, (example,), dynamic_shapes=dynamic)
 
 
+def _check_output_path(path: str | os.PathLike) -> Path:
+    """The destination, checked before any export work: its folder exists and is writable, and the path is not a
+    folder (nor a file that cannot be replaced)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"path={str(path)!r} is a folder; give the .onnx file to write, e.g. {str(path / 'model.onnx')!r}")
+    if not path.parent.is_dir():
+        raise ValueError(f"path={str(path)!r}: folder {str(path.parent)!r} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ValueError(f"path={str(path)!r}: folder {str(path.parent)!r} is not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"path={str(path)!r} exists and is not writable")
+    return path
+
+
 def export_onnx(model: nn.Module | torch.export.ExportedProgram, path: str | os.PathLike,
                 input_size: Sequence[int] | None = None, *, dynamic_batch: bool = True, input_name: str = "input",
                 output_names: Sequence[str] | None = None, opset_version: int | None = None) -> Path:
@@ -124,9 +139,7 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram, path: str | os.
     Returns:
         ``path``.
     """
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise ValueError(f"path={str(path)!r}: folder {str(path.parent)!r} does not exist")
+    path = _check_output_path(path)
     if output_names is not None and (isinstance(output_names, str) or not all(isinstance(n, str) for n in
                                                                                output_names)):
         raise TypeError(f"output_names must be a sequence of str, got {output_names!r}")

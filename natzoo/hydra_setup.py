@@ -8,19 +8,24 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-from natzoo.config import run_dir_of_checkpoint
+from natzoo.checkpoints import run_dir_of_checkpoint
+from natzoo.rundir import claim_fresh_dir
 
 __all__ = ["register_with_hydra"]
 
 
 def _run_dir(ckpt_path: str | None, resume_dir: str, fresh_dir: str) -> str:
     found = run_dir_of_checkpoint(ckpt_path, resume_dir)
-    return str(found) if found is not None else fresh_dir
+    return str(found) if found is not None else claim_fresh_dir(fresh_dir)
 
 
 def _output_subdir(ckpt_path: str | None, resume_dir: str, timestamp: str) -> str:
     # A resumed run keeps the first part's Hydra record and writes its own next to it.
     return ".hydra" if run_dir_of_checkpoint(ckpt_path, resume_dir) is None else f".hydra/resumed_{timestamp}"
+
+
+def _fresh_dir(candidate: str) -> str:
+    return claim_fresh_dir(candidate)
 
 
 def register_with_hydra() -> None:
@@ -31,7 +36,8 @@ def register_with_hydra() -> None:
       ``name: <variant>``, so the architecture and its defaults (drop path, ...) come from the registered variant and
       the config overrides only what the user changes.
     * The resolvers ``natzoo_run_dir`` and ``natzoo_output_subdir`` of ``configs/hydra/train.yaml``: a run resumed
-      with ``ckpt_path=`` continues in the run directory that wrote the checkpoint.
+      with ``ckpt_path=`` continues in the run directory that wrote the checkpoint; a fresh run gets a directory of
+      its own (``natzoo_fresh_dir``, also in ``configs/hydra/default.yaml``; see :mod:`natzoo.rundir`).
     """
     from hydra.core.config_store import ConfigStore
 
@@ -40,6 +46,7 @@ def register_with_hydra() -> None:
     store = ConfigStore.instance()
     for name in registered_models():
         store.store(group="model", name=name, node={"defaults": ["timm"], "name": name})
-    for name, function in (("natzoo_run_dir", _run_dir), ("natzoo_output_subdir", _output_subdir)):
+    for name, function in (("natzoo_run_dir", _run_dir), ("natzoo_output_subdir", _output_subdir),
+                           ("natzoo_fresh_dir", _fresh_dir)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, function)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import csv
 import os
 from pathlib import Path
+from typing import IO
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+from natzoo.rundir import write_atomically
 
 __all__ = ["RunCSVLogger", "drop_rows_after"]
 
@@ -64,10 +67,11 @@ def drop_rows_after(path: str | os.PathLike, global_step: int) -> int:
     kept = [row for row in rows if not row.get("step") or int(float(row["step"])) < global_step]
     if len(kept) == len(rows):
         return 0
-    tmp = file.with_name(f".{file.name}.tmp")
-    with open(tmp, "w", newline="") as handle:
+
+    def write(handle: IO[str]) -> None:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(kept)
-    os.replace(tmp, file)
+
+    write_atomically(file, write)
     return len(rows) - len(kept)

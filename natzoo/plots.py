@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -12,15 +11,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
+from natzoo.rundir import write_atomically
+
 __all__ = ["plot_confusion_matrix", "plot_curves"]
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        write_atomically(path, lambda handle: fig.savefig(handle, format="png", dpi=110, bbox_inches="tight"), "wb")
+    finally:
+        plt.close(fig)
 
 
 def plot_curves(history: Sequence[dict], path: Path, panels: Mapping[str, Sequence[tuple[str, str]]],

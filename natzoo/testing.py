@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from omegaconf import DictConfig, open_dict
 
 from natzoo.hydra_setup import register_with_hydra
 
-__all__ = ["CONFIG_DIR", "CrashAtStep", "InterruptAtStep", "compose_config", "tiny_overrides"]
+__all__ = ["CONFIG_DIR", "CrashAtStep", "InterruptAtStep", "SigtermAtStep", "compose_config", "tiny_overrides"]
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -57,3 +59,12 @@ class InterruptAtStep(CrashAtStep):
         """Interrupts at ``step``."""
         if trainer.global_step == self.step:
             raise KeyboardInterrupt
+
+
+class SigtermAtStep(CrashAtStep):
+    """Sends SIGTERM to its own process when the given global step starts (simulates a scheduler stopping the job)."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        """Signals at ``step``."""
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)

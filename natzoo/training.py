@@ -6,6 +6,7 @@ import contextlib
 import logging
 import re
 import shlex
+import signal
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,18 +16,22 @@ import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning_utilities.core.imports import RequirementCache
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from natzoo.callbacks import CurvePlot, RNGState
-from natzoo.checkpoints import AtomicCheckpointIO, read_lightning_checkpoint
-from natzoo.config import COMMON_RULES, check_config, check_weights_source, find_last_checkpoint
+from natzoo.callbacks import CurvePlot, ModelSummary, RNGState
+from natzoo.checkpoints import AtomicCheckpointIO, CheckpointInfo, find_last_checkpoint
+from natzoo.checkpoints import resolve_ckpt_path as read_ckpt_path
+from natzoo.config import COMMON_RULES, check_config, check_weights_source
 from natzoo.console import configure_console
 from natzoo.loggers import drop_rows_after
+from natzoo.rundir import RunDirectoryBusy, RunDirLock, discard_unused
 from natzoo.tasks import Task, get_task, task_of_checkpoint
 
 __all__ = [
+    "SIGTERM_EXIT_CODE",
     "build_callbacks",
     "build_loggers",
     "build_trainer",
@@ -40,55 +45,69 @@ log = logging.getLogger(__name__)
 
 _TENSORBOARD = RequirementCache("tensorboard") or RequirementCache("tensorboardX")
 
+# Exit status of a run stopped by SIGTERM (128 + the signal number, the shell's convention).
+SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 
-def check_run_config(cfg: DictConfig, stage: str) -> tuple[Task, str | None]:
+
+def check_run_config(cfg: DictConfig, stage: str) -> tuple[Task, CheckpointInfo | None]:
     """Every check of a run's config, in order, before anything is built; ``stage`` is ``"fit"`` or ``"eval"``.
 
     The value rules (common and the task's), the source of weights (evaluation), the ``ckpt_path`` file (resolved
-    and read; ``cfg.ckpt_path`` becomes the file for ``last``), then the task's own checks (which may prepare cheap
-    things such as the demo dataset).
+    and read once; ``cfg.ckpt_path`` becomes the file for ``last``), then the task's own checks (which compare the
+    config with the checkpoint's and may prepare cheap things such as the demo dataset).
 
     Returns:
-        The task and the resolved ``ckpt_path`` (None without one).
+        The task and the resolved checkpoint (None without one).
+
+    Raises:
+        ValueError, TypeError: a check failed; the exception carries ``natzoo_config_error = True`` so that
+            ``train.py``/``eval.py`` print its message without a traceback.
     """
-    task = get_task(str(cfg.get("task", "classification")))
-    check_config(cfg, {**COMMON_RULES, **task.config_rules})
-    if stage == "eval":
-        check_weights_source(cfg)
-    ckpt_path = resolve_ckpt_path(cfg, task)
-    if ckpt_path is not None:
-        with open_dict(cfg):
-            cfg.ckpt_path = ckpt_path
-    task.validate_config(cfg, stage)
-    return task, ckpt_path
+    try:
+        task = get_task(str(cfg.get("task", "classification")))
+        check_config(cfg, {**COMMON_RULES, **task.config_rules})
+        if stage == "eval":
+            check_weights_source(cfg)
+            _check_output_file(cfg.get("output"))
+        resolved = resolve_ckpt_path(cfg, task)
+        if resolved is not None:
+            with open_dict(cfg):
+                cfg.ckpt_path = resolved.path
+        task.validate_config(cfg, stage)
+    except (ValueError, TypeError) as err:
+        setattr(err, "natzoo_config_error", True)  # noqa: B010  (read by natzoo.console.exit_on_config_error)
+        raise
+    return task, resolved
 
 
-def resolve_ckpt_path(cfg: DictConfig, task: Task | None = None) -> str | None:
-    """``ckpt_path``: None, a file, or ``last`` (newest ``last.ckpt`` of an earlier run of ``paths.resume_dir``).
+def _check_output_file(output: Any) -> None:
+    """``output`` (the evaluation's JSON file) must not be a folder, and its folder must be creatable."""
+    if not output:
+        return
+    path = Path(str(output))
+    if path.is_dir():
+        raise ValueError(f"output={str(output)!r} is a folder; give the JSON file to write, e.g. "
+                         f"output={str(path / 'eval.json')!r}")
+    existing = next((p for p in path.parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ValueError(f"output={str(output)!r}: {existing} is a file, not a folder")
 
-    The file is read once (weights-only, memory-mapped) to check that it is a Lightning checkpoint of ``task``.
+
+def resolve_ckpt_path(cfg: DictConfig, task: Task | None = None) -> CheckpointInfo | None:
+    """``cfg.ckpt_path`` (None, a file, or ``last`` under ``paths.resume_dir``) resolved and read once
+    (:func:`natzoo.checkpoints.resolve_ckpt_path`), and checked to be a checkpoint of ``task``.
 
     Raises:
         ValueError: ``last`` finds no checkpoint, or the file is missing, empty, a directory, not a Lightning
             checkpoint, or one of another task (the message names the file and what was expected).
     """
-    value = cfg.get("ckpt_path")
-    if value in (None, ""):
-        return None
-    path = str(value)
-    if path == "last":
-        search = Path(str(cfg.paths.resume_dir))
-        found = find_last_checkpoint(search)
-        if found is None:
-            raise ValueError(f"ckpt_path=last: no checkpoints/last.ckpt under {search}; nothing to resume (start a run "
-                             "without ckpt_path, or pass ckpt_path=/path/to/last.ckpt)")
-        path = str(found)
-    checkpoint = read_lightning_checkpoint(path)
-    if task is not None and not task.owns_checkpoint(checkpoint.get("hyper_parameters") or {}):
-        owner = task_of_checkpoint(checkpoint.get("hyper_parameters") or {})
+    resume_dir = cfg.get("paths", {}).get("resume_dir")
+    info = read_ckpt_path(cfg.get("ckpt_path"), str(resume_dir) if resume_dir else None)
+    if info is not None and task is not None and not task.owns_checkpoint(info.hyper_parameters):
+        owner = task_of_checkpoint(info.hyper_parameters)
         hint = f"; it is a {owner} checkpoint: add task={owner}" if owner else ""
-        raise ValueError(f"ckpt_path={path!r} was not written by the {task.name} task's module{hint}")
-    return path
+        raise ValueError(f"ckpt_path={info.path!r} was not written by the {task.name} task's module{hint}")
+    return info
 
 
 def build_callbacks(cfg: DictConfig, task: Task) -> list[pl.Callback]:
@@ -106,6 +125,9 @@ def build_callbacks(cfg: DictConfig, task: Task) -> list[pl.Callback]:
     callbacks.append(CurvePlot(str(Path(cfg.paths.output_dir) / "curves.png"), task.curves,
                                title=str(cfg.get("run_name", ""))))
     callbacks.append(RNGState())
+    summary = cfg.get("trainer", {}).get("enable_model_summary", True)
+    if summary is not False and not any(isinstance(cb, pl.callbacks.ModelSummary) for cb in callbacks):
+        callbacks.append(ModelSummary())  # Lightning's default, without its "0 Total Flops" line
     return callbacks
 
 
@@ -163,24 +185,66 @@ def cpu_threads(cfg: DictConfig) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _hydra_output_subdir() -> str | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().output_subdir if HydraConfig.initialized() else None
+
+
+@contextlib.contextmanager
+def run_directory(cfg: DictConfig, stage: str, lock: bool) -> Iterator[tuple[Task, CheckpointInfo | None, Path]]:
+    """Checks the config (:func:`check_run_config`), then holds the run directory for the run.
+
+    A run that fails a check leaves nothing behind (:func:`natzoo.rundir.discard_unused`); with ``lock`` the global
+    rank zero holds the directory's lock (:class:`natzoo.rundir.RunDirLock`), so a second run into the same directory
+    is refused before anything is written.
+
+    Yields:
+        The task, the resolved checkpoint and the run directory.
+    """
+    output_dir = Path(str(cfg.paths.output_dir))
+    holder = RunDirLock(output_dir) if lock and rank_zero_only.rank == 0 else None
+    try:
+        task, info = check_run_config(cfg, stage)
+        if holder is not None:
+            try:
+                holder.acquire()
+            except RunDirectoryBusy as err:
+                setattr(err, "natzoo_config_error", True)  # noqa: B010
+                raise
+    except BaseException:
+        if rank_zero_only.rank == 0:
+            discard_unused(output_dir, _hydra_output_subdir())
+        raise
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        yield task, info, output_dir
+    finally:
+        if holder is not None:
+            holder.release()
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Trains ``cfg.task`` as configured and returns paths and final metrics.
 
-    Order: config checks (fail fast), seeding, data module, module, callbacks/loggers, Trainer, ``fit``. Resumes
-    from ``cfg.ckpt_path`` (a file or ``last``); under ``train.py`` a resumed run continues in the run directory that
-    wrote the checkpoint (``configs/hydra/train.yaml``). Returns ``output_dir``, ``best_checkpoint``,
-    ``last_checkpoint``, ``best_score``, ``metrics`` (last logged values) and ``curves`` (PNG path). An interrupted
-    run (Ctrl-C) prints the command that resumes it.
+    Order: config checks (fail fast, leaving nothing behind), the run directory's lock (one writer), seeding, data
+    module, module, callbacks/loggers, Trainer, ``fit``. Resumes from ``cfg.ckpt_path`` (a file or ``last``); under
+    ``train.py`` a resumed run continues in the run directory that wrote the checkpoint (``configs/hydra/train.yaml``).
+    Returns ``output_dir``, ``best_checkpoint``, ``last_checkpoint``, ``best_score``, ``metrics`` (last logged values)
+    and ``curves`` (PNG path). A run stopped by Ctrl-C or SIGTERM prints the command that resumes it and exits with a
+    non-zero status (1 for Ctrl-C, as Lightning does; :data:`SIGTERM_EXIT_CODE` for SIGTERM); a run stopped by an
+    error says so and raises it.
+
+    Raises:
+        natzoo.rundir.RunDirectoryBusy: another run is writing into the same run directory.
     """
     configure_console()
-    task, ckpt_path = check_run_config(cfg, "fit")
-    output_dir = Path(str(cfg.paths.output_dir))
-    resuming_here = False
-    if ckpt_path is not None:
-        resuming_here = _prepare_resume(ckpt_path, output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with cpu_threads(cfg):
-        return _fit(cfg, task, ckpt_path, output_dir, resuming_here)
+    with run_directory(cfg, "fit", lock=True) as (task, info, output_dir):
+        resuming_here = False
+        if info is not None:
+            resuming_here = _prepare_resume(info, output_dir)
+        with cpu_threads(cfg):
+            return _fit(cfg, task, info.path if info is not None else None, output_dir, resuming_here)
 
 
 def _fit(cfg: DictConfig, task: Task, ckpt_path: str | None, output_dir: Path, resuming_here: bool) -> dict[str, Any]:
@@ -197,9 +261,20 @@ def _fit(cfg: DictConfig, task: Task, ckpt_path: str | None, output_dir: Path, r
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty",
                                         module=r"lightning\.pytorch\.callbacks\.model_checkpoint")
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    except BaseException:
+    except SIGTERMException:
+        # Lightning stops at the end of the step on SIGTERM with SystemExit(): status 0, as if training had finished.
         if trainer.is_global_zero:
-            _print_resume_hint(output_dir, interrupted=trainer.interrupted)
+            _print_resume_hint(output_dir, "Stopped by SIGTERM")
+        raise SystemExit(SIGTERM_EXIT_CODE) from None
+    except (KeyboardInterrupt, SystemExit):
+        # Lightning turns Ctrl-C into sys.exit(1) after its graceful shutdown.
+        if trainer.is_global_zero:
+            _print_resume_hint(output_dir, "Interrupted")
+        raise
+    except BaseException:
+        # Lightning marks every exception as an interruption (trainer.interrupted); this one is an error.
+        if trainer.is_global_zero:
+            _print_resume_hint(output_dir, "Training stopped by an error")
         raise
 
     checkpoint_cb = trainer.checkpoint_callback
@@ -222,16 +297,14 @@ def _fit(cfg: DictConfig, task: Task, ckpt_path: str | None, output_dir: Path, r
     return result
 
 
-def _prepare_resume(ckpt_path: str, output_dir: Path) -> bool:
+def _prepare_resume(info: CheckpointInfo, output_dir: Path) -> bool:
     """Notes where the run continues; in the checkpoint's own run directory, drops the metrics rows the resumed run
     logs again (those after the checkpoint). Returns whether the run continues in that directory."""
-    checkpoint = read_lightning_checkpoint(ckpt_path)
-    epoch, step = int(checkpoint.get("epoch", 0)), int(checkpoint.get("global_step", 0))
-    same_dir = Path(ckpt_path).resolve().parent.parent == output_dir.resolve()
+    same_dir = Path(info.path).resolve().parent.parent == output_dir.resolve()
     where = "in its run directory" if same_dir else f"in a new run directory {output_dir}"
-    rank_zero_info(f"Resuming from {ckpt_path} (after epoch {epoch + 1}, step {step}) {where}")
+    rank_zero_info(f"Resuming from {info.path} (after epoch {info.epoch + 1}, step {info.global_step}) {where}")
     if same_dir and rank_zero_only.rank == 0:
-        dropped = drop_rows_after(output_dir / "metrics.csv", step)
+        dropped = drop_rows_after(output_dir / "metrics.csv", info.global_step)
         if dropped:
             rank_zero_info(f"metrics.csv: {dropped} row(s) logged after that checkpoint are logged again by this run")
     return same_dir
@@ -267,9 +340,8 @@ def _override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def _print_resume_hint(output_dir: Path, interrupted: bool) -> None:
+def _print_resume_hint(output_dir: Path, what: str) -> None:
     last = find_last_checkpoint(output_dir)
-    what = "Interrupted" if interrupted else "Training stopped by an error"
     if last is None:
         print(f"\n{what}: no checkpoint was written yet (last.ckpt is written at the end of every epoch), so there is "
               "nothing to resume; run the same command again to start over.", flush=True)
@@ -302,14 +374,18 @@ def _print_summary(result: dict[str, Any], output_dir: Path, cfg: DictConfig) ->
 
 
 def _eval_overrides(cfg: DictConfig) -> list[str]:
-    """``eval.py`` overrides that select this run's task and data (eval.yaml's defaults: classification, demo)."""
+    """``eval.py`` overrides that reproduce this run's task, data and model settings (eval.yaml's defaults:
+    classification, demo): the data config and its root always, and every ``data``/``model`` override of the
+    command line (the weights come from the checkpoint; eval.py checks that the model settings agree with it)."""
     from hydra.core.hydra_config import HydraConfig
 
-    choice = HydraConfig.get().runtime.choices.get("data") if HydraConfig.initialized() else None
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     words = [] if cfg.get("task", "classification") == "classification" else [f"task={cfg.task}"]
+    choice = choices.get("data")
     if choice and choice != "demo":
         words.append(f"data={choice}")
-    if choice != "demo":
+    if cfg.data.get("root") is not None:
         words.append(_shell_override("data.root", cfg.data.root))
-    data_overrides = [o for o in _command_line_overrides(("data.root",)) if _override_key(o).startswith("data.")]
-    return words + [_shell_word(o) for o in data_overrides]
+    chosen = [o for o in _command_line_overrides(("data.root", "data")) if _override_key(o).split(".")[0]
+              in ("data", "model")]
+    return words + [_shell_word(o) for o in chosen]

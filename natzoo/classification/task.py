@@ -14,11 +14,11 @@ from timm.data import resolve_data_config
 from timm.models import get_pretrained_cfg
 
 from natzoo import models  # noqa: F401  (registers the NAT families with timm)
+from natzoo.checkpoints import differences, lightning_hyper_parameters, network_weights, resolve_ckpt_path
 from natzoo.classification.module import ClassificationModule
 from natzoo.config import CLASSIFICATION_RULES, plain
 from natzoo.datasets.demo import ensure_demo_dataset
 from natzoo.datasets.folder import ImageFolderDataModule, check_image_folder_layout
-from natzoo.checkpoints import network_weights, read_lightning_checkpoint
 from natzoo.models import load_weights
 from natzoo.tasks import Task, register_task
 
@@ -61,14 +61,94 @@ def _prepare_data(cfg: DictConfig, stage: str) -> list[str]:
     return check_image_folder_layout(root, splits if stage == "fit" else splits[1:])
 
 
+# Module arguments (saved hyper-parameters) -> the config keys that set them, for messages.
+_CONFIG_KEYS = {"model_name": "model.name", "model_kwargs": "model.kwargs", "drop_path_rate": "model.drop_path_rate",
+                "freeze": "model.freeze", "mixup": "data.mixup", "num_classes": "the class count of data.root"}
+# On resume these must equal the checkpoint's: the network (its architecture and classes), which parameters train,
+# whether an EMA copy exists, and how the optimizer groups parameters (the saved optimizer state fits only those).
+_RESUME_REFUSED = ("model_name", "model_kwargs", "num_classes", "freeze", "ema.enabled", "optim.name",
+                   "optim.no_decay_1d", "optim.no_decay_rpb", "optim.no_decay_names")
+# The optimizer's hyper-parameters come back with its saved state (param_groups, the scheduler's base_lrs).
+_RESUME_RESTORED = ("optim.",)
+
+
+def _config_key(key: str) -> str:
+    head, _, rest = key.partition(".")
+    name = _CONFIG_KEYS.get(head, head)
+    return f"{name}.{rest}" if rest else name
+
+
+def _explicit_model() -> bool:
+    """Whether the command line chose the model (``model=...`` or ``model.*=...``; False outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return False
+    return any(o.split("=", 1)[0].lstrip("+~").split(".")[0] == "model" for o in HydraConfig.get().overrides.task)
+
+
+def check_resume(cfg: DictConfig, saved: dict[str, Any], num_classes: int) -> list[tuple[str, Any, Any]]:
+    """Compares the composed config with the checkpoint's hyper-parameters before anything is built.
+
+    Returns:
+        The differences the resumed run applies (``(config key, checkpoint value, config value)``); the optimizer's
+        hyper-parameters, restored from the checkpoint, are logged as overridden.
+
+    Raises:
+        ValueError: the model, its architecture, the class count, the frozen parameters, EMA on/off or the
+            optimizer's parameter grouping differ (naming each key with both values).
+    """
+    current = _module_kwargs(cfg, num_classes)
+    found = [(key, old, new) for key, old, new in differences(saved, current)
+             if key.split(".")[0] in current and not (key.startswith("model_kwargs.") and old is None and new is None)]
+    refused = [d for d in found if any(d[0] == k or d[0].startswith(k + ".") for k in _RESUME_REFUSED)]
+    if refused:
+        listed = "; ".join(f"{_config_key(k)}: checkpoint {old!r}, config {new!r}" for k, old, new in refused)
+        raise ValueError(f"ckpt_path={cfg.ckpt_path}: the config does not describe the run that wrote this checkpoint "
+                         f"({listed}). Resume with the checkpoint's settings (the resume command printed by train.py "
+                         "has them), or start a new run that initialises from its weights with checkpoint=<file>")
+    restored = [d for d in found if d[0].startswith(_RESUME_RESTORED)]
+    if restored:
+        log.warning("ckpt_path: the optimizer state saved in the checkpoint overrides %s (restored values are used)",
+                    "; ".join(f"{_config_key(k)}={new!r} (checkpoint: {old!r})" for k, old, new in restored))
+    applied = [d for d in found if d not in restored]
+    if applied:
+        log.info("ckpt_path: changed from the checkpoint and applied: %s",
+                 "; ".join(f"{_config_key(k)}: {old!r} -> {new!r}" for k, old, new in applied))
+    return applied
+
+
+def _check_weights_pairing(cfg: DictConfig, stage: str) -> None:
+    """A natzoo Lightning checkpoint knows its model: ``model=`` must agree with ``checkpoint=``'s, and with
+    ``ckpt_path=``'s in evaluation when the command line names a model."""
+    checkpoint = cfg.get("checkpoint")
+    if checkpoint:
+        saved = lightning_hyper_parameters(str(checkpoint))
+        if saved is not None and saved.get("model_name") not in (None, str(cfg.model.name)):
+            raise ValueError(f"checkpoint={str(checkpoint)!r} holds a {saved['model_name']} (a natzoo checkpoint "
+                             f"records its model), but model.name={cfg.model.name!r}: pass model="
+                             f"{saved['model_name']}, or ckpt_path= to take the model from the checkpoint")
+    if stage == "eval" and cfg.get("ckpt_path") and _explicit_model():
+        info = resolve_ckpt_path(str(cfg.ckpt_path))
+        name = info.hyper_parameters.get("model_name") if info is not None else None
+        if name is not None and name != str(cfg.model.name):
+            raise ValueError(f"ckpt_path={str(cfg.ckpt_path)!r} holds a {name}, but the command line chose "
+                             f"model.name={cfg.model.name!r}: drop model= (the model comes from the checkpoint) or "
+                             "evaluate the checkpoint of that model")
+
+
 def validate_config(cfg: DictConfig, stage: str) -> None:
     """Fails fast on bad classification settings; ``stage`` is ``"fit"`` or ``"eval"``. The value rules
-    (``natzoo.config``) have been checked already."""
+    (``natzoo.config``) have been checked already; a resumed run's config is compared with its checkpoint's
+    (:func:`check_resume`)."""
     if not (stage == "eval" and cfg.get("ckpt_path")):
         _check_model(cfg)
     checkpoint = cfg.get("checkpoint")
     if checkpoint and not Path(str(checkpoint)).is_file():
         raise ValueError(f"checkpoint={str(checkpoint)!r} does not exist or is not a file")
+    if stage == "eval" and cfg.get("use_ema") and not (cfg.get("ckpt_path") or checkpoint):
+        raise ValueError("use_ema=true needs a checkpoint holding EMA weights: ckpt_path=<.ckpt> or checkpoint=<.ckpt>")
+    _check_weights_pairing(cfg, stage)
     if stage == "fit" and cfg.get("nonfinite_loss") == "skip":
         devices = cfg.trainer.get("devices", 1)
         nodes = cfg.trainer.get("num_nodes", 1) or 1
@@ -76,12 +156,18 @@ def validate_config(cfg: DictConfig, stage: str) -> None:
                 or nodes > 1:
             raise ValueError("nonfinite_loss=skip is only supported on a single device (a skipped step would desync "
                              "the gradient all-reduce); use nonfinite_loss=stop for multi-device runs")
-    _prepare_data(cfg, stage)
+    classes = _prepare_data(cfg, stage)
+    if stage == "fit" and cfg.get("ckpt_path"):
+        info = resolve_ckpt_path(str(cfg.ckpt_path))
+        if info is not None:
+            check_resume(cfg, info.hyper_parameters, len(classes))
 
 
 def _model_name(cfg: DictConfig) -> str:
     if cfg.get("ckpt_path"):
-        return read_lightning_checkpoint(str(cfg.ckpt_path))["hyper_parameters"]["model_name"]
+        info = resolve_ckpt_path(str(cfg.ckpt_path))  # read once, by the config check
+        if info is not None and info.hyper_parameters.get("model_name"):
+            return str(info.hyper_parameters["model_name"])
     return str(cfg.model.name)
 
 
@@ -172,7 +258,8 @@ def load_module_for_eval(cfg: DictConfig, datamodule: ImageFolderDataModule) -> 
         kwargs["model_kwargs"] = dict(kwargs["model_kwargs"], pretrained=True)
     module = ClassificationModule(**kwargs)
     if cfg.get("checkpoint"):
-        load_weights(module.model, network_weights(str(cfg.checkpoint)), head="strict", source=str(cfg.checkpoint))
+        weights = network_weights(str(cfg.checkpoint), use_ema=bool(cfg.get("use_ema", False)))
+        load_weights(module.model, weights, head="strict", source=str(cfg.checkpoint))
     return module
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,11 +25,14 @@ from natzoo.datasets.coco_shapes import SyntheticCocoSpec, make_synthetic_coco
 __all__ = [
     "CocoDataModule",
     "CocoDetectionDataset",
+    "count_boxes",
     "detection_collate",
     "load_coco_annotations",
     "train_transforms",
     "val_transforms",
 ]
+
+log = logging.getLogger(__name__)
 
 _IMAGE_FIELDS = ("id", "file_name", "width", "height")
 _ANNOTATION_FIELDS = ("id", "image_id", "category_id", "bbox")
@@ -113,6 +118,44 @@ f"{annotation_file}: required top-level list {key!r} is missing or not a list")
     return data
 
 
+def count_boxes(data: dict, annotation_file: str | os.PathLike, split: str) -> dict[str, int]:
+    """Counts the non-crowd boxes the transforms keep and those they drop, by reason; logs the dropped ones.
+
+    A box ``[x, y, w, h]`` is dropped when a value is not finite, when ``w`` or ``h`` is not positive, or when nothing
+    of it lies inside its image.
+
+    Returns:
+        ``{"kept": n, "not finite": n, "empty or negative size": n, "outside the image": n}``.
+
+    Raises:
+        ValueError: the split has annotations but no valid box (training would end at mAP 0), naming split and file.
+    """
+    sizes = {image["id"]: (image["width"], image["height"]) for image in data["images"]}
+    counts = {"kept": 0, "not finite": 0, "empty or negative size": 0, "outside the image": 0}
+    for ann in data["annotations"]:
+        if ann.get("iscrowd", 0):
+            continue
+        x, y, w, h = (float(v) for v in ann["bbox"])
+        width, height = sizes[ann["image_id"]]
+        if not all(math.isfinite(v) for v in (x, y, w, h)):
+            counts["not finite"] += 1
+        elif w <= 0 or h <= 0:
+            counts["empty or negative size"] += 1
+        elif min(x + w, width) <= max(x, 0) or min(y + h, height) <= max(y, 0):
+            counts["outside the image"] += 1
+        else:
+            counts["kept"] += 1
+    dropped = sum(counts.values()) - counts["kept"]
+    if dropped:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in counts.items() if n and reason != "kept")
+        log.warning("%s split (%s): %d of %d boxes are dropped (%s)", split, annotation_file, dropped,
+                    dropped + counts["kept"], reasons)
+    if dropped and not counts["kept"]:
+        raise ValueError(f"{split} split ({annotation_file}): no valid box among {dropped} ({reasons}); fix the "
+                         "annotations (COCO bbox is [x, y, width, height] in pixels)")
+    return counts
+
+
 class _PreparsedCocoDetection(CocoDetection):
     """torchvision's ``CocoDetection`` built from an already validated annotation dictionary."""
 
@@ -154,6 +197,7 @@ class CocoDetectionDataset(Dataset):
         filter_empty: bool = True,
     ) -> None:
         data = load_coco_annotations(annotation_file, image_dir, require_masks=with_masks)
+        self.box_counts = count_boxes(data, annotation_file, "train" if train else "val")
         self.category_ids = [category["id"] for category in data["categories"]]
         self.category_names = [category["name"] for category in data["categories"]]
         self.cat_to_label = {cat_id: label + 1 for label, cat_id in enumerate(self.category_ids)}

@@ -2,21 +2,108 @@
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import DataLoader, default_collate
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-__all__ = ["BAD_IMAGE_POLICIES", "ImageFolderDataModule", "RobustImageFolder", "check_image_folder_layout"]
+__all__ = [
+    "BAD_IMAGE_POLICIES",
+    "ImageFolderDataModule",
+    "RobustImageFolder",
+    "check_image_folder_layout",
+    "walk_class_folder",
+]
 
 BAD_IMAGE_POLICIES = ("error", "skip")
+
+log = logging.getLogger(__name__)
+
+# What reading one image may raise besides OSError/ValueError/SyntaxError: PIL refuses images with more than twice
+# Image.MAX_IMAGE_PIXELS pixels (a decompression bomb) with this error.
+_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def _directory_key(path: str | os.PathLike) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino
+
+
+def _guarded_dirs(split_dir: Path) -> set[tuple[int, int]]:
+    """The split folder and its ancestors: a symbolic link inside a class folder to any of them is a loop."""
+    keys = set()
+    for path in (split_dir, *split_dir.resolve().parents):
+        try:
+            keys.add(_directory_key(path))
+        except OSError:
+            continue
+    return keys
+
+
+def walk_class_folder(class_dir: str | os.PathLike, guarded: set[tuple[int, int]],
+                      dataset_root: str | os.PathLike | None = None) -> Iterator[str]:
+    """Paths of the files under ``class_dir`` in sorted order, following symbolic links to folders, but each folder
+    once and never back into the data set: a link to a folder already walked, to one in ``guarded`` (the split
+    folder and its ancestors: a loop), or to another folder under ``dataset_root`` (another class or split: its images
+    would be counted twice, or leak from one split into another) is skipped with a warning.
+
+    Raises:
+        ValueError: a folder cannot be read (naming it).
+    """
+    seen = set(guarded)
+    top = Path(class_dir)
+    inside = Path(os.path.realpath(top))
+    root = Path(os.path.realpath(dataset_root)) if dataset_root is not None else None
+    stack = [top]
+    while stack:
+        folder = stack.pop()
+        key = _directory_key(folder)
+        if key in seen:
+            log.warning("%s: skipped, a symbolic link to a folder that is already part of the data set (a loop "
+                        "would repeat its images)", folder)
+            continue
+        real = Path(os.path.realpath(folder))
+        if root is not None and real.is_relative_to(root) and not real.is_relative_to(inside):
+            log.warning("%s: skipped, a symbolic link to %s, another part of the data set (its images would be "
+                        "counted twice or leak into this class)", folder, real)
+            continue
+        seen.add(key)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as err:
+            raise ValueError(f"cannot read folder {folder}: {err.strerror or err}") from None
+        subfolders = []
+        for entry in entries:
+            if entry.is_dir():
+                subfolders.append(Path(entry.path))
+            elif entry.is_file():
+                yield entry.path
+        stack.extend(reversed(subfolders))
+
+
+def _is_image(path: str) -> bool:
+    return path.lower().endswith(IMG_EXTENSIONS)
+
+
+def _check_class_folder(split: str, class_dir: Path, guarded: set[tuple[int, int]]) -> None:
+    """Fails unless ``class_dir`` can be read and holds at least one image file (stops at the first one)."""
+    try:
+        found = any(_is_image(path) for path in walk_class_folder(class_dir, guarded, class_dir.parent.parent))
+    except ValueError as err:
+        raise ValueError(f"split {split!r}: class folder {class_dir}: {err}") from None
+    if not found:
+        raise ValueError(f"split {split!r}: class folder {class_dir} holds no image file (extensions "
+                         f"{', '.join(IMG_EXTENSIONS)}); add images or remove the folder (every class folder of "
+                         "a split is a class)")
 
 
 def _class_dirs(split_dir: Path) -> list[str]:
@@ -31,8 +118,8 @@ def check_image_folder_layout(root: str | Path, splits: Sequence[str]) -> list[s
         splits: split directory names to check, e.g. ``("train", "val")``; the first one defines the classes.
 
     Raises:
-        ValueError: the root or a split is missing, a split has no class directories, or the splits' class lists
-            differ.
+        ValueError: the root or a split is missing, a split has no class directories, a class folder cannot be read
+            or holds no image file, or the splits' class lists differ (each names the split and the path).
     """
     root = Path(root)
     if not root.is_dir():
@@ -46,7 +133,10 @@ def check_image_folder_layout(root: str | Path, splits: Sequence[str]) -> list[s
                 f"data.root={str(root)!r} has no {split!r} directory (found {present}); expected the ImageNet layout"
                 f" {root}/{split}/<class>/<image>"
             )
-        found = _class_dirs(split_dir)
+        try:
+            found = _class_dirs(split_dir)
+        except OSError as err:
+            raise ValueError(f"split {split!r}: cannot read {split_dir}: {err.strerror or err}") from None
         if not found:
             raise ValueError(
                 f"{split_dir} has no class sub-directories; expected the ImageNet layout {split_dir}/<class>/<image>"
@@ -59,6 +149,10 @@ def check_image_folder_layout(root: str | Path, splits: Sequence[str]) -> list[s
             raise ValueError(
                 f"{split_dir} has different classes than {root / splits[0]}: extra {extra[:5]}, missing {missing[:5]}"
             )
+    for split in splits:  # the class lists agree; now every class folder must be readable and hold an image
+        guarded = _guarded_dirs(root / split)
+        for name in classes or []:
+            _check_class_folder(split, root / split / name, guarded)
     return classes or []
 
 
@@ -75,13 +169,28 @@ class RobustImageFolder(ImageFolder):
         super().__init__(str(root), transform=transform)
         self.bad_images = bad_images
 
+    @staticmethod
+    def make_dataset(directory: str, class_to_idx: dict[str, int], extensions: tuple[str, ...] | None = None,
+                     is_valid_file: Callable[[str], bool] | None = None,
+                     allow_empty: bool = False) -> list[tuple[str, int]]:
+        """``(path, class index)`` of every image, walking each class folder with :func:`walk_class_folder` (torchvision
+        follows symbolic links without a loop check: a link to ``..`` multiplied the data set)."""
+        valid = is_valid_file or (lambda path: path.lower().endswith(extensions or IMG_EXTENSIONS))
+        guarded = _guarded_dirs(Path(directory))
+        samples = []
+        for name, index in sorted(class_to_idx.items()):
+            folder = Path(directory) / name
+            samples.extend((path, index) for path in walk_class_folder(folder, guarded, Path(directory).parent)
+                           if valid(path))
+        return samples
+
     def __getitem__(self, index: int) -> Any:
         path, target = self.samples[index]
         try:
             sample = self.loader(path)
             if self.transform is not None:
                 sample = self.transform(sample)
-        except (OSError, ValueError, SyntaxError) as err:
+        except _IMAGE_ERRORS as err:
             if self.bad_images == "skip":
                 return None
             raise RuntimeError(

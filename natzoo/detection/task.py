@@ -9,7 +9,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from natzoo.checkpoints import network_weights
+from natzoo.checkpoints import network_weights, resolve_ckpt_path
 from natzoo.config import DETECTION_RULES, plain
 from natzoo.datasets.coco import CocoDataModule
 from natzoo.datasets.coco_shapes import SyntheticCocoSpec
@@ -47,6 +47,8 @@ def validate_config(cfg: DictConfig, stage: str) -> None:
                          "checkpoint= (detector weights)")
     if cfg.model.get("arch") == "maskrcnn" and cfg.data.get("with_masks") is False and stage == "fit":
         raise ValueError("model.arch=maskrcnn trains on masks: data.with_masks must not be false")
+    if stage == "fit" and cfg.get("ckpt_path"):
+        _check_resume(cfg)
     data = cfg.data
     if data.get("synthetic"):
         SyntheticCocoSpec(**plain(data.synthetic))
@@ -62,6 +64,23 @@ def validate_config(cfg: DictConfig, stage: str) -> None:
         exists = path.is_file() if key.endswith("annotations") else path.is_dir()
         if not exists:
             raise ValueError(f"data.{key}={str(path)!r} does not exist")
+
+
+def _check_resume(cfg: DictConfig) -> None:
+    """A resumed run's backbone, detector architecture and mask head must be the checkpoint's."""
+    info = resolve_ckpt_path(str(cfg.ckpt_path))  # read once, by the config check
+    saved = (info.hyper_parameters.get("detector") or {}) if info is not None else {}
+    if not isinstance(saved, dict):
+        return
+    pairs = [("model.name", saved.get("backbone"), str(cfg.model.name)),
+             ("model.arch", saved.get("arch"), cfg.model.get("arch"))]
+    if info is not None and info.hyper_parameters.get("with_masks") is not None:
+        pairs.append(("mask head (model.arch, data.with_masks)", info.hyper_parameters["with_masks"], _with_masks(cfg)))
+    refused = [(key, old, new) for key, old, new in pairs if old is not None and old != new]
+    if refused:
+        listed = "; ".join(f"{key}: checkpoint {old!r}, config {new!r}" for key, old, new in refused)
+        raise ValueError(f"ckpt_path={cfg.ckpt_path}: the config does not describe the run that wrote this checkpoint "
+                         f"({listed}); resume with the checkpoint's settings")
 
 
 def build_datamodule(cfg: DictConfig) -> CocoDataModule:

@@ -1,0 +1,222 @@
+"""Run directories: a new one per process, one writer at a time, and nothing left behind by a run that never started.
+
+* **A new directory per process** (:func:`claim_fresh_dir`, the ``natzoo_fresh_dir`` resolver of
+  ``configs/hydra/*.yaml``). Hydra names a run directory after the second it started in, so two runs of one
+  ``run_name`` started in the same second got the same directory. The resolver creates the directory itself with
+  ``os.mkdir``, which fails when another process got there first; it then takes ``<timestamp>_2``, ``_3``, ... One
+  process always gets the same answer for the same name (Hydra resolves the run directory more than once).
+* **One writer** (:class:`RunDirLock`). A training run holds an exclusive lock on ``<run dir>/.natzoo.lock``
+  (``fcntl.flock``; the operating system releases it when the process ends, however it ends). A second run into the
+  same directory (two resumes of one run, or ``hydra.run.dir`` given twice) is refused with
+  :class:`RunDirectoryBusy`, naming the holder.
+* **Unique temporary files** (:func:`write_atomically`): results (``curves.png``, ``eval.json``, a rewritten
+  ``metrics.csv``) are written to a scratch file of this process (:mod:`natzoo.ownership` names), then moved into
+  place, so two processes never write the same temporary file.
+* **No litter** (:func:`discard_unused`). A run that fails its config check removes what was created for it: the
+  directory this process claimed, when it holds nothing but Hydra's record (``.hydra/*.yaml``, ``<job>.log``) and the
+  lock file; for a resumed run, only the ``.hydra/resumed_<timestamp>`` record of this attempt.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Self
+
+from natzoo.ownership import scratch_prefix
+
+__all__ = ["RunDirLock", "RunDirectoryBusy", "claim_fresh_dir", "discard_unused", "write_atomically"]
+
+LOCK_NAME = ".natzoo.lock"
+
+# candidate name -> (claimed directory, parent directories this process created for it)
+_CLAIMED: dict[str, tuple[Path, list[Path]]] = {}
+
+
+def claim_fresh_dir(candidate: str) -> str:
+    """Creates a run directory no other process has: ``candidate``, else ``candidate_2``, ``candidate_3``, ...
+
+    Args:
+        candidate: The directory Hydra's pattern names (``logs/<run_name>/runs/<timestamp>``).
+
+    Returns:
+        The directory created (the same one for the same ``candidate`` within a process).
+    """
+    if candidate in _CLAIMED:
+        return str(_CLAIMED[candidate][0])
+    base = Path(candidate)
+    created = [p for p in reversed(base.parents) if str(p) not in ("", ".") and not p.exists()]
+    base.parent.mkdir(parents=True, exist_ok=True)
+    number = 1
+    while True:
+        path = base if number == 1 else base.with_name(f"{base.name}_{number}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            number += 1
+            continue
+        _CLAIMED[candidate] = (path, created)
+        return str(path)
+
+
+def _claimed_by_this_process(directory: Path) -> list[Path] | None:
+    for path, parents in _CLAIMED.values():
+        if path.resolve() == directory.resolve():
+            return parents
+    return None
+
+
+def _only_hydra_record(directory: Path) -> bool:
+    """Whether ``directory`` holds nothing but Hydra's record of a run (no result of any kind)."""
+    for entry in directory.iterdir():
+        if entry.is_symlink():
+            return False
+        if entry.name == ".hydra" and entry.is_dir():
+            if not _only_yaml(entry):
+                return False
+        elif not (entry.is_file() and (entry.suffix == ".log" or entry.name == LOCK_NAME)):
+            return False
+    return True
+
+
+def _only_yaml(directory: Path) -> bool:
+    return all(not e.is_symlink() and e.is_file() and e.suffix == ".yaml" for e in directory.iterdir())
+
+
+def _remove_record(directory: Path) -> None:
+    for entry in directory.iterdir():
+        if entry.is_dir():
+            for item in entry.iterdir():
+                item.unlink()
+            entry.rmdir()
+        else:
+            entry.unlink()
+    directory.rmdir()
+
+
+def discard_unused(output_dir: str | os.PathLike, hydra_subdir: str | None = None) -> bool:
+    """Removes what was created for a run that stopped before it wrote anything (a failed config check).
+
+    Only what this process provably created goes: a directory it claimed (:func:`claim_fresh_dir`) that holds nothing
+    but Hydra's record, with the parents it created for it when they are empty; or, in a directory that existed
+    before (a resumed run), the ``.hydra/resumed_<timestamp>`` record of this attempt when it holds only YAML files.
+
+    Args:
+        output_dir: The run directory.
+        hydra_subdir: Hydra's ``output_subdir`` of this run (None outside Hydra).
+
+    Returns:
+        Whether anything was removed.
+    """
+    directory = Path(output_dir)
+    if not directory.is_dir():
+        return False
+    parents = _claimed_by_this_process(directory)
+    if parents is not None:
+        if not _only_hydra_record(directory):
+            return False
+        _remove_record(directory)
+        for parent in reversed(parents):
+            if parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()
+        return True
+    if hydra_subdir and Path(hydra_subdir).name.startswith("resumed_"):
+        record = directory / hydra_subdir
+        if record.is_dir() and not record.is_symlink() and _only_yaml(record):
+            for item in record.iterdir():
+                item.unlink()
+            record.rmdir()
+            return True
+    return False
+
+
+class RunDirectoryBusy(RuntimeError):
+    """Another process is writing into the run directory."""
+
+
+class RunDirLock:
+    """Exclusive lock of a run directory for one writer (a context manager; re-acquiring in one process fails too).
+
+    Args:
+        directory: The run directory (created if missing).
+    """
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / LOCK_NAME
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Takes the lock and records this process in the lock file.
+
+        Raises:
+            RunDirectoryBusy: another process holds it (the message names the directory and the holder).
+        """
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            _lock(fd)
+        except OSError:
+            holder = os.read(fd, 512).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunDirectoryBusy(
+                f"run directory {self.directory} is in use by {holder}; two runs writing into one directory would mix "
+                "their metrics.csv and overwrite each other's checkpoints. Wait for that run to end (or stop it), or "
+                "start a separate run (a fresh run gets its own directory)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"natzoo run pid {os.getpid()} on host {socket.gethostname()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        """Releases the lock (the file stays: removing it would let two processes lock different files)."""
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the lock
+            self._fd = None
+
+    def __enter__(self) -> Self:
+        self.acquire()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.release()
+
+
+def _lock(fd: int) -> None:
+    """Non-blocking exclusive lock of ``fd``; ``OSError`` when another open file description holds it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[IO[Any]], object], mode: str = "w") -> None:
+    """Writes ``path`` through ``write(handle)`` into a temporary file of this process beside it, then
+    ``os.replace``; on failure the temporary file is removed and ``path`` is unchanged.
+
+    Args:
+        path: The destination.
+        write: Writes the content into the open handle.
+        mode: ``"w"`` (text, newline translation off) or ``"wb"``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=scratch_prefix(path.name, "tmp"), suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, newline=None if "b" in mode else "") as handle:
+            write(handle)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
