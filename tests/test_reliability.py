@@ -293,7 +293,7 @@ def _coco(tmp_path: Path, boxes: list) -> tuple[Path, Path]:
 
 
 def test_invalid_boxes_are_counted_and_a_split_without_valid_box_is_refused(tmp_path, caplog):
-    from natzoo.detection.data import CocoDetectionDataset
+    from natzoo.datasets.coco import CocoDetectionDataset
 
     bad = [[0, 0, 0, 5], [-9, -9, 4, 4], [30, 2, 4, 4], [float("nan"), 1, 2, 2]]
     images, annotations = _coco(tmp_path / "a", bad + [[1, 1, 5, 5]])
