@@ -140,7 +140,7 @@ def time_ms(fn: Callable[[], None], device: str, warmup: int, repeats: int) -> f
             fn()
             end.record()
             torch.cuda.synchronize()
-            samples.append(start.elapsedtime_ms(end))
+            samples.append(start.elapsed_time(end))
         else:
             t0 = time.perf_counter()
             fn()
