@@ -22,7 +22,8 @@ def _run(problem: Problem, query, key, value, rpb, return_lse: bool, backend: st
     else:
         # An empty batch also goes here: the reference returns empty tensors attached to the autograd graph, so a
         # backward pass gives gradients of the right shapes (zeros for rpb).
-        out, lse = na_reference(problem, query, key, value, rpb, need_lse=return_lse)
+        # need_lse=return_lse: lse is a tensor whenever it is returned
+        out, lse = na_reference(problem, query, key, value, rpb, need_lse=return_lse)  # type: ignore[assignment]
     return (out, lse) if return_lse else out
 
 

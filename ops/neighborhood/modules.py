@@ -56,7 +56,7 @@ def check_rate(owner: str, name: str, value: Any) -> float:
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{owner}: {name} must be a probability (a float in [0, 1)), got {type(value).__name__} "
                         f"{value!r}")
-    if not 0.0 <= value < 1.0:
+    if not 0.0 <= float(value) < 1.0:
         raise ValueError(f"{owner}: {name} must be in [0, 1), got {value}")
     return float(value)
 
@@ -112,10 +112,12 @@ def _attend(
     if dropout_p > 0.0:
         out, _ = na_reference(problem, q, k, v, rpb, dropout_p=dropout_p, need_lse=False)
     else:
-        out = _run(problem, q, k, v, rpb, False, None)
+        # return_lse=False: one tensor
+        out = _run(problem, q, k, v, rpb, False, None)  # type: ignore[assignment]
     spatial = x.shape[1:-1]
     if tuple(out.shape[1:-2]) != tuple(spatial):
-        out = out[(slice(None), *(slice(0, length) for length in spatial))]
+        crop = (slice(None), *(slice(0, length) for length in spatial))  # [B, *spatial, ...] of the unpadded map
+        out = out[crop]
     return out.flatten(-2)
 
 

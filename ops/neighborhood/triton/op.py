@@ -82,8 +82,10 @@ def na_bwd(
     problem = _problem(query, kernel_size, stride, dilation, is_causal, scale)
     # Read at run time (not trace time), so a compiled graph follows the current setting.
     deterministic = torch.are_deterministic_algorithms_enabled()
-    grads = na_backward(problem, grad_out, grad_lse, query, key, value, rpb, out, lse, deterministic, tuple(needs))
-    return tuple(g if g is not None else query.new_empty((0,)) for g in grads)
+    # four flags: one per input of the op
+    grads = na_backward(problem, grad_out, grad_lse, query, key, value, rpb, out, lse, deterministic, tuple(needs))  # type: ignore[arg-type]
+    # four gradients: one per input of the op
+    return tuple(g if g is not None else query.new_empty((0,)) for g in grads)  # type: ignore[return-value]
 
 
 @na_bwd.register_fake
