@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import timm
 import torch
@@ -72,6 +73,7 @@ def _measure(step: Callable[[], None], device: torch.device, warmup: int, iters:
         times.append(time.perf_counter() - start)
     # Median per-iteration time: robust to other processes competing for the CPU.
     elapsed = sorted(times)[len(times) // 2] * iters
+    peak: float | None
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20
     else:
@@ -89,7 +91,7 @@ def bench_model(
     warmup: int,
     iters: int,
     modes: list[str],
-) -> list[dict[str, object]]:
+) -> list[dict[str, Any]]:
     model = timm.create_model(name, num_classes=1000).to(device)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     x = torch.randn(batch, 3, img_size, img_size, device=device)
@@ -100,7 +102,7 @@ def bench_model(
     autocast = (
         torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type, enabled=False)
     )
-    rows = []
+    rows: list[dict[str, Any]] = []
     if "infer" in modes:
         model.eval()
 

@@ -43,8 +43,9 @@ class Shape:
     heads: int
     head_dim: int
     kernel_size: tuple[int, ...]
-    dilation: tuple[int, ...] = None
-    is_causal: tuple[bool, ...] = None
+    # None means all 1 / all False; __post_init__ fills them in.
+    dilation: tuple[int, ...] = None  # type: ignore[assignment]
+    is_causal: tuple[bool, ...] = None  # type: ignore[assignment]
     rpb: bool = False
 
     def __post_init__(self):
@@ -128,7 +129,7 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
-def time_ms(fn: Callable[[], None], device: str, warmup: int, repeats: int) -> float:
+def time_ms(fn: Callable[[], object], device: str, warmup: int, repeats: int) -> float:
     """Median milliseconds of `fn` over `repeats` runs after `warmup` runs (CUDA events on GPU, wall clock on CPU)."""
     for _ in range(warmup):
         fn()

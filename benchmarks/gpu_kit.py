@@ -41,6 +41,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
@@ -130,12 +131,13 @@ class Report:
 
     def __init__(self, out_dir: str, meta: dict) -> None:
         self.out_dir = out_dir
-        self.data = {"meta": meta, "steps": []}
+        self.data: dict[str, Any] = {"meta": meta, "steps": []}
         os.makedirs(out_dir, exist_ok=True)
         self.write()
 
     def step(self, name: str) -> dict:
-        step = {"name": name, "status": "running", "seconds": None, "rows": [], "notes": [], "error": None}
+        step: dict[str, Any] = {"name": name, "status": "running", "seconds": None, "rows": [], "notes": [],
+                                "error": None}
         self.data["steps"].append(step)
         self.write()
         return step
@@ -222,7 +224,7 @@ def step_environment(kit: Kit, step: dict) -> None:
     import triton
     from natzoo.ops.neighborhood.triton import forward, tiling
 
-    row = {
+    row: dict[str, Any] = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": triton.__version__,
@@ -403,7 +405,7 @@ def step_timing(kit: Kit, step: dict) -> None:
     plan = kit.plan
     dtype = torch.bfloat16 if plan.device == "cuda" else torch.float32
     bandwidth, peak = device_limits(plan.device, dtype)
-    if bandwidth is not None:
+    if bandwidth is not None and peak is not None:
         kit.report.note(step, f"measured copy bandwidth {bandwidth / 1e9:.0f} GB/s, {dtype} matmul peak "
                               f"{peak / 1e12:.0f} TFLOP/s (8192^3) on this device")
     plan_rows = [(layer, plan.timing_batch, i < plan.flex_always) for i, layer in enumerate(plan.timing_layers)]
@@ -474,9 +476,10 @@ def time_provider(layer: Layer, batch: int, provider: str, with_rpb: bool, dtype
             graphs = compiled_graphs()
 
             def fwd():
-                return flex(*flat, block_mask=block_mask)
+                # flat holds exactly q, k, v
+                return flex(*flat, block_mask=block_mask)  # type: ignore[misc]
 
-    grad = []
+    grad: list[torch.Tensor] = []
 
     def fwdbwd():
         out = fwd()
