@@ -200,7 +200,8 @@ def _listed_files(manifest: object) -> dict[str, int | None] | None:
         return dict(files)
     if "generator" not in manifest and manifest.get("format_version") == 2:
         # Manifest of an older natzoo without a file list: the paths follow from the image counts.
-        return dict.fromkeys(_image_paths(*counts))
+        # both counts are checked to be ints above
+        return dict.fromkeys(_image_paths(*counts))  # type: ignore[arg-type]
     return None
 
 
