@@ -9,12 +9,10 @@ and takes a couple of minutes.
 from __future__ import annotations
 
 import inspect
-import os
 import re
 import shutil
 import subprocess
 import sys
-import textwrap
 import venv
 from pathlib import Path
 
@@ -25,7 +23,7 @@ PYPROJECT = REPO / "pyproject.toml"
 
 
 def _readme_test_command() -> str:
-    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), flags=re.DOTALL)
     commands = [line for block in blocks for line in block.splitlines() if "python -m pytest" in line]
     assert len(commands) == 1, commands
     return commands[0]
