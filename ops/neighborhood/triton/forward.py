@@ -277,7 +277,7 @@ def _fwd_loop(acc, m_i, l_i, poisoned, q, k_base, v_base, rpb_base, n_trips, nk1
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new) * LOG2E
         # Triton's language builtins carry no return types
         p = tl.exp2(s * LOG2E - m_safe[:, None])  # type: ignore[var-annotated]
-        alpha = tl.exp2(m_i * LOG2E - m_safe)
+        alpha = tl.exp2(m_i * LOG2E - m_safe)  # type: ignore[var-annotated]
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
