@@ -320,7 +320,8 @@ def report(all_configs: bool) -> dict:
             fwd = []  # the forward is the same as with a trainable rpb
         for phase, launches in (("fwd", fwd), ("bwd", bwd)):
             for launch in launches:
-                rows = [analyse(layer, launch, c, useful, cache) for c in (launch.configs or [None])]
+                # None: a launch without autotuning configs is analysed once, with its launch defaults
+                rows = [analyse(layer, launch, c, useful, cache) for c in (launch.configs or [None])]  # type: ignore[list-item]
                 best = min(rows, key=lambda r: r.model_us)
                 for row in rows if all_configs else [best]:
                     results.append(dict(dataclasses.asdict(row), phase=phase, best=row is best,
@@ -364,7 +365,8 @@ def markdown(data: dict) -> str:
         if name.endswith("rpb frozen") or (not e["drpb"] and frozen is None):
             continue
         # A separate d_rpb kernel is its own cost; a folded one costs the difference to the frozen-rpb backward.
-        drpb = e["drpb"] or (e["bwd"] - frozen["bwd"])
+        # without a d_rpb kernel of its own, the frozen-rpb entry exists (checked above)
+        drpb = e["drpb"] or (e["bwd"] - frozen["bwd"])  # type: ignore[index]
         rest = e["bwd"] - drpb
         out.append(f"| {name} | {e['fwd']:.1f} | {e['bwd']:.1f} | {drpb:.1f} | {drpb / rest:.2f} |")
     with_rpb, without = layers.get(LAYERS[0][0]), layers.get(LAYERS[0][0] + " no rpb")

@@ -98,6 +98,8 @@ class NATBase(nn.Module):
 
     checkpoint_filter: Callable[[StateDict, nn.Module], StateDict] | None = None
     output_fmt = "NHWC"
+    in_chans: int  # set by every subclass
+    forward_features: Callable[[torch.Tensor], torch.Tensor]  # implemented by every subclass
 
     def _init_head(self, num_features: int, num_classes: int, global_pool: str, drop_rate: float) -> None:
         self.num_classes = num_classes

@@ -178,7 +178,8 @@ def _resize_rpb_tables(state: StateDict, target: Mapping[str, torch.Tensor]) -> 
         want = target.get(key)
         if key.endswith("attn.rpb") and want is not None and value.dim() == 3 and value.shape[0] == want.shape[0] \
                 and value.shape[1:] != want.shape[1:]:
-            state[key] = resize_rpb(value, tuple(want.shape[1:]))
+            # an rpb table is [heads, 2k-1, 2k-1]: two sides
+            state[key] = resize_rpb(value, tuple(want.shape[1:]))  # type: ignore[arg-type]
             log.info("resized %s bicubically from %s to %s", key, tuple(value.shape), tuple(want.shape))
 
 
@@ -235,7 +236,8 @@ def _decide_head(model: nn.Module, state: StateDict, head: str, source: str) -> 
                               f"the file was trained for {file_classes} classes, the model has {model_classes} (only "
                               "fine-tuning replaces a classifier)")
     if head == "adopt":
-        model.reset_classifier(file_classes)
+        # nn.Module.__getattr__ types submodules and buffers as Tensor | Module
+        model.reset_classifier(file_classes)  # type: ignore[operator]
         log.info("%s: classifier resized to the file's %d classes", source, file_classes)
         return "resized", [], None
     for k in given:
@@ -322,7 +324,8 @@ def load_state_dict_overlay(state_dict: Mapping[str, Any], model: nn.Module) -> 
     """timm's ``pretrained_filter_fn`` of every family, reached only by ``pretrained_cfg_overlay=dict(state_dict=
     ...)`` (files go through ``model.load_pretrained``): loads through :func:`load_weights` and hands timm the
     model's own tensors back, so timm's own copy changes nothing."""
-    model.load_pretrained(state_dict)
+    # nn.Module.__getattr__ types submodules and buffers as Tensor | Module
+    model.load_pretrained(state_dict)  # type: ignore[operator]
     return model.state_dict()
 
 

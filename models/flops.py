@@ -15,22 +15,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from timm.layers import PatchEmbed
 from timm.models.swin_transformer import PatchMerging
 from torch import nn
 
 from .isotropic import IsotropicNAT, RelPosBlock
-from .nat import NAT, ConvDownsampler, ConvTokenizer, NATBlock
+from .nat import NAT, ConvDownsampler, ConvTokenizer
 
 __all__ = ["count_macs"]
+
+
+# The helpers read the built modules duck-typed (attributes of timm's and our blocks), hence `Any` parameters.
 
 
 def _norm(tokens: int, channels: int) -> int:
     return 5 * tokens * channels
 
 
-def _block(block: nn.Module, tokens: int, attended: int, window: int) -> int:
+def _block(block: Any, tokens: int, attended: int, window: int) -> int:
     """A pre-norm attention block whose qkv and attention run over `attended` tokens, each with `window` keys."""
     attn = block.attn
     heads, head_dim = attn.num_heads, attn.head_dim
@@ -42,7 +46,7 @@ def _block(block: nn.Module, tokens: int, attended: int, window: int) -> int:
     return macs + 2 * tokens * dim * block.mlp.fc1.out_features
 
 
-def _na_block(block: NATBlock, height: int, width: int) -> int:
+def _na_block(block: Any, height: int, width: int) -> int:
     (k_h, k_w), (d_h, d_w) = block.attn.kernel_size, block.attn.dilation
     # The module pads small maps up to kernel * dilation before qkv and runs attention on the padded map.
     padded = max(height, k_h * d_h) * max(width, k_w * d_w)
@@ -53,7 +57,7 @@ def _global_block(block: RelPosBlock, height: int, width: int) -> int:
     return _block(block, height * width, height * width, height * width)
 
 
-def _conv(conv: nn.Conv2d, height: int, width: int) -> tuple[int, int, int]:
+def _conv(conv: Any, height: int, width: int) -> tuple[int, int, int]:
     """MACs and output size of a conv on a ``height x width`` input."""
     (k_h, k_w), (s_h, s_w), (p_h, p_w) = conv.kernel_size, conv.stride, conv.padding
     out_h = (height + 2 * p_h - k_h) // s_h + 1
@@ -62,13 +66,14 @@ def _conv(conv: nn.Conv2d, height: int, width: int) -> tuple[int, int, int]:
     return macs, out_h, out_w
 
 
-def _stem(stem: nn.Module, height: int, width: int) -> tuple[int, int, int]:
+def _stem(stem: Any, height: int, width: int) -> tuple[int, int, int]:
     if isinstance(stem, ConvTokenizer):
         macs = 0
         for conv in stem.proj:
             m, height, width = _conv(conv, height, width)
             macs += m
-        return macs + _norm(height * width, stem.proj[-1].out_channels), height, width
+        # nn.Module.__getattr__ types submodules and buffers as Tensor | Module
+        return macs + _norm(height * width, stem.proj[-1].out_channels), height, width  # type: ignore[arg-type]
     if isinstance(stem, PatchEmbed):
         p_h, p_w = stem.patch_size
         if stem.dynamic_img_pad:
@@ -80,7 +85,7 @@ def _stem(stem: nn.Module, height: int, width: int) -> tuple[int, int, int]:
     raise TypeError(f"count_macs: unsupported patch embedding {type(stem).__name__}")
 
 
-def _downsample(module: nn.Module, height: int, width: int) -> tuple[int, int, int]:
+def _downsample(module: Any, height: int, width: int) -> tuple[int, int, int]:
     if isinstance(module, ConvDownsampler):
         macs, height, width = _conv(module.reduction, height, width)
         return macs + _norm(height * width, module.reduction.out_channels), height, width
@@ -91,7 +96,7 @@ def _downsample(module: nn.Module, height: int, width: int) -> tuple[int, int, i
     raise TypeError(f"count_macs: unsupported downsampler {type(module).__name__}")
 
 
-def _head(model: nn.Module, tokens: int) -> int:
+def _head(model: Any, tokens: int) -> int:
     macs = _norm(tokens, model.num_features) if isinstance(model.norm, nn.LayerNorm) else 0
     if isinstance(model.head, nn.Linear):
         macs += model.head.in_features * model.head.out_features

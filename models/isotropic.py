@@ -79,7 +79,8 @@ class RelPosAttention(nn.Module):
         super().__init__()
         owner = type(self).__name__
         dim, num_heads = check_heads(owner, dim, num_heads)
-        grid_size = tuple(check_int_sequence(owner, "grid_size", grid_size, length=2))
+        # length=2 is checked
+        grid_size = tuple(check_int_sequence(owner, "grid_size", grid_size, length=2))  # type: ignore[assignment]
         check_bool(owner, "qkv_bias", qkv_bias)
         if qk_scale is not None:
             check_real(owner, "qk_scale", qk_scale)
@@ -106,7 +107,8 @@ class RelPosAttention(nn.Module):
             .permute(2, 0, 3, 1, 4)
             .unbind(0)
         )
-        bias = self.rpb.flatten(1)[:, self.relative_position_index.view(-1)].view(1, self.num_heads, tokens, tokens)
+        # nn.Module.__getattr__ types submodules and buffers as Tensor | Module
+        bias = self.rpb.flatten(1)[:, self.relative_position_index.view(-1)].view(1, self.num_heads, tokens, tokens)  # type: ignore[operator]
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale
         )
@@ -138,7 +140,8 @@ class RelPosBlock(nn.Module):
         )
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        # timm annotates a class here; any module factory works
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)  # type: ignore[arg-type]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))
@@ -222,7 +225,8 @@ class IsotropicNAT(NATBase):
             qk_scale=qk_scale, drop_rate=drop_rate, proj_drop_rate=proj_drop_rate, attn_drop_rate=attn_drop_rate,
             drop_path_rate=drop_path_rate, layer_scale=layer_scale,
         )
-        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        # two sides (checked below)
+        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)  # type: ignore[assignment]
         if img_size != (IMG_SIZE, IMG_SIZE):
             raise ValueError(f"{owner}: img_size must be {IMG_SIZE} (the map is fixed at 14x14), got {img_size}")
         if attention not in ATTENTIONS:
@@ -250,7 +254,7 @@ class IsotropicNAT(NATBase):
         )
         self.pos_drop = nn.Dropout(p=proj_drop_rate)
         rates = drop_path_schedule(drop_path_rate, depth)
-        common = {
+        common: dict[str, Any] = {
             "mlp_ratio": mlp_ratio,
             "qkv_bias": qkv_bias,
             "qk_scale": qk_scale,
@@ -258,6 +262,7 @@ class IsotropicNAT(NATBase):
             "attn_drop": attn_drop_rate,
             "norm_layer": norm_layer,
         }
+        blocks: list[nn.Module]
         if attention == "na":
             blocks = [
                 NATBlock(

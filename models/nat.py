@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.fx
@@ -167,7 +167,8 @@ class NATBlock(nn.Module):
         )
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        # timm annotates a class here; any module factory works
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)  # type: ignore[arg-type]
         if layer_scale is not None:
             self.gamma1 = nn.Parameter(layer_scale * torch.ones(dim))
             self.gamma2 = nn.Parameter(layer_scale * torch.ones(dim))
@@ -450,7 +451,7 @@ class NAT(NATBase):
         self.init_weights()
 
     @property
-    def stages(self) -> nn.ModuleList:
+    def stages(self) -> Sequence[NATStage]:  # an nn.ModuleList of NATStage
         """The stage list (state-dict name ``levels`` or ``layers``), each stage with ``.blocks``/``.downsample``."""
         return getattr(self, self.stages_attr)
 
@@ -544,10 +545,13 @@ class NAT(NATBase):
         return self.norm(x)
 
 
+_Model = TypeVar("_Model", bound="NAT")
+
+
 def _create_hierarchical(
-    cls: type[NAT], variant: str, pretrained: bool, model_args: Mapping[str, Any],
+    cls: type[_Model], variant: str, pretrained: bool, model_args: Mapping[str, Any],
     alternate_urls: Mapping[str, Sequence[str]] | None = None, **kwargs: Any,
-) -> NAT:
+) -> _Model:
     """The creation function of the hierarchical family (NAT, DiNAT and, with ``cls=DiNATs``, DiNAT_s)."""
     return build_model_with_cfg(
         cls, variant, pretrained, pretrained_filter_fn=load_state_dict_overlay,

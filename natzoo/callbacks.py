@@ -57,7 +57,8 @@ class RNGState(pl.Callback):
         kind, keys, pos, has_gauss, cached = np.random.get_state()
         state = {
             "python": [version, list(internal), gauss],
-            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            # get_state() without legacy=False is the 5-tuple; numpy's stubs give the union with the dict form
+            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],  # type: ignore[attr-defined]
             "torch": torch.get_rng_state(),
         }
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -75,7 +76,8 @@ class RNGState(pl.Callback):
             states = state_dict["cuda"]
             if len(states) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(states)
-        rank = rank_zero_only.rank
+        # Lightning sets rank_zero_only.rank on the function at start-up
+        rank = rank_zero_only.rank  # type: ignore[attr-defined]
         if rank:
             # An independent stream per rank, derived from rank 0's restored state and the rank.
             base = int(torch.randint(0, 2**31 - 1, ()).item())
@@ -125,7 +127,8 @@ class CurvePlot(pl.Callback):
         if trainer.is_global_zero:
             from natzoo.plots import plot_curves
 
-            plot_curves(self.history, self.path, self.panels, self.title)
+            # every panel entry is a (metric, label) pair
+            plot_curves(self.history, self.path, self.panels, self.title)  # type: ignore[arg-type]
 
     def state_dict(self) -> dict[str, Any]:
         """History for checkpoints."""

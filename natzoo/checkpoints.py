@@ -58,7 +58,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-def _disk_full(exc: BaseException) -> bool:
+def _disk_full(exc: BaseException | None) -> bool:
     # torch.save reports a failed write of its zip stream as a RuntimeError whose context holds the OSError.
     seen = set()
     while exc is not None and id(exc) not in seen:

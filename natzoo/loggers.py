@@ -35,7 +35,7 @@ class RunCSVLogger(CSVLogger):
     existing ``metrics.csv`` (a resumed run) instead of deleting it."""
 
     def __init__(self, save_dir: str | os.PathLike, flush_logs_every_n_steps: int = 100) -> None:
-        super().__init__(save_dir, name="", version="", flush_logs_every_n_steps=flush_logs_every_n_steps)
+        super().__init__(os.fspath(save_dir), name="", version="", flush_logs_every_n_steps=flush_logs_every_n_steps)
 
     @property
     @rank_zero_experiment
@@ -44,7 +44,8 @@ class RunCSVLogger(CSVLogger):
         if self._experiment is None:
             os.makedirs(self.log_dir, exist_ok=True)
             self._experiment = _ContinuingWriter(log_dir=self.log_dir)
-        return self._experiment
+        # Lightning types the attribute as fabric's base writer; ours subclasses ExperimentWriter
+        return self._experiment  # type: ignore[return-value]
 
 
 def drop_rows_after(path: str | os.PathLike, global_step: int) -> int:

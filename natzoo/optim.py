@@ -260,7 +260,8 @@ def configure_optimizers(module: pl.LightningModule, model: nn.Module, optim: di
     lr = scaled_lr(optim["lr"], global_batch, int(optim["lr_base_batch"]), bool(optim["scale_lr"]))
     groups = param_groups(model, optim["weight_decay"], optim["no_decay_1d"], optim["no_decay_rpb"],
                           tuple(optim["no_decay_names"] or ()))
-    extra = {k: (tuple(optim[k]) if k == "betas" else float(optim[k])) for k in ("betas", "eps") if k in optim}
+    extra: dict[str, Any] = {k: (tuple(optim[k]) if k == "betas" else float(optim[k])) for k in ("betas", "eps")
+                             if k in optim}
     optimizer = create_optimizer_v2(groups, opt=optim["name"], lr=lr, momentum=float(optim["momentum"]), **extra)
     log.info("optimizer %s: lr %.3g (global batch %d%s), schedule %s over %d steps (%d per epoch)", optim["name"], lr,
              global_batch, ", scaled" if optim["scale_lr"] else "", sched["name"],

@@ -72,6 +72,6 @@ def plot_confusion_matrix(matrix: torch.Tensor, classes: Sequence[str], path: Pa
     if n <= 20:
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=7,
+                ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=7,
                         color="white" if rates[i, j] > 0.5 else "black")
     _save(fig, Path(path))

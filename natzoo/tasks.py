@@ -64,7 +64,7 @@ class Task:
         """Whether a checkpoint with these hyper-parameters was written by this task's module."""
         if self.module_class is None:
             return True
-        params = inspect.signature(self.module_class.__init__).parameters
+        params = inspect.signature(self.module_class.__init__).parameters  # type: ignore[misc]  # a class, not an instance
         return set(hyper_parameters) <= set(params) and all(
             name in hyper_parameters for name, p in params.items()
             if name != "self" and p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD)

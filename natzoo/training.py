@@ -152,6 +152,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: Any, **overrides: A
     ``trainer.max_steps`` limit then ends training earlier, as usual in Lightning).
     """
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    assert isinstance(trainer_cfg, dict)  # cfg.trainer is a DictConfig, so its container is a dict
     sched = cfg.get("sched")
     if trainer_cfg.get("max_epochs") is None and sched:
         trainer_cfg["max_epochs"] = int(sched.epochs) + int(sched.get("cooldown_epochs", 0) or 0)
@@ -279,7 +280,8 @@ def _fit(cfg: DictConfig, task: Task, ckpt_path: str | None, output_dir: Path, r
 
     checkpoint_cb = trainer.checkpoint_callback
     best = getattr(checkpoint_cb, "best_model_path", "") or None
-    last = next((cb.best_model_path or cb.last_model_path for cb in trainer.checkpoint_callbacks
+    last = next((getattr(cb, "best_model_path", "") or getattr(cb, "last_model_path", "")
+                 for cb in trainer.checkpoint_callbacks
                  if getattr(cb, "filename", None) == "last"), None) or getattr(checkpoint_cb, "last_model_path", None)
     score = getattr(checkpoint_cb, "best_model_score", None)
     result = {

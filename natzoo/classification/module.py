@@ -127,7 +127,7 @@ class ClassificationModule(pl.LightningModule):
         label_smoothing = float(self.mixup_cfg.get("label_smoothing", 0.0))
         if _mixup_active(self.mixup_cfg):
             self.mixup_fn = Mixup(**self.mixup_cfg, num_classes=self.num_classes)
-            self.train_loss = SoftTargetCrossEntropy()
+            self.train_loss: nn.Module = SoftTargetCrossEntropy()
         else:
             self.train_loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
@@ -150,16 +150,19 @@ class ClassificationModule(pl.LightningModule):
             params = [p for n, p in self.model.named_parameters() if n == prefix or n.startswith(prefix + ".")]
             if not params:
                 top = sorted({n.split(".")[0] for n, _ in self.model.named_parameters()})
-                raise ValueError(f"model.freeze: no parameter of {self.hparams.model_name} starts with {prefix!r} "
+                # Lightning's hparams is an AttributeDict (typed as a plain mapping)
+                raise ValueError(f"model.freeze: no parameter of {self.hparams.model_name} starts with {prefix!r} "  # type: ignore[attr-defined]
                                  f"(top-level names: {top})")
             for p in params:
                 p.requires_grad_(False)
 
     def configure_model(self) -> None:
         """Compiles the model in place when ``compile`` is set (state-dict keys stay those of the plain model)."""
-        if self.hparams.compile and not self._compiled:
+        # Lightning's hparams is an AttributeDict (typed as a plain mapping)
+        if self.hparams.compile and not self._compiled:  # type: ignore[attr-defined]
             # Static shapes by default: the batch size takes only a few values (full, last, evaluation batches).
-            options = {"dynamic": False} if self.hparams.compile is True else dict(self.hparams.compile)
+            # Lightning's hparams is an AttributeDict (typed as a plain mapping)
+            options = {"dynamic": False} if self.hparams.compile is True else dict(self.hparams.compile)  # type: ignore[attr-defined]
             self.model.compile(**options)
             self._compiled = True
 
@@ -169,7 +172,8 @@ class ClassificationModule(pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, num_classes]`` for images ``[B, 3, H, W]``."""
-        if self.hparams.channels_last:
+        # Lightning's hparams is an AttributeDict (typed as a plain mapping)
+        if self.hparams.channels_last:  # type: ignore[attr-defined]
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
 
@@ -197,7 +201,8 @@ class ClassificationModule(pl.LightningModule):
         finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         if not finite:
             where = f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
-            if self.hparams.nonfinite_loss == "stop":
+            # Lightning's hparams is an AttributeDict (typed as a plain mapping)
+            if self.hparams.nonfinite_loss == "stop":  # type: ignore[attr-defined]
                 raise FloatingPointError(
                     f"non-finite training loss ({loss.item()}) at {where}; lower optim.lr, check the data, or set "
                     "nonfinite_loss=skip to skip such steps"
@@ -237,14 +242,16 @@ class ClassificationModule(pl.LightningModule):
         if self.confusion is not None:
             self.confusion.update(logits, targets)
         if prefix == "val" and self.model_ema is not None and self.ema_cfg.get("evaluate", True):
-            x = images.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else images
+            # Lightning's hparams is an AttributeDict (typed as a plain mapping)
+            x = images.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else images  # type: ignore[attr-defined]
             self._log_eval("val_ema", self.model_ema(x), targets)
 
     def _log_eval(self, prefix: str, logits: torch.Tensor, targets: torch.Tensor) -> None:
         batch_size = targets.shape[0]
         loss = F.cross_entropy(logits.float(), targets)
         self.log(f"{prefix}/loss", loss, on_epoch=True, batch_size=batch_size, sync_dist=True)
-        for name, metric in self.eval_metrics[prefix].items():
+        # nn.Module.__getattr__ types submodules and buffers as Tensor | Module
+        for name, metric in self.eval_metrics[prefix].items():  # type: ignore[operator]
             metric(logits, targets)
             self.log(f"{prefix}/{name}", metric, on_epoch=True, prog_bar=name == "acc1" and prefix == "val",
                      batch_size=batch_size)
@@ -257,7 +264,9 @@ class ClassificationModule(pl.LightningModule):
         """Cross-entropy loss, top-1 and top-5 of the model as ``test/*``."""
         self._evaluation_step(batch, "test")
 
-    def configure_optimizers(self) -> dict:
+    # Lightning accepts this dict (its OptimizerLRSchedulerConfig); ours is typed as a plain dict
+    def configure_optimizers(self) -> dict:  # type: ignore[override]
         """Optimizer over the single weight-decay rule's groups and the per-step schedule; see
         :func:`natzoo.optim.configure_optimizers`."""
-        return configure_optimizers(self, self.model, self.hparams.optim, self.hparams.sched)
+        # Lightning's hparams is an AttributeDict (typed as a plain mapping)
+        return configure_optimizers(self, self.model, self.hparams.optim, self.hparams.sched)  # type: ignore[attr-defined]

@@ -285,7 +285,8 @@ def summarize_eval(cfg: DictConfig, module: ClassificationModule, datamodule: Im
 
         matrix = module.confusion.compute().cpu()
         path = output_dir / "confusion_matrix.png"
-        plot_confusion_matrix(matrix, datamodule.classes, path, title=f"{module.hparams.model_name} top-1 "
+        # Lightning's hparams is an AttributeDict (typed as a plain mapping)
+        plot_confusion_matrix(matrix, datamodule.classes, path, title=f"{module.hparams.model_name} top-1 "  # type: ignore[attr-defined]
                               f"{result['top1']:.2f}%")
         result["confusion_matrix"] = matrix.tolist()
         result["confusion_matrix_png"] = str(path)

@@ -162,7 +162,8 @@ class _PreparsedCocoDetection(CocoDetection):
     def __init__(self, root: str | os.PathLike, annotations: dict, image_ids: list[int]) -> None:
         from pycocotools.coco import COCO
 
-        super(CocoDetection, self).__init__(root)
+        # torchvision annotates str | Path; it only joins the path
+        super(CocoDetection, self).__init__(root)  # type: ignore[arg-type]
         self.coco = COCO()
         self.coco.dataset = annotations
         with contextlib.redirect_stdout(io.StringIO()):
@@ -359,10 +360,12 @@ class CocoDataModule(pl.LightningDataModule):
             self._resolve_synthetic()
         if stage in (None, "fit") and self.train_set is None:
             self.train_set = CocoDetectionDataset(
-                *self.paths["train"], train_transforms(), self.with_masks, train=True, filter_empty=self.filter_empty
+                # the paths are set: checked in __init__, or resolved just above for `synthetic`
+                *self.paths["train"], train_transforms(), self.with_masks, train=True, filter_empty=self.filter_empty  # type: ignore[arg-type]
             )
         if self.val_set is None:
-            self.val_set = CocoDetectionDataset(*self.paths["val"], val_transforms(), self.with_masks, train=False)
+            # the paths are set: checked in __init__, or resolved just above for `synthetic`
+            self.val_set = CocoDetectionDataset(*self.paths["val"], val_transforms(), self.with_masks, train=False)  # type: ignore[arg-type]
 
     @property
     def num_classes(self) -> int:
@@ -384,10 +387,13 @@ class CocoDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, self.batch_size, shuffle=True)
+        # the dataset is set by setup(), which Lightning calls before any loader
+        return self._loader(self.train_set, self.batch_size, shuffle=True)  # type: ignore[arg-type]
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+        # the dataset is set by setup(), which Lightning calls before any loader
+        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)  # type: ignore[arg-type]
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+        # the dataset is set by setup(), which Lightning calls before any loader
+        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)  # type: ignore[arg-type]

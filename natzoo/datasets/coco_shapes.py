@@ -116,7 +116,8 @@ def _generate_split(spec: SyntheticCocoSpec, split: str, count: int, seed: int, 
     image_dir = out_dir / split
     image_dir.mkdir(parents=True)
     side = spec.image_size
-    images, annotations = [], []
+    images: list[dict] = []
+    annotations: list[dict] = []
     for image_index in range(count):
         image_id = image_index + 1
         background = rng.integers(0, 96, size=3)

@@ -326,11 +326,13 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training loader."""
-        return self._loader(self.train_set, self.batch_size, train=True)
+        # the dataset is set by setup(), which Lightning calls before any loader
+        return self._loader(self.train_set, self.batch_size, train=True)  # type: ignore[arg-type]
 
     def val_dataloader(self) -> DataLoader:
         """Validation loader in file order."""
-        return self._loader(self.val_set, self.eval_batch_size, train=False)
+        # the dataset is set by setup(), which Lightning calls before any loader
+        return self._loader(self.val_set, self.eval_batch_size, train=False)  # type: ignore[arg-type]
 
     def test_dataloader(self) -> DataLoader:
         """Same as the validation loader."""

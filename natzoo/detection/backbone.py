@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import timm
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from natzoo.models import NAT, LoadReport, load_weights
+from natzoo.models import NAT, LoadReport, NATStage, load_weights
 
 __all__ = ["COCO_DILATION_PATTERNS", "NATBackbone", "checkpoint_filter_fn", "coco_dilations",
            "load_backbone_checkpoint"]
@@ -86,7 +86,7 @@ def _model_depths(model_name: str, model_kwargs: Mapping[str, Any]) -> list[int]
     # Build on the meta device: no memory or init cost, only the structure is read.
     with torch.device("meta"):
         kwargs = {k: v for k, v in model_kwargs.items() if k != "dilations"}
-        trunk = timm.create_model(model_name, num_classes=0, **kwargs)
+        trunk = cast(NAT, timm.create_model(model_name, num_classes=0, **kwargs))
     return [len(stage.blocks) for stage in trunk.stages]
 
 
@@ -111,8 +111,9 @@ def _select_backbone_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torc
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], backbone: nn.Module) -> dict[str, torch.Tensor]:
     """The trunk family's key work (HF transformers layout -> official), then the trunk's keys out of a downstream
     checkpoint (``backbone.``, ``backbone.body.``)."""
-    family_filter = type(backbone.trunk).checkpoint_filter
-    state = family_filter(state_dict, backbone.trunk) if family_filter is not None else dict(state_dict)
+    trunk = cast(NATBackbone, backbone).trunk
+    family_filter = type(trunk).checkpoint_filter
+    state = family_filter(state_dict, trunk) if family_filter is not None else dict(state_dict)
     return _select_backbone_keys(state)
 
 
@@ -180,7 +181,7 @@ class NATBackbone(nn.Module):
         if drop_path_rate is not None:
             model_kwargs["drop_path_rate"] = float(drop_path_rate)
 
-        trunk = timm.create_model(model_name, num_classes=0, **model_kwargs)
+        trunk = cast(NAT, timm.create_model(model_name, num_classes=0, **model_kwargs))  # a NAT family (checked above)
         if len(trunk.stages) != num_stages:
             raise ValueError(f"{model_name} has {len(trunk.stages)} stages; out_indices/frozen_stages assumed "
                              f"{num_stages}")
@@ -196,7 +197,8 @@ class NATBackbone(nn.Module):
         self.out_indices = out_indices
         self.out_channels_list = [channels[i] for i in out_indices]
         self.strides = [int(trunk.feature_info[i]["reduction"]) for i in out_indices]
-        self.dilations = [[int(blk.attn.dilation[0]) for blk in stage.blocks] for stage in trunk.stages]
+        # nn.Module.__getattr__ types submodules and buffers as Tensor | Module
+        self.dilations = [[int(blk.attn.dilation[0]) for blk in stage.blocks] for stage in trunk.stages]  # type: ignore[index, union-attr]
         for i in out_indices:
             self.add_module(f"norm{i}", nn.LayerNorm(channels[i]))
         self.frozen_stages = frozen_stages
@@ -211,7 +213,7 @@ class NATBackbone(nn.Module):
         return self._trunk[0]
 
     @property
-    def stages(self) -> nn.ModuleList:
+    def stages(self) -> Sequence[NATStage]:
         """The stage list (``levels`` for NAT/DiNAT, ``layers`` for DiNAT_s)."""
         return getattr(self, self.stage_attr)
 

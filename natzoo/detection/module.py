@@ -65,8 +65,10 @@ class DetectionModule(pl.LightningModule):
         self.train_masks = has_masks
         self.model = model
         iou_types = ("bbox", "segm") if with_masks else ("bbox",)
-        self.val_map = MeanAveragePrecision(iou_type=iou_types, backend="pycocotools")
-        self.test_map = MeanAveragePrecision(iou_type=iou_types, backend="pycocotools")
+        # iou_types holds 'bbox' and 'segm' only
+        self.val_map = MeanAveragePrecision(iou_type=iou_types, backend="pycocotools")  # type: ignore[arg-type]
+        # iou_types holds 'bbox' and 'segm' only
+        self.test_map = MeanAveragePrecision(iou_type=iou_types, backend="pycocotools")  # type: ignore[arg-type]
 
     def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """Detections for a list of ``[3, H, W]`` images in ``[0, 1]`` (the model must be in eval mode)."""
@@ -95,7 +97,8 @@ class DetectionModule(pl.LightningModule):
             gt = {"boxes": tgt["boxes"].as_subclass(torch.Tensor).float(), "labels": tgt["labels"],
                   "iscrowd": tgt["iscrowd"].to(torch.uint8)}
             if self.with_masks:
-                pred["masks"] = out["masks"][:, 0] > self.hparams.mask_threshold  # [N, H, W] bool
+                # [N, H, W] bool. (Lightning's hparams is an AttributeDict, typed as a plain mapping.)
+                pred["masks"] = out["masks"][:, 0] > self.hparams.mask_threshold  # type: ignore[attr-defined]
                 gt["masks"] = tgt["masks"].as_subclass(torch.Tensor).bool()
             preds.append(pred)
             gts.append(gt)
@@ -131,7 +134,9 @@ class DetectionModule(pl.LightningModule):
         """Logs ``test/*`` mAP."""
         self._log_map(self.test_map, "test")
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    # Lightning accepts this dict (its OptimizerLRSchedulerConfig); ours is typed as a plain dict
+    def configure_optimizers(self) -> dict[str, Any]:  # type: ignore[override]
         """Optimizer and per-step schedule from the ``optim``/``sched`` settings; see
         :func:`natzoo.optim.configure_optimizers`."""
-        return configure_optimizers(self, self.model, self.hparams.optim, self.hparams.sched)
+        # Lightning's hparams is an AttributeDict (typed as a plain mapping)
+        return configure_optimizers(self, self.model, self.hparams.optim, self.hparams.sched)  # type: ignore[attr-defined]

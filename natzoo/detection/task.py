@@ -115,7 +115,8 @@ def build_module(cfg: DictConfig, datamodule: CocoDataModule) -> DetectionModule
         with_masks=_with_masks(cfg),
     )
     if cfg.get("checkpoint"):
-        body: NATBackbone = module.model.backbone.body
+        # nn.Module.__getattr__ types submodules as Tensor | Module
+        body: NATBackbone = module.model.backbone.body  # type: ignore[assignment, union-attr]
         result = load_backbone_checkpoint(body, network_weights(str(cfg.checkpoint)), source=str(cfg.checkpoint))
         log.info("backbone initialised from %s (missing %s, unexpected %s)", cfg.checkpoint, result.missing_keys,
                  result.unexpected_keys)
@@ -127,7 +128,8 @@ def load_module_for_eval(cfg: DictConfig, datamodule: CocoDataModule) -> Detecti
     detector weights from ``checkpoint`` (a state dict of this project's detector)."""
     if cfg.get("ckpt_path"):
         module = DetectionModule.load_from_checkpoint(str(cfg.ckpt_path), map_location="cpu", weights_only=True)
-        trained = module.hparams.detector["num_classes"] - 1
+        # Lightning's hparams is an AttributeDict (typed as a plain mapping)
+        trained = module.hparams.detector["num_classes"] - 1  # type: ignore[attr-defined]
         if trained != datamodule.num_classes:
             raise ValueError(f"ckpt_path {cfg.ckpt_path} was trained for {trained} classes but the evaluation "
                              f"annotations have {datamodule.num_classes}")

@@ -71,7 +71,8 @@ def _attend(
     out = neighborhood_attention(problem, q, k, v, rpb, dropout_p=dropout_p)
     spatial = x.shape[1:-1]
     if tuple(out.shape[1:-2]) != tuple(spatial):
-        out = out[(slice(None), *(slice(0, length) for length in spatial))]
+        crop = (slice(None), *(slice(0, length) for length in spatial))  # [B, *spatial, ...] of the unpadded map
+        out = out[crop]
     return out.flatten(-2)
 
 

@@ -101,8 +101,10 @@ def _dq_loop(dq, table, q, do, lse2, delta, k_base, v_base, rpb_base, n_trips, n
         k, v, pair, s, o0, o1, o2 = key_sub_tile_scores(
             q, k_base, v_base, rpb_base, koff, voff, u0, u1, u2, c0, c1, c2, bcol, brow, box0, box1, box2,
             end0, end1, end2, q_ok, qs0, qs1, qs2, w0, w1, w2, d_ok, sk0, sk1, sk2, sv0, sv1, sv2, DIL0, DIL1, DIL2,
-            scale, K0, K1, K2, HAS_RPB, EVEN_D, PRECISION, UPCAST, 0.0, TK0, TK1, TK2)
-        p = tl.exp2(s * LOG2E - lse2[:, None])
+            # Triton: a tl.constexpr parameter or constant takes a plain Python value
+            scale, K0, K1, K2, HAS_RPB, EVEN_D, PRECISION, UPCAST, 0.0, TK0, TK1, TK2)  # type: ignore[arg-type]
+        # Triton's language builtins carry no return types
+        p = tl.exp2(s * LOG2E - lse2[:, None])  # type: ignore[var-annotated]
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BQ, BK]
         ds = tl.where(pair, p * (dp - delta[:, None]), 0.0)
         if GUARD:
@@ -194,15 +196,18 @@ def _na_bwd_dq_kernel(
                              box0, box1, box2, end0, end1, end2, first0, first1, first2, q_ok, qs0, qs1, qs2,
                              w0, w1, w2, brow, dims, d_ok, sk0, sk1, sk2, skd, sv0, sv1, sv2, svd, DIL0, DIL1, DIL2,
                              scale, K0, K1, K2, HAS_RPB, COMPUTE_DQ, COMPUTE_DRPB, EVEN_D, WIDE, PRECISION,
-                             RPB_PRECISION, UPCAST, False, TQ0, TQ1, TQ2, TK0, TK1, TK2, RANK, R0P, R1P, R2P, FI)
+                             # Triton: a tl.constexpr parameter or constant takes a plain Python value
+                             RPB_PRECISION, UPCAST, False, TQ0, TQ1, TQ2, TK0, TK1, TK2, RANK, R0P, R1P, R2P, FI)  # type: ignore[arg-type]
         if COMPUTE_DQ:  # noqa: SIM102 - a constexpr test around a run-time one
             if tl.max(tl.where(q_ok & ~finite_rows(dq), 1, 0)) > 0:
                 dq, _rerun_table = _dq_loop(
                     tl.zeros([BQ, BLOCK_D], tl.float32), table, q, do, lse2, delta, k_base, v_base, rpb_base,
                     n_trips, nk1, nk2, box0, box1, box2, end0, end1, end2, first0, first1, first2, q_ok,
                     qs0, qs1, qs2, w0, w1, w2, brow, dims, d_ok, sk0, sk1, sk2, skd, sv0, sv1, sv2, svd,
-                    DIL0, DIL1, DIL2, scale, K0, K1, K2, HAS_RPB, True, False, EVEN_D, WIDE, PRECISION,
-                    RPB_PRECISION, UPCAST, True, TQ0, TQ1, TQ2, TK0, TK1, TK2, RANK, R0P, R1P, R2P, FI)
+                    # Triton: a tl.constexpr parameter or constant takes a plain Python value
+                    DIL0, DIL1, DIL2, scale, K0, K1, K2, HAS_RPB, True, False, EVEN_D, WIDE, PRECISION,  # type: ignore[arg-type]
+                    # Triton: a tl.constexpr parameter or constant takes a plain Python value
+                    RPB_PRECISION, UPCAST, True, TQ0, TQ1, TQ2, TK0, TK1, TK2, RANK, R0P, R1P, R2P, FI)  # type: ignore[arg-type]
     if COMPUTE_DQ:
         tl.store(tile_ptrs(DQ, g0, g1, g2, first0, first1, first2, r0, r1, r2, b, h, sgb, sg0, sg1, sg2, sgh, sgd,
                            dims, DIL0, DIL1, DIL2, WIDE), (dq * scale).to(DQ.dtype.element_ty), mask=row_mask)
@@ -241,7 +246,9 @@ def pair_mask_t(j0, j1, j2, qs0, qs1, qs2, w0, w1, w2, q_ok,
     key index of the first other axis so that it fails) and ``[BQ]`` otherwise; `q_ok` ``[BQ]`` rides on the first
     ``[BQ]`` axis as a zero width.
     """
-    NEVER: tl.constexpr = -(1 << 30)  # a key index whose distance to any window start exceeds any width
+    # A key index whose distance to any window start exceeds any width. (Triton: a tl.constexpr constant takes a
+    # plain Python value.)
+    NEVER: tl.constexpr = -(1 << 30)  # type: ignore[assignment]
     rowok = j0 >= 0
     if TQ0 == 1 and K0 > 1:
         rowok = rowok & inwin(j0, qs0, w0)
@@ -322,7 +329,8 @@ def _dkdv_loop(dk, dv, k, v, q_base, do_base, lse_base, delta_base, rpb_base, n_
         if HAS_RPB:
             it_ptr = rpb_base - (((box0 + o0) * R1 + box1 + o1) * R2 + box2 + o2)
             st += tl.load(it_ptr + (krow[:, None] - ccol[None, :]), mask=pair, other=0.0).to(tl.float32)
-        pt_raw = tl.exp2(st * LOG2E - lse2[None, :])
+        # Triton's language builtins carry no return types
+        pt_raw = tl.exp2(st * LOG2E - lse2[None, :])  # type: ignore[var-annotated]
         pt = tl.where(pair, pt_raw, 0.0)
         if COMPUTE_DV:
             dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
@@ -406,7 +414,8 @@ def _na_bwd_dkdv_kernel(
                         nq1, nq2, box0, box1, box2, end0, end1, end2, lg0, lg1, lg2, j0, j1, j2, krow, dims, d_ok,
                         sq0, sq1, sq2, sqd, sd0, sd1, sd2, sdd, st0, st1, st2, DIL0, DIL1, DIL2, scale,
                         K0, K1, K2, S0, S1, S2, C0, C1, C2, HAS_RPB, COMPUTE_DK, COMPUTE_DV, EVEN_D, WIDE, PRECISION,
-                        UPCAST, False, TQ0, TQ1, TQ2)
+                        # Triton: a tl.constexpr parameter or constant takes a plain Python value
+                        UPCAST, False, TQ0, TQ1, TQ2)  # type: ignore[arg-type]
     if COMPUTE_DK:  # noqa: SIM102 - a constexpr test around a run-time one
         if tl.max(tl.where(k_ok & ~finite_rows(dk), 1, 0)) > 0:
             dk, _rerun_dv = _dkdv_loop(

@@ -55,11 +55,12 @@ from .tiling import (
 class Geometry:
     """A problem padded to three spatial axes, as the kernels see it."""
 
-    spatial: tuple[int, int, int]
-    kernel_size: tuple[int, int, int]
-    stride: tuple[int, int, int]
-    dilation: tuple[int, int, int]
-    is_causal: tuple[bool, bool, bool]
+    # Three entries each (built from a problem of any rank by padding with 1 / False).
+    spatial: tuple[int, ...]
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    is_causal: tuple[bool, ...]
 
     @classmethod
     def of(cls, problem: Problem) -> Geometry:
@@ -287,7 +288,8 @@ def _fwd_loop(acc, m_i, l_i, poisoned, q, k_base, v_base, rpb_base, n_trips, nk1
         _k, v, pair, s, _o0, _o1, _o2 = key_sub_tile_scores(
             q, k_base, v_base, rpb_base, koff, voff, u0, u1, u2, c0, c1, c2, bcol, brow, box0, box1, box2,
             end0, end1, end2, q_ok, qs0, qs1, qs2, w0, w1, w2, d_ok, sk0, sk1, sk2, sv0, sv1, sv2, DIL0, DIL1, DIL2,
-            scale, K0, K1, K2, HAS_RPB, EVEN_D, PRECISION, UPCAST, 0.0 if GUARD else float("-inf"), TK0, TK1, TK2)
+            # Triton: a tl.constexpr parameter or constant takes a plain Python value
+            scale, K0, K1, K2, HAS_RPB, EVEN_D, PRECISION, UPCAST, 0.0 if GUARD else float("-inf"), TK0, TK1, TK2)  # type: ignore[arg-type]
         if GUARD:
             v_fin = tl.abs(v.to(tl.float32)) < float("inf")
             bad = tl.sum(tl.where(v_fin, 0, 1), 1) > 0
@@ -298,8 +300,9 @@ def _fwd_loop(acc, m_i, l_i, poisoned, q, k_base, v_base, rpb_base, n_trips, nk1
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with no key in this sub-tile (and none before) keeps m = -inf; shift by 0 so exp2 gives 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new) * LOG2E
-        p = tl.exp2(s * LOG2E - m_safe[:, None])
-        alpha = tl.exp2(m_i * LOG2E - m_safe)
+        # Triton's language builtins carry no return types
+        p = tl.exp2(s * LOG2E - m_safe[:, None])  # type: ignore[var-annotated]
+        alpha = tl.exp2(m_i * LOG2E - m_safe)  # type: ignore[var-annotated]
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
@@ -359,7 +362,8 @@ def _na_fwd_kernel(
     acc, m_i, l_i, poisoned = _fwd_loop(acc, m_i, l_i, poisoned, q, k_base, v_base, rpb_base, n_trips, nk1, nk2,
                                         box0, box1, box2, end0, end1, end2, q_ok, qs0, qs1, qs2, w0, w1, w2, brow,
                                         dims, d_ok, sk0, sk1, sk2, skd, sv0, sv1, sv2, svd, DIL0, DIL1, DIL2, scale,
-                                        K0, K1, K2, HAS_RPB, EVEN_D, WIDE, PRECISION, UPCAST, False, TK0, TK1, TK2)
+                                        # Triton: a tl.constexpr parameter or constant takes a plain Python value
+                                        K0, K1, K2, HAS_RPB, EVEN_D, WIDE, PRECISION, UPCAST, False, TK0, TK1, TK2)  # type: ignore[arg-type]
     if tl.max(tl.where(q_ok & ~finite_rows(acc), 1, 0)) > 0:
         # A non-finite row: recompute the tile with non-finite values confined to their own queries.
         acc, m_i, l_i, poisoned = _fwd_loop(tl.zeros([BQ, BLOCK_D], tl.float32),
@@ -367,7 +371,8 @@ def _na_fwd_kernel(
                                             poisoned, q, k_base, v_base, rpb_base, n_trips, nk1, nk2,
                                             box0, box1, box2, end0, end1, end2, q_ok, qs0, qs1, qs2, w0, w1, w2, brow,
                                             dims, d_ok, sk0, sk1, sk2, skd, sv0, sv1, sv2, svd, DIL0, DIL1, DIL2,
-                                            scale, K0, K1, K2, HAS_RPB, EVEN_D, WIDE, PRECISION, UPCAST, True,
+                                            # Triton: a tl.constexpr parameter or constant takes a plain Python value
+                                            scale, K0, K1, K2, HAS_RPB, EVEN_D, WIDE, PRECISION, UPCAST, True,  # type: ignore[arg-type]
                                             TK0, TK1, TK2)
         acc = tl.where(poisoned[:, None] > 0, float("nan"), acc)
 

@@ -417,12 +417,18 @@ def rpb_partial(ds, off0, off1, off2,
         RO: tl.constexpr = R0P * R1P
         RI: tl.constexpr = R2P
     else:
-        TQO: tl.constexpr = TQ0
-        TKO: tl.constexpr = TK0
-        TQI: tl.constexpr = TQ1
-        TKI: tl.constexpr = TK1
-        RO: tl.constexpr = R0P
-        RI: tl.constexpr = R1P
+        # Triton needs the constexpr annotation in each branch
+        TQO: tl.constexpr = TQ0  # type: ignore[no-redef]
+        # Triton needs the constexpr annotation in each branch
+        TKO: tl.constexpr = TK0  # type: ignore[no-redef]
+        # Triton needs the constexpr annotation in each branch
+        TQI: tl.constexpr = TQ1  # type: ignore[no-redef]
+        # Triton needs the constexpr annotation in each branch
+        TKI: tl.constexpr = TK1  # type: ignore[no-redef]
+        # Triton needs the constexpr annotation in each branch
+        RO: tl.constexpr = R0P  # type: ignore[no-redef]
+        # Triton needs the constexpr annotation in each branch
+        RI: tl.constexpr = R1P  # type: ignore[no-redef]
     # [(qo, qi), (ko, ki)] -> [(qo, ko), (qi, ki)]
     a = tl.reshape(tl.permute(tl.reshape(ds, (TQO, TQI, TKO, TKI)), (0, 2, 1, 3)), (TQO * TKO, TQI * TKI))
     # Inner diagonals: f = ki - qi + TQI - 1.
