@@ -118,7 +118,8 @@ class CurvePlot(pl.Callback):
         metrics = trainer.callback_metrics
         validated = self._validated_epoch == trainer.current_epoch
         keys = {key for entries in self.panels.values() for key, _ in entries}
-        if getattr(pl_module, "num_classes", None) is not None and int(pl_module.num_classes) <= 5:
+        num_classes = getattr(pl_module, "num_classes", None)
+        if num_classes is not None and int(num_classes) <= 5:
             keys = {key for key in keys if "acc5" not in key}  # top-5 of 5 classes or fewer is always 100 %
         row: dict[str, Any] = {"epoch": trainer.current_epoch}
         row.update({k: float(metrics[k]) for k in sorted(keys)

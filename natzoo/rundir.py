@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Self
+from typing import IO, Any
 
 from natzoo.ownership import scratch_prefix
 
@@ -177,7 +177,7 @@ class RunDirLock:
             os.close(self._fd)  # closing the descriptor releases the lock
             self._fd = None
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> RunDirLock:
         self.acquire()
         return self
 

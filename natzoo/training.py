@@ -49,6 +49,11 @@ _TENSORBOARD = RequirementCache("tensorboard") or RequirementCache("tensorboardX
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 
 
+def _is_rank_zero() -> bool:
+    """Whether this process is global rank zero (Lightning sets ``rank_zero_only.rank`` when it starts)."""
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
 def check_run_config(cfg: DictConfig, stage: str) -> tuple[Task, CheckpointInfo | None]:
     """Every check of a run's config, in order, before anything is built; ``stage`` is ``"fit"`` or ``"eval"``.
 
@@ -204,7 +209,7 @@ def run_directory(cfg: DictConfig, stage: str, lock: bool) -> Iterator[tuple[Tas
         The task, the resolved checkpoint and the run directory.
     """
     output_dir = Path(str(cfg.paths.output_dir))
-    holder = RunDirLock(output_dir) if lock and rank_zero_only.rank == 0 else None
+    holder = RunDirLock(output_dir) if lock and _is_rank_zero() else None
     try:
         task, info = check_run_config(cfg, stage)
         if holder is not None:
@@ -214,7 +219,7 @@ def run_directory(cfg: DictConfig, stage: str, lock: bool) -> Iterator[tuple[Tas
                 setattr(err, "natzoo_config_error", True)  # noqa: B010
                 raise
     except BaseException:
-        if rank_zero_only.rank == 0:
+        if _is_rank_zero():
             discard_unused(output_dir, _hydra_output_subdir())
         raise
     try:
@@ -305,7 +310,7 @@ def _prepare_resume(info: CheckpointInfo, output_dir: Path) -> bool:
     same_dir = Path(info.path).resolve().parent.parent == output_dir.resolve()
     where = "in its run directory" if same_dir else f"in a new run directory {output_dir}"
     rank_zero_info(f"Resuming from {info.path} (after epoch {info.epoch + 1}, step {info.global_step}) {where}")
-    if same_dir and rank_zero_only.rank == 0:
+    if same_dir and _is_rank_zero():
         dropped = drop_rows_after(output_dir / "metrics.csv", info.global_step)
         if dropped:
             rank_zero_info(f"metrics.csv: {dropped} row(s) logged after that checkpoint are logged again by this run")

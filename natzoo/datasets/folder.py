@@ -170,14 +170,14 @@ class RobustImageFolder(ImageFolder):
         self.bad_images = bad_images
 
     @staticmethod
-    def make_dataset(directory: str, class_to_idx: dict[str, int], extensions: tuple[str, ...] | None = None,
+    def make_dataset(directory: str | Path, class_to_idx: dict[str, int], extensions: tuple[str, ...] | None = None,
                      is_valid_file: Callable[[str], bool] | None = None,
                      allow_empty: bool = False) -> list[tuple[str, int]]:
         """``(path, class index)`` of every image, walking each class folder with :func:`walk_class_folder` (torchvision
         follows symbolic links without a loop check: a link to ``..`` multiplied the data set)."""
         valid = is_valid_file or (lambda path: path.lower().endswith(extensions or IMG_EXTENSIONS))
         guarded = _guarded_dirs(Path(directory))
-        samples = []
+        samples: list[tuple[str, int]] = []
         for name, index in sorted(class_to_idx.items()):
             folder = Path(directory) / name
             samples.extend((path, index) for path in walk_class_folder(folder, guarded, Path(directory).parent)
