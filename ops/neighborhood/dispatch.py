@@ -29,8 +29,9 @@ ENV_VAR = "NATZOO_NA_BACKEND"
 # Multiples of 16 up to 256; non-powers of two are padded inside the kernels by masked loads.
 TRITON_HEAD_DIMS = tuple(range(16, 257, 16))
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Compute capability the kernels need: bfloat16 and TF32 tensor-core products (and the compiled configs) start at
-# sm_80; the kernels were compiled ahead of time for sm_80 and sm_90 only.
+# Compute capability auto dispatch requires for the kernels: bfloat16 and TF32 tensor-core products start at sm_80,
+# and the configs were sized for sm_80/sm_90. (Triton also compiles them for sm_75, ahead of time, but nothing below
+# sm_80 was ever run or tuned.)
 TRITON_MIN_CAPABILITY = (8, 0)
 MAX_GRID_HEADS = 65535  # heads are grid axis 1; batch is folded into axis 0 (2**31 - 1), so it has no such limit
 _ALLOWED = ", ".join(repr(b) for b in BACKENDS)

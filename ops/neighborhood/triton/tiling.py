@@ -106,11 +106,18 @@ _GPU_CONFIGS: dict[int, dict[str, dict[int, list[Entry]]]] = {
     128: _widened(_CONFIGS_32, 4, 4),
     256: _widened(_CONFIGS_32, 8, 3),
 }
-# 2-D dQ entries that spill in the main loop for sm_90 are left out (static report, docs/kernels.md). At head dim 256
-# every dQ entry tried spills (each warp holds all 256 columns of its q and dO rows as tl.dot operands): the two
-# that spill least are kept.
-_GPU_CONFIGS[32]["dq"][2] = [e for i, e in enumerate(_CONFIGS_32["dq"][2]) if i not in (2, 4)]
-_GPU_CONFIGS[128]["dq"][2] = [((4, 8, 1), (4, 4, 1), 4, 1), ((8, 8, 1), (4, 4, 1), 8, 1)]
+# Entries (class, kernel, rank: positions) that spill in the main loop for sm_90 in the static report
+# (`benchmarks/static_cost.py --search-space`, docs/kernels.md) are left out of the search space. At head dim 256 every
+# 2-D and 3-D dQ entry spills (each warp keeps all 256 columns of its q and dO rows as tl.dot operands): the
+# least-spilling one is kept, and the 2-D table holds one more entry tried for that class alone.
+_SPILLING = {
+    (32, "dq", 1): (4,), (32, "dq", 2): (2, 4), (32, "dq", 3): (0, 2, 3),
+    (128, "dkdv", 1): (3,), (128, "dq", 2): (0, 2), (128, "dq", 3): (0, 2, 3),
+    (256, "dq", 3): (0, 2),
+}
+for (_cls, _kind, _rank), _drop in _SPILLING.items():
+    _table = _GPU_CONFIGS[_cls][_kind]
+    _table[_rank] = [e for i, e in enumerate(_table[_rank]) if i not in _drop]
 _GPU_CONFIGS[256]["dq"][2] = [((4, 4, 1), (4, 4, 1), 8, 1), ((4, 8, 1), (4, 4, 1), 8, 1)]
 
 
