@@ -95,6 +95,7 @@ def search_space_report(head_dims: list[int], ranks: list[int]) -> list[dict]:
                         fwd, bwd = capture(problem, True, rpb_grad)
                     wanted = {"fwd": "_na_fwd_kernel", "dq": "_na_bwd_dq_kernel", "dkdv": "_na_bwd_dkdv_kernel"}
                     (launch,) = [x for x in fwd + bwd if x.name == wanted[kind]]
+                    assert launch.configs is not None, "a forced config launches through a one-config autotuner"
                     (config,) = launch.configs
                     stats = sass_stats(compile_launch(launch, config))
                     row = {"head_dim": head_dim, "rank": rank, "kernel": kind, "index": index,

@@ -282,7 +282,7 @@ def check_rate(owner: str, name: str, value: Any) -> float:
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"{owner}: {name} must be a probability (a float in [0, 1)), got {type(value).__name__} "
                         f"{value!r}")
-    if not 0.0 <= value < 1.0:
+    if not 0.0 <= float(value) < 1.0:
         raise ValueError(f"{owner}: {name} must be in [0, 1), got {value}")
     return float(value)
 

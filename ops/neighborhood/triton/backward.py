@@ -422,7 +422,8 @@ def _na_bwd_dkdv_kernel(
                 tl.zeros([BK, BLOCK_D], tl.float32), dv, k, v, q_base, do_base, LSE + stat0, DELTA + stat0, rpb_base,
                 nq0 * nq1 * nq2, nq1, nq2, box0, box1, box2, end0, end1, end2, lg0, lg1, lg2, j0, j1, j2, krow,
                 dims, d_ok, sq0, sq1, sq2, sqd, sd0, sd1, sd2, sdd, st0, st1, st2, DIL0, DIL1, DIL2, scale,
-                K0, K1, K2, S0, S1, S2, C0, C1, C2, HAS_RPB, True, False, EVEN_D, WIDE, PRECISION, UPCAST, True,
+                # Triton: a tl.constexpr parameter takes a plain Python value
+                K0, K1, K2, S0, S1, S2, C0, C1, C2, HAS_RPB, True, False, EVEN_D, WIDE, PRECISION, UPCAST, True,  # type: ignore[arg-type]
                 TQ0, TQ1, TQ2)
     if COMPUTE_DK:
         tl.store(tile_ptrs(DK, g0, g1, g2, first0, first1, first2, r0, r1, r2, b, h, sgb, sg0, sg1, sg2, sgh, sgd,
