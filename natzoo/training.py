@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from natzoo.callbacks import CurvePlot, RNGState
 from natzoo.checkpoints import AtomicCheckpointIO, read_lightning_checkpoint
+from natzoo.cli import command
 from natzoo.config import COMMON_RULES, check_config, check_weights_source, find_last_checkpoint
 from natzoo.console import configure_console
 from natzoo.loggers import drop_rows_after
@@ -274,7 +275,7 @@ def _print_resume_hint(output_dir: Path, interrupted: bool) -> None:
         print(f"\n{what}: no checkpoint was written yet (last.ckpt is written at the end of every epoch), so there is "
               "nothing to resume; run the same command again to start over.", flush=True)
         return
-    words = ["python", "train.py", *map(_shell_word, _command_line_overrides(("ckpt_path",))),
+    words = [*command("train"), *map(_shell_word, _command_line_overrides(("ckpt_path",))),
              _shell_override("ckpt_path", last)]
     print(f"\n{what}. Resume from {last} (the end of its epoch; the work since then is redone) with:\n  "
           + " ".join(words), flush=True)
@@ -296,7 +297,7 @@ def _print_summary(result: dict[str, Any], output_dir: Path, cfg: DictConfig) ->
                for p in dict.fromkeys([result["best_checkpoint"], result["last_checkpoint"]]) if p]
     lines.append(f"Done. Outputs in {output_dir}: {', '.join(written + ['metrics.csv', 'curves.png'])}")
     if ckpt:
-        lines.append(" ".join(["Evaluate with: python eval.py", *_eval_overrides(cfg),
+        lines.append(" ".join(["Evaluate with:", *command("eval"), *_eval_overrides(cfg),
                                _shell_override("ckpt_path", ckpt)]))
     print("\n".join(lines), flush=True)
 
