@@ -13,6 +13,7 @@ The messages that print a command (the resume hint, the ``Evaluate with:`` line)
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 __all__ = ["CONFIG_DIR", "command", "set_program"]
@@ -42,5 +43,13 @@ def set_program(style: str) -> None:
 
 
 def command(kind: str) -> list[str]:
-    """The words that start a ``kind`` (``"train"`` or ``"eval"``) command the way the user started this run."""
-    return list(_PROGRAMS[kind])
+    """The words (shell-quoted) that start a ``kind`` (``"train"`` or ``"eval"``) command the way the user started
+    this run, with the run's ``--config-dir`` folders so that its own config names resolve again."""
+    from hydra.core.hydra_config import HydraConfig
+
+    words = list(_PROGRAMS[kind])
+    if HydraConfig.initialized():
+        for source in HydraConfig.get().runtime.config_sources:
+            if source.provider == "command-line" and source.schema == "file":
+                words += ["--config-dir", shlex.quote(str(source.path))]
+    return words

@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import DataLoader, default_collate
 from torchvision.datasets import ImageFolder
@@ -169,6 +170,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.train_set: RobustImageFolder | None = None
         self.val_set: RobustImageFolder | None = None
         self.classes: list[str] = []
+        self._described = False
 
     def check_layout(self, with_train: bool = True) -> list[str]:
         """Checks the folder layout (no image opened) and records the class names."""
@@ -202,6 +204,19 @@ class ImageFolderDataModule(pl.LightningDataModule):
         for split, dataset in ((self.train_split, self.train_set), (self.val_split, self.val_set)):
             if dataset is not None and len(dataset) == 0:
                 raise ValueError(f"{self.root / split} holds no image files with extensions {IMG_EXTENSIONS}")
+        if not self._described:
+            self._described = True
+            rank_zero_info(self.describe_preprocessing(with_train))
+
+    def describe_preprocessing(self, with_train: bool = True) -> str:
+        """One line: input size, normalisation and the training / evaluation transform arguments in use."""
+        fmt = ", ".join
+        mean, std = fmt(f"{v:.3f}" for v in self.mean), fmt(f"{v:.3f}" for v in self.std)
+        parts = [f"Preprocessing: {self.img_size} px, mean ({mean}), std ({std})"]
+        if with_train:
+            parts.append(f"training {fmt(f'{k}={v}' for k, v in self.train_transform_args.items()) or 'defaults'}")
+        parts.append(f"evaluation {fmt(f'{k}={v}' for k, v in self.eval_transform_args.items()) or 'defaults'}")
+        return "; ".join(parts)
 
     def _loader(self, dataset: RobustImageFolder, batch_size: int, train: bool) -> DataLoader:
         return DataLoader(
