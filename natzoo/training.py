@@ -25,6 +25,7 @@ from natzoo.cli import command
 from natzoo.config import COMMON_RULES, check_config, check_weights_source, find_last_checkpoint
 from natzoo.console import configure_console
 from natzoo.loggers import drop_rows_after
+from natzoo.strategies import enable_grad_checkpointing
 from natzoo.tasks import Task, get_task, task_of_checkpoint
 
 __all__ = [
@@ -189,6 +190,8 @@ def _fit(cfg: DictConfig, task: Task, ckpt_path: str | None, output_dir: Path, r
 
     datamodule = task.build_datamodule(cfg)
     module = task.build_module(cfg, datamodule)
+    if cfg.get("model", {}).get("grad_checkpointing"):
+        rank_zero_info(f"gradient checkpointing on in {', '.join(enable_grad_checkpointing(module))}")
     callbacks = build_callbacks(cfg, task)
     loggers = build_loggers(cfg)
     trainer = build_trainer(cfg, callbacks, loggers)
