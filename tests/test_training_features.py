@@ -196,14 +196,57 @@ def demo_root(tmp_path_factory) -> Path:
     return ensure_demo_dataset(root, train_per_class=8, val_per_class=4, img_size=32, seed=0)
 
 
+def _lightning_checkpoint(path: Path, state: dict, epoch: int) -> Path:
+    torch.save({"state_dict": state, "pytorch-lightning_version": "2.6.0", "epoch": epoch, "global_step": 10 * epoch,
+                "hyper_parameters": {"model_name": "nat_mini"}, "optimizer_states": [{"state": {}}]}, path)
+    return path
+
+
+def test_average_checkpoints_is_the_elementwise_mean(tmp_path):
+    from natzoo.averaging import average_checkpoints
+
+    states = [{"w": torch.randn(3, 4), "h": torch.randn(2).half(), "count": torch.tensor(k)} for k in range(3)]
+    paths = [_lightning_checkpoint(tmp_path / f"e{k}.ckpt", s, k) for k, s in enumerate(states)]
+    out = average_checkpoints(paths, tmp_path / "avg.ckpt")
+    averaged = torch.load(out, weights_only=True)
+    expected_w = (states[0]["w"].double() + states[1]["w"].double() + states[2]["w"].double()) / 3
+    torch.testing.assert_close(averaged["state_dict"]["w"], expected_w.float())
+    assert averaged["state_dict"]["h"].dtype == torch.float16
+    torch.testing.assert_close(averaged["state_dict"]["h"],
+                               ((states[0]["h"].double() + states[1]["h"].double() + states[2]["h"].double()) / 3).half())
+    assert int(averaged["state_dict"]["count"]) == 0  # integers: the first checkpoint's
+    assert "optimizer_states" not in averaged and averaged["averaged_from"] == [str(p) for p in paths]
+
+
+def test_average_checkpoints_refuses_different_models_and_overwriting_an_input(tmp_path):
+    from natzoo.averaging import average_checkpoints
+
+    a = _lightning_checkpoint(tmp_path / "a.ckpt", {"w": torch.zeros(3)}, 0)
+    b = _lightning_checkpoint(tmp_path / "b.ckpt", {"w": torch.zeros(4)}, 1)
+    with pytest.raises(ValueError, match=r"w has shape \(4,\), checkpoint 0 \(3,\)"):
+        average_checkpoints([a, b], tmp_path / "out.ckpt")
+    with pytest.raises(ValueError, match="is one of the inputs"):
+        average_checkpoints([a, a], a)
+    assert not (tmp_path / "out.ckpt").exists()
+
+
 @pytest.mark.slow
 def test_training_with_every_knob_on(demo_root, tmp_path, monkeypatch):
     calls = _spy_checkpoint(monkeypatch)
-    overrides = tiny_overrides(demo_root, tmp_path / "logs", epochs=1) + [
+    overrides = [o for o in tiny_overrides(demo_root, tmp_path / "logs", epochs=3) if o != "callbacks=none"] + [
         "optim.layer_decay=0.75", "model.grad_checkpointing=true", "loss.name=bce",
         "loss.bce_target_threshold=0.2", "data.aug_repeats=2", "data.mixup.mixup_alpha=0.8",
+        "callbacks.average_checkpoints.top_k=2", "callbacks.progress_bar=null",
     ]
     result = train(compose_config("train", overrides, tmp_path / "run"))
-    assert Path(result["best_checkpoint"]).is_file()
     assert calls  # the blocks ran under checkpointing
-    assert result["metrics"]["train/loss_epoch"] > 0
+    checkpoints = Path(result["output_dir"]) / "checkpoints"
+    kept = sorted((checkpoints / "top").glob("*.ckpt"))
+    assert len(kept) == 2
+    averaged = torch.load(checkpoints / "averaged.ckpt", weights_only=True)
+    assert sorted(averaged["averaged_from"]) == [str(p) for p in kept]
+    states = [torch.load(p, weights_only=True)["state_dict"] for p in kept]
+    key = "model.head.weight"
+    torch.testing.assert_close(averaged["state_dict"][key], (states[0][key] + states[1][key]) / 2)
+    module = ClassificationModule.load_from_checkpoint(checkpoints / "averaged.ckpt", weights_only=True)
+    assert module.hparams.loss["name"] == "bce" and module.num_classes == 8
