@@ -40,7 +40,8 @@ def average_state_dicts(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, 
     for index, state in enumerate(states[1:], start=1):
         if state.keys() != first.keys():
             diff = sorted(state.keys() ^ first.keys())
-            raise ValueError(f"checkpoint {index} has other keys than checkpoint 0 (e.g. {diff[:3]}): not the same model")
+            raise ValueError(f"checkpoint {index} has other keys than checkpoint 0 (e.g. {diff[:3]}): not the same "
+                             "model")
         for key, value in state.items():
             if value.shape != first[key].shape:
                 raise ValueError(f"checkpoint {index}: {key} has shape {tuple(value.shape)}, checkpoint 0 "

@@ -63,6 +63,7 @@ def _onnx_shapes(path) -> dict[str, list]:
     return {v.name: v.shape for v in [*session.get_inputs(), *session.get_outputs()]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_exports_to_a_program_and_to_onnx_with_a_dynamic_batch(family, tmp_path):
     name, kwargs, size = FAMILIES[family]
@@ -91,6 +92,7 @@ def test_classifier_export_from_the_model_uses_the_native_size_and_names_the_log
     np.testing.assert_allclose(_onnxruntime(path, x)[0], _eager(model, x)[0], rtol=0, atol=ATOL)
 
 
+@pytest.mark.slow
 def test_detection_backbone_exports_at_a_given_size(tmp_path):
     backbone = NATBackbone("nat_mini", out_indices=(0, 1), embed_dim=16, depths=[1, 1], num_heads=[1, 2],
                            kernel_size=3).eval()

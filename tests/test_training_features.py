@@ -230,13 +230,40 @@ def test_average_checkpoints_refuses_different_models_and_overwriting_an_input(t
     assert not (tmp_path / "out.ckpt").exists()
 
 
+def test_timm_layout_rebuilds_the_model_with_its_head_and_preprocessing(tmp_path):
+    from natzoo.timm_export import save_timm_model
+
+    model = _tiny_nat(num_classes=5).eval()
+    data = {"input_size": (3, 48, 48), "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.2, 0.2), "crop_pct": 1.0,
+            "interpolation": "bilinear"}
+    folder = save_timm_model(model, tmp_path / "export", data, label_names=list("abcde"))
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    rebuilt = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x), rtol=0, atol=0)
+    resolved = timm.data.resolve_data_config(model=rebuilt)
+    assert resolved["input_size"] == (3, 48, 48) and resolved["crop_pct"] == 1.0
+    assert resolved["interpolation"] == "bilinear" and tuple(resolved["mean"]) == (0.5, 0.4, 0.3)
+    assert rebuilt.pretrained_cfg["label_names"] == list("abcde")
+
+    save_timm_model(model, folder, data)  # its own folder is replaced as a whole
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds other files"):
+        save_timm_model(model, tmp_path / "other")
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match="label_names has 2 names but the model has 5 classes"):
+        save_timm_model(model, tmp_path / "x", label_names=["a", "b"])
+
+
 @pytest.mark.slow
 def test_training_with_every_knob_on(demo_root, tmp_path, monkeypatch):
     calls = _spy_checkpoint(monkeypatch)
     overrides = [o for o in tiny_overrides(demo_root, tmp_path / "logs", epochs=3) if o != "callbacks=none"] + [
         "optim.layer_decay=0.75", "model.grad_checkpointing=true", "loss.name=bce",
         "loss.bce_target_threshold=0.2", "data.aug_repeats=2", "data.mixup.mixup_alpha=0.8",
-        "callbacks.average_checkpoints.top_k=2", "callbacks.progress_bar=null",
+        "callbacks.average_checkpoints.top_k=2", "callbacks.progress_bar=null", "callbacks.timm_model.enabled=true",
     ]
     result = train(compose_config("train", overrides, tmp_path / "run"))
     assert calls  # the blocks ran under checkpointing
@@ -250,3 +277,12 @@ def test_training_with_every_knob_on(demo_root, tmp_path, monkeypatch):
     torch.testing.assert_close(averaged["state_dict"][key], (states[0][key] + states[1][key]) / 2)
     module = ClassificationModule.load_from_checkpoint(checkpoints / "averaged.ckpt", weights_only=True)
     assert module.hparams.loss["name"] == "bce" and module.num_classes == 8
+
+    # The best checkpoint's model in timm's layout, with the run's 32-px preprocessing and the demo's class names.
+    best = ClassificationModule.load_from_checkpoint(result["best_checkpoint"], weights_only=True).model.eval()
+    rebuilt = timm.create_model(f"local-dir:{Path(result['output_dir']) / 'timm_model'}", pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), best(x), rtol=0, atol=0)
+    assert timm.data.resolve_data_config(model=rebuilt)["input_size"] == (3, 32, 32)
+    assert rebuilt.pretrained_cfg["label_names"] == sorted(p.name for p in (demo_root / "train").iterdir())
