@@ -60,7 +60,7 @@ def test_wandb_logger_offline_writes_the_run_locally(demo_root, tmp_path, monkey
     logged: list[float] = []
     for _ in range(60):
         data = runs[0].read_bytes()
-        found = re.finditer(rb"val/acc1\x82\x01(.)", data, re.S)
+        found = re.finditer(rb"val/acc1\x82\x01(.)", data, re.DOTALL)
         logged = list(dict.fromkeys(float(data[m.end():m.end() + m.group(1)[0]]) for m in found))
         if len(logged) >= len(expected):
             break

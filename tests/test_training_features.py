@@ -6,13 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+import natzoo.models  # noqa: F401  (registers the NAT families with timm)
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 from helpers import one_thread  # noqa: F401
 
-import natzoo.models  # noqa: F401  (registers the NAT families with timm)
 from natzoo import train
 from natzoo.classification.module import ClassificationModule
 from natzoo.datasets import ensure_demo_dataset
@@ -90,7 +90,7 @@ def test_layer_decay_config_rule(tmp_path):
 
 
 def _spy_checkpoint(monkeypatch) -> list:
-    import natzoo.models.nat as nat
+    from natzoo.models import nat
 
     calls = []
     real = nat.checkpoint

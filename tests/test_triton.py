@@ -228,6 +228,7 @@ def _fwd_bwd(q, k, v, bias):
     return [out, lse, *grads]
 
 
+@pytest.mark.slow
 def test_repeated_runs_are_bit_identical():
     """Forward and dq/dk/dv bit-equal across runs; d_rpb bit-equal in deterministic mode and close to atomic mode."""
     q, k, v = _inputs((1, 13, 2, 16), torch.float32, "contiguous")  # odd length, not divisible by d=3
@@ -260,6 +261,7 @@ class _TinyNA(torch.nn.Module):
         return self.proj(out.flatten(-2))
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph():
     """The custom ops trace without graph breaks (fullgraph=True) and match eager, gradients included."""
     torch._dynamo.reset()
