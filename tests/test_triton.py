@@ -279,6 +279,7 @@ def test_torch_compile_fullgraph():
     assert math.isfinite(out.sum().item())
 
 
+@pytest.mark.slow
 def test_deterministic_drpb_matches_oracle():
     """Under deterministic algorithms (fixed config, per-program partial tables summed in order) d_rpb is exact too."""
     previous = torch.are_deterministic_algorithms_enabled()
@@ -311,6 +312,7 @@ OTHER_TILES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "spatial,kernel_size,stride,dilation,is_causal,rpb",
     [((9, 11), (3, 4), 1, (2, 1), (False, True), True), ((13, 9), (4, 3), (2, 1), (2, 3), (True, False), False),
@@ -328,6 +330,7 @@ def _rows(mask: torch.Tensor) -> set[int]:
     return set(torch.nonzero(mask).flatten().tolist())
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("where,bad", [("v", float("nan")), ("v", float("inf")), ("k", float("nan"))],
                          ids=["v-nan", "v-inf", "k-nan"])
