@@ -127,6 +127,8 @@ COMMON_RULES: dict[str, Rule] = {
     "model.name": Text(what="a model name of timm's registry"),
     "model.kwargs": Table(),
     "model.drop_path_rate": Number(0.0, 1.0, high_open=True, nullable=True),
+    "model.grad_checkpointing": Flag(),
+    "optim.layer_decay": Number(0.0, 1.0, low_open=True, nullable=True),
     **{f"optim.{k}": rule for k, rule in OPTIM_RULES.items()},
     **{f"sched.{k}": rule for k, rule in SCHED_RULES.items()},
     **{f"trainer.{k}": rule for k, rule in _TRAINER_RULES.items()},
@@ -135,10 +137,14 @@ COMMON_RULES: dict[str, Rule] = {
 # Classification-only knobs (image folders, timm transforms and Mixup).
 CLASSIFICATION_RULES: dict[str, Rule] = {
     "confusion_matrix": Choice(("auto", True, False)),
+    "loss.name": Choice(("ce", "bce")),
+    "loss.bce_target_threshold": Number(0.0, 1.0, high_open=True, nullable=True),
+    "loss.bce_sum": Flag(),
     "model.freeze": Texts(),
     "data.img_size": Integer(8, nullable=True),
     "data.bad_images": Choice(BAD_IMAGE_POLICIES),
     "data.drop_last": Flag(),
+    "data.aug_repeats": Integer(0),
     "data.mean": ListOf(_UNIT, length=3, nullable=True),
     "data.std": ListOf(_POSITIVE, length=3, nullable=True),
     "data.train_split": Text(),

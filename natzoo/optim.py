@@ -17,7 +17,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from timm.optim import create_optimizer_v2, param_groups_weight_decay
+from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 
 from natzoo.rules import Choice, Flag, Integer, ListOf, Number, Rule, Text, Texts, check_settings
@@ -121,6 +121,7 @@ def param_groups(
     no_decay_1d: bool = True,
     no_decay_rpb: bool = True,
     no_decay_names: Sequence[str] = (),
+    layer_decay: float | None = None,
 ) -> list[dict]:
     """Decayed and undecayed parameter groups of ``model`` (frozen parameters are left out).
 
@@ -136,8 +137,15 @@ def param_groups(
         no_decay_rpb: passed to the model's ``no_weight_decay`` as ``include_rpb``; ``False`` decays the relative
             position bias tables, as the published NAT ImageNet run did.
         no_decay_names: extra name patterns to exempt.
+        layer_decay: layer-wise lr decay (``optim.layer_decay``): timm's ``param_groups_layer_decay`` splits the
+            groups by depth with the model's ``group_matcher`` (stem first, then every block, downsampler and final
+            norm in order, the head last) and gives layer ``i`` of ``n`` the ``lr_scale`` ``layer_decay ** (n - 1 -
+            i)``; None: one depth.
     """
     names = _own_no_weight_decay(model, bool(no_decay_rpb)) | set(no_decay_names)
+    if layer_decay is not None:
+        return param_groups_layer_decay(model, float(weight_decay), no_weight_decay_list=names,
+                                        weight_decay_exclude_1d=bool(no_decay_1d), layer_decay=float(layer_decay))
     return param_groups_weight_decay(model, float(weight_decay), weight_decay_exclude_1d=bool(no_decay_1d),
                                      no_weight_decay_list=names)
 
@@ -243,7 +251,8 @@ def build_lr_lambda(sched: dict[str, Any], base_lr: float, epoch_steps: int) -> 
 def configure_optimizers(module: pl.LightningModule, model: nn.Module, optim: dict[str, Any] | None,
                          sched: dict[str, Any] | None) -> dict[str, Any]:
     """What ``LightningModule.configure_optimizers`` returns for ``model`` trained with the ``optim``/``sched``
-    settings (``configs/optim``, ``configs/sched``): parameter groups by :func:`param_groups`, timm's optimizer
+    settings (``configs/optim``, ``configs/sched``): parameter groups by :func:`param_groups` (with
+    ``optim.layer_decay``, each group's lr is ``lr * lr_scale`` and the schedule multiplies it), timm's optimizer
     ``optim.name``, the lr scaled with the global batch when ``optim.scale_lr``, and a per-step ``LambdaLR``.
 
     Raises:
@@ -259,9 +268,11 @@ def configure_optimizers(module: pl.LightningModule, model: nn.Module, optim: di
         * trainer.accumulate_grad_batches
     lr = scaled_lr(optim["lr"], global_batch, int(optim["lr_base_batch"]), bool(optim["scale_lr"]))
     groups = param_groups(model, optim["weight_decay"], optim["no_decay_1d"], optim["no_decay_rpb"],
-                          tuple(optim["no_decay_names"] or ()))
-    extra: dict[str, Any] = {k: (tuple(optim[k]) if k == "betas" else float(optim[k])) for k in ("betas", "eps")
-                             if k in optim}
+                          tuple(optim["no_decay_names"] or ()), optim.get("layer_decay"))
+    for group in groups:
+        if "lr_scale" in group:  # layer-wise decay: the schedule then scales each group's own peak lr
+            group["lr"] = lr * float(group["lr_scale"])
+    extra: dict[str, Any] = {k: (tuple(optim[k]) if k == "betas" else float(optim[k])) for k in ("betas", "eps") if k in optim}
     optimizer = create_optimizer_v2(groups, opt=optim["name"], lr=lr, momentum=float(optim["momentum"]), **extra)
     log.info("optimizer %s: lr %.3g (global batch %d%s), schedule %s over %d steps (%d per epoch)", optim["name"], lr,
              global_batch, ", scaled" if optim["scale_lr"] else "", sched["name"],

@@ -16,7 +16,7 @@ from natzoo.hydra_setup import register_with_hydra
 
 __all__ = ["CONFIG_DIR", "CrashAtStep", "InterruptAtStep", "SigtermAtStep", "compose_config", "tiny_overrides"]
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # the repository's configs/ (a link in a checkout)
 
 
 def compose_config(config_name: str, overrides: Sequence[str] = (), output_dir: str | Path | None = None) -> DictConfig:

@@ -24,10 +24,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from natzoo.callbacks import CurvePlot, ModelSummary, RNGState
 from natzoo.checkpoints import AtomicCheckpointIO, CheckpointInfo, find_last_checkpoint
 from natzoo.checkpoints import resolve_ckpt_path as read_ckpt_path
+from natzoo.cli import command
 from natzoo.config import COMMON_RULES, check_config, check_weights_source
 from natzoo.console import configure_console
 from natzoo.loggers import drop_rows_after
 from natzoo.rundir import RunDirectoryBusy, RunDirLock, discard_unused
+from natzoo.strategies import enable_grad_checkpointing
 from natzoo.tasks import Task, get_task, task_of_checkpoint
 
 __all__ = [
@@ -258,6 +260,8 @@ def _fit(cfg: DictConfig, task: Task, ckpt_path: str | None, output_dir: Path, r
 
     datamodule = task.build_datamodule(cfg)
     module = task.build_module(cfg, datamodule)
+    if cfg.get("model", {}).get("grad_checkpointing"):
+        rank_zero_info(f"gradient checkpointing on in {', '.join(enable_grad_checkpointing(module))}")
     callbacks = build_callbacks(cfg, task)
     loggers = build_loggers(cfg)
     trainer = build_trainer(cfg, callbacks, loggers)
@@ -353,7 +357,7 @@ def _print_resume_hint(output_dir: Path, what: str) -> None:
         print(f"\n{what}: no checkpoint was written yet (last.ckpt is written at the end of every epoch), so there is "
               "nothing to resume; run the same command again to start over.", flush=True)
         return
-    words = ["python", "train.py", *map(_shell_word, _command_line_overrides(("ckpt_path",))),
+    words = [*command("train"), *map(_shell_word, _command_line_overrides(("ckpt_path",))),
              _shell_override("ckpt_path", last)]
     print(f"\n{what}. Resume from {last} (the end of its epoch; the work since then is redone) with:\n  "
           + " ".join(words), flush=True)
@@ -375,7 +379,7 @@ def _print_summary(result: dict[str, Any], output_dir: Path, cfg: DictConfig) ->
                for p in dict.fromkeys([result["best_checkpoint"], result["last_checkpoint"]]) if p]
     lines.append(f"Done. Outputs in {output_dir}: {', '.join(written + ['metrics.csv', 'curves.png'])}")
     if ckpt:
-        lines.append(" ".join(["Evaluate with: python eval.py", *_eval_overrides(cfg),
+        lines.append(" ".join(["Evaluate with:", *command("eval"), *_eval_overrides(cfg),
                                _shell_override("ckpt_path", ckpt)]))
     print("\n".join(lines), flush=True)
 

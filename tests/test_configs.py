@@ -108,6 +108,7 @@ def test_dinat_large_384_ft_is_the_stored_config(tmp_path):
     assert (image["img_size"], image["eval_transform"]["crop_pct"]) == (384, 1.0)
 
 
+@pytest.mark.slow
 def test_one_model_config_per_registered_variant_without_restated_defaults(tmp_path):
     names = registered_models()
     assert set(names) == set(DROP_PATH)

@@ -30,6 +30,7 @@ def _demo_settings(tmp_path) -> tuple[dict, dict]:
     return plain(cfg.optim), dict(plain(cfg.sched), warmup_steps=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["fasterrcnn", "maskrcnn"])
 def test_train_and_eval_step(arch, tmp_path):
     dm = CocoDataModule(synthetic=SYNTH, cache_dir=str(tmp_path), batch_size=2, num_workers=0,
@@ -123,6 +124,7 @@ def test_detection_configs_compose(overrides, tmp_path):
         assert cfg.data.train_images == "/data/coco/train2017"
 
 
+@pytest.mark.slow
 def test_detection_run_plots_its_own_metrics(tmp_path):
     # train.py's curve plot knows the task's metrics: loss and mAP curves, validation points only where it ran.
     from natzoo import train

@@ -1,4 +1,5 @@
-"""Every `python train.py ...` / `python eval.py ...` command in README.md and docs/ composes with the real configs.
+"""Every `python train.py ...` / `python eval.py ...` command (or `natzoo-train ...` / `natzoo-eval ...`, the same
+commands from an install) in README.md and docs/ composes with the real configs.
 
 The command line is taken from the bash blocks as written (continuation lines joined, `torchrun`/`srun` prefixes
 dropped, `<placeholder>` paths replaced by a dummy path), composed with Hydra and checked against the value rules of
@@ -18,7 +19,7 @@ from natzoo.config import COMMON_RULES, check_config
 from natzoo.tasks import get_task
 from natzoo.testing import compose_config
 
-ENTRY = re.compile(r"(?:^|\s)(train|eval)\.py(?:\s|$)")
+ENTRY = re.compile(r"(?:^|\s)(?:natzoo-(?P<installed>train|eval)|(?P<script>train|eval)\.py)(?:\s|$)")
 
 
 def documented_commands() -> list:
@@ -30,9 +31,10 @@ def documented_commands() -> list:
             if match is None or "pip install" in command:
                 continue
             words = shlex.split(command.replace("<", "PLACEHOLDER_").replace(">", ""))
-            entry = words.index(f"{match.group(1)}.py")
+            kind = match.group("installed") or match.group("script")
+            entry = words.index(f"natzoo-{kind}" if match.group("installed") else f"{kind}.py")
             overrides = [w for w in words[entry + 1:] if "=" in w and not w.startswith("-")]
-            params.append(pytest.param(match.group(1), overrides, id=f"{path.relative_to(REPO)}:{start + offset}"))
+            params.append(pytest.param(kind, overrides, id=f"{path.relative_to(REPO)}:{start + offset}"))
     return params
 
 

@@ -63,6 +63,7 @@ def _onnx_shapes(path) -> dict[str, list]:
     return {v.name: v.shape for v in [*session.get_inputs(), *session.get_outputs()]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_exports_to_a_program_and_to_onnx_with_a_dynamic_batch(family, tmp_path):
     name, kwargs, size = FAMILIES[family]
@@ -81,6 +82,7 @@ def test_family_exports_to_a_program_and_to_onnx_with_a_dynamic_batch(family, tm
         np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL)
 
 
+@pytest.mark.slow
 def test_classifier_export_from_the_model_uses_the_native_size_and_names_the_logits(tmp_path):
     name, kwargs, _ = FAMILIES["vitrpb"]
     model = timm.create_model(name, **kwargs).eval()
@@ -91,6 +93,7 @@ def test_classifier_export_from_the_model_uses_the_native_size_and_names_the_log
     np.testing.assert_allclose(_onnxruntime(path, x)[0], _eager(model, x)[0], rtol=0, atol=ATOL)
 
 
+@pytest.mark.slow
 def test_detection_backbone_exports_at_a_given_size(tmp_path):
     backbone = NATBackbone("nat_mini", out_indices=(0, 1), embed_dim=16, depths=[1, 1], num_heads=[1, 2],
                            kernel_size=3).eval()
@@ -135,6 +138,7 @@ def _code_path(configuration: tuple) -> tuple:
     return kind, kernel, max(dilation) > 1, any(k > s for k, s in zip(kernel, spatial))
 
 
+@pytest.mark.slow
 def test_every_registered_variant_is_exportable_at_its_native_resolution():
     variants = models.registered_models()
     assert len(variants) >= 23
@@ -178,6 +182,7 @@ def test_export_rejects_bad_arguments(tmp_path):
         export_onnx(model, tmp_path / "m.onnx", (3, 64, 64), output_names=["a", "b"])
 
 
+@pytest.mark.slow
 def test_tracing_for_export_leaves_the_cached_index_tables_real():
     # torch.export traces with fake tensors; tables first built (and cached) there made every later eager call
     # return data-less fake tensors.

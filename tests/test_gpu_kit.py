@@ -54,6 +54,7 @@ def dry_run(tmp_path_factory):
     return proc, out
 
 
+@pytest.mark.slow
 def test_dry_run_completes_every_step(dry_run):
     proc, out = dry_run
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -229,6 +229,7 @@ def _fwd_bwd(q, k, v, bias):
     return [out, lse, *grads]
 
 
+@pytest.mark.slow
 def test_repeated_runs_are_bit_identical():
     """Forward and dq/dk/dv bit-equal across runs; d_rpb bit-equal in deterministic mode and close to atomic mode."""
     q, k, v = _inputs((1, 13, 2, 16), torch.float32, "contiguous")  # odd length, not divisible by d=3
@@ -261,6 +262,7 @@ class _TinyNA(torch.nn.Module):
         return self.proj(out.flatten(-2))
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph():
     """The custom ops trace without graph breaks (fullgraph=True) and match eager, gradients included."""
     torch._dynamo.reset()
@@ -278,6 +280,7 @@ def test_torch_compile_fullgraph():
     assert math.isfinite(out.sum().item())
 
 
+@pytest.mark.slow
 def test_deterministic_drpb_matches_oracle():
     """Under deterministic algorithms (fixed config, per-program partial tables summed in order) d_rpb is exact too."""
     previous = torch.are_deterministic_algorithms_enabled()
@@ -308,6 +311,7 @@ OTHER_TILES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "spatial,kernel_size,stride,dilation,is_causal,rpb",
     [((9, 11), (3, 4), 1, (2, 1), (False, True), True), ((13, 9), (4, 3), (2, 1), (2, 3), (True, False), False),
@@ -325,6 +329,7 @@ def _rows(mask: torch.Tensor) -> set[int]:
     return set(torch.nonzero(mask).flatten().tolist())
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("where,bad", [("v", float("nan")), ("v", float("inf")), ("k", float("nan"))],
                          ids=["v-nan", "v-inf", "k-nan"])

@@ -11,7 +11,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
-from timm.loss import SoftTargetCrossEntropy
+from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 _MIXUP_RULES = {k.removeprefix("data.mixup."): r for k, r in CLASSIFICATION_RULES.items()
                 if k.startswith("data.mixup.")}
 _EMA_RULES = {k.removeprefix("ema."): r for k, r in COMMON_RULES.items() if k.startswith("ema.")}
+_LOSS_RULES = {k.removeprefix("loss."): r for k, r in CLASSIFICATION_RULES.items() if k.startswith("loss.")}
 _ARGUMENT_RULES = {
     "model_name": COMMON_RULES["model.name"],
     "num_classes": Integer(1),
@@ -82,6 +83,10 @@ class ClassificationModule(pl.LightningModule):
         channels_last: run the model in channels-last memory format.
         compile: ``torch.compile`` the model in :meth:`configure_model`: ``True`` (static shapes) or a dictionary of
             ``torch.compile`` arguments.
+        loss: training loss (``train.yaml``'s ``loss``): ``name`` ``"ce"`` (cross-entropy, the default) or ``"bce"``
+            (timm's ``BinaryCrossEntropy``: one sigmoid per class, on the same label-smoothed or mixup/cutmix
+            targets; ``bce_target_threshold`` binarises them, ``bce_sum`` sums over classes). Validation reports
+            cross-entropy either way.
     """
 
     def __init__(
@@ -98,6 +103,7 @@ class ClassificationModule(pl.LightningModule):
         nonfinite_loss: str = "stop",
         channels_last: bool = False,
         compile: bool | dict = False,
+        loss: dict | None = None,
     ):
         super().__init__()
         arguments = {"model_name": model_name, "num_classes": num_classes, "model_kwargs": model_kwargs or {},
@@ -125,9 +131,17 @@ class ClassificationModule(pl.LightningModule):
 
         self.mixup_fn = None
         label_smoothing = float(self.mixup_cfg.get("label_smoothing", 0.0))
+        loss_cfg = dict(loss or {})
+        check_settings(loss_cfg, _LOSS_RULES, "loss")
         if _mixup_active(self.mixup_cfg):
             self.mixup_fn = Mixup(**self.mixup_cfg, num_classes=self.num_classes)
-            self.train_loss: nn.Module = SoftTargetCrossEntropy()
+        if loss_cfg.get("name", "ce") == "bce":
+            # With mixup the targets arrive smoothed already (Mixup applies label_smoothing), as in timm's train.py.
+            self.train_loss = BinaryCrossEntropy(
+                smoothing=0.0 if self.mixup_fn is not None else label_smoothing,
+                target_threshold=loss_cfg.get("bce_target_threshold"), sum_classes=bool(loss_cfg.get("bce_sum")))
+        elif self.mixup_fn is not None:
+            self.train_loss = SoftTargetCrossEntropy()
         else:
             self.train_loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 

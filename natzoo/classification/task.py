@@ -219,6 +219,7 @@ def _module_kwargs(cfg: DictConfig, num_classes: int) -> dict[str, Any]:
         "nonfinite_loss": cfg.get("nonfinite_loss", "stop"),
         "channels_last": bool(cfg.get("channels_last", False)),
         "compile": plain(cfg.get("compile", False)),
+        "loss": plain(cfg.get("loss")),
     }
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from PIL import Image
+from lightning.pytorch.utilities import rank_zero_info
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import DataLoader, default_collate
 from torchvision.datasets import ImageFolder
@@ -233,6 +234,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
         bad_images: ``"error"`` or ``"skip"`` for unreadable files.
         drop_last: drop the last incomplete training batch (needed by batch-mode mixup, which wants an even batch).
         persistent_workers: keep workers alive between epochs.
+        aug_repeats: repeated augmentation (timm's ``--aug-repeats``; DeiT used 3): every training image is drawn
+            this many times per epoch, each copy on another process
+            (:class:`natzoo.datasets.samplers.RepeatAugmentSampler`); 0 turns it off.
     """
 
     def __init__(
@@ -252,6 +256,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         bad_images: str = "error",
         drop_last: bool = True,
         persistent_workers: bool = True,
+        aug_repeats: int = 0,
     ):
         super().__init__()
         if int(batch_size) < 1:
@@ -262,6 +267,9 @@ class ImageFolderDataModule(pl.LightningDataModule):
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
         if bad_images not in BAD_IMAGE_POLICIES:
             raise ValueError(f"data.bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r}")
+        if isinstance(aug_repeats, bool) or not isinstance(aug_repeats, int) or aug_repeats < 0:
+            raise ValueError(f"data.aug_repeats must be an integer >= 0, got {aug_repeats!r}")
+        self.aug_repeats = aug_repeats
         self.root = Path(root)
         self.img_size = int(img_size)
         self.batch_size = int(batch_size)
@@ -278,6 +286,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.train_set: RobustImageFolder | None = None
         self.val_set: RobustImageFolder | None = None
         self.classes: list[str] = []
+        self._described = False
 
     def check_layout(self, with_train: bool = True) -> list[str]:
         """Checks the folder layout (no image opened) and records the class names."""
@@ -311,12 +320,27 @@ class ImageFolderDataModule(pl.LightningDataModule):
         for split, dataset in ((self.train_split, self.train_set), (self.val_split, self.val_set)):
             if dataset is not None and len(dataset) == 0:
                 raise ValueError(f"{self.root / split} holds no image files with extensions {IMG_EXTENSIONS}")
+        if not self._described:
+            self._described = True
+            rank_zero_info(self.describe_preprocessing(with_train))
 
-    def _loader(self, dataset: RobustImageFolder, batch_size: int, train: bool) -> DataLoader:
+    def describe_preprocessing(self, with_train: bool = True) -> str:
+        """One line: input size, normalisation and the training / evaluation transform arguments in use."""
+        fmt = ", ".join
+        mean, std = fmt(f"{v:.3f}" for v in self.mean), fmt(f"{v:.3f}" for v in self.std)
+        parts = [f"Preprocessing: {self.img_size} px, mean ({mean}), std ({std})"]
+        if with_train:
+            parts.append(f"training {fmt(f'{k}={v}' for k, v in self.train_transform_args.items()) or 'defaults'}")
+        parts.append(f"evaluation {fmt(f'{k}={v}' for k, v in self.eval_transform_args.items()) or 'defaults'}")
+        return "; ".join(parts)
+
+    def _loader(self, dataset: RobustImageFolder, batch_size: int, train: bool,
+                sampler: torch.utils.data.Sampler | None = None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),  # no pinned memory without a GPU
             drop_last=train and self.drop_last and len(dataset) >= batch_size,
@@ -325,9 +349,16 @@ class ImageFolderDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training loader."""
-        # the dataset is set by setup(), which Lightning calls before any loader
-        return self._loader(self.train_set, self.batch_size, train=True)  # type: ignore[arg-type]
+        """Shuffled training loader (with ``aug_repeats``, timm's repeated-augmentation sampler for this process)."""
+        sampler = None
+        if self.aug_repeats:
+            from natzoo.datasets.samplers import RepeatAugmentSampler
+
+            trainer = self.trainer
+            replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+            sampler = RepeatAugmentSampler(self.train_set, num_replicas=replicas, rank=rank,
+                                           num_repeats=self.aug_repeats)
+        return self._loader(self.train_set, self.batch_size, train=True, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         """Validation loader in file order."""

@@ -207,6 +207,10 @@ class NATBackbone(nn.Module):
             load_backbone_checkpoint(self, pretrained)
         self._freeze_stages()
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recomputes the stages' block activations in the backward (``model.grad_checkpointing``)."""
+        self.trunk.set_grad_checkpointing(enable)
+
     @property
     def trunk(self) -> NAT:
         """The classification model whose modules this backbone registers (without its final norm and head)."""

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 # Keys of cfg.model that are not build_detector arguments (``name`` becomes ``backbone``, ``kwargs`` the backbone
 # overrides), and keys of cfg.data that are not CocoDataModule arguments.
-_NOT_DETECTOR_ARGS = ("name", "kwargs")
+_NOT_DETECTOR_ARGS = ("name", "kwargs", "grad_checkpointing")
 _NOT_DATAMODULE_ARGS = ("name", "root")
 _DATA_PATHS = ("train_images", "train_annotations", "val_images", "val_annotations")
 
