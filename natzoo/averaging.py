@@ -49,7 +49,7 @@ def average_state_dicts(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, 
     averaged = {}
     for key, value in first.items():
         if value.is_floating_point():
-            total = sum(state[key].to(torch.float64) for state in states)
+            total = torch.stack([state[key].to(torch.float64) for state in states]).sum(0)
             averaged[key] = (total / len(states)).to(value.dtype)
         else:
             averaged[key] = value.clone()
@@ -99,7 +99,7 @@ class AverageBestCheckpoints(ModelCheckpoint):
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
             raise ValueError(f"callbacks.average_checkpoints.top_k must be an integer >= 0, got {top_k!r}")
         # Lightning wants a metric for top-k at construction; the run's own replaces the placeholder in setup().
-        super().__init__(dirpath=dirpath, filename="epoch{epoch:03d}", monitor=monitor or _RUN_METRIC, mode=mode,
+        super().__init__(dirpath=os.fspath(dirpath), filename="epoch{epoch:03d}", monitor=monitor or _RUN_METRIC, mode=mode,
                          save_top_k=top_k, save_weights_only=True, auto_insert_metric_name=False,
                          enable_version_counter=False, save_on_train_epoch_end=True)
         self.top_k = top_k
@@ -116,8 +116,8 @@ class AverageBestCheckpoints(ModelCheckpoint):
             ValueError: averaging is on, no ``monitor`` was given and the run has no other monitored checkpoint.
         """
         if self.monitor == _RUN_METRIC:
-            main = next((cb for cb in trainer.checkpoint_callbacks
-                         if cb is not self and cb.monitor and cb.monitor != _RUN_METRIC), None)
+            main = next((cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)
+                         and cb is not self and cb.monitor and cb.monitor != _RUN_METRIC), None)
             if main is None and self.top_k > 0:
                 raise ValueError("callbacks.average_checkpoints: the run has no monitored checkpoint callback to take "
                                  "the metric from; set callbacks.average_checkpoints.monitor (and .mode)")

@@ -22,7 +22,7 @@ def tensorboard_logger(save_dir: str | os.PathLike, name: str = "tensorboard", *
     """Lightning's ``TensorBoardLogger`` writing event files to ``<save_dir>/<name>`` (``tensorboard --logdir``)."""
     if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
         _require("tensorboard", "tensorboard", "tensorboard")
-    return TensorBoardLogger(save_dir=save_dir, name=name, version="", **kwargs)
+    return TensorBoardLogger(save_dir=os.fspath(save_dir), name=name, version="", **kwargs)
 
 
 def wandb_logger(save_dir: str | os.PathLike, offline: bool = False, **kwargs: Any) -> WandbLogger:

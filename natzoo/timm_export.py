@@ -122,7 +122,7 @@ class SaveTimmModel(pl.Callback):
         """Exports on rank 0 (classification modules only)."""
         if not self.enabled or not trainer.is_global_zero:
             return
-        datamodule = trainer.datamodule
+        datamodule = getattr(trainer, "datamodule", None)  # set by Trainer.fit; not in Lightning's annotations
         data_config = None
         if datamodule is not None and hasattr(datamodule, "eval_transform_args"):
             data_config = _data_config(datamodule.img_size, datamodule.mean, datamodule.std,
@@ -135,7 +135,7 @@ class SaveTimmModel(pl.Callback):
             hparams = pl_module.hparams
             model = timm.create_model(hparams["model_name"], num_classes=int(hparams["num_classes"]),
                                       **(hparams.get("model_kwargs") or {}))
-            source = pl_module.model_ema.module if self.use_ema else pl_module.model
+            source = getattr(pl_module, "model_ema").module if self.use_ema else getattr(pl_module, "model")
             model.load_state_dict(source.state_dict())
             out = save_timm_model(model.eval(), self.dirpath, data_config, names)
         rank_zero_info(f"Saved the {'best' if best else 'final'} model in timm's layout to {out} "

@@ -135,6 +135,7 @@ class ClassificationModule(pl.LightningModule):
         check_settings(loss_cfg, _LOSS_RULES, "loss")
         if _mixup_active(self.mixup_cfg):
             self.mixup_fn = Mixup(**self.mixup_cfg, num_classes=self.num_classes)
+        self.train_loss: nn.Module
         if loss_cfg.get("name", "ce") == "bce":
             # With mixup the targets arrive smoothed already (Mixup applies label_smoothing), as in timm's train.py.
             self.train_loss = BinaryCrossEntropy(

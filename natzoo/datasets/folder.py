@@ -350,6 +350,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training loader (with ``aug_repeats``, timm's repeated-augmentation sampler for this process)."""
+        # the dataset is set by setup(), which Lightning calls before any loader
+        assert self.train_set is not None, "setup() builds the training set first"
         sampler = None
         if self.aug_repeats:
             from natzoo.datasets.samplers import RepeatAugmentSampler
