@@ -146,7 +146,7 @@ def _na_reference(
     """
     batch, heads, head_dim = problem.batch, problem.heads, problem.head_dim
     scores = tile_scores(problem, query, key, value, rpb, tile)
-    n_tiles, tile_len, halo = scores.logits.shape[2:]
+    n_tiles, tile_len = scores.logits.shape[2:4]
     probs = torch.softmax(scores.logits, dim=-1)
     lse = torch.logsumexp(scores.logits, dim=-1) if need_lse else None
     if dropout_p > 0.0:

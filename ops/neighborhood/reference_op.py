@@ -90,7 +90,7 @@ def _backward(
     acc = accumulation_dtype(query.dtype)
     batch, heads, head_dim, tokens = problem.batch, problem.heads, problem.head_dim, problem.num_tokens
     scores = tile_scores(problem, query, key, value, rpb, tuple(tile) or None)
-    n_tiles, tile_len, halo = scores.logits.shape[2:]
+    n_tiles, tile_len = scores.logits.shape[2:4]
     probs = torch.softmax(scores.logits, dim=-1)  # [B, H, T_n, T, halo]
     generator = _generator(seed, query.device)
     keep = dropout_keep(probs, dropout_p, generator) if generator is not None and dropout_p > 0.0 else None
@@ -103,7 +103,7 @@ def _backward(
     def to_tokens(grad: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         # [B, H, T_n, P, D] -> [B, H, N, D], summing the slots that read the same token.
         flat = grad.new_zeros(batch, heads, tokens, head_dim)
-        return flat.index_add_(2, index.view(-1), grad.reshape(batch, heads, -1, head_dim))
+        return flat.index_add_(2, index.view(-1), grad.reshape(batch, heads, index.numel(), head_dim))
 
     d_logits = torch.zeros_like(probs)
     dv = torch.zeros_like(scores.v)
