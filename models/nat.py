@@ -102,10 +102,10 @@ class ConvDownsampler(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 3, 1, 2)  # [B, C, H, W] view with channels-last strides
-        if torch.compiler.is_compiling():
-            # Inductor fails on a convolution of this view once H and W are symbolic (a dynamic-shape recompilation):
-            # it sorts the view's symbolic strides without its shape environment ("cannot determine truth value of
-            # Relational"). A contiguous copy avoids that; eager execution keeps the view.
+        if isinstance(x.shape[2], torch.SymInt) or isinstance(x.shape[3], torch.SymInt):
+            # Traced with symbolic H or W (torch.compile with dynamic shapes), inductor fails on a convolution of
+            # this view: it sorts the view's symbolic strides without its shape environment ("cannot determine truth
+            # value of Relational"). A contiguous copy avoids that; eager and static-shape runs keep the view.
             x = x.contiguous()
         return self.norm(self.reduction(x).permute(0, 2, 3, 1))
 

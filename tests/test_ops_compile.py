@@ -11,7 +11,6 @@ import copy
 import pytest
 import timm
 import torch
-
 from natzoo.models import NAT  # noqa: F401  (registers the natzoo models on timm)
 from natzoo.ops import NeighborhoodAttention2D
 from natzoo.ops.neighborhood import reference_op
@@ -49,7 +48,8 @@ def test_operator_forward_and_registered_backward_match_the_oracle(case, dtype):
     for name, g, r, x in zip(("dq", "dk", "dv", "d_rpb"), grads, ref_grads, inputs):
         assert g.dtype == x.dtype and g.shape == x.shape, name
     for name, g, r in zip(("dq", "dk", "dv"), grads[:3], ref_grads[:3]):
-        torch.testing.assert_close(g.double(), r.double(), atol=gtol, rtol=gtol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g.double(), r.double(), atol=gtol, rtol=gtol,
+                                   msg=lambda m, name=name: f"{name}: {m}")
     if rpb is not None:
         assert rel_l2(grads[3], ref_grads[3]) < rtol_rpb
 
@@ -149,7 +149,8 @@ def _check_against_eager(compiled, model, eager, sizes):
         ref_loss, ref_grads = _train_step(eager, x, target)
         torch.testing.assert_close(loss, ref_loss, atol=1e-4, rtol=1e-4)
         for name, g in grads.items():
-            torch.testing.assert_close(g, ref_grads[name], atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(g, ref_grads[name], atol=1e-4, rtol=1e-3,
+                                       msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.slow

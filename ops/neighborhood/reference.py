@@ -2,8 +2,9 @@
 
 Queries are cut into small multi-axis tiles; each tile gathers the halo of keys its windows cover (cached index
 tables from :func:`ops.neighborhood.indexing.tile_tables`) and runs dense products masked to the exact windows, so
-memory is ``O(N * halo * head_dim)`` with a halo of a few windows, never ``O(N^2)``. Autograd provides every
-gradient, second order included. Works on any device and in float16/bfloat16/float32/float64; low-precision inputs
+memory is ``O(N * halo * head_dim)`` with a halo of a few windows, never ``O(N^2)``. Run eagerly, autograd provides
+every gradient, second order included; under ``torch.compile`` the path is a custom operator with a registered
+backward (:mod:`.reference_op`). Works on any device and in float16/bfloat16/float32/float64; low-precision inputs
 are computed in float32.
 """
 
