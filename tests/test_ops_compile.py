@@ -130,9 +130,10 @@ def test_compiled_layer_trains_with_attention_dropout():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
 
 
-def _train_step(model, x, target):
+def _train_step(run, model, x, target):
+    """Loss and gradients of one step of `run` (the compiled wrapper or the model itself) on `model`'s weights."""
     model.zero_grad()
-    loss = torch.nn.functional.cross_entropy(model(x), target)
+    loss = torch.nn.functional.cross_entropy(run(x), target)
     loss.backward()
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
@@ -145,8 +146,8 @@ def _check_against_eager(compiled, model, eager, sizes):
         with torch.no_grad():
             torch.testing.assert_close(compiled(x), eager(x), atol=1e-4, rtol=1e-4)
         model.train(), eager.train()
-        loss, grads = _train_step(compiled, x, target)
-        ref_loss, ref_grads = _train_step(eager, x, target)
+        loss, grads = _train_step(compiled, model, x, target)
+        ref_loss, ref_grads = _train_step(eager, eager, x, target)
         torch.testing.assert_close(loss, ref_loss, atol=1e-4, rtol=1e-4)
         for name, g in grads.items():
             torch.testing.assert_close(g, ref_grads[name], atol=1e-4, rtol=1e-3,
