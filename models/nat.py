@@ -101,7 +101,13 @@ class ConvDownsampler(nn.Module):
         self.norm = norm_layer(2 * dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.reduction(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        x = x.permute(0, 3, 1, 2)  # [B, C, H, W] view with channels-last strides
+        if isinstance(x.shape[2], torch.SymInt) or isinstance(x.shape[3], torch.SymInt):
+            # Traced with symbolic H or W (torch.compile with dynamic shapes), inductor fails on a convolution of
+            # this view: it sorts the view's symbolic strides without its shape environment ("cannot determine truth
+            # value of Relational"). A contiguous copy avoids that; eager and static-shape runs keep the view.
+            x = x.contiguous()
+        return self.norm(self.reduction(x).permute(0, 2, 3, 1))
 
 
 @torch.fx.wrap

@@ -98,9 +98,9 @@ def test_classifier_interface(name):
 
 
 @pytest.mark.slow
-def test_torch_compile_breaks_only_at_the_na_op():
-    """Dynamo traces the model code whole: its only graph breaks are the NA reference's deliberate eager fallback
-    (``torch.compiler.disable``), and the compiled model computes what the eager one does, gradients included."""
+def test_torch_compile_traces_the_model_whole():
+    """Dynamo traces the model code whole, without a graph break (the NA reference is one custom operator there),
+    and the compiled model computes what the eager one does, gradients included."""
     from torch._dynamo.utils import counters
 
     model = timm.create_model("nat_mini", embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), drop_path_rate=0.0)
@@ -113,7 +113,7 @@ def test_torch_compile_breaks_only_at_the_na_op():
     compiled = torch.compile(compiled_model, backend="eager")
     out = compiled(x)
     reasons = list(counters["graph_break"])
-    assert reasons and all("torch.compiler.disable" in r for r in reasons), reasons
+    assert not reasons, reasons
     expected = model(x)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     out.square().sum().backward()
