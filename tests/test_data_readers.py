@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from natzoo import train
+from natzoo import evaluate, train
 from natzoo.classification.task import build_datamodule
 from natzoo.testing import compose_config, tiny_overrides
 
@@ -96,6 +96,12 @@ def test_wds_trains_one_epoch_with_counts_classes_and_folder_transforms(shards, 
         rows = list(csv.DictReader(f))
     assert [float(r["val/acc1"]) for r in rows if r.get("val/acc1")], "no validation ran"
     assert max(int(r["step"]) for r in rows) + 1 == 24 // 8  # three optimizer steps: the epoch is train_samples long
+
+    # eval.py on the same shards reads every validation sample once and reproduces the validation accuracy.
+    res = evaluate(compose_config("eval", [f"ckpt_path={result['best_checkpoint']}", *_wds(shards),
+                                           "data.num_workers=0", "+trainer.enable_progress_bar=false"],
+                                  tmp_path / "eval"))
+    assert res["num_images"] == 6 and res["top1"] == pytest.approx(100 * result["best_score"], abs=1e-4)
 
     dm = _datamodule(cfg)
     assert dm.check_layout() == ["0", "1", "2"]

@@ -14,12 +14,12 @@ from timm.data import resolve_data_config
 from timm.models import get_pretrained_cfg
 
 from natzoo import models  # noqa: F401  (registers the NAT families with timm)
+from natzoo.checkpoints import network_weights, read_lightning_checkpoint
 from natzoo.classification.module import ClassificationModule
 from natzoo.config import CLASSIFICATION_RULES, plain
 from natzoo.datasets.demo import ensure_demo_dataset
 from natzoo.datasets.folder import ImageFolderDataModule, check_image_folder_layout
 from natzoo.datasets.readers import READER_DATAMODULES, check_reader_source
-from natzoo.checkpoints import network_weights, read_lightning_checkpoint
 from natzoo.models import load_weights
 from natzoo.tasks import Task, register_task
 

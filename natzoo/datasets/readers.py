@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from natzoo.datasets.folder import BAD_IMAGE_POLICIES, ImageFolderDataModule, collate_skipping
 
-__all__ = ["HfdsDataModule", "READER_DATAMODULES", "WdsDataModule", "check_reader_source"]
+__all__ = ["READER_DATAMODULES", "HfdsDataModule", "WdsDataModule", "check_reader_source"]
 
 log = logging.getLogger(__name__)
 
