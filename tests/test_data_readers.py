@@ -221,11 +221,29 @@ def test_hfds_missing_split_is_a_clear_error(hf_dataset, tmp_path):
         train(cfg)
 
 
-def test_readers_need_their_package(tmp_path, monkeypatch):
+@pytest.mark.parametrize("module, target", [("webdataset", "WdsDataModule"), ("datasets", "HfdsDataModule")])
+def test_readers_need_their_package(tmp_path, monkeypatch, module, target):
     import sys
 
     from natzoo.datasets.readers import check_reader_source
 
-    monkeypatch.setitem(sys.modules, "webdataset", None)  # an import of it now fails as if it were not installed
-    with pytest.raises(ImportError, match=r"natzoo\[data\]"):
-        check_reader_source({"_target_": "natzoo.datasets.readers.WdsDataModule", "root": str(tmp_path)}, "fit")
+    monkeypatch.setitem(sys.modules, module, None)  # an import of it now fails as if it were not installed
+    with pytest.raises(ImportError, match=rf"needs the '{module}' package: pip install 'natzoo\[data\]'"):
+        check_reader_source({"_target_": f"natzoo.datasets.readers.{target}", "root": str(tmp_path)}, "fit")
+
+
+def test_wds_shard_order_follows_the_epoch(shards, tmp_path):
+    # A one-sample shuffle buffer leaves the shard order visible: the first sample is the first one of a shard.
+    cfg = compose_config("train", _overrides(tmp_path / "logs", *_wds(shards, "data.shuffle_buffer=1")))
+    dm = _datamodule(cfg)
+    firsts = {_png(_image(0, 0)): "train-0000", _png(_image(12, 0)): "train-0001"}
+    loader = dm.train_dataloader()
+
+    def first_shard(epoch: int) -> str:
+        loader.epoch_source = lambda: epoch
+        iter(loader)  # what the trainer does at the start of an epoch: the loader hands the epoch to the reader
+        return firsts[_png(next(iter(dm.train_set.reader))[0])]
+
+    orders = [first_shard(epoch) for epoch in range(8)]
+    assert set(orders) == {"train-0000", "train-0001"}  # reshuffled between epochs
+    assert [first_shard(epoch) for epoch in range(8)] == orders  # and the same again for the same epoch (resume)
