@@ -145,6 +145,7 @@ def test_wds_trains_with_a_skipped_sample_and_logs_it(shards, tmp_path):
     ("data.num_classes=null", "data.num_classes is not set"),
     ("data.train_samples=null", "data.train_samples is not set"),
     ("data.train_split='train-{0000..0002}.tar'", "shard file"),
+    ("data.val_split=val", "not a shard pattern"),
     ("data.num_classes=0", "data.num_classes=0"),
     ("data.shuffle_buffer=-5", "data.shuffle_buffer=-5"),
 ])

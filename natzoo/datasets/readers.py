@@ -81,6 +81,9 @@ def check_reader_source(data: dict[str, Any], stage: str) -> None:
             missing = [f for f in _shard_files(Path(root), split) if not Path(f).is_file()]
             if missing:
                 raise ValueError(f"data.{which}_split={split!r}: shard file(s) not found under {root}: {missing[:5]}")
+        elif not has_info:
+            raise ValueError(f"data.{which}_split={split!r} is not a shard pattern (e.g. '{which}-{{0000..0003}}.tar')"
+                             f" and {root} has no _info.json naming splits")
         if not data.get(f"{which}_samples") and "|" not in split and not has_info:
             raise ValueError(f"data.{which}_samples is not set and {root} has no _info.json: WebDataset shards carry "
                              f"no sample count, so set data.{which}_samples=<number of samples in the split>")
