@@ -19,6 +19,7 @@ from natzoo.classification.module import ClassificationModule
 from natzoo.config import CLASSIFICATION_RULES, plain
 from natzoo.datasets.demo import ensure_demo_dataset
 from natzoo.datasets.folder import ImageFolderDataModule, check_image_folder_layout
+from natzoo.datasets.readers import READER_DATAMODULES, check_reader_source
 from natzoo.models import load_weights
 from natzoo.tasks import Task, register_task
 
@@ -50,6 +51,9 @@ def _check_model(cfg: DictConfig) -> None:
 def _prepare_data(cfg: DictConfig, stage: str) -> list[str]:
     """Generates the demo dataset when configured, then checks the folder layout; returns the class names."""
     data = cfg.data
+    if data.get("_target_") in READER_DATAMODULES:  # data=wds / data=hfds: shards or a saved dataset, no folders
+        check_reader_source(plain(data), stage)
+        return []
     root = data.get("root")
     if root in (None, "", "???"):
         raise ValueError("data.root is not set: pass data.root=/path/to/dataset (ImageNet layout: <root>/train/<class>/"
