@@ -283,8 +283,10 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.bad_images = bad_images
         self.drop_last = bool(drop_last)
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
-        self.train_set: RobustImageFolder | None = None
-        self.val_set: RobustImageFolder | None = None
+        # Datasets with a length: image folders here, the readers' datasets in natzoo.datasets.readers (typed Any:
+        # torch's Dataset declares no __len__, and the two kinds share no base class)
+        self.train_set: Any = None
+        self.val_set: Any = None
         self.classes: list[str] = []
         self._described = False
 
@@ -334,7 +336,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
         parts.append(f"evaluation {fmt(f'{k}={v}' for k, v in self.eval_transform_args.items()) or 'defaults'}")
         return "; ".join(parts)
 
-    def _loader(self, dataset: RobustImageFolder, batch_size: int, train: bool,
+    def _loader(self, dataset: Any, batch_size: int, train: bool,
                 sampler: torch.utils.data.Sampler | None = None) -> DataLoader:
         return DataLoader(
             dataset,
@@ -365,7 +367,7 @@ class ImageFolderDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         """Validation loader in file order."""
         # the dataset is set by setup(), which Lightning calls before any loader
-        return self._loader(self.val_set, self.eval_batch_size, train=False)  # type: ignore[arg-type]
+        return self._loader(self.val_set, self.eval_batch_size, train=False)
 
     def test_dataloader(self) -> DataLoader:
         """Same as the validation loader."""

@@ -141,7 +141,11 @@ def _decode_with_policy(sample: dict, bad_images: str, **decode_args: Any) -> di
 
 def _policy_reader_wds(bad_images: str, **kwargs: Any) -> Any:
     """timm's ``ReaderWds`` with the decoding stage of its pipeline applying ``bad_images``."""
-    import webdataset as wds
+    # webdataset's own modules: its package re-exports them by star imports, which static checkers do not follow
+    from webdataset import filters
+    from webdataset.pipeline import DataPipeline
+    from webdataset.shardlists import SimpleShardList
+    from webdataset.tariterators import tarfile_to_samples
     from timm.data.readers.reader_wds import ReaderWds, detshuffle2
 
     class PolicyReaderWds(ReaderWds):
@@ -149,20 +153,21 @@ def _policy_reader_wds(bad_images: str, **kwargs: Any) -> Any:
             super()._lazy_init()  # worker and rank bookkeeping; the pipeline is rebuilt below with the policy
             shards = [os.path.join(self.root, f) for f in self.split_info.filenames]
             tar_handler = _reraise if bad_images == "error" else _warn_and_continue
-            stages: list[Any] = [wds.SimpleShardList(shards)]
+            stages: list[Any] = [SimpleShardList(shards)]
             if self.is_training:
                 stages.append(detshuffle2(self.shard_shuffle_size, seed=self.common_seed, epoch=self.epoch_count))
-            stages += [self._split_by_node_and_worker, wds.tarfile_to_samples(handler=tar_handler)]
+            stages += [self._split_by_node_and_worker, tarfile_to_samples(handler=tar_handler)]
             if self.is_training:
                 import random
 
-                stages.append(wds.shuffle(bufsize=self.sample_shuffle_size, initial=self.sample_initial_size,
+                stages.append(filters.shuffle(bufsize=self.sample_shuffle_size, initial=self.sample_initial_size,
                                           rng=random.Random(self.worker_seed)))
             decode = partial(_decode_with_policy, bad_images=bad_images, image_key=self.input_key,
                              image_mode=self.input_img_mode, target_key=self.target_key,
                              alt_label=self.split_info.alt_label)
-            stages += [wds.map(decode, handler=_reraise), wds.rename(image=self.input_key, target="target")]
-            self.ds = wds.DataPipeline(*stages)
+            stages += [filters.map(decode, handler=_reraise), filters.rename(image=self.input_key, target="target")]
+            # timm's ReaderWds declares `ds = None` until its lazy init builds the pipeline
+            self.ds = DataPipeline(*stages)  # type: ignore[assignment]
 
     return PolicyReaderWds(**kwargs)
 
