@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import tempfile
@@ -59,8 +60,21 @@ def claim_fresh_dir(candidate: str) -> str:
         except FileExistsError:
             number += 1
             continue
+        if not _CLAIMED:
+            atexit.register(_remove_empty_claims)
         _CLAIMED[candidate] = (path, created)
         return str(path)
+
+
+def _remove_empty_claims() -> None:
+    """At exit: removes each directory this process claimed and never wrote into (``--cfg job``, ``--help``, a
+    process that stopped while composing), with the parents it created for it when they are empty too."""
+    for path, parents in _CLAIMED.values():
+        for directory in (path, *reversed(parents)):
+            try:
+                directory.rmdir()  # only an empty directory goes
+            except OSError:
+                break
 
 
 def _claimed_by_this_process(directory: Path) -> list[Path] | None:

@@ -57,13 +57,25 @@ def _run(args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.Comp
 
 def test_fresh_run_directories_are_unique_per_process(tmp_path):
     # Two processes claiming the same timestamped name (two runs of one run_name in the same second).
-    code = "import sys; from natzoo.rundir import claim_fresh_dir; print(claim_fresh_dir(sys.argv[1]))"
+    # Each writes a file into its directory as a run does (Hydra's record): a claim left empty is removed at exit.
+    code = ("import sys; from natzoo.rundir import claim_fresh_dir; d = claim_fresh_dir(sys.argv[1]); "
+            "open(d + '/record', 'w').close(); print(d)")
     candidate = str(tmp_path / "logs" / "same" / "runs" / "2026-01-01_00-00-00")
     procs = [subprocess.Popen([sys.executable, "-c", code, candidate], cwd=REPO, stdout=subprocess.PIPE, text=True)
              for _ in range(3)]
     claimed = [p.communicate(timeout=120)[0].strip() for p in procs]
     assert len(set(claimed)) == 3 and all(Path(c).is_dir() for c in claimed)
     assert candidate in claimed
+
+
+def test_a_claimed_run_directory_left_empty_is_removed_at_exit(tmp_path):
+    # `--cfg job` and a process that stops while composing claim a directory and never write into it.
+    code = "import sys; from natzoo.rundir import claim_fresh_dir; print(claim_fresh_dir(sys.argv[1]))"
+    candidate = tmp_path / "logs" / "run" / "runs" / "2026-01-01_00-00-00"
+    done = subprocess.run([sys.executable, "-c", code, str(candidate)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert done.stdout.strip() == str(candidate)
+    assert list(tmp_path.iterdir()) == []  # the directory and the parents the process created for it are gone
 
 
 @pytest.mark.slow
