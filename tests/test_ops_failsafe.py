@@ -182,6 +182,7 @@ def test_launch_failure_names_kernel_config_shape_dtype_and_way_out(monkeypatch)
     assert type(info.value).__name__ == "KernelLaunchError"
 
 
+@pytest.mark.slow  # the interpreter at 64-bit offsets: about 7 s
 def test_int64_offset_path_matches_the_oracle(monkeypatch):
     """The 64-bit offset variant (WIDE, taken for tensors of 2**31+ elements) forced on a small problem."""
     if DEVICE == "cuda":
