@@ -37,7 +37,7 @@ def plot_curves(history: Sequence[dict], path: Path, panels: Mapping[str, Sequen
         The number of lines drawn in each panel.
     """
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
-    epochs = [row["epoch"] + 1 for row in history]
+    epochs = [row["epoch"] for row in history]  # 0-based, as in the progress bar and metrics.csv
     drawn = {}
     for ax, (name, entries) in zip(axes[0], panels.items()):
         scale = 100.0 if name.endswith("(%)") else 1.0

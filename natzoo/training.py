@@ -313,7 +313,7 @@ def _prepare_resume(info: CheckpointInfo, output_dir: Path) -> bool:
     logs again (those after the checkpoint). Returns whether the run continues in that directory."""
     same_dir = Path(info.path).resolve().parent.parent == output_dir.resolve()
     where = "in its run directory" if same_dir else f"in a new run directory {output_dir}"
-    rank_zero_info(f"Resuming from {info.path} (after epoch {info.epoch + 1}, step {info.global_step}) {where}")
+    rank_zero_info(f"Resuming from {info.path} (epoch {info.epoch} done, step {info.global_step}) {where}")
     if same_dir and _is_rank_zero():
         dropped = drop_rows_after(output_dir / "metrics.csv", info.global_step)
         if dropped:

@@ -373,3 +373,22 @@ def test_eval_summary_names_every_file_it_wrote():
 
     line = _summary_line({"top1": 50.0, "output": "/r/eval.json", "confusion_matrix_png": "/r/confusion_matrix.png"})
     assert line.endswith("Results written to /r/eval.json, /r/confusion_matrix.png")
+
+
+def test_plot_epochs_are_numbered_as_in_metrics_csv_and_the_progress_bar(tmp_path, monkeypatch):
+    # Lightning's progress bar and metrics.csv count epochs from 0; the curves did from 1.
+    import matplotlib.axes
+
+    from natzoo.plots import plot_curves
+
+    seen = []
+    real = matplotlib.axes.Axes.plot
+
+    def spy(self, *args, **kwargs):
+        seen.append(list(args[0]))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    history = [{"epoch": 0, "train/loss": 1.0}, {"epoch": 1, "train/loss": 0.5}]
+    plot_curves(history, tmp_path / "curves.png", {"loss": [("train/loss", "train")]})
+    assert seen == [[0, 1]]
