@@ -27,7 +27,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from .indexing import group_length, window
 from .reference import accumulation_dtype
-from .validation import SUPPORTED_DTYPES, BoolOrTuple, IntOrTuple, check_window_args
+from .validation import SUPPORTED_DTYPES, BoolOrTuple, IntOrTuple, check_window
 
 __all__ = ["na1d_av", "na1d_qk", "na2d_av", "na2d_qk", "na3d_av", "na3d_qk", "neighborhood_tables"]
 
@@ -135,22 +135,11 @@ def _check_extra(fn: str, name: str, extra: Any, ref: torch.Tensor, heads_kv: in
     return extra.shape[1]
 
 
-def _window(fn, n, spatial, kernel_size, stride, dilation, is_causal, shape_note):
-    ks, st, dil, causal = check_window_args(fn, n, kernel_size, stride, dilation, is_causal)
-    for axis, (k, d, length) in enumerate(zip(ks, dil, spatial)):
-        if k * d > length:
-            raise ValueError(
-                f"{fn}: kernel_size * dilation must not exceed the input length on every axis, got "
-                f"kernel_size={k} * dilation={d} = {k * d} > {length} on axis {axis} ({shape_note})"
-            )
-    return ks, st, dil, causal
-
-
 def _qk(n, fn, query, key, kernel_size, stride, dilation, is_causal, rpb, additional_keys) -> torch.Tensor:
     _check_pair(fn, n, "query", query, "key", key, last_equal=True)
     batch, *spatial, heads, head_dim = query.shape
     heads_kv = key.shape[-2]
-    ks, st, dil, causal = _window(fn, n, spatial, kernel_size, stride, dilation, is_causal,
+    ks, st, dil, causal = check_window(fn, n, spatial, kernel_size, stride, dilation, is_causal,
                                   f"query.shape={tuple(query.shape)}")
     if rpb is not None:
         if not isinstance(rpb, torch.Tensor) or rpb.dtype not in SUPPORTED_DTYPES or rpb.device != query.device:
@@ -187,7 +176,7 @@ def _av(n, fn, attn, value, kernel_size, stride, dilation, is_causal, additional
     _check_pair(fn, n, "attn", attn, "value", value, last_equal=False)
     batch, *spatial, heads, width = attn.shape
     heads_kv, head_dim = value.shape[-2], value.shape[-1]
-    ks, st, dil, causal = _window(fn, n, spatial, kernel_size, stride, dilation, is_causal,
+    ks, st, dil, causal = check_window(fn, n, spatial, kernel_size, stride, dilation, is_causal,
                                   f"attn.shape={tuple(attn.shape)}")
     slots = math.prod(ks)
     n_extra = 0

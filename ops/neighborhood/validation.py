@@ -92,6 +92,21 @@ def check_window_args(
     return ks, st, dil, causal
 
 
+def check_window(fn: str, n: int, spatial: Sequence[int], kernel_size: Any, stride: Any, dilation: Any,
+                 is_causal: Any, shape_note: str
+                 ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[bool, ...]]:
+    """:func:`check_window_args`, then ``kernel_size * dilation <= length`` on every axis of `spatial` (the error
+    names the axis and ends with `shape_note`, e.g. the shape of the tensor the lengths came from)."""
+    ks, st, dil, causal = check_window_args(fn, n, kernel_size, stride, dilation, is_causal)
+    for axis, (k, d, length) in enumerate(zip(ks, dil, spatial)):
+        if k * d > length:
+            raise ValueError(
+                f"{fn}: kernel_size * dilation must not exceed the input length on every axis, got "
+                f"kernel_size={k} * dilation={d} = {k * d} > {length} on axis {axis} ({shape_note})"
+            )
+    return ks, st, dil, causal
+
+
 def check_problem(
     fn: str,
     n: int,
@@ -162,14 +177,8 @@ def check_problem(
             f"{fn}: the heads of key and value must divide the heads of query (GQA/MQA), got {heads_kv} and {heads} "
             f"heads (query.shape={tuple(query.shape)}, key.shape={tuple(key.shape)})"
         )
-    ks, st, dil, causal = check_window_args(fn, n, kernel_size, stride, dilation, is_causal)
-    for axis, (k, d, length) in enumerate(zip(ks, dil, spatial)):
-        if k * d > length:
-            raise ValueError(
-                f"{fn}: kernel_size * dilation must not exceed the input length on every axis, got "
-                f"kernel_size={k} * dilation={d} = {k * d} > {length} on axis {axis} "
-                f"(query.shape={tuple(query.shape)})"
-            )
+    ks, st, dil, causal = check_window(fn, n, spatial, kernel_size, stride, dilation, is_causal,
+                                       f"query.shape={tuple(query.shape)}")
     if rpb is not None:
         if not isinstance(rpb, torch.Tensor) or rpb.dtype not in SUPPORTED_DTYPES or rpb.device != query.device:
             detail = (
