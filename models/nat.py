@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.fx
@@ -542,6 +542,27 @@ class NAT(NATBase):
         if prune_head or prune_end:
             self.reset_classifier(0, "")
         return take_indices
+
+    def min_unpadded_input_size(self, num_stages: int | None = None) -> tuple[int, int]:
+        """Smallest input ``(H, W)`` at which no block of the first `num_stages` stages (all when None) pads its map
+        or clamps its dilation: the lower end of the dynamic-resolution export range (docs/export.md).
+
+        Stage ``i`` runs on a ``ceil(S / r_i)`` map (``r_i`` its ``feature_info`` reduction: every stem and
+        downsampler of the family rounds up), and a block pads (or, with ``clamp_dilation``, clamps) exactly when
+        the map is shorter than ``kernel_size * dilation``; so the bound per axis is
+        ``max_i r_i * (max_blocks k * d - 1) + 1``. Above it, the models' per-shape Python decisions are the same at
+        every size, which is what lets one exported graph serve them all.
+        """
+        stages = list(self.stages)[: len(self.stages) if num_stages is None else num_stages]
+        bound = [1, 1]
+        for stage, info in zip(stages, self.feature_info):
+            reduction = int(info["reduction"])
+            for block in stage.blocks:
+                attn = cast(NeighborhoodAttention2D, block.attn)
+                for axis in range(2):
+                    window = attn.kernel_size[axis] * attn.dilation[axis]
+                    bound[axis] = max(bound[axis], reduction * (window - 1) + 1)
+        return bound[0], bound[1]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W]`` image -> normalised final map ``[B, ceil(H/32), ceil(W/32), num_features]``."""

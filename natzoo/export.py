@@ -2,8 +2,9 @@
 
 Both go through the pure-PyTorch reference path of the neighborhood-attention op (forced for the duration of the
 export, whatever the device), so the exported graph holds only standard operators: gathers, matrix products, a
-masked softmax. The resolution is static: the reference builds its window index tables for one input size and the
-graph stores them as constants. The batch axis is dynamic.
+masked softmax. By default the resolution is static: the reference builds its window index tables for one input
+size and the graph stores them as constants. With ``dynamic=True`` the height and width are symbolic within the
+range :func:`dynamic_size_range` declares, and the graph computes the tables from them. The batch axis is dynamic.
 
 ONNX files are written by PyTorch's dynamo-based exporter (``torch.onnx.export(..., dynamo=True)``) from the
 ``torch.export`` program; the TorchScript-based exporter records the batch size of its example input in every
@@ -22,10 +23,15 @@ from torch import nn
 
 from natzoo.ops.neighborhood import use_backend
 
-__all__ = ["export_onnx", "export_program", "native_input_size"]
+__all__ = ["check_onnx_input_size", "dynamic_size_range", "export_onnx", "export_program", "native_input_size",
+           "onnx_size_range"]
 
 # Above this many bytes of weights and constants, ONNX needs the external-data format (protobuf's 2 GiB limit).
 _EXTERNAL_DATA_BYTES = 1_800_000_000
+# The dynamic range reaches this many times the export size (the native one by default).
+_DYNAMIC_MAX_FACTOR = 4
+# ONNX metadata_props keys holding a dynamic file's declared range, "min-max" in pixels.
+RANGE_KEYS = ("natzoo.height_range", "natzoo.width_range")
 
 
 def native_input_size(model: nn.Module) -> tuple[int, int, int]:
@@ -59,14 +65,72 @@ def _example(model: nn.Module, input_size: Sequence[int] | None, batch: int = 2)
     return torch.zeros(batch, *size, device=device, dtype=dtype)  # values do not matter; the RNG stays untouched
 
 
-def _program_example(program: torch.export.ExportedProgram) -> tuple[torch.Tensor, bool]:
-    """An input for ``program`` (batch 2) and whether its batch axis is dynamic."""
+def _program_example(program: torch.export.ExportedProgram) -> tuple[torch.Tensor, bool, bool]:
+    """An input for ``program`` (batch 2, the traced height and width) and whether its batch axis and its height
+    and width are dynamic."""
     names = program.graph_signature.user_inputs
     if len(names) != 1:
         raise ValueError(f"the exported program takes {len(names)} inputs; export_onnx handles one image tensor")
     spec = next(node.meta["val"] for node in program.graph.nodes if node.op == "placeholder" and node.name == names[0])
     dynamic = not isinstance(spec.shape[0], int)
-    return torch.zeros(2 if dynamic else spec.shape[0], *(int(d) for d in spec.shape[1:]), dtype=spec.dtype), dynamic
+    spatial = [d if isinstance(d, int) else int(d.node.hint) for d in spec.shape[1:]]
+    dynamic_size = any(not isinstance(d, int) for d in spec.shape[2:])
+    return torch.zeros(2 if dynamic else spec.shape[0], *spatial, dtype=spec.dtype), dynamic, dynamic_size
+
+
+def _nat_trunk(model: nn.Module) -> tuple[nn.Module, int | None]:
+    """The NAT-family trunk whose blocks decide the dynamic range, and how many of its stages run (None: all)."""
+    from natzoo.detection.backbone import NATBackbone
+    from natzoo.models import NAT
+
+    if isinstance(model, NATBackbone):
+        return model.trunk, max(model.out_indices) + 1
+    if isinstance(model, NAT):
+        return model, None
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.get("fixed_input_size"):
+        raise ValueError(f"{type(model).__name__} has a fixed input size {tuple(cfg.get('input_size', ()))[1:]} "
+                         "(pretrained_cfg['fixed_input_size']); export it with dynamic=False")
+    raise ValueError(f"dynamic=True: {type(model).__name__} is not a hierarchical NAT-family model (NAT, DiNAT, "
+                     "DiNAT_s) or a natzoo.detection.NATBackbone, so it has no declared dynamic range; export it "
+                     "with dynamic=False")
+
+
+def dynamic_size_range(model: nn.Module, input_size: Sequence[int] | None = None) -> tuple[tuple[int, int], ...]:
+    """``((min_height, max_height), (min_width, max_width))`` a ``dynamic=True`` export of `model` accepts.
+
+    The lower end is the smallest size at which no block pads its map or clamps its dilation
+    (:meth:`natzoo.models.NAT.min_unpadded_input_size`; for a detection backbone, of the stages it runs); the upper
+    end is 4 times the export size (`input_size`, or the native size when None).
+
+    Raises:
+        ValueError: The model has no dynamic range (an isotropic model, fixed at 224 px, or not a NAT family), or
+            the export size lies below the lower end.
+    """
+    trunk, num_stages = _nat_trunk(model)
+    size = native_input_size(model) if input_size is None else _check_input_size(input_size)
+    lower = trunk.min_unpadded_input_size(num_stages)  # type: ignore[operator]
+    ranges = tuple((low, _DYNAMIC_MAX_FACTOR * side) for low, side in zip(lower, size[1:]))
+    for axis, side, (low, _high) in zip(("height", "width"), size[1:], ranges):
+        if side < low:
+            raise ValueError(f"dynamic=True: input_size {axis} {side} is below {low}, the smallest {axis} at which "
+                             f"no block of {type(model).__name__} pads its map; export at a size >= {low}")
+    return ranges
+
+
+def _dynamic_example(model: nn.Module, input_size: Sequence[int] | None,
+                     ranges: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """The export example for a dynamic height and width: the export size, with the width moved off the height
+    when they are equal (equal example sizes would let the tracer tie the two symbols together)."""
+    example = _example(model, input_size)
+    height, width = example.shape[2:]
+    if height == width:
+        (_, _), (low, high) = ranges
+        width = width + 1 if width + 1 <= high else width - 1
+        if width < low:
+            raise ValueError(f"dynamic=True: the width range {low}..{high} is a single size")
+        example = example.new_zeros(*example.shape[:3], width)
+    return example
 
 
 @contextlib.contextmanager
@@ -83,8 +147,9 @@ def _exporting(model: nn.Module) -> Iterator[None]:
 
 
 def export_program(model: nn.Module, input_size: Sequence[int] | None = None, *,
-                   dynamic_batch: bool = True) -> torch.export.ExportedProgram:
-    """``torch.export`` program of ``model``'s inference forward at one resolution.
+                   dynamic_batch: bool = True, dynamic: bool = False) -> torch.export.ExportedProgram:
+    """``torch.export`` program of ``model``'s inference forward at one resolution, or at any height and width in
+    a declared range.
 
     The model is traced in eval mode (its own mode is restored afterwards) on the reference NA path, with an example
     batch of 2 (a batch of 1 would be specialised). Run it with ``program.module()(images)``; save and load it with
@@ -94,14 +159,32 @@ def export_program(model: nn.Module, input_size: Sequence[int] | None = None, *,
         model: An image model taking one NCHW tensor (a natzoo/timm classifier, :class:`natzoo.detection.NATBackbone`).
         input_size: ``(channels, height, width)``; None takes the model's native size (:func:`native_input_size`).
         dynamic_batch: Make the batch axis dynamic (any batch size >= 1); False fixes it at 2.
+        dynamic: Make the height and width dynamic (``torch.export.Dim`` ``height`` and ``width``) within
+            :func:`dynamic_size_range`; the program then rejects a size outside it, naming the bound. The window
+            tables are computed in the graph, which costs time at run time (docs/export.md): static stays the
+            default.
 
     Returns:
         The exported program.
+
+    Raises:
+        ValueError: ``dynamic=True`` for a model without a dynamic range, or an `input_size` outside it.
     """
-    example = _example(model, input_size)
-    dynamic = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
+    if not isinstance(dynamic, bool):
+        raise TypeError(f"dynamic must be a bool, got {dynamic!r}")
+    if not dynamic:
+        example = _example(model, input_size)
+        shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
+        with _exporting(model):
+            return torch.export.export(model, (example,), dynamic_shapes=shapes)
+    ranges = dynamic_size_range(model, input_size)
+    example = _dynamic_example(model, input_size, ranges)
+    (h_min, h_max), (w_min, w_max) = ranges
+    axes = {2: torch.export.Dim("height", min=h_min, max=h_max), 3: torch.export.Dim("width", min=w_min, max=w_max)}
+    if dynamic_batch:
+        axes[0] = torch.export.Dim("batch", min=1)
     with _exporting(model):
-        return torch.export.export(model, (example,), dynamic_shapes=dynamic)
+        return torch.export.export(model, (example,), dynamic_shapes=(axes,))
 
 
 def _check_output_path(path: str | os.PathLike) -> Path:
@@ -121,12 +204,13 @@ def _check_output_path(path: str | os.PathLike) -> Path:
 
 def export_onnx(model: nn.Module | torch.export.ExportedProgram, path: str | os.PathLike,
                 input_size: Sequence[int] | None = None, *, dynamic_batch: bool = True, input_name: str = "input",
-                output_names: Sequence[str] | None = None, opset_version: int | None = None) -> Path:
+                output_names: Sequence[str] | None = None, opset_version: int | None = None,
+                dynamic: bool = False) -> Path:
     """Writes ``model`` as an ONNX file through :func:`export_program` and PyTorch's dynamo-based ONNX exporter.
 
     Args:
-        model: As for :func:`export_program`, or a program it returned (then ``input_size`` and ``dynamic_batch``
-            are the program's and must be left at their defaults).
+        model: As for :func:`export_program`, or a program it returned (then ``input_size``, ``dynamic_batch`` and
+            ``dynamic`` are the program's and must be left at their defaults).
         path: Destination ``.onnx`` file; its folder must exist. Models whose weights and constants exceed about
             1.8 GB are written in ONNX's external-data format (a ``<path>.data`` file beside it).
         input_size: ``(channels, height, width)``; None takes the model's native size.
@@ -135,6 +219,10 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram, path: str | os.
         output_names: Names of the graph outputs; default ``logits`` for a classifier with a head, else ``output``
             (``output0``, ``output1``, ... for several outputs, e.g. a backbone's stage maps).
         opset_version: ONNX opset; None takes the exporter's default.
+        dynamic: Name the height and width axes ``height`` and ``width`` and leave them free within
+            :func:`dynamic_size_range`, which the file records in its metadata (``natzoo.height_range``,
+            ``natzoo.width_range``; :func:`onnx_size_range` reads them, :func:`check_onnx_input_size` checks a size).
+            onnxruntime does not check the range itself: below it the gathers fail, above it nothing is checked.
 
     Returns:
         ``path``.
@@ -144,13 +232,14 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram, path: str | os.
                                                                                output_names)):
         raise TypeError(f"output_names must be a sequence of str, got {output_names!r}")
     if isinstance(model, torch.export.ExportedProgram):
-        if input_size is not None or not dynamic_batch:
-            raise ValueError("input_size and dynamic_batch are fixed by the exported program; leave them unset")
+        if input_size is not None or not dynamic_batch or dynamic:
+            raise ValueError("input_size, dynamic_batch and dynamic are fixed by the exported program; leave them "
+                             "unset")
         program = model
-        example, dynamic_batch = _program_example(program)
+        example, dynamic_batch, dynamic = _program_example(program)
     else:
-        program = export_program(model, input_size, dynamic_batch=dynamic_batch)
-        example = _example(model, input_size)
+        program = export_program(model, input_size, dynamic_batch=dynamic_batch, dynamic=dynamic)
+        example = _program_example(program)[0] if dynamic else _example(model, input_size)
     outputs = len(program.graph_signature.user_outputs)
     if output_names is None:
         if outputs == 1:
@@ -161,7 +250,59 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram, path: str | os.
         raise ValueError(f"output_names has {len(output_names)} names, but the model returns {outputs} tensors")
     size = sum(t.numel() * t.element_size() for t in (*program.state_dict.values(), *program.constants.values())
                if isinstance(t, torch.Tensor))
+    axes = {0: "batch"} if dynamic_batch else {}
+    if dynamic:
+        axes.update({2: "height", 3: "width"})
     torch.onnx.export(program, (example,), path, dynamo=True, input_names=[input_name], output_names=list(output_names),
-                      opset_version=opset_version, dynamic_shapes=({0: "batch"},) if dynamic_batch else None,
+                      opset_version=opset_version, dynamic_shapes=(axes,) if axes else None,
                       external_data=size > _EXTERNAL_DATA_BYTES, verbose=False)
+    if dynamic:
+        _record_range(path, _program_ranges(program))
     return path
+
+
+def _program_ranges(program: torch.export.ExportedProgram) -> tuple[tuple[int, int], ...]:
+    """The declared ``(min, max)`` of the program's input height and width (its range constraints)."""
+    name = program.graph_signature.user_inputs[0]
+    spec = next(node.meta["val"] for node in program.graph.nodes if node.op == "placeholder" and node.name == name)
+    ranges = []
+    for side in spec.shape[2:]:
+        bounds = program.range_constraints[side.node.expr]
+        ranges.append((int(bounds.lower), int(bounds.upper)))
+    return tuple(ranges)
+
+
+def _record_range(path: Path, ranges: tuple[tuple[int, int], ...]) -> None:
+    """Writes the dynamic range into the ONNX file's metadata_props (rewriting the file in place, same data)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    for key, (low, high) in zip(RANGE_KEYS, ranges):
+        entry = next((p for p in proto.metadata_props if p.key == key), None) or proto.metadata_props.add()
+        entry.key, entry.value = key, f"{low}-{high}"
+    onnx.save(proto, str(path))
+
+
+def onnx_size_range(path: str | os.PathLike) -> tuple[tuple[int, int], ...] | None:
+    """``((min_height, max_height), (min_width, max_width))`` recorded by ``export_onnx(..., dynamic=True)`` in
+    the file at `path`, or None for a file without them (a static export, or not written by natzoo)."""
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    if not all(key in props for key in RANGE_KEYS):
+        return None
+    return tuple((int(props[key].split("-")[0]), int(props[key].split("-")[1])) for key in RANGE_KEYS)
+
+
+def check_onnx_input_size(path: str | os.PathLike, height: int, width: int) -> None:
+    """Raises ValueError naming the size and the range when ``(height, width)`` lies outside the dynamic range of
+    the ONNX file at `path` (see :func:`onnx_size_range`); files without a recorded range are not checked here
+    (onnxruntime checks static sizes itself)."""
+    ranges = onnx_size_range(path)
+    if ranges is None:
+        return
+    for axis, side, (low, high) in zip(("height", "width"), (height, width), ranges):
+        if not low <= side <= high:
+            raise ValueError(f"input {axis} {side} is outside the range {low}..{high} that {str(path)!r} was "
+                             f"exported for (height {ranges[0][0]}..{ranges[0][1]}, width "
+                             f"{ranges[1][0]}..{ranges[1][1]})")

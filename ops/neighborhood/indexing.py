@@ -2,6 +2,10 @@
 
 Everything here works on one axis at a time, on in-group indices of a dilation group; the multi-axis neighbourhood
 is the Cartesian product of the per-axis ones.
+
+Under ``torch.export`` with a symbolic height or width (docs/export.md, "Dynamic resolution") the tables cannot be
+built in Python: :func:`tile_tables` then computes them as tensor expressions of the symbolic lengths
+(:func:`symbolic_window_tables`), with one query per tile, and :func:`default_tile` picks that tile.
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ def default_tile(kernel_size: tuple[int, ...], dilation: tuple[int, ...], spatia
     more keys outside each window. One kernel width measured best on CPU for NAT shapes (training and inference),
     with a floor that keeps the products from getting tiny; an axis barely longer than the halo is taken whole.
     """
+    if is_symbolic(spatial):
+        # Tile sizes must be Python ints; the symbolic tables gather each query's own window.
+        return (1,) * len(spatial)
     floor = {1: 16, 2: 4}.get(len(kernel_size), 3)
     tiles = []
     for k, d, length in zip(kernel_size, dilation, spatial):
@@ -160,4 +167,77 @@ def tile_tables(
         ``ridx [T_n, T, halo]`` flat index into ``rpb[h].flatten()``, and ``owner [N]`` flat index into the
         ``T_n * T`` tile slots holding each query's result.
     """
+    if is_symbolic(spatial):
+        return symbolic_window_tables(spatial, kernel_size, stride, dilation, is_causal, tile, torch.device(device))
     return _tile_tables_on(spatial, kernel_size, stride, dilation, is_causal, tile, torch.device(device))
+
+
+def is_symbolic(spatial: tuple[object, ...]) -> bool:
+    """True when a length is a symbolic size (``torch.export`` with a dynamic height or width), not a Python int."""
+    return any(not isinstance(length, int) for length in spatial)
+
+
+def symbolic_axis_windows(
+    length: torch.SymInt | int, kernel: int, stride: int, dilation: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-query key coordinates and bias offsets on one non-causal axis, as tensor expressions of `length`.
+
+    The same windows as :func:`window`: for token ``x``, group ``g = x % d``, in-group query ``i = x // d``, group
+    length ``glen = ceil((L - g) / d)``, ``leader = min((i // s) * s + s // 2, glen - 1)`` and
+    ``start = max(min(leader - k // 2, glen - k), 0)``. Where a group is shorter than the kernel (a map below the
+    exported range) the last key slots point past the axis, so the gather fails instead of reading wrapped keys.
+
+    Returns:
+        ``keys [L, k]`` global key coordinate of each window slot and ``bias [L, k]`` its RPB offset
+        ``k - 1 + key - query`` (in-group), in ``[0, 2k - 2]``.
+    """
+    x = torch.arange(length, device=device)  # [L] global coordinate of each query
+    group, i = x % dilation, x // dilation
+    glen = (length - group + dilation - 1) // dilation  # [L] length of each query's dilation group
+    leader = torch.minimum((i // stride) * stride + stride // 2, glen - 1)
+    start = torch.clamp(torch.minimum(leader - kernel // 2, glen - kernel), min=0)
+    slots = start[:, None] + torch.arange(kernel, device=device)  # [L, k] in-group key of each slot
+    return group[:, None] + dilation * slots, kernel - 1 + slots - i[:, None]
+
+
+def symbolic_window_tables(
+    spatial: tuple[torch.SymInt | int, ...],
+    kernel_size: tuple[int, ...],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    is_causal: tuple[bool, ...],
+    tile: tuple[int, ...],
+    device: torch.device,
+) -> tuple[torch.Tensor, ...]:
+    """:func:`tile_tables` for symbolic lengths: one query per tile (``T = 1``) and its own window as the halo.
+
+    Computed in the traced graph (``arange``, floor division, ``minimum``/``clamp``, broadcasting), so an exported
+    program or ONNX file gets the tables of whatever height and width it runs at.
+
+    Raises:
+        ValueError: A causal axis or a tile other than 1 (not supported on this path).
+    """
+    if any(is_causal):
+        raise ValueError(f"dynamic-shape export supports non-causal neighborhood attention only, got "
+                         f"is_causal={is_causal}")
+    if any(t != 1 for t in tile):
+        raise ValueError(f"dynamic-shape export gathers one query per tile, got tile={tile}")
+    keys = torch.zeros((), dtype=torch.long, device=device)
+    bias = torch.zeros((), dtype=torch.long, device=device)
+    for length, k, s, d in zip(spatial, kernel_size, stride, dilation):
+        axis_keys, axis_bias = symbolic_axis_windows(length, k, s, d, device)
+        # [..., L_a, k_a] appended: row-major flat key index and flat rpb index over the axes seen so far.
+        keys = keys[..., None, None] * length + axis_keys
+        bias = bias[..., None, None] * (2 * k - 1) + axis_bias
+    n = len(spatial)
+    # [L_0, k_0, L_1, k_1, ...] -> [L_0, L_1, ..., k_0, k_1, ...] -> [N, K]
+    order = [2 * a for a in range(n)] + [2 * a + 1 for a in range(n)]
+    window = 1
+    for k in kernel_size:
+        window *= k
+    k_idx = keys.permute(order).reshape(-1, window)
+    tokens = k_idx.shape[0]
+    ridx = bias.permute(order).reshape(tokens, 1, window)
+    q_idx = torch.arange(tokens, device=device)[:, None]  # [N, 1]
+    allowed = torch.ones(1, 1, window, dtype=torch.bool, device=device).expand(tokens, 1, window)
+    return q_idx, k_idx, allowed, ridx, q_idx.view(-1)
