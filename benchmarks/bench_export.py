@@ -5,9 +5,14 @@ onnxruntime's CPU execution provider with as many intra-op threads as torch uses
 PyTorch model in eval mode under ``torch.inference_mode``. The weights are random (speed does not depend on them).
 Prints the setup and a markdown table (median time per batch, images per second, largest output difference).
 
+With ``--sizes``, each model is instead exported once with a dynamic height and width (``dynamic=True``) and once
+statically per size, and eager PyTorch, the static file and the dynamic file are timed at each size (alternating
+within every iteration), at the first of ``--batches``.
+
 Examples:
     python benchmarks/bench_export.py                                  # nat_tiny, dinat_tiny at batch 1 and 8
     python benchmarks/bench_export.py --models nat_mini --batches 1 --iters 5
+    python benchmarks/bench_export.py --models nat_mini dinat_mini --batches 1 --sizes 224x224 256x320
 """
 
 from __future__ import annotations
@@ -88,6 +93,70 @@ def bench_model(name: str, batches: list[int], warmup: int, iters: int, threads:
     return rows
 
 
+def _session(path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def bench_dynamic(name: str, sizes: list[tuple[int, int]], batch: int, warmup: int, iters: int, threads: int,
+                  folder: Path) -> list[dict]:
+    """Exports ``name`` once with a dynamic height and width and once per size statically; times eager PyTorch, the
+    static file and the dynamic file at each size."""
+    model = timm.create_model(name).eval()
+    start = time.perf_counter()
+    dynamic_path = export_onnx(model, folder / f"{name}_dynamic.onnx", dynamic=True)
+    dynamic_export_s = time.perf_counter() - start
+    dynamic = _session(dynamic_path, threads)
+    rows = []
+    for height, width in sizes:
+        start = time.perf_counter()
+        static_path = export_onnx(model, folder / f"{name}_{height}x{width}.onnx", input_size=(3, height, width))
+        static_export_s = time.perf_counter() - start
+        static = _session(static_path, threads)
+        x = torch.randn(batch, 3, height, width)
+        feed = {"input": x.numpy()}
+        with torch.inference_mode():
+            eager_s, static_s, dynamic_s = _paired_medians(
+                [functools.partial(model, x), functools.partial(static.run, None, feed),
+                 functools.partial(dynamic.run, None, feed)], warmup, iters)
+            expected = model(x).numpy()
+        rows.append({
+            "model": name, "input": f"{height}x{width}", "batch": batch, "eager_s": eager_s, "static_s": static_s,
+            "dynamic_s": dynamic_s, "static_diff": float(np.abs(static.run(None, feed)[0] - expected).max()),
+            "dynamic_diff": float(np.abs(dynamic.run(None, feed)[0] - expected).max()),
+            "static_export_s": static_export_s, "dynamic_export_s": dynamic_export_s,
+            "static_mib": static_path.stat().st_size / 2**20, "dynamic_mib": dynamic_path.stat().st_size / 2**20,
+        })
+        del static
+        static_path.unlink()
+    return rows
+
+
+def _print_dynamic(rows: list[dict]) -> None:
+    print("| model | input | batch | PyTorch eager ms | ORT static ms | ORT dynamic ms | static speed-up | "
+          "dynamic speed-up | dynamic / static | max abs diff static, dynamic |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['input']} | {r['batch']} | {1000 * r['eager_s']:.0f} | {1000 * r['static_s']:.0f} "
+              f"| {1000 * r['dynamic_s']:.0f} | {r['eager_s'] / r['static_s']:.2f}x | "
+              f"{r['eager_s'] / r['dynamic_s']:.2f}x | {r['dynamic_s'] / r['static_s']:.2f} | "
+              f"{r['static_diff']:.1e}, {r['dynamic_diff']:.1e} |")
+    print()
+    for r in rows:
+        print(f"{r['model']} {r['input']}: static export {r['static_export_s']:.0f} s, {r['static_mib']:.0f} MiB; "
+              f"dynamic export {r['dynamic_export_s']:.0f} s, {r['dynamic_mib']:.0f} MiB")
+
+
+def _size(text: str) -> tuple[int, int]:
+    height, _, width = text.partition("x")
+    try:
+        return int(height), int(width or height)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a size is HxW or S, got {text!r}") from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["nat_tiny", "dinat_tiny"])
@@ -95,13 +164,19 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch and onnxruntime threads")
+    parser.add_argument("--sizes", nargs="+", type=_size, default=None,
+                        help="HxW sizes: compare static and dynamic-resolution exports (see above)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models:
-            rows += bench_model(name, args.batches, args.warmup, args.iters, args.threads, Path(folder))
+            if args.sizes:
+                rows += bench_dynamic(name, args.sizes, args.batches[0], args.warmup, args.iters, args.threads,
+                                      Path(folder))
+            else:
+                rows += bench_model(name, args.batches, args.warmup, args.iters, args.threads, Path(folder))
 
     print(f"{datetime.date.today()}, {_cpu_name()}, {os.cpu_count()} logical CPUs, {args.threads} threads for torch "
           f"and onnxruntime, load average {load:.2f} at the start; Python {platform.python_version()}, "
@@ -109,6 +184,9 @@ def main() -> None:
     print(f"Command: python benchmarks/bench_export.py {' '.join(sys.argv[1:])}".rstrip())
     print(f"Median of {args.iters} iterations (eager and onnxruntime alternating) after {args.warmup} warm-up, "
           "float32, random weights.\n")
+    if args.sizes:
+        _print_dynamic(rows)
+        return
     print("| model | input | batch | PyTorch eager ms | PyTorch img/s | onnxruntime ms | onnxruntime img/s | "
           "speed-up | "
           "max abs diff |")

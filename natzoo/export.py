@@ -23,8 +23,8 @@ from torch import nn
 
 from natzoo.ops.neighborhood import use_backend
 
-__all__ = ["check_onnx_input_size", "dynamic_size_range", "export_onnx", "export_program", "native_input_size",
-           "onnx_size_range"]
+__all__ = ["check_onnx_input_size", "dynamic_size_range", "export_detector_onnx", "export_onnx", "export_program",
+           "native_input_size", "onnx_size_range"]
 
 # Above this many bytes of weights and constants, ONNX needs the external-data format (protobuf's 2 GiB limit).
 _EXTERNAL_DATA_BYTES = 1_800_000_000
@@ -306,3 +306,47 @@ def check_onnx_input_size(path: str | os.PathLike, height: int, width: int) -> N
             raise ValueError(f"input {axis} {side} is outside the range {low}..{high} that {str(path)!r} was "
                              f"exported for (height {ranges[0][0]}..{ranges[0][1]}, width "
                              f"{ranges[1][0]}..{ranges[1][1]})")
+
+
+def export_detector_onnx(detector: nn.Module, path: str | os.PathLike, image_size: Sequence[int],
+                         opset_version: int = 17) -> Path:
+    """Writes a torchvision Faster R-CNN / Mask R-CNN with a NAT-family backbone
+    (:func:`natzoo.detection.build_detector`) as an ONNX file taking one ``[3, H, W]`` image and returning
+    ``boxes [n, 4]``, ``labels [n]``, ``scores [n]`` (and ``masks`` for Mask R-CNN).
+
+    This goes through PyTorch's TorchScript-based exporter, the one torchvision's detection models support: the
+    dynamo-based exporter stops at torchvision's data-dependent branches on the number of boxes (docs/export.md,
+    "Detection model"). That tracer records the backbone's window tables and reshapes for the one padded size the
+    detector's transform gives `image_size` (resize, then pad to a multiple of 32): the file runs every image that
+    the transform maps to that same padded size, and fails on others. The padded size is recorded in the file's
+    metadata (``natzoo.detector_padded_size``, ``HxW``).
+
+    Args:
+        detector: The detector (eval mode is used for the export; its mode is restored after).
+        path: Destination ``.onnx`` file; its folder must exist.
+        image_size: ``(3, H, W)`` of the example image.
+        opset_version: ONNX opset (torchvision's detection export needs >= 11).
+
+    Returns:
+        ``path``.
+    """
+    import onnx
+
+    path = _check_output_path(path)
+    size = _check_input_size(image_size)
+    transform = getattr(detector, "transform", None)
+    if transform is None or not hasattr(detector, "roi_heads"):
+        raise TypeError(f"detector must be a torchvision Faster R-CNN / Mask R-CNN, got {type(detector).__name__}")
+    image = torch.rand(*size, generator=torch.Generator().manual_seed(0))
+    outputs = ["boxes", "labels", "scores"] + (["masks"] if getattr(detector.roi_heads, "has_mask", lambda: False)()
+                                               else [])
+    with _exporting(detector), torch.no_grad():
+        padded = tuple(transform([image])[0].tensors.shape[2:])
+        torch.onnx.export(detector, ([image],), str(path), dynamo=False, opset_version=opset_version,
+                          input_names=["image"], output_names=outputs,
+                          dynamic_axes={"image": {1: "height", 2: "width"}, **{n: {0: "detections"} for n in outputs}})
+    proto = onnx.load(str(path))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "natzoo.detector_padded_size", "x".join(map(str, padded))
+    onnx.save(proto, str(path))
+    return path

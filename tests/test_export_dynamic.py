@@ -167,3 +167,30 @@ def test_detection_backbone_dynamic_onnx_at_two_sizes(tmp_path):
         for got, want in zip(session.run(None, {"input": x.numpy()}), expected):
             assert got.shape == want.shape
             np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
+
+
+@pytest.mark.slow
+def test_faster_rcnn_onnx_runs_two_image_sizes_of_one_padded_size(tmp_path):
+    from natzoo.detection.detectors import build_detector
+    from natzoo.export import export_detector_onnx
+
+    torch.manual_seed(0)
+    detector = build_detector("fasterrcnn", "nat_mini", 3, fpn_channels=32, min_size=128, max_size=192,
+                              representation_size=64, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+                              kernel_size=3).eval()
+    path = export_detector_onnx(detector, tmp_path / "frcnn.onnx", (3, 120, 160))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["boxes", "labels", "scores"]
+    # 120 x 160 resizes to 128 x 170 and 96 x 160 to 115 x 192: both are padded to 128 x 192.
+    for size in [(120, 160), (96, 160)]:
+        image = torch.rand(3, *size)
+        with torch.no_grad():
+            expected = detector([image])[0]
+        boxes, labels, scores = session.run(None, {"image": image.numpy()})
+        assert boxes.shape == tuple(expected["boxes"].shape) and len(boxes) > 0
+        np.testing.assert_allclose(boxes, expected["boxes"].numpy(), rtol=0, atol=1e-3)
+        np.testing.assert_array_equal(labels, expected["labels"].numpy())
+        np.testing.assert_allclose(scores, expected["scores"].numpy(), rtol=0, atol=1e-4)
+    # A portrait image pads to 192 x 128: the backbone's traced tables do not fit it.
+    with pytest.raises(Exception, match="broadcast"):
+        session.run(None, {"image": np.random.rand(3, 160, 120).astype(np.float32)})
