@@ -17,11 +17,15 @@ import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from natzoo.ops.neighborhood import use_backend
+
+if TYPE_CHECKING:
+    from natzoo.models import NAT
 
 __all__ = ["check_onnx_input_size", "dynamic_size_range", "export_detector_onnx", "export_onnx", "export_program",
            "native_input_size", "onnx_size_range"]
@@ -78,7 +82,7 @@ def _program_example(program: torch.export.ExportedProgram) -> tuple[torch.Tenso
     return torch.zeros(2 if dynamic else spec.shape[0], *spatial, dtype=spec.dtype), dynamic, dynamic_size
 
 
-def _nat_trunk(model: nn.Module) -> tuple[nn.Module, int | None]:
+def _nat_trunk(model: nn.Module) -> tuple[NAT, int | None]:
     """The NAT-family trunk whose blocks decide the dynamic range, and how many of its stages run (None: all)."""
     from natzoo.detection.backbone import NATBackbone
     from natzoo.models import NAT
@@ -109,7 +113,7 @@ def dynamic_size_range(model: nn.Module, input_size: Sequence[int] | None = None
     """
     trunk, num_stages = _nat_trunk(model)
     size = native_input_size(model) if input_size is None else _check_input_size(input_size)
-    lower = trunk.min_unpadded_input_size(num_stages)  # type: ignore[operator]
+    lower = trunk.min_unpadded_input_size(num_stages)
     ranges = tuple((low, _DYNAMIC_MAX_FACTOR * side) for low, side in zip(lower, size[1:]))
     for axis, side, (low, _high) in zip(("height", "width"), size[1:], ranges):
         if side < low:

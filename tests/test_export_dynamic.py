@@ -116,7 +116,7 @@ def test_dynamic_export_rejects_what_it_cannot_do(tmp_path):
     with pytest.raises(ValueError, match="height 160 is below 193"):
         export_program(nat, (3, 160, 224), dynamic=True)
     with pytest.raises(TypeError, match="dynamic must be a bool"):
-        export_program(nat, dynamic="yes")  # type: ignore[arg-type]
+        export_program(nat, dynamic="yes")
     iso = timm.create_model("nat_isotropic_small", embed_dim=16, num_heads=1, depth=1, kernel_size=3)
     with pytest.raises(ValueError, match="fixed input size"):
         export_onnx(iso, tmp_path / "iso.onnx", dynamic=True)

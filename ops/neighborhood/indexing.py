@@ -193,7 +193,7 @@ def symbolic_axis_windows(
     """
     x = torch.arange(length, device=device)  # [L] global coordinate of each query
     group, i = x % dilation, x // dilation
-    glen = (length - group + dilation - 1) // dilation  # [L] length of each query's dilation group
+    glen = (group.neg() + length + dilation - 1) // dilation  # [L] length of each query's dilation group
     leader = torch.minimum((i // stride) * stride + stride // 2, glen - 1)
     start = torch.clamp(torch.minimum(leader - kernel // 2, glen - kernel), min=0)
     slots = start[:, None] + torch.arange(kernel, device=device)  # [L, k] in-group key of each slot
@@ -227,7 +227,7 @@ def symbolic_window_tables(
     for length, k, s, d in zip(spatial, kernel_size, stride, dilation):
         axis_keys, axis_bias = symbolic_axis_windows(length, k, s, d, device)
         # [..., L_a, k_a] appended: row-major flat key index and flat rpb index over the axes seen so far.
-        keys = keys[..., None, None] * length + axis_keys
+        keys = axis_keys + keys[..., None, None] * length
         bias = bias[..., None, None] * (2 * k - 1) + axis_bias
     n = len(spatial)
     # [L_0, k_0, L_1, k_1, ...] -> [L_0, L_1, ..., k_0, k_1, ...] -> [N, K]
