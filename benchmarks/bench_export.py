@@ -129,6 +129,7 @@ def bench_dynamic(name: str, sizes: list[tuple[int, int]], batch: int, warmup: i
             "static_export_s": static_export_s, "dynamic_export_s": dynamic_export_s,
             "static_mib": static_path.stat().st_size / 2**20, "dynamic_mib": dynamic_path.stat().st_size / 2**20,
         })
+        print(f"# {rows[-1]}", flush=True)  # progress: a long run on a shared machine keeps what it measured
         del static
         static_path.unlink()
     return rows
