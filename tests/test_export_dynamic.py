@@ -20,7 +20,7 @@ from oracle import dense_na
 
 from natzoo import models  # noqa: F401  (registers the families)
 from natzoo.detection import NATBackbone
-from natzoo.export import (
+from natzoo.tools.export import (
     check_onnx_input_size,
     dynamic_size_range,
     export_onnx,
@@ -172,7 +172,7 @@ def test_detection_backbone_dynamic_onnx_at_two_sizes(tmp_path):
 @pytest.mark.slow
 def test_faster_rcnn_onnx_runs_two_image_sizes_of_one_padded_size(tmp_path):
     from natzoo.detection.detectors import build_detector
-    from natzoo.export import export_detector_onnx
+    from natzoo.tools.export import export_detector_onnx
 
     torch.manual_seed(0)
     detector = build_detector("fasterrcnn", "nat_mini", 3, fpn_channels=32, min_size=128, max_size=192,
