@@ -48,7 +48,11 @@ class _Attention(torch.nn.Module):
         return na2d(q, k, v, rpb=rpb if self.window["stride"] == 1 else None, backend="reference", **self.window)
 
 
-@pytest.mark.parametrize("kernel_size,stride,dilation", [(3, 1, 2), (5, 2, 1), (3, 2, 3)])
+@pytest.mark.parametrize("kernel_size,stride,dilation", [
+    (3, 1, 2),
+    pytest.param(5, 2, 1, marks=pytest.mark.slow),
+    pytest.param(3, 2, 3, marks=pytest.mark.slow),
+])
 def test_traced_op_with_symbolic_sizes_matches_the_oracle_at_other_sizes(kernel_size, stride, dilation):
     heads, dim = 2, 4
     low = kernel_size * dilation
