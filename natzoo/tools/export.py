@@ -77,7 +77,10 @@ def _program_example(program: torch.export.ExportedProgram) -> tuple[torch.Tenso
         raise ValueError(f"the exported program takes {len(names)} inputs; export_onnx handles one image tensor")
     spec = next(node.meta["val"] for node in program.graph.nodes if node.op == "placeholder" and node.name == names[0])
     dynamic = not isinstance(spec.shape[0], int)
-    spatial = [d if isinstance(d, int) else int(d.node.hint) for d in spec.shape[1:]]
+    # A symbolic side takes its traced value (a loaded program may lack it: then the lower end of its range).
+    spatial = [d if isinstance(d, int) else int(d.node.hint if d.node.hint is not None
+                                                 else program.range_constraints[d.node.expr].lower)
+               for d in spec.shape[1:]]
     dynamic_size = any(not isinstance(d, int) for d in spec.shape[2:])
     return torch.zeros(2 if dynamic else spec.shape[0], *spatial, dtype=spec.dtype), dynamic, dynamic_size
 
