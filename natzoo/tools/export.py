@@ -168,8 +168,7 @@ def export_program(model: nn.Module, input_size: Sequence[int] | None = None, *,
         dynamic_batch: Make the batch axis dynamic (any batch size >= 1); False fixes it at 2.
         dynamic: Make the height and width dynamic (``torch.export.Dim`` ``height`` and ``width``) within
             :func:`dynamic_size_range`; the program then rejects a size outside it, naming the bound. The window
-            tables are computed in the graph, which costs time at run time (docs/export.md): static stays the
-            default.
+            tables are computed in the graph and each query gathers its own window (the cost: docs/export.md).
 
     Returns:
         The exported program.
