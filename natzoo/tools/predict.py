@@ -278,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
         "CSV/JSON file.")
     parser.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns")
     parser.add_argument("-m", "--model", required=True,
-                        help="a run's .ckpt, a timm folder, an .onnx file or a registered model name (with --pretrained)")
+                        help="a run's .ckpt, a timm folder, an .onnx file or a registered model name "
+                        "(with --pretrained)")
     parser.add_argument("-k", "--top-k", type=int, default=5, help="classes per image (default 5)")
     parser.add_argument("-o", "--output", default=None, help="also write the results to this new .csv or .json file")
     parser.add_argument("-b", "--batch-size", type=int, default=32, help="images per forward (default 32)")
@@ -318,7 +319,8 @@ def main(argv: Sequence[str] | None = None) -> None:
               f"{', ...' if len(skipped) > 5 else ''}", file=sys.stderr)
     if output is not None:
         write_results(output, results, info, args.model)
-        print(f"wrote {output} ({len(results) - len(skipped)} images classified, top-{min(args.top_k, info.num_classes)}"
+        k = min(args.top_k, info.num_classes)
+        print(f"wrote {output} ({len(results) - len(skipped)} images classified, top-{k}"
               f"{f', {len(skipped)} skipped' if skipped else ''})", file=sys.stderr)
 
 

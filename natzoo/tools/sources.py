@@ -23,8 +23,8 @@ from natzoo import models  # noqa: F401  (registers the NAT families with timm)
 from natzoo.checkpoints import _HINT, network_weights, read_lightning_checkpoint
 from natzoo.tools.model_info import RECORD_KEY, ModelInfo, info_from_checkpoint, info_from_model
 
-__all__ = ["KINDS", "LoadedModel", "OnnxClassifier", "load_model", "onnx_written_by_natzoo", "program_written_by_natzoo",
-           "source_kind"]
+__all__ = ["KINDS", "LoadedModel", "OnnxClassifier", "load_model", "onnx_written_by_natzoo",
+           "program_written_by_natzoo", "read_program_info", "source_kind"]
 
 KINDS = ("checkpoint", "timm", "onnx", "program", "name")
 WRITER = "natzoo-export"
