@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from natzoo import train
-from natzoo.averaging import average_checkpoints
+from natzoo.tools.averaging import average_checkpoints
 from natzoo.datasets import ensure_demo_dataset
 from natzoo.testing import compose_config, tiny_overrides
 from natzoo.tools import export_cli, predict
@@ -216,12 +216,12 @@ def test_export_never_replaces_what_it_did_not_write(files, capsys):
 
 
 def test_dynamic_is_passed_on_or_refused_by_name(files, capsys):
-    from natzoo import export
+    from natzoo.tools import export
 
     if "dynamic" in inspect.signature(export.export_onnx).parameters:
-        pytest.skip("natzoo.export.export_onnx takes dynamic=: tested with the dynamic export")
+        pytest.skip("natzoo.tools.export.export_onnx takes dynamic=: tested with the dynamic export")
     err = _exit_message(capsys, export_cli.main, [str(files / "run.ckpt"), "-o", str(files / "d.onnx"), "--dynamic"])
-    assert "--dynamic: natzoo.export.export_onnx has no dynamic= option" in err
+    assert "--dynamic: natzoo.tools.export.export_onnx has no dynamic= option" in err
     assert not (files / "d.onnx").exists()
 
 
@@ -240,8 +240,8 @@ def test_a_checkpoint_without_a_record_works_with_one_note(files, capsys):
 
 def test_python_m_natzoo_export_without_arguments_prints_its_usage(monkeypatch, capsys):
     # It used to print nothing and exit 0 (no __main__ block). runpy runs the module as `python -m` does, in-process.
-    monkeypatch.setattr(sys, "argv", ["natzoo/export.py"])
+    monkeypatch.setattr(sys, "argv", ["natzoo/tools/export.py"])
     with pytest.raises(SystemExit) as exit_info:
-        runpy.run_module("natzoo.export", run_name="__main__")
+        runpy.run_module("natzoo.tools.export", run_name="__main__")
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "usage: natzoo-export" in err and "--output" in err

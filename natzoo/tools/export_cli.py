@@ -1,5 +1,5 @@
-"""``natzoo-export`` / ``python -m natzoo.export``: a run's checkpoint, a timm folder or a registered model to an ONNX
-file, a ``torch.export`` program (``.pt2``) or a timm folder, checked against PyTorch (docs/export.md).
+"""``natzoo-export`` / ``python -m natzoo.tools.export``: a run's checkpoint, a timm folder or a registered model to an
+ONNX file, a ``torch.export`` program (``.pt2``) or a timm folder, checked against PyTorch (docs/export.md).
 
 The written file carries the model's :class:`~natzoo.tools.model_info.ModelInfo` (preprocessing and class names) and
 a mark saying natzoo-export wrote it: an existing output is replaced only with ``--overwrite`` and only when it holds
@@ -63,7 +63,7 @@ def _check_output(output: Path, fmt: str, overwrite: bool) -> None:
         raise ValueError(f"--output {str(output)!r} exists; choose another path, or pass --overwrite to replace an "
                          "output natzoo-export wrote")
     if fmt == "timm":
-        from natzoo.timm_export import written_by_natzoo
+        from natzoo.tools.timm_export import written_by_natzoo
 
         ours = written_by_natzoo(output)
     elif output.is_symlink() or not output.is_file():
@@ -80,7 +80,7 @@ def _dynamic_kwargs(function: Any, dynamic: bool) -> dict[str, Any]:
     if not dynamic:
         return {}
     if "dynamic" not in inspect.signature(function).parameters:
-        raise ValueError(f"--dynamic: natzoo.export.{function.__name__} has no dynamic= option in this natzoo "
+        raise ValueError(f"--dynamic: natzoo.tools.export.{function.__name__} has no dynamic= option in this natzoo "
                          "(dynamic-resolution export is not available); export at a fixed size with --img-size")
     return {"dynamic": True}
 
@@ -98,7 +98,7 @@ def _write_onnx(loaded: LoadedModel, info: ModelInfo, scratch: Path, name: str, 
                 opset: int | None) -> tuple[Path, float, str]:
     import onnx
 
-    from natzoo.export import export_onnx
+    from natzoo.tools.export import export_onnx
 
     path = scratch / name
     export_onnx(loaded.model, path, info.input_size, opset_version=opset, **_dynamic_kwargs(export_onnx, dynamic))
@@ -121,7 +121,7 @@ def _write_onnx(loaded: LoadedModel, info: ModelInfo, scratch: Path, name: str, 
 
 def _write_program(loaded: LoadedModel, info: ModelInfo, scratch: Path, name: str,
                    dynamic: bool) -> tuple[Path, float, str]:
-    from natzoo.export import export_program
+    from natzoo.tools.export import export_program
 
     program = export_program(loaded.model, info.input_size, **_dynamic_kwargs(export_program, dynamic))
     path = scratch / name
@@ -147,7 +147,7 @@ def export(source: str, output: str | os.PathLike, fmt: str | None = None, *, us
         pretrained: a registered name's published weights.
         random_weights: a registered name with random weights.
         img_size: ``(height, width)`` to export at; None: the recorded input size.
-        dynamic: dynamic height and width (natzoo.export's ``dynamic=`` option).
+        dynamic: dynamic height and width (natzoo.tools.export's ``dynamic=`` option).
         overwrite: replace an existing output that natzoo-export wrote.
         opset: ONNX opset (None: the exporter's default).
         atol: largest accepted absolute difference of the logits.
@@ -171,7 +171,7 @@ def export(source: str, output: str | os.PathLike, fmt: str | None = None, *, us
         raise ValueError(f"--img-size takes one or two positive integers (height [width]), got {img_size!r}")
     _check_output(out, fmt, overwrite)
     if dynamic:
-        from natzoo import export as export_module
+        from natzoo.tools import export as export_module
 
         _dynamic_kwargs(export_module.export_onnx if fmt == "onnx" else export_module.export_program, dynamic)
     source_kind(source, "source")
@@ -211,7 +211,7 @@ def export(source: str, output: str | os.PathLike, fmt: str | None = None, *, us
 
 
 def _export_timm(loaded: LoadedModel, info: ModelInfo, out: Path, atol: float, report: Any) -> tuple[Path, float]:
-    from natzoo.timm_export import read_timm_folder, save_timm_model
+    from natzoo.tools.timm_export import read_timm_folder, save_timm_model
 
     save_timm_model(loaded.model, out, dict(info.data_config), info.label_names,
                     trained_from=loaded.source if loaded.trained else None, model_kwargs=info.model_kwargs)
@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of ``natzoo-export`` and ``python -m natzoo.export``; exits 2 with one line on a bad input."""
+    """Entry point of ``natzoo-export`` and ``python -m natzoo.tools.export``; exits 2 with one line on a bad input."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

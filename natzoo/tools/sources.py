@@ -138,7 +138,7 @@ def load_model(spec: str, *, use_ema: bool = False, pretrained: bool = False, ra
                              f"({_first_line(err)})") from None
         return LoadedModel(model.eval(), info, kind, spec, trained=True)
     if kind == "timm":
-        from natzoo.timm_export import read_timm_folder, written_by_natzoo
+        from natzoo.tools.timm_export import read_timm_folder, written_by_natzoo
 
         model, info = read_timm_folder(spec)
         trained = written_by_natzoo(spec) and (getattr(model, "pretrained_cfg", None) or {}).get("tag") == "natzoo"

@@ -9,7 +9,7 @@ ONNX files are written by PyTorch's dynamo-based exporter (``torch.onnx.export(.
 ``torch.export`` program; the TorchScript-based exporter records the batch size of its example input in every
 reshape of the attention and is not used.
 
-The command line (``natzoo-export``, ``python -m natzoo.export``) is :mod:`natzoo.tools.export_cli`.
+The command line (``natzoo-export``, ``python -m natzoo.tools.export``) is :mod:`natzoo.tools.export_cli`.
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram, path: str | os.
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m natzoo.export``: the ``natzoo-export`` command (:mod:`natzoo.tools.export_cli`)."""
+    """``python -m natzoo.tools.export``: the ``natzoo-export`` command (:mod:`natzoo.tools.export_cli`)."""
     from natzoo.tools.export_cli import main as command
 
     command(argv)

@@ -7,8 +7,8 @@ nothing here touches the network.
 
 During training the ``timm_model`` callback (``configs/callbacks/default.yaml``, ``enabled: false`` = off) writes
 the best checkpoint's model to ``<run dir>/timm_model/`` with the run's preprocessing and class names. After
-training, :func:`export_checkpoint` (``python -m natzoo.timm_export CKPT FOLDER``, or ``natzoo-export CKPT --to timm``)
-does the same from a checkpoint.
+training, :func:`export_checkpoint` (``python -m natzoo.tools.timm_export CKPT FOLDER``, or ``natzoo-export CKPT -o
+FOLDER``) does the same from a checkpoint.
 
 A folder natzoo writes records in ``config.json``'s extra top-level entry ``natzoo`` that natzoo wrote it (with the
 size of its weights file: the proof :func:`save_timm_model` needs before it replaces a folder) and the model's
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 _FILES = ("config.json", "model.safetensors")
 # config.json's top-level entry (timm ignores it) that proves natzoo wrote the folder and holds its ModelInfo record.
 _MARK = "natzoo"
-_WRITER = "natzoo.timm_export"
+_WRITER = "natzoo.tools.timm_export"
 
 
 def written_by_natzoo(folder: str | os.PathLike) -> bool:
@@ -236,8 +236,8 @@ class SaveTimmModel(pl.Callback):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m natzoo.timm_export CKPT FOLDER [--use-ema] [--img-size N]``."""
-    parser = argparse.ArgumentParser(prog="python -m natzoo.timm_export", description=__doc__.split("\n\n")[0])
+    """``python -m natzoo.tools.timm_export CKPT FOLDER [--use-ema] [--img-size N]``."""
+    parser = argparse.ArgumentParser(prog="python -m natzoo.tools.timm_export", description=__doc__.split("\n\n")[0])
     parser.add_argument("ckpt_path", help="a Lightning checkpoint written by train.py (best.ckpt, averaged.ckpt)")
     parser.add_argument("folder", help="the output folder (new, or one this command wrote)")
     parser.add_argument("--use-ema", action="store_true", help="export the EMA weights")
