@@ -241,6 +241,7 @@ def test_a_checkpoint_without_a_record_works_with_one_note(files, capsys):
 def test_python_m_natzoo_export_without_arguments_prints_its_usage(monkeypatch, capsys):
     # It used to print nothing and exit 0 (no __main__ block). runpy runs the module as `python -m` does, in-process.
     monkeypatch.setattr(sys, "argv", ["natzoo/tools/export.py"])
+    monkeypatch.delitem(sys.modules, "natzoo.tools.export", raising=False)  # runpy runs a fresh copy as __main__
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_module("natzoo.tools.export", run_name="__main__")
     err = capsys.readouterr().err
