@@ -21,6 +21,7 @@ from natzoo.tools.averaging import average_checkpoints
 from natzoo.datasets import ensure_demo_dataset
 from natzoo.testing import compose_config, tiny_overrides
 from natzoo.tools import export_cli, predict
+from natzoo.tools.model_info import info_from_checkpoint
 
 from helpers import one_thread  # noqa: F401
 
@@ -65,6 +66,15 @@ def test_checkpoints_record_the_runs_preprocessing_and_class_names(trained, tmp_
     averaged = average_checkpoints([result["best_checkpoint"], result["last_checkpoint"]], tmp_path / "avg.ckpt")
     best = torch.load(result["best_checkpoint"], map_location="cpu", weights_only=True)
     assert torch.load(averaged, map_location="cpu", weights_only=True)["natzoo_model"] == best["natzoo_model"]
+    # The same checkpoint without its record (as older natzoo wrote it), still in its run directory: the run's
+    # .hydra/config.yaml gives the same preprocessing, with a note.
+    best.pop("natzoo_model")
+    stripped = Path(result["best_checkpoint"]).with_name("stripped.ckpt")
+    torch.save(best, stripped)
+    info = info_from_checkpoint(torch.load(stripped, map_location="cpu", weights_only=True), str(stripped))
+    assert info.data_config == {**record["data_config"], "input_size": (3, 32, 32),
+                                "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    assert "preprocessing of" in info.assumed and ".hydra/config.yaml" in info.assumed and info.label_names is None
 
 
 @pytest.mark.slow
@@ -210,6 +220,10 @@ def test_export_never_replaces_what_it_did_not_write(files, capsys):
     # Its own timm folder is replaced with --overwrite (and only then).
     mine = files / "mine"
     export_cli.main([ckpt, "-o", str(mine)])
+    # Labelled as the model natzoo trained from the checkpoint, not as the official in1k weights of nat_mini.
+    config = json.loads((mine / "config.json").read_text())
+    assert config["pretrained_cfg"]["tag"] == "natzoo" and ckpt in config["pretrained_cfg"]["notes"][0]
+    assert "SHI-Labs" not in json.dumps(config["pretrained_cfg"]).replace("not the official SHI-Labs", "")
     assert "exists" in _exit_message(capsys, export_cli.main, [ckpt, "-o", str(mine)])
     export_cli.main([ckpt, "-o", str(mine), "--overwrite"])
     assert f"wrote {mine}" in capsys.readouterr().out
@@ -232,6 +246,19 @@ def test_a_checkpoint_without_a_record_works_with_one_note(files, capsys):
     assert out.count("note:") == 1 and "written before natzoo recorded preprocessing and class names" in out
     assert "224x224" in out  # nat_mini's pretrained input size
     assert info.input_size == (3, 224, 224) and [t[1] for t in results[0].top] and results[0].top[0][1] in "012"
+    # Still in its run directory: the run's .hydra/config.yaml gives its preprocessing (unset values: nat_mini's).
+    run = files / "run_dir"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("paths:\n  data_dir: ${hydra:runtime.cwd}/data\ndata:\n  img_size: 48\n"
+                                                "  root: ${paths.data_dir}/x\n  mean: null\n  eval_transform:\n"
+                                                "    crop_pct: 1.0\n    interpolation: bilinear\n")
+    (run / "checkpoints").mkdir()
+    moved = (files / "old.ckpt").rename(run / "checkpoints" / "old.ckpt")
+    results, info = predict.predict(str(moved), [str(files / "images" / "good1.png")], report=print)
+    out = capsys.readouterr().out
+    assert out.count("note:") == 1 and f"the preprocessing of {run / '.hydra' / 'config.yaml'} (48x48 px" in out
+    assert info.data_config == {"input_size": (3, 48, 48), "interpolation": "bilinear", "crop_pct": 1.0,
+                                "crop_mode": "center", "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
     # The recorded one: no note, its own 32-px preprocessing and class names.
     results, info = predict.predict(str(files / "run.ckpt"), [str(files / "images" / "good1.png")], report=print)
     assert capsys.readouterr().out == "" and info.input_size == (3, 32, 32)

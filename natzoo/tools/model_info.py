@@ -11,16 +11,19 @@ Every file natzoo writes for a classifier carries a :class:`ModelInfo` (docs/exp
 
 The preprocessing is a timm data config (the keys of :data:`DATA_KEYS`, as ``timm.data.resolve_data_config`` returns
 them) and becomes the evaluation transform through ``timm.data.create_transform``. Files written before these
-records existed still load: what is missing is taken from the model's pretrained config and the classes are named by
-their index, and :attr:`ModelInfo.assumed` says so in one sentence.
+records existed still load: the preprocessing is taken from the run's ``.hydra/config.yaml`` when the checkpoint is
+still in its run directory, else from the model's pretrained config, the classes are named by their index, and
+:attr:`ModelInfo.assumed` says so in one sentence.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from timm.data import create_transform, resolve_data_config
@@ -197,11 +200,53 @@ def record_for_module(hparams: Mapping[str, Any], datamodule: Any) -> dict[str, 
     return ModelInfo(name, num_classes, dict(hparams.get("model_kwargs") or {}), data, names).to_record()
 
 
-def info_from_checkpoint(checkpoint: Mapping[str, Any], source: str) -> ModelInfo:
-    """The :class:`ModelInfo` of a Lightning checkpoint of natzoo's classification task.
+def _run_config_value(cfg: Any, key: str) -> Any:
+    """A plain value of a saved Hydra config, or None when it is missing or does not resolve outside Hydra."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
 
-    A checkpoint written before natzoo recorded it is described from its hyper-parameters, the model's pretrained
-    preprocessing and class indices, with :attr:`ModelInfo.assumed` saying so.
+    try:
+        value = OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
+        return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+    except Exception:  # any interpolation that needs the Hydra runtime: treated as unset
+        return None
+
+
+def _run_data_config(checkpoint_path: str | os.PathLike, model_name: str) -> tuple[dict[str, Any], str] | None:
+    """The evaluation preprocessing of the run that wrote ``checkpoint_path`` (``<run>/checkpoints/*.ckpt`` or
+    ``<run>/checkpoints/top/*.ckpt``), from its ``.hydra/config.yaml`` as the classification task resolves it (the
+    config's values, the model's pretrained config for the unset ones), and that file; None without one."""
+    from omegaconf import OmegaConf
+
+    path = Path(checkpoint_path).absolute()
+    record = next((p / ".hydra" / "config.yaml" for p in list(path.parents)[:3] if (p / ".hydra" / "config.yaml")
+                   .is_file()), None)
+    if record is None:
+        return None
+    try:
+        cfg = OmegaConf.load(record)
+    except Exception:  # an unreadable or foreign file: the pretrained preprocessing is assumed instead
+        return None
+    size = _run_config_value(cfg, "data.img_size")
+    evaluation = _run_config_value(cfg, "data.eval_transform") or {}
+    given = {"input_size": (3, int(size), int(size)) if isinstance(size, int) else None,
+             "mean": _run_config_value(cfg, "data.mean"), "std": _run_config_value(cfg, "data.std"),
+             **{k: evaluation.get(k) for k in ("crop_pct", "crop_mode", "interpolation")
+                if isinstance(evaluation, dict)}}
+    pretrained = get_pretrained_cfg(model_name)
+    try:
+        resolved = resolve_data_config(args={k: v for k, v in given.items() if v is not None},
+                                       pretrained_cfg=pretrained.to_dict() if pretrained is not None else {})
+        return _check_data_config(resolved, str(record)), str(record)
+    except (ValueError, TypeError):
+        return None
+
+
+def info_from_checkpoint(checkpoint: Mapping[str, Any], source: str) -> ModelInfo:
+    """The :class:`ModelInfo` of a Lightning checkpoint of natzoo's classification task (``source``: its path).
+
+    A checkpoint written before natzoo recorded it is described from its hyper-parameters, the preprocessing of the
+    run that wrote it (its ``.hydra/config.yaml``, when the checkpoint is still in its run directory; else the model's
+    pretrained preprocessing) and class indices, with :attr:`ModelInfo.assumed` saying so.
 
     Raises:
         ValueError: not a classification checkpoint (no ``model_name``/``num_classes``), or a broken record.
@@ -214,13 +259,14 @@ def info_from_checkpoint(checkpoint: Mapping[str, Any], source: str) -> ModelInf
         raise ValueError(f"{source} is not a classification checkpoint of natzoo (its hyper-parameters name no "
                          f"model_name/num_classes: {sorted(hparams)[:8]})")
     name = str(hparams["model_name"])
-    data = _pretrained_data_config(name)
+    from_run = _run_data_config(source, name)
+    data, origin = from_run if from_run is not None else (_pretrained_data_config(name), f"{name}'s pretrained config")
     size = data["input_size"]
-    assumed = (f"{source} was written before natzoo recorded preprocessing and class names: assuming {name}'s "
-               f"pretrained preprocessing ({size[1]}x{size[2]} px, {data['interpolation']}, crop_pct "
-               f"{data['crop_pct']}, mean {tuple(round(v, 3) for v in data['mean'])}) and naming the classes by index; "
-               "if the run trained at another size or normalisation, its outputs here are not those of its evaluation "
-               "(pass --img-size, or re-save the checkpoint with a current natzoo)")
+    assumed = (f"{source} was written before natzoo recorded preprocessing and class names: using the preprocessing "
+               f"of {origin} ({size[1]}x{size[2]} px, {data['interpolation']}, crop_pct {data['crop_pct']}, mean "
+               f"{tuple(round(v, 3) for v in data['mean'])}) and naming the classes by index"
+               + ("" if from_run is not None else "; if the run trained at another size or normalisation, pass "
+                  "--img-size (natzoo-export)"))
     return ModelInfo(name, int(hparams["num_classes"]), dict(hparams.get("model_kwargs") or {}), data, None, assumed)
 
 
