@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from natzoo import train
@@ -41,7 +42,11 @@ def trained(tmp_path_factory):
     """A one-epoch `debug=tiny` run of the demo (as the other training tests): its run result and data root."""
     base = tmp_path_factory.mktemp("deploy")
     root = ensure_demo_dataset(base / "demo", train_per_class=8, val_per_class=4, img_size=32, seed=0)
-    result = train(compose_config("train", tiny_overrides(root, base / "logs", epochs=1), base / "run"))
+    cfg = compose_config("train", tiny_overrides(root, base / "logs", epochs=1), base / "run")
+    result = train(cfg)
+    # What Hydra writes into a run directory (train() is called here without @hydra.main): the composed config.
+    (base / "run" / ".hydra").mkdir()
+    OmegaConf.save(cfg, base / "run" / ".hydra" / "config.yaml")
     return result, root, base
 
 

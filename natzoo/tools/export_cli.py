@@ -213,8 +213,15 @@ def export(source: str, output: str | os.PathLike, fmt: str | None = None, *, us
 def _export_timm(loaded: LoadedModel, info: ModelInfo, out: Path, atol: float, report: Any) -> tuple[Path, float]:
     from natzoo.tools.timm_export import read_timm_folder, save_timm_model
 
-    save_timm_model(loaded.model, out, dict(info.data_config), info.label_names,
-                    trained_from=loaded.source if loaded.trained else None, model_kwargs=info.model_kwargs)
+    # Only a registered model's published weights keep the architecture's official labels.
+    if loaded.kind == "name":
+        origin = None if loaded.pretrained else "Random weights (natzoo-export --random-weights)"
+    elif loaded.trained:
+        origin = f"Trained with natzoo: {loaded.source}"
+    else:
+        origin = None  # a timm folder from elsewhere keeps what its config says
+    save_timm_model(loaded.model, out, dict(info.data_config), info.label_names, trained_from=origin,
+                    model_kwargs=info.model_kwargs)
     rebuilt, _ = read_timm_folder(out)
     x = _check_input(info)
     with torch.no_grad():

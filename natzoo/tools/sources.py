@@ -85,6 +85,7 @@ class LoadedModel:
         kind: one of :data:`KINDS`.
         source: the path or name it was loaded from.
         trained: whether natzoo trained the weights (a checkpoint, or a timm folder natzoo wrote from one).
+        pretrained: a registered name's published weights (False: random weights, or another kind).
     """
 
     model: nn.Module
@@ -92,6 +93,7 @@ class LoadedModel:
     kind: str
     source: str
     trained: bool
+    pretrained: bool = False
 
 
 def _first_line(err: BaseException) -> str:
@@ -150,7 +152,7 @@ def load_model(spec: str, *, use_ema: bool = False, pretrained: bool = False, ra
         model = timm.create_model(spec, pretrained=pretrained)
     except (RuntimeError, OSError, ValueError) as err:
         raise ValueError(f"{spec}: its published weights cannot be loaded ({_first_line(err)})") from None
-    return LoadedModel(model.eval(), info_from_model(model, spec), kind, spec, trained=False)
+    return LoadedModel(model.eval(), info_from_model(model, spec), kind, spec, trained=False, pretrained=pretrained)
 
 
 def onnx_written_by_natzoo(path: str | os.PathLike) -> bool:

@@ -67,9 +67,10 @@ def written_by_natzoo(folder: str | os.PathLike) -> bool:
 
 
 def _own_model_cfg(trained_from: str) -> dict[str, Any]:
-    """pretrained_cfg fields of a model natzoo trained: not the official weights of the architecture's cfg."""
+    """pretrained_cfg fields of weights that are not the official ones of the architecture's cfg (a model natzoo
+    trained, or random weights)."""
     return {"tag": "natzoo", "origin_url": None, "license": None, "hf_hub_id": None, "url": None,
-            "notes": [f"Trained with natzoo ({trained_from}); not the official SHI-Labs weights of this architecture."]}
+            "notes": [f"{trained_from}; not the official SHI-Labs weights of this architecture."]}
 
 
 def save_timm_model(model: nn.Module, folder: str | os.PathLike, data_config: dict[str, Any] | None = None,
@@ -85,8 +86,8 @@ def save_timm_model(model: nn.Module, folder: str | os.PathLike, data_config: di
         data_config: evaluation preprocessing (``input_size``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``,
             ``interpolation``); None: the model's pretrained config.
         label_names: class names, in output order.
-        trained_from: where the weights come from when natzoo trained them (a checkpoint path): the folder is then
-            labelled as that model (tag ``natzoo``, a note naming it) instead of the architecture's official weights
+        trained_from: where the weights come from when they are not the architecture's published ones (e.g.
+            ``"Trained with natzoo: <checkpoint>"``): the folder is then labelled as that model (tag ``natzoo``, a note naming it) instead of the architecture's official weights
             (tag ``in1k``, the SHI-Labs origin and notes). None: the model's own pretrained config is kept.
         model_kwargs: the constructor arguments to record in natzoo's description (besides timm's ``model_args``).
 
@@ -191,7 +192,7 @@ def export_checkpoint(ckpt_path: str | os.PathLike, folder: str | os.PathLike, u
     model.load_state_dict(network_weights(checkpoint, use_ema=use_ema))
     data = {**info.data_config, **(data_config or {})}
     names = label_names if label_names is not None else info.label_names
-    return save_timm_model(model.eval(), folder, data_config=data, label_names=names, trained_from=str(ckpt_path),
+    return save_timm_model(model.eval(), folder, data_config=data, label_names=names, trained_from=f"Trained with natzoo: {ckpt_path}",
                            model_kwargs=info.model_kwargs)
 
 
@@ -230,7 +231,7 @@ class SaveTimmModel(pl.Callback):
             source = getattr(pl_module, "model_ema").module if self.use_ema else getattr(pl_module, "model")
             model.load_state_dict(source.state_dict())
             out = save_timm_model(model.eval(), self.dirpath, data_config, names,
-                                  trained_from="the final weights of the run", model_kwargs=hparams.get("model_kwargs"))
+                                  trained_from="Trained with natzoo: the final weights of the run", model_kwargs=hparams.get("model_kwargs"))
         rank_zero_info(f"Saved the {'best' if best else 'final'} model in timm's layout to {out} "
                        f"(timm.create_model('local-dir:{out}', pretrained=True) after import natzoo.models)")
 
