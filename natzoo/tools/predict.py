@@ -225,6 +225,9 @@ def _write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", newline="") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -311,8 +314,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValueError as err:
         parser.exit(2, f"natzoo-predict: error: {err}\n")
     if not args.quiet:
-        for line in _console_lines(results):
-            print(line)
+        try:
+            for line in _console_lines(results):
+                print(line)
+            sys.stdout.flush()
+        except BrokenPipeError:  # the reader stopped early (`| head`): the rest of the run still writes its file
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     skipped = [r for r in results if r.error is not None]
     if skipped:
         print(f"skipped {len(skipped)} unreadable image(s): {', '.join(r.path for r in skipped[:5])}"

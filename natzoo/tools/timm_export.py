@@ -122,6 +122,9 @@ def save_timm_model(model: nn.Module, folder: str | os.PathLike, data_config: di
         config[_MARK] = {"written_by": _WRITER, "files": {"model.safetensors": (staging / "model.safetensors")
                                                           .stat().st_size}, RECORD_KEY: info.to_record()}
         config_path.write_text(json.dumps(config, indent=2) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp creates 0700; give the folder the usual permissions
         if out.exists():
             for name in _FILES:  # only natzoo's own two files, checked above
                 (out / name).unlink(missing_ok=True)
