@@ -369,42 +369,48 @@ def natten3dqkrpb(query: torch.Tensor, key: torch.Tensor, rpb: torch.Tensor | No
     return _qk(3, "natten3dqkrpb", query, key, ks, dil, None, False, rpb)
 
 
-def natten1dqk(query: torch.Tensor, key: torch.Tensor, kernel_size: int, dilation: int) -> torch.Tensor:
-    """Legacy 1-D logits without rpb."""
-    return _qk(1, "natten1dqk", query, key, kernel_size, dilation, None, False, None)
+def natten1dqk(query: torch.Tensor, key: torch.Tensor, kernel_size: int, dilation: int,
+               additional_keys: torch.Tensor | None = None) -> torch.Tensor:
+    """Legacy 1-D logits without rpb (`additional_keys` as in 0.15, where this name was ``na1d_qk``)."""
+    return _qk(1, "natten1dqk", query, key, kernel_size, dilation, additional_keys, False, None)
 
 
-def natten2dqk(query: torch.Tensor, key: torch.Tensor, kernel_size: int, dilation: int) -> torch.Tensor:
-    """Legacy 2-D logits without rpb."""
-    return _qk(2, "natten2dqk", query, key, kernel_size, dilation, None, False, None)
+def natten2dqk(query: torch.Tensor, key: torch.Tensor, kernel_size: int, dilation: int,
+               additional_keys: torch.Tensor | None = None) -> torch.Tensor:
+    """Legacy 2-D logits without rpb (`additional_keys` as in 0.15)."""
+    return _qk(2, "natten2dqk", query, key, kernel_size, dilation, additional_keys, False, None)
 
 
 def natten3dqk(query: torch.Tensor, key: torch.Tensor, kernel_size_d: int, kernel_size: int, dilation_d: int,
-               dilation: int) -> torch.Tensor:
-    """Legacy 3-D logits without rpb."""
+               dilation: int, additional_keys: torch.Tensor | None = None) -> torch.Tensor:
+    """Legacy 3-D logits without rpb (`additional_keys` as in 0.15)."""
     ks, dil = _depth(kernel_size_d, kernel_size, dilation_d, dilation)
-    return _qk(3, "natten3dqk", query, key, ks, dil, None, False, None)
+    return _qk(3, "natten3dqk", query, key, ks, dil, additional_keys, False, None)
 
 
-def natten1dav(attn: torch.Tensor, value: torch.Tensor, kernel_size: int, dilation: int | None = None) -> torch.Tensor:
-    """Legacy 1-D weighted sum, heads-first; ``(attn, value, dilation)`` is the 0.14.0-0.14.5 form."""
+def natten1dav(attn: torch.Tensor, value: torch.Tensor, kernel_size: int, dilation: int | None = None,
+               additional_values: torch.Tensor | None = None) -> torch.Tensor:
+    """Legacy 1-D weighted sum, heads-first; ``(attn, value, dilation)`` is the 0.14.0-0.14.5 form
+    (`additional_values` as in 0.15)."""
     if dilation is None:
         kernel_size, dilation = _kernel_from_attn(attn, 1, "natten1dav"), kernel_size
-    return _av(1, "natten1dav", attn, value, kernel_size, dilation, None, False)
+    return _av(1, "natten1dav", attn, value, kernel_size, dilation, additional_values, False)
 
 
-def natten2dav(attn: torch.Tensor, value: torch.Tensor, kernel_size: int, dilation: int | None = None) -> torch.Tensor:
-    """Legacy 2-D weighted sum, heads-first; ``(attn, value, dilation)`` is the 0.14.0-0.14.5 form."""
+def natten2dav(attn: torch.Tensor, value: torch.Tensor, kernel_size: int, dilation: int | None = None,
+               additional_values: torch.Tensor | None = None) -> torch.Tensor:
+    """Legacy 2-D weighted sum, heads-first; ``(attn, value, dilation)`` is the 0.14.0-0.14.5 form
+    (`additional_values` as in 0.15)."""
     if dilation is None:
         kernel_size, dilation = _kernel_from_attn(attn, 2, "natten2dav"), kernel_size
-    return _av(2, "natten2dav", attn, value, kernel_size, dilation, None, False)
+    return _av(2, "natten2dav", attn, value, kernel_size, dilation, additional_values, False)
 
 
 def natten3dav(attn: torch.Tensor, value: torch.Tensor, kernel_size_d: int, kernel_size: int, dilation_d: int,
-               dilation: int) -> torch.Tensor:
-    """Legacy 3-D weighted sum, heads-first."""
+               dilation: int, additional_values: torch.Tensor | None = None) -> torch.Tensor:
+    """Legacy 3-D weighted sum, heads-first (`additional_values` as in 0.15)."""
     ks, dil = _depth(kernel_size_d, kernel_size, dilation_d, dilation)
-    return _av(3, "natten3dav", attn, value, ks, dil, None, False)
+    return _av(3, "natten3dav", attn, value, ks, dil, additional_values, False)
 
 
 # ---- fused ops ---------------------------------------------------------------------------------------------------
