@@ -446,7 +446,8 @@ def test_signatures_of_the_015_forms(natten):
         sig = fn.natten_0_15_signature.parameters.values()
         assert [(p.name, REQUIRED if p.default is p.empty else p.default) for p in sig] == params
     # v0.15.1 natten3d.py: (dim, num_heads, kernel_size, kernel_size_d=None, dilation=1, dilation_d=None, bias=True,
-    # qkv_bias=True, qk_scale=None, attn_drop=0.0, proj_drop=0.0); natten1d.py/natten2d.py as _MOD_015.
+    # qkv_bias=True, qk_scale=None, attn_drop=0.0, proj_drop=0.0); natten1d.py/natten2d.py of v0.14.6 and v0.15.1
+    # as _MOD_015.
     params = inspect.signature(natten.NeighborhoodAttention3D.__init__).parameters
     assert params["kernel_size_d"].default is None and params["dilation_d"].default is None
     for cls in (natten.NeighborhoodAttention1D, natten.NeighborhoodAttention2D, natten.NeighborhoodAttention3D):
@@ -480,8 +481,9 @@ def test_official_nat_layer_arguments(natten):
     torch.testing.assert_close(layer(x), same(x))
     old = natten.NeighborhoodAttention(8, 3, 2)  # 0.14.0-0.14.4: (dim, kernel_size, num_heads), rpb always
     assert old.rpb.shape == (2, 5, 5) and old.dilation == (1, 1)
-    m3 = natten.NeighborhoodAttention3D(8, 2, 3, dilation=None, kernel_size_d=None, dilation_d=None)
-    assert m3.kernel_size == (3, 3, 3) and m3.dilation == (1, 1, 1)
+    m3 = natten.NeighborhoodAttention3D(8, 2, 3, dilation=None, kernel_size_d=None, dilation_d=None,
+                                        rel_pos_bias=None)
+    assert m3.kernel_size == (3, 3, 3) and m3.dilation == (1, 1, 1) and m3.rpb is None
     q = torch.randn(1, 2, 5, 6, 4)
     torch.testing.assert_close(natten.functional.na2d_qk(q, q, 3, None, None, None), natten.functional.na2d_qk(q, q, 3))
 

@@ -35,7 +35,7 @@ class _CompatNd(_NeighborhoodAttentionNd):
         kernel_size: Any,
         dilation: Any = 1,
         is_causal: Any = False,
-        rel_pos_bias: bool = False,
+        rel_pos_bias: bool | None = False,
         qkv_bias: bool = True,
         qk_scale: float | None = None,
         attn_drop: float = 0.0,
@@ -45,6 +45,8 @@ class _CompatNd(_NeighborhoodAttentionNd):
         bias: bool | None = None,
     ) -> None:
         name = type(self).__name__
+        # NATTEN tested `if rel_pos_bias:`, so None reads as False there.
+        rel_pos_bias = False if rel_pos_bias is None else rel_pos_bias
         check_bool(name, "rel_pos_bias", rel_pos_bias)
         check_bool(name, "use_experimental_ops", use_experimental_ops)
         if bias is not None:
@@ -81,7 +83,7 @@ class NeighborhoodAttention3D(_CompatNd):
     n = 3
 
     def __init__(self, dim: int, num_heads: int, kernel_size: Any, dilation: Any = 1, is_causal: Any = False,
-                 rel_pos_bias: bool = False, qkv_bias: bool = True, qk_scale: float | None = None,
+                 rel_pos_bias: bool | None = False, qkv_bias: bool = True, qk_scale: float | None = None,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, use_experimental_ops: bool = False, *,
                  bias: bool | None = None, kernel_size_d: int | None = None,
                  dilation_d: int | None = None) -> None:
