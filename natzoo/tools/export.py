@@ -9,6 +9,8 @@ range :func:`dynamic_size_range` declares, and the graph computes the tables fro
 ONNX files are written by PyTorch's dynamo-based exporter (``torch.onnx.export(..., dynamo=True)``) from the
 ``torch.export`` program; the TorchScript-based exporter records the batch size of its example input in every
 reshape of the attention and is not used.
+
+The command line (``natzoo-export``, ``python -m natzoo.tools.export``) is :mod:`natzoo.tools.export_cli`.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
     from natzoo.models import NAT
 
 __all__ = ["check_onnx_input_size", "dynamic_size_range", "export_detector_onnx", "export_onnx", "export_program",
-           "native_input_size", "onnx_size_range"]
+           "main", "native_input_size", "onnx_size_range"]
 
 # Above this many bytes of weights and constants, ONNX needs the external-data format (protobuf's 2 GiB limit).
 _EXTERNAL_DATA_BYTES = 1_800_000_000
@@ -356,3 +358,14 @@ def export_detector_onnx(detector: nn.Module, path: str | os.PathLike, image_siz
     entry.key, entry.value = "natzoo.detector_padded_size", "x".join(map(str, padded))
     onnx.save(proto, str(path))
     return path
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m natzoo.tools.export``: the ``natzoo-export`` command (:mod:`natzoo.tools.export_cli`)."""
+    from natzoo.tools.export_cli import main as command
+
+    command(argv)
+
+
+if __name__ == "__main__":
+    main()
