@@ -52,7 +52,7 @@ def call(**overrides):
         (dict(scale="0.5"), r"scale=.0.5."),  # scale
         (dict(scale=1e38), r"scale=1e\+38 is too large: \|scale\| must be <= 1e\+06"),  # scale overflowing float32
         (dict(scale=-2e6), r"scale=-2000000.0 is too large"),  # scale
-        (dict(backend="cuda"), r"backend must be one of None, 'auto', 'triton', 'dense', 'reference', got backend='cuda'"),
+        (dict(backend="cuda"), r"backend must be one of None, 'auto', 'triton', 'cpu', 'dense', 'reference', got backend='cuda'"),
         # a forced backend that cannot run the problem
         (dict(backend="triton", query=Q.double(), key=Q.double(), value=Q.double()), r"backend='triton'"),
     ],

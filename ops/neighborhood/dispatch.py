@@ -259,6 +259,32 @@ class TritonBackend(Backend):
         return na_triton(problem, query, key, value, rpb)
 
 
+class CpuBackend(Backend):
+    """The compiled C++ kernels of :mod:`.cpu` for CPU tensors (built at first use; see docs/ops.md)."""
+
+    name, title = "cpu", "cpu"
+
+    def refusal(self, problem: Problem, request: Request) -> Refusal | None:
+        dropout = _no_dropout("cpu", request)
+        if dropout is not None:
+            return dropout
+        if problem.device.type != "cpu":
+            return _cannot(f"device={problem.device} is not the CPU")
+        if torch.compiler.is_exporting():
+            return _cannot("torch.export (and the ONNX exporter) trace the reference's decomposed operators")
+        from . import cpu
+
+        reason = cpu.unavailable_reason()
+        if reason is not None:
+            return Refusal(reason, f", which is unavailable: {reason}", RuntimeError)
+        return None
+
+    def _run(self, problem, query, key, value, rpb, request):
+        from . import cpu
+
+        return cpu.na_cpu(problem, query, key, value, rpb, request.need_lse)
+
+
 class DenseBackend(Backend):
     """Dense attention with a neighbourhood bias (any device; auto only on GPUs below the Triton minimum)."""
 
@@ -301,7 +327,7 @@ class ReferenceBackend(Backend):
         return na_reference(problem, query, key, value, rpb, dropout_p=request.dropout_p, need_lse=request.need_lse)
 
 
-TABLE: dict[str, Backend] = {b.name: b for b in (TritonBackend(), DenseBackend(), ReferenceBackend())}
+TABLE: dict[str, Backend] = {b.name: b for b in (TritonBackend(), CpuBackend(), DenseBackend(), ReferenceBackend())}
 
 
 def select_backend(

@@ -21,7 +21,7 @@ BoolOrTuple = bool | Sequence[bool]
 # Practical scales (head_dim ** -0.5, cosine-attention temperatures up to ~100) are far below the bound.
 MAX_SCALE = 1e6
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-BACKENDS = (None, "auto", "triton", "dense", "reference")
+BACKENDS = (None, "auto", "triton", "cpu", "dense", "reference")
 
 
 @dataclass(frozen=True)
