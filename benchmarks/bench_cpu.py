@@ -5,6 +5,7 @@ rounds), so background load hits all of them alike.
 
     python benchmarks/bench_cpu.py layers --threads 1 --batch 1
     python benchmarks/bench_cpu.py models --threads 1 --batch 1 8
+    python benchmarks/bench_cpu.py demo --threads 1
     python benchmarks/bench_cpu.py peak
     python benchmarks/bench_cpu.py build
 """
@@ -158,6 +159,22 @@ def _step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, backend: str
     return loss
 
 
+def bench_demo(threads: int, rounds: int) -> None:
+    """The CPU demo's training step (`python train.py`: nat_mini of configs/model/nat_demo.yaml, 32x32, batch 64)."""
+    import timm
+
+    import natzoo.models  # noqa: F401  (registers the models on timm)
+
+    torch.set_num_threads(threads)
+    model = timm.create_model("nat_mini", embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8],
+                              num_classes=10)
+    x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+    res = interleaved({b: functools.partial(_step, model, x, y, b) for b in ("cpu", "reference")}, rounds)
+    print(f"\n### CPU demo training step (nat_mini, 32x32, batch 64), {threads} thread(s)\n")
+    print(f"cpu {res['cpu'] * 1e3:.0f} ms, reference {res['reference'] * 1e3:.0f} ms "
+          f"({res['reference'] / res['cpu']:.2f}x)")
+
+
 def bench_build() -> None:
     from natzoo.ops.neighborhood.cpu import build
 
@@ -169,7 +186,7 @@ def bench_build() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["layers", "models", "peak", "build"])
+    parser.add_argument("what", choices=["layers", "models", "demo", "peak", "build"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
     parser.add_argument("--rounds", type=int, default=5)
@@ -185,6 +202,8 @@ def main() -> None:
             bench_layers(batch, args.threads, args.rounds, peak)
     elif args.what == "models":
         bench_models(args.batch, args.threads, args.rounds, not args.no_train)
+    elif args.what == "demo":
+        bench_demo(args.threads, args.rounds)
     else:
         bench_build()
 
