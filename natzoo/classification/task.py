@@ -20,6 +20,7 @@ from natzoo.config import CLASSIFICATION_RULES, plain
 from natzoo.datasets.demo import ensure_demo_dataset
 from natzoo.datasets.folder import ImageFolderDataModule, check_image_folder_layout
 from natzoo.datasets.readers import READER_DATAMODULES, check_reader_source
+from natzoo.datasets.samplers import one_process_aug_repeats
 from natzoo.models import load_weights
 from natzoo.tasks import Task, register_task
 
@@ -160,11 +161,33 @@ def validate_config(cfg: DictConfig, stage: str) -> None:
                 or nodes > 1:
             raise ValueError("nonfinite_loss=skip is only supported on a single device (a skipped step would desync "
                              "the gradient all-reduce); use nonfinite_loss=stop for multi-device runs")
+    repeats = cfg.data.get("aug_repeats")
+    if stage == "fit" and repeats and process_count(cfg) == 1:
+        raise ValueError(one_process_aug_repeats(int(repeats)))
     classes = _prepare_data(cfg, stage)
     if stage == "fit" and cfg.get("ckpt_path"):
         info = resolve_ckpt_path(str(cfg.ckpt_path))
         if info is not None:
             check_resume(cfg, info.hyper_parameters, len(classes))
+
+
+def process_count(cfg: DictConfig) -> int | None:
+    """How many training processes ``cfg.trainer`` starts (devices x nodes), or None when only Lightning can tell."""
+    trainer = cfg.get("trainer") or {}
+    devices = plain(trainer.get("devices", "auto"))
+    nodes = trainer.get("num_nodes", 1) or 1
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    if isinstance(devices, (list, tuple)):
+        count = len(devices)
+    elif isinstance(devices, int) and not isinstance(devices, bool) and devices > 0:
+        count = devices
+    elif devices in ("auto", -1, "-1") and (accelerator == "cpu" or not torch.cuda.is_available()):
+        count = 1 if devices == "auto" else None  # Lightning's "auto" on the CPU is one process
+    else:
+        return None
+    return count * int(nodes) if count is not None and isinstance(nodes, int) else None
 
 
 def _model_name(cfg: DictConfig) -> str:

@@ -1,0 +1,149 @@
+"""Reliability, round three (issue 24): the new features' data paths (repeated augmentation, checkpoint averaging,
+Hugging Face datasets), sweeps, run directories left behind, and config keys nobody reads.
+
+Each test here failed on the code before the fix it guards (docs/reliability.md, section 13, lists them)."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+from natzoo import train
+from natzoo.datasets import ensure_demo_dataset
+from natzoo.testing import compose_config, tiny_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data") / "demo"
+    return ensure_demo_dataset(root, train_per_class=8, val_per_class=4, img_size=32, seed=0)
+
+
+def _no_build(monkeypatch) -> None:
+    """Fails the test if a model or a data module is built (the check must come first)."""
+    from natzoo.classification import task as classification
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("built before the config check refused the run")
+
+    monkeypatch.setattr(classification, "build_module", forbidden)
+    monkeypatch.setattr(classification, "build_datamodule", forbidden)
+
+
+def _python(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+# --- 1. data.aug_repeats on one process -------------------------------------------------------------------------------
+
+def test_aug_repeats_on_one_process_is_refused_before_anything_is_built(demo_root, tmp_path, monkeypatch):
+    # timm's sampler on one process drew 22 of 64 images per epoch (a very large value: one image 64 times), rc 0.
+    _no_build(monkeypatch)
+    cfg = compose_config("train", tiny_overrides(demo_root, tmp_path / "logs", epochs=1) + ["data.aug_repeats=3"],
+                         tmp_path / "run")
+    with pytest.raises(ValueError, match=r"data\.aug_repeats=3 .* one process: .* 1/3 of the training images"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_aug_repeats_loader_of_a_one_process_trainer_is_refused(demo_root):
+    # The loader's own check, for trainers whose process count only Lightning knows (devices=auto on a GPU host).
+    from natzoo.datasets.folder import ImageFolderDataModule
+
+    module = ImageFolderDataModule(demo_root, img_size=32, batch_size=8, num_workers=0, aug_repeats=2)
+    module.setup("fit")
+    module.trainer = SimpleNamespace(world_size=1, global_rank=0)  # type: ignore[assignment]
+    with pytest.raises(ValueError, match=r"data\.aug_repeats=2 .* one process"):
+        module.train_dataloader()
+
+
+# --- 2. python -m natzoo.averaging never overwrites an input or a foreign file ----------------------------------------
+
+def _checkpoint(path: Path, value: float) -> Path:
+    torch.save({"state_dict": {"w": torch.full((3,), value)}, "pytorch-lightning_version": "2.6.0", "epoch": 0,
+                "global_step": 1, "hyper_parameters": {"model_name": "nat_mini"}}, path)
+    return path
+
+
+def test_averaging_cli_needs_a_named_output_and_never_replaces_an_input_or_a_foreign_file(tmp_path, capsys):
+    from natzoo.averaging import main
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    best, last = _checkpoint(folder / "best.ckpt", 1.0), _checkpoint(folder / "last.ckpt", 3.0)
+    before = {p: p.read_bytes() for p in (best, last)}
+    with pytest.raises(SystemExit) as exit_info:  # `python -m natzoo.averaging <run>/checkpoints/*.ckpt`
+        main([str(best), str(last)])
+    assert exit_info.value.code == 2 and "--output" in capsys.readouterr().err
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    for output in (best, notes):
+        with pytest.raises(SystemExit):
+            main([str(best), str(last), "--output", str(output)])
+    assert {p: p.read_bytes() for p in (best, last)} == before and notes.read_text() == "mine"
+
+    averaged = tmp_path / "averaged.ckpt"
+    main([str(best), str(last), "--output", str(averaged)])
+    main([str(best), str(last), "-o", str(averaged)])  # an earlier average of natzoo's may be replaced
+    torch.testing.assert_close(torch.load(averaged, weights_only=True)["state_dict"]["w"], torch.full((3,), 2.0))
+
+
+# --- 3. data=hfds: each split's own ClassLabel -----------------------------------------------------------------------
+
+def _png(colour: int) -> bytes:
+    pixels = torch.zeros(8, 8, 3, dtype=torch.uint8)
+    pixels[..., colour] = 200
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _saved(root: Path, val_names: list[str], val_colours: list[int]) -> Path:
+    """A DatasetDict saved to disk: the training split lists (red, green, blue); the validation split lists
+    ``val_names`` and stores, for the image of colour c, the index of that colour's name in its own list."""
+    datasets = pytest.importorskip("datasets")
+    colours = ["red", "green", "blue"]
+
+    def split(names: list[str], image_colours: list[int]) -> object:
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
+        labels = [names.index(colours[c]) for c in image_colours]
+        images = [{"bytes": _png(c), "path": None} for c in image_colours]
+        return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+    datasets.DatasetDict(train=split(colours, [0, 1, 2] * 3), validation=split(val_names, val_colours)).save_to_disk(
+        str(root))
+    return root
+
+
+def test_hfds_maps_each_splits_own_class_labels_by_name(tmp_path):
+    from natzoo.datasets.readers import HfdsDataModule
+
+    colours = [0, 1, 2, 2, 1, 0]
+    root = _saved(tmp_path / "saved", ["blue", "red", "green"], colours)
+    for with_train in (True, False):  # training, and evaluation (which opens the validation split only)
+        module = HfdsDataModule(root, cache_dir=str(tmp_path / "cache"), img_size=8, batch_size=2, num_workers=0)
+        module.setup("fit" if with_train else "validate")
+        assert module.classes == ["red", "green", "blue"]
+        assert [module.val_set[i][1] for i in range(len(colours))] == colours  # the image's colour is its class
+
+
+def test_hfds_splits_with_different_classes_are_refused_naming_them(tmp_path):
+    from natzoo.datasets.readers import HfdsDataModule
+
+    root = _saved(tmp_path / "saved", ["red", "green", "blue", "black"], [0, 1, 2])
+    module = HfdsDataModule(root, cache_dir=str(tmp_path / "cache"), img_size=8, batch_size=2, num_workers=0)
+    with pytest.raises(ValueError, match=r"split 'validation' lists other classes than split 'train' \(only in "
+                                         r"'validation': \['black'\]"):
+        module.setup("fit")
