@@ -14,7 +14,8 @@
   place, so two processes never write the same temporary file.
 * **No litter** (:func:`discard_unused`). A run that fails its config check removes what was created for it: the
   directory this process claimed, when it holds nothing but Hydra's record (``.hydra/*.yaml``, ``<job>.log``) and the
-  lock file; for a resumed run, only the ``.hydra/resumed_<timestamp>`` record of this attempt.
+  lock file; for a resumed run, only the ``.hydra/resumed_<timestamp>`` record of this attempt, which the process
+  created itself (:func:`claim_record_dir`: ``resumed_<timestamp>_2``, ... when a concurrent resume took the name).
 """
 
 from __future__ import annotations
@@ -30,12 +31,15 @@ from typing import IO, Any
 
 from natzoo.ownership import scratch_prefix
 
-__all__ = ["RunDirLock", "RunDirectoryBusy", "claim_fresh_dir", "discard_unused", "write_atomically"]
+__all__ = ["RunDirLock", "RunDirectoryBusy", "claim_fresh_dir", "claim_record_dir", "discard_unused",
+           "write_atomically"]
 
 LOCK_NAME = ".natzoo.lock"
 
 # candidate name -> (claimed directory, parent directories this process created for it)
 _CLAIMED: dict[str, tuple[Path, list[Path]]] = {}
+# (run directory, candidate record name) -> the record folder this process created under <run dir>/.hydra
+_RECORDS: dict[tuple[str, str], Path] = {}
 
 
 def claim_fresh_dir(candidate: str) -> str:
@@ -64,6 +68,34 @@ def claim_fresh_dir(candidate: str) -> str:
             atexit.register(_remove_empty_claims)
         _CLAIMED[candidate] = (path, created)
         return str(path)
+
+
+def claim_record_dir(run_dir: str | os.PathLike, name: str) -> str:
+    """Creates the Hydra record folder of a resumed run, ``<run dir>/.hydra/<name>`` (``<name>_2``, ... when another
+    process took it), so that two resumes started in the same second never share (or delete) one record.
+
+    Args:
+        run_dir: The run directory the resumed run continues in.
+        name: The record's folder name (``resumed_<timestamp>``).
+
+    Returns:
+        Hydra's ``output_subdir`` relative to the run directory (``.hydra/<name>`` or ``.hydra/<name>_<n>``); the same
+        one for the same arguments within a process.
+    """
+    key = (str(Path(run_dir).resolve()), name)
+    if key not in _RECORDS:
+        hydra_dir = Path(key[0]) / ".hydra"
+        number = 1
+        while True:
+            path = hydra_dir / (name if number == 1 else f"{name}_{number}")
+            try:
+                path.mkdir()
+            except FileExistsError:
+                number += 1
+                continue
+            break
+        _RECORDS[key] = path
+    return f".hydra/{_RECORDS[key].name}"
 
 
 def _remove_empty_claims() -> None:
@@ -140,6 +172,8 @@ def discard_unused(output_dir: str | os.PathLike, hydra_subdir: str | None = Non
         return True
     if hydra_subdir and Path(hydra_subdir).name.startswith("resumed_"):
         record = directory / hydra_subdir
+        if not any(claimed.resolve() == record.resolve() for claimed in _RECORDS.values()):
+            return False  # another process's record (a concurrent resume started in the same second)
         if record.is_dir() and not record.is_symlink() and _only_yaml(record):
             for item in record.iterdir():
                 item.unlink()

@@ -147,3 +147,58 @@ def test_hfds_splits_with_different_classes_are_refused_naming_them(tmp_path):
     with pytest.raises(ValueError, match=r"split 'validation' lists other classes than split 'train' \(only in "
                                          r"'validation': \['black'\]"):
         module.setup("fit")
+
+
+# --- 4. two sweeps of one run_name started in the same second ---------------------------------------------------------
+
+# train.py under Hydra with its `now` resolver pinned, so that two processes start "in the same second".
+_PINNED_NOW = """
+import sys
+from omegaconf import OmegaConf
+import hydra._internal.hydra as hydra_main
+import hydra._internal.core_plugins.basic_launcher as launcher
+original = hydra_main.setup_globals
+
+def pinned():
+    original()
+    OmegaConf.register_new_resolver("now", lambda pattern: "2026-01-01_00-00-00", use_cache=True, replace=True)
+
+hydra_main.setup_globals = launcher.setup_globals = pinned
+from natzoo.train import main
+sys.argv = ["train.py", *sys.argv[1:]]
+main("script")
+"""
+
+
+@pytest.mark.slow
+def test_two_sweeps_of_one_run_name_started_together_get_separate_directories(demo_root, tmp_path):
+    logs = tmp_path / "logs"
+    base = ["-c", _PINNED_NOW, "-m", *tiny_overrides(demo_root, logs, epochs=1), "run_name=same", "debug=fdr"]
+    procs = [subprocess.Popen([sys.executable, *base, f"seed={seed}"], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for seed in (1, 3)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    sweeps = sorted((logs / "same" / "multiruns").iterdir())
+    assert [s.name for s in sweeps] == ["2026-01-01_00-00-00", "2026-01-01_00-00-00_2"]
+    seeds = sorted((s / "0" / ".hydra" / "config.yaml").read_text().split("\nseed: ")[1].split()[0] for s in sweeps)
+    assert seeds == ["1", "3"]
+
+
+# --- Partly fixed: a refused concurrent resume deleted the running resume's record -----------------------------------
+
+def test_refused_resume_keeps_the_running_resumes_record(tmp_path):
+    from natzoo import rundir
+
+    run = tmp_path / "run"
+    record = run / ".hydra" / "resumed_2026-01-01_00-00-00"
+    record.mkdir(parents=True)  # written by the resume that holds the lock (another process)
+    (record / "config.yaml").write_text("seed: 1\n")
+    # The second resume, started in the same second, is refused by the lock; its clean-up must spare that record.
+    assert not rundir.discard_unused(run, ".hydra/resumed_2026-01-01_00-00-00")
+    assert (record / "config.yaml").read_text() == "seed: 1\n"
+    # Its own record goes to a folder it claimed, which is what its clean-up removes.
+    mine = rundir.claim_record_dir(run, "resumed_2026-01-01_00-00-00")
+    assert mine == ".hydra/resumed_2026-01-01_00-00-00_2"
+    (run / mine / "config.yaml").write_text("seed: 3\n")
+    assert rundir.discard_unused(run, mine) and not (run / mine).exists()
+    assert (record / "config.yaml").read_text() == "seed: 1\n"
