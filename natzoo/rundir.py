@@ -21,10 +21,11 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -32,7 +33,7 @@ from typing import IO, Any
 from natzoo.ownership import scratch_prefix
 
 __all__ = ["RunDirLock", "RunDirectoryBusy", "claim_fresh_dir", "claim_record_dir", "discard_unused",
-           "write_atomically"]
+           "release_other_claims", "write_atomically"]
 
 LOCK_NAME = ".natzoo.lock"
 
@@ -51,8 +52,9 @@ def claim_fresh_dir(candidate: str) -> str:
     Returns:
         The directory created (the same one for the same ``candidate`` within a process).
     """
-    if candidate in _CLAIMED:
-        return str(_CLAIMED[candidate][0])
+    key = os.path.abspath(candidate)  # `./logs/x` and `logs/x` are one name
+    if key in _CLAIMED:
+        return str(_CLAIMED[key][0])
     base = Path(candidate)
     created = [p for p in reversed(base.parents) if str(p) not in ("", ".") and not p.exists()]
     base.parent.mkdir(parents=True, exist_ok=True)
@@ -66,8 +68,36 @@ def claim_fresh_dir(candidate: str) -> str:
             continue
         if not _CLAIMED:
             atexit.register(_remove_empty_claims)
-        _CLAIMED[candidate] = (path, created)
+        _CLAIMED[key] = (path, created)
         return str(path)
+
+
+def release_other_claims(keep: str | os.PathLike) -> None:
+    """Removes the directories this process claimed other than ``keep`` (the run's own), when they are still empty.
+
+    Hydra evaluates the run directory's resolver while it merges the config groups, before the command line's
+    overrides are applied (``paths.log_dir``, a ``model=`` that changes ``run_name``); those claims are not the run's
+    and would stay behind, empty, after a ``kill -9``. A run calls this as soon as it knows its directory.
+    """
+    kept = Path(keep).resolve()
+    others = {key: claim for key, claim in _CLAIMED.items() if claim[0].resolve() != kept}
+    _remove_if_empty(others.values())
+    for key, (path, _) in others.items():
+        if not path.exists():
+            del _CLAIMED[key]
+
+
+def _remove_if_empty(claims: Iterable[tuple[Path, list[Path]]]) -> None:
+    """Removes the claimed directories that are empty, then the parents created for them that are empty (deepest
+    first: several claims of one process can share the parents the first one created)."""
+    claims = list(claims)
+    for path, _ in claims:
+        with contextlib.suppress(OSError):
+            path.rmdir()  # only an empty directory goes
+    parents = {parent for _, created in claims for parent in created}
+    for parent in sorted(parents, key=lambda p: len(p.resolve().parts), reverse=True):
+        with contextlib.suppress(OSError):
+            parent.rmdir()
 
 
 def claim_record_dir(run_dir: str | os.PathLike, name: str) -> str:
@@ -101,12 +131,7 @@ def claim_record_dir(run_dir: str | os.PathLike, name: str) -> str:
 def _remove_empty_claims() -> None:
     """At exit: removes each directory this process claimed and never wrote into (``--cfg job``, ``--help``, a
     process that stopped while composing), with the parents it created for it when they are empty too."""
-    for path, parents in _CLAIMED.values():
-        for directory in (path, *reversed(parents)):
-            try:
-                directory.rmdir()  # only an empty directory goes
-            except OSError:
-                break
+    _remove_if_empty(_CLAIMED.values())
 
 
 def _claimed_by_this_process(directory: Path) -> list[Path] | None:

@@ -28,7 +28,7 @@ from natzoo.cli import command
 from natzoo.config import COMMON_RULES, check_config, check_weights_source
 from natzoo.console import configure_console
 from natzoo.loggers import drop_rows_after
-from natzoo.rundir import RunDirectoryBusy, RunDirLock, discard_unused
+from natzoo.rundir import RunDirectoryBusy, RunDirLock, discard_unused, release_other_claims
 from natzoo.strategies import enable_grad_checkpointing
 from natzoo.tasks import Task, get_task, task_of_checkpoint
 
@@ -211,6 +211,8 @@ def run_directory(cfg: DictConfig, stage: str, lock: bool) -> Iterator[tuple[Tas
         The task, the resolved checkpoint and the run directory.
     """
     output_dir = Path(str(cfg.paths.output_dir))
+    if _is_rank_zero():
+        release_other_claims(output_dir)  # claims Hydra made before the command line's overrides were applied
     holder = RunDirLock(output_dir) if lock and _is_rank_zero() else None
     try:
         task, info = check_run_config(cfg, stage)
@@ -227,6 +229,12 @@ def run_directory(cfg: DictConfig, stage: str, lock: bool) -> Iterator[tuple[Tas
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         yield task, info, output_dir
+    except BaseException:
+        # A run that failed before it wrote any result (data, model or trainer construction; a missing logger
+        # package) leaves no empty run directory behind: only Hydra's record and the lock file go, nothing else.
+        if _is_rank_zero():
+            discard_unused(output_dir, _hydra_output_subdir())  # under the lock, released below
+        raise
     finally:
         if holder is not None:
             holder.release()

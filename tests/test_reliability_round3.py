@@ -202,3 +202,40 @@ def test_refused_resume_keeps_the_running_resumes_record(tmp_path):
     (run / mine / "config.yaml").write_text("seed: 3\n")
     assert rundir.discard_unused(run, mine) and not (run / mine).exists()
     assert (record / "config.yaml").read_text() == "seed: 1\n"
+
+
+# --- Partly fixed: empty run directories after failures and claims made before the overrides --------------------------
+
+# train.py with the classification module's construction replaced: it fails (mode "raise") or the process is killed
+# (mode "kill", as kill -9) once the config check has passed.
+_FAIL_AFTER_CHECK = """
+import os, signal, sys
+from natzoo.classification.module import ClassificationModule
+MODE = sys.argv[1]
+
+def build(*args, **kwargs):
+    if MODE == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError("simulated failure after the config check")
+
+ClassificationModule.__init__ = build
+from natzoo.train import main
+sys.argv = ["train.py", *sys.argv[2:]]
+main("script")
+"""
+
+
+@pytest.mark.parametrize("mode", ["raise", "kill"])
+def test_a_failed_run_leaves_no_empty_directory_and_no_claim_of_another_name(demo_root, tmp_path, mode):
+    logs = tmp_path / "mylogs"
+    done = subprocess.run([sys.executable, "-c", _FAIL_AFTER_CHECK, mode, *tiny_overrides(demo_root, logs, epochs=1),
+                           "model=nat_mini"], cwd=tmp_path, env=dict(ENV, PYTHONPATH=str(REPO)), capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert done.returncode != 0
+    if mode == "raise":
+        assert "simulated failure after the config check" in done.stderr
+    # Hydra resolved the run directory before applying paths.log_dir: that claim under ./logs is gone, even after
+    # kill -9, and the run's own directory goes when the run failed without a result.
+    assert not (tmp_path / "logs").exists(), sorted(str(p) for p in (tmp_path / "logs").rglob("*"))
+    runs = sorted((logs / "demo-nat_mini" / "runs").iterdir()) if (logs / "demo-nat_mini" / "runs").exists() else []
+    assert [r.name.count("_") for r in runs] == ([] if mode == "raise" else [1])  # no `<timestamp>_2` name
