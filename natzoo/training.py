@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from natzoo.callbacks import CurvePlot, ModelSummary, RNGState
 from natzoo.checkpoints import AtomicCheckpointIO, CheckpointInfo, find_last_checkpoint
 from natzoo.checkpoints import resolve_ckpt_path as read_ckpt_path
-from natzoo.cli import command
+from natzoo.cli import CONFIG_DIR, command
 from natzoo.config import COMMON_RULES, check_config, check_weights_source
 from natzoo.console import configure_console
 from natzoo.loggers import drop_rows_after
@@ -407,4 +407,20 @@ def _eval_overrides(cfg: DictConfig) -> list[str]:
         words.append(_shell_override("data.root", cfg.data.root))
     chosen = [o for o in _command_line_overrides(("data.root", "data")) if _override_key(o).split(".")[0]
               in ("data", "model")]
-    return words + [_shell_word(o) for o in chosen]
+    given = {_override_key(o) for o in chosen}
+    preset = [_shell_override(key, value) for key, value in _generator_changes(cfg, choice or "demo")
+              if key not in given]
+    return words + preset + [_shell_word(o) for o in chosen]
+
+
+def _generator_changes(cfg: DictConfig, choice: str) -> list[tuple[str, Any]]:
+    """``data.generate.*`` values of a generated dataset that differ from its data config's own (``configs/data/
+    <choice>.yaml``), e.g. set by ``debug=tiny``, which eval.yaml lacks: without them evaluation would generate and
+    score another dataset (and replace the one the run used)."""
+    generate = cfg.data.get("generate")
+    file = CONFIG_DIR / "data" / f"{choice}.yaml"
+    if not generate or not file.is_file():
+        return []
+    defaults = OmegaConf.load(file).get("generate") or {}
+    return [(f"data.generate.{key}", value) for key, value in generate.items()
+            if key in defaults and defaults[key] != value]

@@ -239,3 +239,29 @@ def test_a_failed_run_leaves_no_empty_directory_and_no_claim_of_another_name(dem
     assert not (tmp_path / "logs").exists(), sorted(str(p) for p in (tmp_path / "logs").rglob("*"))
     runs = sorted((logs / "demo-nat_mini" / "runs").iterdir()) if (logs / "demo-nat_mini" / "runs").exists() else []
     assert [r.name.count("_") for r in runs] == ([] if mode == "raise" else [1])  # no `<timestamp>_2` name
+
+
+# --- Partly fixed: the printed eval command keeps what a debug preset changed in the data ------------------------------
+
+def test_evaluate_with_command_of_a_debug_tiny_run_scores_the_runs_own_dataset(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from natzoo.hydra_setup import register_with_hydra
+    from natzoo.testing import CONFIG_DIR
+    from natzoo.training import _eval_overrides
+
+    register_with_hydra()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        run = compose("train", overrides=["debug=tiny", f"paths.data_dir={tmp_path}"], return_hydra_config=True)
+        HydraConfig.instance().set_config(run)
+        try:
+            words = _eval_overrides(run)
+        finally:
+            HydraConfig.instance().cfg = None
+        # What `python eval.py <words> ckpt_path=...` composes (the words are shell words; these need no unquoting).
+        evaluation = compose("eval", overrides=words)
+    assert evaluation.data.root == run.data.root
+    assert evaluation.data.generate == run.data.generate  # 8 + 4 images per class, not the full demo's 300 + 50
