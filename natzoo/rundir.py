@@ -24,10 +24,11 @@ import atexit
 import contextlib
 import os
 import socket
+import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import IO, Any
 
 from natzoo.ownership import scratch_prefix
@@ -51,25 +52,47 @@ def claim_fresh_dir(candidate: str) -> str:
 
     Returns:
         The directory created (the same one for the same ``candidate`` within a process).
+
+    A directory that cannot be created (a read-only log folder, a file in the way) ends the process with one
+    ``Error: ...`` line (status 2) when Hydra resolves the run's own directory; in the resolutions Hydra makes while it
+    merges the config groups (before the command line's ``paths.log_dir`` is applied) the name is returned unclaimed.
     """
     key = os.path.abspath(candidate)  # `./logs/x` and `logs/x` are one name
     if key in _CLAIMED:
         return str(_CLAIMED[key][0])
     base = Path(candidate)
     created = [p for p in reversed(base.parents) if str(p) not in ("", ".") and not p.exists()]
-    base.parent.mkdir(parents=True, exist_ok=True)
     number = 1
     while True:
         path = base if number == 1 else base.with_name(f"{base.name}_{number}")
         try:
+            base.parent.mkdir(parents=True, exist_ok=True)
             path.mkdir()
         except FileExistsError:
             number += 1
             continue
+        except OSError as err:
+            if not _resolving_the_job_directory():
+                return candidate
+            # Raised inside Hydra's resolver, an exception ends in ~110 lines of Hydra's own failing formatter.
+            print(f"Error: cannot create the run directory {path}: {err.strerror or err}; set paths.log_dir to a "
+                  "folder you can write to (or hydra.run.dir)", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
         if not _CLAIMED:
             atexit.register(_remove_empty_claims)
         _CLAIMED[key] = (path, created)
         return str(path)
+
+
+def _resolving_the_job_directory() -> bool:
+    """Whether Hydra is resolving the directory of the job it is about to run (``run_job``; a sweep's ``launch``)
+    rather than composing the config."""
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name in ("run_job", "launch") and "hydra" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def release_other_claims(keep: str | os.PathLike) -> None:

@@ -265,3 +265,17 @@ def test_evaluate_with_command_of_a_debug_tiny_run_scores_the_runs_own_dataset(t
         evaluation = compose("eval", overrides=words)
     assert evaluation.data.root == run.data.root
     assert evaluation.data.generate == run.data.generate  # 8 + 4 images per class, not the full demo's 300 + 50
+
+
+# --- Regression: a log folder that cannot be written ------------------------------------------------------------------
+
+def test_a_log_folder_that_cannot_be_created_is_one_error_line(tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder")  # a read-only folder behaves alike, but root may write there anyway
+    done = _python(["train.py", "debug=tiny", f"paths.log_dir={blocker / 'logs'}", f"paths.data_dir={tmp_path}"])
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.strip()]
+    assert errors[-1].startswith(f"Error: cannot create the run directory {blocker / 'logs'}") and "paths.log_dir" \
+        in errors[-1]
+    assert not any("Traceback" in line or "Hydra's exception formatting" in line for line in errors), errors
+    assert blocker.read_text() == "not a folder"
