@@ -138,7 +138,7 @@ COMMON_RULES: dict[str, Rule] = {
 CLASSIFICATION_RULES: dict[str, Rule] = {
     "confusion_matrix": Choice(("auto", True, False)),
     "loss.name": Choice(("ce", "bce")),
-    "loss.bce_target_threshold": Number(0.0, 1.0, high_open=True, nullable=True),
+    "loss.bce_target_threshold": Number(0.0, 1.0, low_open=True, high_open=True, nullable=True),  # 0: every target 1
     "loss.bce_sum": Flag(),
     "model.freeze": Texts(),
     "data.img_size": Integer(8, nullable=True),

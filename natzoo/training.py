@@ -37,6 +37,7 @@ __all__ = [
     "build_callbacks",
     "build_loggers",
     "build_trainer",
+    "check_added_keys",
     "check_run_config",
     "cpu_threads",
     "resolve_ckpt_path",
@@ -72,6 +73,7 @@ def check_run_config(cfg: DictConfig, stage: str) -> tuple[Task, CheckpointInfo 
     """
     try:
         task = get_task(str(cfg.get("task", "classification")))
+        check_added_keys(_command_line_overrides(), {**COMMON_RULES, **task.config_rules}, stage)
         check_config(cfg, {**COMMON_RULES, **task.config_rules})
         if stage == "eval":
             check_weights_source(cfg)
@@ -85,6 +87,44 @@ def check_run_config(cfg: DictConfig, stage: str) -> tuple[Task, CheckpointInfo 
         setattr(err, "natzoo_config_error", True)  # noqa: B010  (read by natzoo.console.exit_on_config_error)
         raise
     return task, resolved
+
+
+# Tables whose entries are handed on as they are (a library's keyword arguments, `_target_` entries), so a key added
+# to them with `+` is read: Lightning's Trainer, the model's constructor, callbacks, loggers, torch.compile, the data
+# module's arguments (which refuse an unknown one by name), Hydra's own settings.
+_OPEN_TABLES = ("trainer.", "model.kwargs.", "model.detector_kwargs.", "callbacks.", "logger.", "compile.", "data.",
+                "hydra.")
+# Knobs of one stage only: added to the other stage's config, nothing reads them.
+_EVAL_ONLY = ("pretrained", "random_weights", "output", "use_ema", "confusion_matrix")
+_FIT_ONLY = ("optim.", "sched.", "ema.", "loss.", "nonfinite_loss", "callbacks.", "logger.", "data.mixup.",
+             "data.train_transform.", "data.aug_repeats", "checkpoint")
+
+
+def check_added_keys(overrides: list[str], rules: dict[str, Any], stage: str) -> None:
+    """Refuses a command-line ``+key=value`` that adds a key no code of this stage reads (``+pretrained=true`` in
+    training trained from random weights without a word). Hydra only lets ``+`` add a key the config lacks, so such a
+    key is read only when it is an optional knob of this stage (a rule) or an entry of a table handed on as it is.
+
+    Raises:
+        ValueError: naming the override and where the settings are described.
+    """
+    program = "train.py" if stage == "fit" else "eval.py"
+    for override in overrides:
+        if not override.startswith("+") or override.startswith("++"):
+            continue  # `++key` may also set a key the config has; `~key` deletes one
+        key = _override_key(override)
+        other_stage = _EVAL_ONLY if stage == "fit" else _FIT_ONLY
+        if any(key == k.rstrip(".") or key.startswith(k) for k in other_stage):
+            raise ValueError(f"{override}: {program} does not use {key!r} (it is a setting of "
+                             f"{'eval.py' if stage == 'fit' else 'train.py'}), so it would be ignored"
+                             + (": to start training from published or saved weights, pass checkpoint=<file>"
+                                if key == "pretrained" else ""))
+        if key in rules or key.startswith(_OPEN_TABLES):
+            continue
+        raise ValueError(f"{override}: no setting {key!r} exists in {program}'s config, so nothing would read it "
+                         "(a misspelt or unsupported key); the settings are those of configs/"
+                         f"{'train' if stage == 'fit' else 'eval'}.yaml and its groups (python {program} --cfg job "
+                         "prints them all)")
 
 
 def _check_output_file(output: Any) -> None:

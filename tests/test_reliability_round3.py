@@ -279,3 +279,72 @@ def test_a_log_folder_that_cannot_be_created_is_one_error_line(tmp_path):
         in errors[-1]
     assert not any("Traceback" in line or "Hydra's exception formatting" in line for line in errors), errors
     assert blocker.read_text() == "not a folder"
+
+
+# --- Poor: accepted bad values, keys nobody reads --------------------------------------------------------------------
+
+def _with_command_line(config_name: str, overrides: list[str], tmp_path: Path):
+    """The config as ``train.py``/``eval.py`` compose it, with Hydra's record of the command line set."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from natzoo.hydra_setup import register_with_hydra
+    from natzoo.testing import CONFIG_DIR
+
+    register_with_hydra()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+    return cfg
+
+
+@pytest.mark.parametrize("stage, added, message", [
+    ("fit", "+pretrained=true", r"train\.py does not use 'pretrained' .* pass checkpoint=<file>"),
+    ("fit", "+optim.lrr=0.1", r"no setting 'optim\.lrr' exists in train\.py's config"),
+    ("fit", "+seeds=3", r"no setting 'seeds' exists"),
+    ("eval", "+sched.epochs=3", r"eval\.py does not use 'sched\.epochs'"),
+])
+def test_a_key_added_with_plus_that_nothing_reads_is_refused(demo_root, tmp_path, monkeypatch, stage, added,
+                                                             message):
+    from hydra.core.hydra_config import HydraConfig
+
+    from natzoo.training import check_run_config
+
+    _no_build(monkeypatch)
+    extra = [] if stage == "fit" else ["random_weights=true"]
+    try:
+        cfg = _with_command_line("train" if stage == "fit" else "eval",
+                                 [f"data.root={demo_root}", "debug=tiny" if stage == "fit" else "seed=0", *extra,
+                                  added], tmp_path)
+        with pytest.raises(ValueError, match=message):
+            check_run_config(cfg, stage)
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+def test_keys_added_to_tables_handed_on_are_accepted(demo_root, tmp_path):
+    from hydra.core.hydra_config import HydraConfig
+
+    from natzoo.training import check_added_keys
+
+    try:
+        added = ["+trainer.enable_progress_bar=false", "+model.kwargs.kernel_size=5", "+callbacks.x._target_=a.B",
+                 "++data.root=x", "+trainer.fast_dev_run=true"]
+        check_added_keys(added, {}, "fit")
+        check_added_keys(["+trainer.enable_progress_bar=false", "+pretrained=true"], {"pretrained": None}, "eval")
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+def test_bce_target_threshold_of_zero_is_refused(demo_root, tmp_path, monkeypatch):
+    _no_build(monkeypatch)
+    cfg = compose_config("train", tiny_overrides(demo_root, tmp_path / "logs") + ["loss.name=bce",
+                                                                                "loss.bce_target_threshold=0"],
+                         tmp_path / "run")
+    with pytest.raises(ValueError, match=r"loss\.bce_target_threshold=0.*in \(0, 1\)"):
+        train(cfg)
