@@ -335,6 +335,13 @@ def _fit(cfg: DictConfig, task: Task, ckpt_path: str | None, output_dir: Path, r
             _print_resume_hint(output_dir, "Training stopped by an error")
         raise
 
+    if trainer.global_step == 0 and trainer.max_steps != 0 and trainer.limit_train_batches != 0 \
+            and (trainer.max_epochs is None or trainer.max_epochs > 0):
+        # An empty or unreadable stream (a WebDataset shard without samples) ends fit after 0 steps "successfully".
+        raise RuntimeError(f"training ran 0 optimizer steps: the training data yielded no batch (data.root="
+                           f"{cfg.data.get('root')!r}, data.train_split={cfg.data.get('train_split')!r}); check that "
+                           "the training split holds samples natzoo can read")
+
     checkpoint_cb = trainer.checkpoint_callback
     best = getattr(checkpoint_cb, "best_model_path", "") or None
     last = next((getattr(cb, "best_model_path", "") or getattr(cb, "last_model_path", "")

@@ -348,3 +348,50 @@ def test_bce_target_threshold_of_zero_is_refused(demo_root, tmp_path, monkeypatc
                          tmp_path / "run")
     with pytest.raises(ValueError, match=r"loss\.bce_target_threshold=0.*in \(0, 1\)"):
         train(cfg)
+
+
+# --- Poor: WebDataset shards that lie --------------------------------------------------------------------------------
+
+def _shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for key, files in samples:
+            for suffix, payload in files.items():
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def _wds_overrides(root: Path, log_dir: Path, *extra: str) -> list[str]:
+    tiny = [o for o in tiny_overrides("unused", log_dir, epochs=1) if not o.startswith("data.")]
+    return tiny + ["data=wds", f"data.root={root}", "data.num_classes=3", "data.train_split=train-0000.tar",
+                   "data.val_split=val-0000.tar", "data.train_samples=4", "data.val_samples=4", "data.img_size=8",
+                   "data.eval_transform.crop_pct=1.0", "data.batch_size=2", "data.num_workers=0", *extra]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no_cls", r"sample 'v0' of shard .*val-0000\.tar has no \.cls label file \(it holds \['png'\]\)"),
+    ("label_7", r"label 7, outside 0\.\.2 \(data\.num_classes=3\)"),
+])
+def test_wds_samples_without_a_label_or_with_one_out_of_range_are_named(tmp_path, case, message):
+    pytest.importorskip("webdataset")
+    from natzoo.classification.task import build_datamodule
+
+    files = {"png": _png(0)} if case == "no_cls" else {"png": _png(0), "cls": b"7"}
+    _shard(tmp_path / "val-0000.tar", [(f"v{i}", files) for i in range(4)])
+    _shard(tmp_path / "train-0000.tar", [(f"t{i}", {"png": _png(0), "cls": b"0"}) for i in range(4)])
+    module = build_datamodule(compose_config("train", _wds_overrides(tmp_path, tmp_path / "logs")))
+    module.setup("validate")
+    with pytest.raises(RuntimeError, match=message):
+        next(iter(module.val_dataloader()))
+
+
+def test_a_run_that_trained_zero_steps_does_not_report_success(tmp_path):
+    pytest.importorskip("webdataset")
+    _shard(tmp_path / "train-0000.tar", [])  # an empty shard
+    _shard(tmp_path / "val-0000.tar", [(f"v{i}", {"png": _png(i % 3), "cls": str(i % 3).encode()}) for i in range(4)])
+    cfg = compose_config("train", _wds_overrides(tmp_path, tmp_path / "logs"), tmp_path / "run")
+    with pytest.raises(RuntimeError, match=r"training ran 0 optimizer steps: the training data yielded no batch"):
+        train(cfg)

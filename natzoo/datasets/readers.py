@@ -96,15 +96,24 @@ def check_reader_source(data: dict[str, Any], stage: str) -> None:
 
 class _SkipCountingIterable(IterableDataset):
     """timm's ``IterableImageDataset`` iteration over a reader that yields ``(None, None)`` for a skipped sample;
-    that sample becomes ``None``, which :func:`collate_skipping` drops and counts."""
+    that sample becomes ``None``, which :func:`collate_skipping` drops and counts. A label outside
+    ``[0, num_classes)`` is an error naming the shards and ``data.num_classes``."""
 
-    def __init__(self, reader: Any, transform: Callable):
+    def __init__(self, reader: Any, transform: Callable, num_classes: int | None = None, where: str = ""):
         self.reader = reader
         self.transform = transform
+        self.num_classes, self.where = num_classes, where
 
     def __iter__(self) -> Iterator[Any]:
         for image, target in self.reader:
-            yield None if image is None else (self.transform(image), target)
+            if image is None:
+                yield None
+                continue
+            if self.num_classes and isinstance(target, int) and not 0 <= target < self.num_classes:
+                raise RuntimeError(f"a sample of {self.where} has label {target}, outside 0..{self.num_classes - 1} "
+                                   f"(data.num_classes={self.num_classes}): set data.num_classes to the shards' "
+                                   "class count, or fix the sample's .cls file")
+            yield self.transform(image), target
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -127,6 +136,11 @@ def _decode_with_policy(sample: dict, bad_images: str, **decode_args: Any) -> di
     """timm's WebDataset sample decoding; an undecodable image or label is reported with its shard and key."""
     from timm.data.readers.reader_wds import WdsTargetKeyError, _decode
 
+    if not decode_args.get("target_key") and not decode_args.get("alt_label") and "cls" not in sample:
+        files = sorted(k for k in sample if not k.startswith("__"))
+        raise RuntimeError(
+            f"sample {sample.get('__key__')!r} of shard {sample.get('__url__')} has no .cls label file (it holds "
+            f"{files}): WebDataset classification shards need <key>.cls with the class index beside each image")
     try:
         return _decode(sample, **decode_args)
     except WdsTargetKeyError:
@@ -230,7 +244,9 @@ class WdsDataModule(ImageFolderDataModule):
             is_training=train, num_samples=self.train_samples if train else self.val_samples,
             batch_size=self.batch_size if train else self.eval_batch_size, seed=self.seed,
             sample_shuffle_size=self.shuffle_buffer, sample_initial_size=self.shuffle_buffer)
-        dataset = _SkipCountingIterable(reader, self.build_transform(train))
+        split = self.train_split if train else self.val_split
+        dataset = _SkipCountingIterable(reader, self.build_transform(train), self.num_classes_given,
+                                        f"data.{'train' if train else 'val'}_split={split!r} under {self.root}")
         reader.set_loader_cfg(num_workers=self.num_workers)  # the sample count per worker needs the worker count
         return dataset
 
