@@ -127,6 +127,19 @@ def check_added_keys(overrides: list[str], rules: dict[str, Any], stage: str) ->
                          "prints them all)")
 
 
+def _check_no_earlier_run(output_dir: Path) -> None:
+    """A fresh training run refuses a run directory that holds another run's results (``hydra.run.dir`` given again):
+    the two would share one ``metrics.csv`` and overwrite each other's checkpoints."""
+    found = [name for name in ("metrics.csv", "checkpoints") if (output_dir / name).exists()]
+    if found:
+        error = ValueError(f"the run directory {output_dir} already holds another run's {' and '.join(found)}: a new "
+                           "run there would mix its metrics with that run's and replace its checkpoints. Continue that "
+                           f"run with ckpt_path={output_dir / 'checkpoints' / 'last.ckpt'}, or start this one in a "
+                           "new directory (leave hydra.run.dir out: every run gets its own)")
+        setattr(error, "natzoo_config_error", True)  # noqa: B010
+        raise error
+
+
 def _check_output_file(output: Any) -> None:
     """``output`` (the evaluation's JSON file) must not be a folder, and its folder must be creatable."""
     if not output:
@@ -154,7 +167,32 @@ def resolve_ckpt_path(cfg: DictConfig, task: Task | None = None) -> CheckpointIn
         owner = task_of_checkpoint(info.hyper_parameters)
         hint = f"; it is a {owner} checkpoint: add task={owner}" if owner else ""
         raise ValueError(f"ckpt_path={info.path!r} was not written by the {task.name} task's module{hint}")
+    if info is not None and str(cfg.get("ckpt_path")) == "last" and "seed" in cfg:
+        _check_last_is_this_seeds(info.path, int(cfg.seed), resume_dir)
     return info
+
+
+def _run_seed(checkpoint: Path) -> int | None:
+    """The seed recorded in Hydra's record of the run that wrote ``checkpoint`` (None when there is none)."""
+    record = checkpoint.parent.parent / ".hydra" / "config.yaml"
+    try:
+        seed = OmegaConf.load(record).get("seed")
+    except Exception:  # a missing, unreadable or unparsable record (YAML errors) proves nothing: no seed
+        return None
+    return seed if isinstance(seed, int) else None
+
+
+def _check_last_is_this_seeds(path: str, seed: int, resume_dir: Any) -> None:
+    """``ckpt_path=last`` takes the newest ``last.ckpt`` of the run name, whichever seed wrote it: refused when its
+    run had another seed than this command (it would continue another seed's run under this seed's name)."""
+    found = _run_seed(Path(path))
+    if found is None or found == seed:
+        return
+    same = sorted((p for p in Path(str(resume_dir)).glob("**/checkpoints/last*.ckpt") if _run_seed(p) == seed),
+                  key=lambda p: p.stat().st_mtime)
+    hint = f"ckpt_path={same[-1]} continues this seed's newest run" if same else "no run of this seed has a last.ckpt"
+    raise ValueError(f"ckpt_path=last found {path}, written by a run with seed={found}, but this command has "
+                     f"seed={seed}: pass seed={found} to continue that run; {hint}")
 
 
 def build_callbacks(cfg: DictConfig, task: Task) -> list[pl.Callback]:
@@ -262,6 +300,8 @@ def run_directory(cfg: DictConfig, stage: str, lock: bool) -> Iterator[tuple[Tas
             except RunDirectoryBusy as err:
                 setattr(err, "natzoo_config_error", True)  # noqa: B010
                 raise
+        if stage == "fit" and info is None:
+            _check_no_earlier_run(output_dir)
     except BaseException:
         if _is_rank_zero():
             discard_unused(output_dir, _hydra_output_subdir())

@@ -395,3 +395,34 @@ def test_a_run_that_trained_zero_steps_does_not_report_success(tmp_path):
     cfg = compose_config("train", _wds_overrides(tmp_path, tmp_path / "logs"), tmp_path / "run")
     with pytest.raises(RuntimeError, match=r"training ran 0 optimizer steps: the training data yielded no batch"):
         train(cfg)
+
+
+def test_ckpt_path_last_refuses_the_newest_run_of_another_seed(demo_root, tmp_path):
+    from natzoo.training import resolve_ckpt_path
+
+    runs = tmp_path / "logs" / "demo-nat_mini" / "runs"
+    written = {}
+    for name, seed in (("2026-01-01_00-00-00", 3), ("2026-01-01_00-00-05", 1)):  # seed 1's run is the newer
+        (runs / name / ".hydra").mkdir(parents=True)
+        (runs / name / ".hydra" / "config.yaml").write_text(f"seed: {seed}\nrun_name: demo-nat_mini\n")
+        (runs / name / "checkpoints").mkdir()
+        written[seed] = _checkpoint(runs / name / "checkpoints" / "last.ckpt", float(seed))
+        stamp = 1_700_000_000 + 5 * len(written)
+        os.utime(written[seed], (stamp, stamp))
+    cfg = compose_config("train", tiny_overrides(demo_root, tmp_path / "logs") + ["ckpt_path=last", "seed=3"])
+    with pytest.raises(ValueError, match=rf"written by a run with seed=1, but this command has seed=3: pass seed=1 .*"
+                                         rf"ckpt_path={written[3]} continues this seed's newest run"):
+        resolve_ckpt_path(cfg)
+    same_seed = compose_config("train", tiny_overrides(demo_root, tmp_path / "logs") + ["ckpt_path=last", "seed=1"])
+    assert resolve_ckpt_path(same_seed).path == str(written[1])
+
+
+def test_a_fresh_run_into_a_directory_holding_another_run_is_refused(demo_root, tmp_path, monkeypatch):
+    _no_build(monkeypatch)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_text("epoch,step\n0,7\n")
+    cfg = compose_config("train", tiny_overrides(demo_root, tmp_path / "logs"), run)
+    with pytest.raises(ValueError, match=r"already holds another run's metrics\.csv: .* ckpt_path="):
+        train(cfg)
+    assert (run / "metrics.csv").read_text() == "epoch,step\n0,7\n"
