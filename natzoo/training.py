@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import re
 import shlex
@@ -78,6 +79,8 @@ def check_run_config(cfg: DictConfig, stage: str) -> tuple[Task, CheckpointInfo 
         if stage == "eval":
             check_weights_source(cfg)
             _check_output_file(cfg.get("output"))
+        else:
+            _check_logger_packages(cfg)
         resolved = resolve_ckpt_path(cfg, task)
         if resolved is not None:
             with open_dict(cfg):
@@ -125,6 +128,25 @@ def check_added_keys(overrides: list[str], rules: dict[str, Any], stage: str) ->
                          "(a misspelt or unsupported key); the settings are those of configs/"
                          f"{'train' if stage == 'fit' else 'eval'}.yaml and its groups (python {program} --cfg job "
                          "prints them all)")
+
+
+# Lightning's loggers and the package each needs (TensorBoard is dropped with a note when missing: build_loggers).
+# `logger=tensorboard` asks for TensorBoard on purpose (natzoo.experiment_loggers), unlike the default group's entry.
+_LOGGER_PACKAGES: dict[str, tuple[str, ...]] = {
+    "wandb_logger": ("wandb",), "WandbLogger": ("wandb",), "tensorboard_logger": ("tensorboard", "tensorboardX"),
+    "MLFlowLogger": ("mlflow",), "CometLogger": ("comet_ml",), "NeptuneLogger": ("neptune",)}
+
+
+def _check_logger_packages(cfg: DictConfig) -> None:
+    """A logger whose package is missing is refused by the config check (it failed when built, inside Hydra's
+    wrapper, after the run directory was made)."""
+    for name, spec in (cfg.get("logger") or {}).items():
+        target = str((spec or {}).get("_target_", ""))
+        packages = next((p for cls, p in _LOGGER_PACKAGES.items() if target.endswith(cls)), ())
+        if packages and not any(importlib.util.find_spec(p) is not None for p in packages):
+            raise ValueError(f"logger.{name} ({target}) needs the {packages[0]!r} package, which is not installed: "
+                             f"pip install {packages[0]} (or natzoo[loggers]), or log to metrics.csv alone with "
+                             "logger=csv")
 
 
 def _check_no_earlier_run(output_dir: Path) -> None:

@@ -426,3 +426,47 @@ def test_a_fresh_run_into_a_directory_holding_another_run_is_refused(demo_root, 
     with pytest.raises(ValueError, match=r"already holds another run's metrics\.csv: .* ckpt_path="):
         train(cfg)
     assert (run / "metrics.csv").read_text() == "epoch,step\n0,7\n"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["callbacks=default", "callbacks.timm_model.enabled=true", "callbacks.timm_model.use_ema=true"],
+     r"callbacks\.timm_model\.use_ema=true exports the EMA weights, but this run keeps none"),
+    (["callbacks=default", "callbacks.average_checkpoints.top_k=2", "callbacks.average_checkpoints.monitor=val/acc"],
+     r"callbacks\.average_checkpoints\.monitor='val/acc' is not a metric this run logs; choose one of \['val/loss'"),
+    (["logger=wandb"], r"logger\.wandb \(natzoo\.experiment_loggers\.wandb_logger\) needs the 'wandb' package"),
+])
+def test_settings_that_failed_after_training_are_refused_by_the_config_check(demo_root, tmp_path, monkeypatch, extra,
+                                                                              message):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    # as if wandb were not installed
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    _no_build(monkeypatch)
+    cfg = compose_config("train", tiny_overrides(demo_root, tmp_path / "logs") + extra, tmp_path / "run")
+    with pytest.raises(ValueError, match=message):
+        train(cfg)
+
+
+def test_resume_with_another_layer_decay_is_refused(demo_root, tmp_path):
+    from natzoo.classification.task import _module_kwargs, check_resume
+
+    saved = _module_kwargs(compose_config("train", tiny_overrides(demo_root, tmp_path / "logs")), 8)
+    cfg = compose_config("train", tiny_overrides(demo_root, tmp_path / "logs") + ["ckpt_path=x.ckpt",
+                                                                                "optim.layer_decay=0.75"])
+    with pytest.raises(ValueError, match=r"optim\.layer_decay: checkpoint None, config 0\.75"):
+        check_resume(cfg, saved, 8)
+
+
+def test_debug_tiny_with_data_folder_trains_on_the_users_folder(tmp_path):
+    from natzoo.training import check_run_config
+
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            (tmp_path / "mine" / split / name).mkdir(parents=True)
+            Image.new("RGB", (16, 16)).save(tmp_path / "mine" / split / name / "0.png")
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "mine").rglob("*"))
+    cfg = compose_config("train", ["debug=tiny", "data=folder", f"data.root={tmp_path / 'mine'}",
+                                   f"paths.log_dir={tmp_path / 'logs'}"], tmp_path / "run")
+    check_run_config(cfg, "fit")  # was refused: "not a demo dataset natzoo generated ... use data=folder"
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "mine").rglob("*")) == before
