@@ -198,7 +198,8 @@ def _run_seed(checkpoint: Path) -> int | None:
     """The seed recorded in Hydra's record of the run that wrote ``checkpoint`` (None when there is none)."""
     record = checkpoint.parent.parent / ".hydra" / "config.yaml"
     try:
-        seed = OmegaConf.load(record).get("seed")
+        loaded = OmegaConf.load(record)
+        seed = loaded.get("seed") if isinstance(loaded, DictConfig) else None
     except Exception:  # a missing, unreadable or unparsable record (YAML errors) proves nothing: no seed
         return None
     return seed if isinstance(seed, int) else None
@@ -530,6 +531,7 @@ def _generator_changes(cfg: DictConfig, choice: str) -> list[tuple[str, Any]]:
     file = CONFIG_DIR / "data" / f"{choice}.yaml"
     if not generate or not file.is_file():
         return []
-    defaults = OmegaConf.load(file).get("generate") or {}
+    loaded = OmegaConf.load(file)
+    defaults = (loaded.get("generate") if isinstance(loaded, DictConfig) else None) or {}
     return [(f"data.generate.{key}", value) for key, value in generate.items()
             if key in defaults and defaults[key] != value]

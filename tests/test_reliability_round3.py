@@ -470,3 +470,15 @@ def test_debug_tiny_with_data_folder_trains_on_the_users_folder(tmp_path):
                                    f"paths.log_dir={tmp_path / 'logs'}"], tmp_path / "run")
     check_run_config(cfg, "fit")  # was refused: "not a demo dataset natzoo generated ... use data=folder"
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "mine").rglob("*")) == before
+
+
+# --- Poor: errors that named nothing --------------------------------------------------------------------------------
+
+def test_load_from_checkpoint_with_a_plain_state_dict_names_the_file(tmp_path):
+    from natzoo.classification.module import ClassificationModule
+
+    path = tmp_path / "weights.pth"
+    torch.save({"head.weight": torch.zeros(2, 2)}, path)
+    with pytest.raises(ValueError, match=rf"checkpoint_path='{path}' is not a Lightning checkpoint: .* give other "
+                                         r"weight files .* as checkpoint="):
+        ClassificationModule.load_from_checkpoint(path, weights_only=True)

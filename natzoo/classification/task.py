@@ -205,6 +205,7 @@ def process_count(cfg: DictConfig) -> int | None:
     accelerator = str(trainer.get("accelerator", "auto"))
     if isinstance(devices, str) and devices.strip().isdigit():
         devices = int(devices)
+    count: int | None
     if isinstance(devices, (list, tuple)):
         count = len(devices)
     elif isinstance(devices, int) and not isinstance(devices, bool) and devices > 0:

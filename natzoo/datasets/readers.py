@@ -378,8 +378,8 @@ class HfdsDataModule(ImageFolderDataModule):
         splits = [self.train_split, self.val_split] if with_train else [self.val_split]
         reader_names = [sorted(self._reader(s).class_to_idx, key=self._reader(s).class_to_idx.get) for s in splits]
         own = {s: self.split_class_names(s) for s in dict.fromkeys([self.train_split, *splits])}
-        names = [own[s] if own[s] is not None else reader_names[i] for i, s in enumerate(splits)]
-        reference = own[self.train_split] or names[0]
+        names: list[list[str]] = [own[s] or reader_names[i] for i, s in enumerate(splits)]
+        reference: list[str] = own[self.train_split] or names[0]
         for split, listed in zip(splits, names):
             if sorted(listed) != sorted(reference):
                 extra, lacking = sorted(set(listed) - set(reference)), sorted(set(reference) - set(listed))
