@@ -482,3 +482,19 @@ def test_load_from_checkpoint_with_a_plain_state_dict_names_the_file(tmp_path):
     with pytest.raises(ValueError, match=rf"checkpoint_path='{path}' is not a Lightning checkpoint: .* give other "
                                          r"weight files .* as checkpoint="):
         ClassificationModule.load_from_checkpoint(path, weights_only=True)
+
+
+def test_attention_maps_name_a_block_or_head_out_of_range():
+    import timm
+
+    import natzoo.models  # noqa: F401  (registers the model family with timm)
+    from natzoo.attention_maps import attention_maps
+
+    model = timm.create_model("nat_mini", num_classes=2, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
+                              kernel_size=3)
+    image = torch.randn(3, 32, 32)
+    with pytest.raises(ValueError, match=r"block=3, but stage 0 has 1 attention module\(s\) \(block in -1\.\.0"):
+        attention_maps(model, image, (3, 3), block=3)
+    maps = attention_maps(model, image, (3, 3))
+    with pytest.raises(ValueError, match=r"head=2, but this stage has 1 heads \(0\.\.0"):
+        maps[0].weight_map(head=2)
