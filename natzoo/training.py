@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import logging
 import re
 import shlex
@@ -122,6 +123,9 @@ def check_added_keys(overrides: list[str], rules: dict[str, Any], stage: str) ->
                              f"{'eval.py' if stage == 'fit' else 'train.py'}), so it would be ignored"
                              + (": to start training from published or saved weights, pass checkpoint=<file>"
                                 if key == "pretrained" else ""))
+        if key.startswith("trainer.") and key.count(".") == 1 and key[len("trainer."):] not in _trainer_arguments():
+            raise ValueError(f"{override}: Lightning's Trainer has no argument {key[len('trainer.'):]!r} (the "
+                             "trainer config's keys are Trainer arguments)")
         if key in rules or key.startswith(_OPEN_TABLES):
             continue
         raise ValueError(f"{override}: no setting {key!r} exists in {program}'s config, so nothing would read it "
@@ -135,6 +139,10 @@ def check_added_keys(overrides: list[str], rules: dict[str, Any], stage: str) ->
 _LOGGER_PACKAGES: dict[str, tuple[str, ...]] = {
     "wandb_logger": ("wandb",), "WandbLogger": ("wandb",), "tensorboard_logger": ("tensorboard", "tensorboardX"),
     "MLFlowLogger": ("mlflow",), "CometLogger": ("comet_ml",), "NeptuneLogger": ("neptune",)}
+
+
+def _trainer_arguments() -> set[str]:
+    return set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
 
 
 def _check_logger_packages(cfg: DictConfig) -> None:

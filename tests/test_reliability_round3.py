@@ -498,3 +498,16 @@ def test_attention_maps_name_a_block_or_head_out_of_range():
     maps = attention_maps(model, image, (3, 3))
     with pytest.raises(ValueError, match=r"head=2, but this stage has 1 heads \(0\.\.0"):
         maps[0].weight_map(head=2)
+
+
+def test_a_bce_setting_with_cross_entropy_and_an_unknown_trainer_argument_are_refused(demo_root, tmp_path,
+                                                                                      monkeypatch):
+    from natzoo.training import check_added_keys
+
+    _no_build(monkeypatch)
+    cfg = compose_config("train", tiny_overrides(demo_root, tmp_path / "logs") + ["loss.bce_target_threshold=0.2"],
+                         tmp_path / "run")
+    with pytest.raises(ValueError, match=r"loss\.bce_target_threshold=0\.2 applies to loss\.name=bce only"):
+        train(cfg)
+    with pytest.raises(ValueError, match=r"\+trainer\.bogus=1: Lightning's Trainer has no argument 'bogus'"):
+        check_added_keys(["+trainer.bogus=1"], {}, "fit")

@@ -165,6 +165,11 @@ def validate_config(cfg: DictConfig, stage: str) -> None:
                              "the gradient all-reduce); use nonfinite_loss=stop for multi-device runs")
     if stage == "fit":
         _check_callbacks(cfg)
+        loss = cfg.get("loss") or {}
+        if loss.get("name", "ce") != "bce" and (loss.get("bce_target_threshold") is not None or loss.get("bce_sum")):
+            key = "bce_target_threshold" if loss.get("bce_target_threshold") is not None else "bce_sum"
+            raise ValueError(f"loss.{key}={loss.get(key)!r} applies to loss.name=bce only, and this run trains with "
+                             f"loss.name={loss.get('name', 'ce')!r}: add loss.name=bce, or drop loss.{key}")
     repeats = cfg.data.get("aug_repeats")
     if stage == "fit" and repeats and process_count(cfg) == 1:
         raise ValueError(one_process_aug_repeats(int(repeats)))
