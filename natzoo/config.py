@@ -84,7 +84,7 @@ _TRAINER_RULES: dict[str, Rule] = {
     "precision": _PRECISION,
     "max_epochs": Integer(1, nullable=True),
     "max_steps": Integer(-1),
-    "limit_train_batches": Either((Integer(0), Number(0.0, 1.0)), nullable=True),
+    "limit_train_batches": Either((Integer(1), Number(0.0, 1.0, low_open=True)), nullable=True),  # 0: no training
     "limit_val_batches": Either((Integer(0), Number(0.0, 1.0)), nullable=True),
     "gradient_clip_val": Number(0.0, nullable=True),
     "gradient_clip_algorithm": Choice(("norm", "value"), nullable=True),

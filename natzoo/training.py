@@ -82,6 +82,7 @@ def check_run_config(cfg: DictConfig, stage: str) -> tuple[Task, CheckpointInfo 
             _check_output_file(cfg.get("output"))
         else:
             _check_logger_packages(cfg)
+        _check_accelerator(cfg)
         resolved = resolve_ckpt_path(cfg, task)
         if resolved is not None:
             with open_dict(cfg):
@@ -139,6 +140,16 @@ def check_added_keys(overrides: list[str], rules: dict[str, Any], stage: str) ->
 _LOGGER_PACKAGES: dict[str, tuple[str, ...]] = {
     "wandb_logger": ("wandb",), "WandbLogger": ("wandb",), "tensorboard_logger": ("tensorboard", "tensorboardX"),
     "MLFlowLogger": ("mlflow",), "CometLogger": ("comet_ml",), "NeptuneLogger": ("neptune",)}
+
+
+def _check_accelerator(cfg: DictConfig) -> None:
+    """``trainer.accelerator=gpu`` (or ``cuda``) on a machine without a visible CUDA GPU is refused before anything is
+    built (Lightning refused it when the Trainer was made, after the data and the model)."""
+    accelerator = str((cfg.get("trainer") or {}).get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(f"trainer.accelerator={accelerator!r} but no CUDA GPU is visible to PyTorch (torch "
+                         f"{torch.__version__}, CUDA build {torch.version.cuda}): use trainer=cpu, or check "
+                         "CUDA_VISIBLE_DEVICES and the driver")
 
 
 def _trainer_arguments() -> set[str]:
@@ -377,8 +388,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def _fit(cfg: DictConfig, task: Task, ckpt_path: str | None, output_dir: Path, resuming_here: bool) -> dict[str, Any]:
     pl.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
 
-    datamodule = task.build_datamodule(cfg)
-    module = task.build_module(cfg, datamodule)
+    try:
+        datamodule = task.build_datamodule(cfg)
+        module = task.build_module(cfg, datamodule)
+    except (ValueError, TypeError) as err:
+        # argument checks of the data module and the model (`model.kwargs.embed_dim=-8`, a `model.freeze` name no
+        # parameter has): the message names the key, so it is printed as a config error, without a traceback
+        setattr(err, "natzoo_config_error", True)  # noqa: B010
+        raise
     if cfg.get("model", {}).get("grad_checkpointing"):
         rank_zero_info(f"gradient checkpointing on in {', '.join(enable_grad_checkpointing(module))}")
     callbacks = build_callbacks(cfg, task)

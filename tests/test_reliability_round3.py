@@ -511,3 +511,32 @@ def test_a_bce_setting_with_cross_entropy_and_an_unknown_trainer_argument_are_re
         train(cfg)
     with pytest.raises(ValueError, match=r"\+trainer\.bogus=1: Lightning's Trainer has no argument 'bogus'"):
         check_added_keys(["+trainer.bogus=1"], {}, "fit")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["trainer.limit_train_batches=0"], r"trainer\.limit_train_batches=0: expected an integer >= 1 or a finite "),
+    (["ckpt_path=/etc/hostname"], r"ckpt_path='/etc/hostname' cannot be read as a PyTorch checkpoint"),
+])
+def test_late_or_nameless_errors_are_config_errors_naming_the_key(demo_root, tmp_path, monkeypatch, extra, message):
+    _no_build(monkeypatch)
+    cfg = compose_config("train", tiny_overrides(demo_root, tmp_path / "logs") + extra, tmp_path / "run")
+    with pytest.raises(ValueError, match=message) as caught:
+        train(cfg)
+    assert getattr(caught.value, "natzoo_config_error", False)
+
+
+def test_gpu_accelerator_without_a_gpu_is_refused_before_anything_is_built(demo_root, tmp_path, monkeypatch):
+    _no_build(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = compose_config("train", tiny_overrides(demo_root, tmp_path / "logs") + ["trainer.accelerator=gpu"],
+                         tmp_path / "run")
+    with pytest.raises(ValueError, match=r"trainer\.accelerator='gpu' but no CUDA GPU is visible"):
+        train(cfg)
+
+
+def test_model_argument_errors_are_printed_as_config_errors(demo_root, tmp_path):
+    cfg = compose_config("train", tiny_overrides(demo_root, tmp_path / "logs") + ["model.kwargs.embed_dim=-8"],
+                         tmp_path / "run")
+    with pytest.raises(ValueError, match="embed_dim must be >= 1, got -8") as caught:
+        train(cfg)
+    assert getattr(caught.value, "natzoo_config_error", False)  # one `Error: ...` line, no traceback
