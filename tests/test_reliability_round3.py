@@ -540,3 +540,18 @@ def test_model_argument_errors_are_printed_as_config_errors(demo_root, tmp_path)
     with pytest.raises(ValueError, match="embed_dim must be >= 1, got -8") as caught:
         train(cfg)
     assert getattr(caught.value, "natzoo_config_error", False)  # one `Error: ...` line, no traceback
+
+
+def test_hfds_folder_that_is_not_a_saved_dataset_and_a_missing_split_are_named(tmp_path):
+    pytest.importorskip("datasets")
+    from natzoo.datasets.readers import check_reader_source
+
+    target = "natzoo.datasets.readers.HfdsDataModule"
+    (tmp_path / "images").mkdir()
+    with pytest.raises(ValueError, match=r"is not a Hugging Face dataset saved with save_to_disk"):
+        check_reader_source({"_target_": target, "root": str(tmp_path / "images")}, "fit")
+    root = _saved(tmp_path / "saved", ["red", "green", "blue"], [0, 1, 2])
+    with pytest.raises(ValueError, match=r"data\.val_split='valid' is not a split of the dataset .* \['train', "
+                                         r"'validation'\]"):
+        check_reader_source({"_target_": target, "root": str(root), "train_split": "train", "val_split": "valid"},
+                            "fit")

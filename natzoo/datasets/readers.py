@@ -73,6 +73,7 @@ def check_reader_source(data: dict[str, Any], stage: str) -> None:
         raise ValueError(f"data.root={str(root)!r} does not exist or is not a directory")
     if target == _HFDS_TARGET:
         _require("datasets", "hfds")
+        _check_saved_dataset(Path(root), data, stage)
         return
     _require("webdataset", "wds")
     has_info = any((Path(root) / name).is_file() for name in ("_info.json", "info.json"))
@@ -92,6 +93,28 @@ def check_reader_source(data: dict[str, Any], stage: str) -> None:
     if not data.get("num_classes"):
         raise ValueError("data.num_classes is not set: WebDataset .cls labels carry no class list, so set "
                          "data.num_classes=<number of classes>")
+
+
+def _check_saved_dataset(root: Path, data: dict[str, Any], stage: str) -> None:
+    """``root`` is a folder written by ``save_to_disk`` and, for a ``DatasetDict``, holds the configured splits."""
+    listing = root / "dataset_dict.json"
+    if not listing.is_file():
+        if (root / "state.json").is_file():
+            return  # one saved Dataset: timm's reader takes it as the only split
+        raise ValueError(f"data.root={str(root)!r} is not a Hugging Face dataset saved with save_to_disk (it has "
+                         "neither dataset_dict.json nor state.json); data=hfds reads such folders, data=folder reads "
+                         "image folders")
+    try:
+        splits = json.loads(listing.read_text()).get("splits")
+    except (OSError, ValueError, AttributeError):
+        return  # unreadable: timm's reader reports it
+    if not isinstance(splits, list):
+        return
+    for which in ("train", "val") if stage == "fit" else ("val",):
+        split = data.get(f"{which}_split")
+        if split is not None and str(split) not in splits:
+            raise ValueError(f"data.{which}_split={str(split)!r} is not a split of the dataset in "
+                             f"data.root={str(root)!r} (its splits: {splits})")
 
 
 class _SkipCountingIterable(IterableDataset):
@@ -374,7 +397,8 @@ class HfdsDataModule(ImageFolderDataModule):
             ValueError: the splits' ``ClassLabel`` features list different classes (naming the split and the
                 classes that differ), or the label column is a plain integer and ``num_classes`` is not set.
         """
-        check_reader_source({"_target_": _HFDS_TARGET, "root": str(self.root)}, "fit")
+        check_reader_source({"_target_": _HFDS_TARGET, "root": str(self.root), "train_split": self.train_split,
+                             "val_split": self.val_split}, "fit" if with_train else "eval")
         splits = [self.train_split, self.val_split] if with_train else [self.val_split]
         reader_names = [sorted(self._reader(s).class_to_idx, key=self._reader(s).class_to_idx.get) for s in splits]
         own = {s: self.split_class_names(s) for s in dict.fromkeys([self.train_split, *splits])}
