@@ -555,3 +555,21 @@ def test_hfds_folder_that_is_not_a_saved_dataset_and_a_missing_split_are_named(t
                                          r"'validation'\]"):
         check_reader_source({"_target_": target, "root": str(root), "train_split": "train", "val_split": "valid"},
                             "fit")
+
+
+def test_coco_image_entry_with_a_wrong_size_is_named_not_just_boxes_outside(tmp_path):
+    import json
+
+    pytest.importorskip("pycocotools")
+    from natzoo.datasets.coco import CocoDetectionDataset
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (200, 100)).save(tmp_path / "images" / "a.png")
+    data = {"images": [{"id": 1, "file_name": "a.png", "width": 20, "height": 10}],  # the real image is 200x100
+            "categories": [{"id": 1, "name": "thing"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [50, 40, 30, 30], "area": 900.0,
+                             "iscrowd": 0}]}
+    (tmp_path / "instances.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"1 outside the image; image a\.png is 200x100 on disk but the annotation "
+                                         r"file says 20x10"):
+        CocoDetectionDataset(tmp_path / "images", tmp_path / "instances.json", train=False)
