@@ -78,7 +78,7 @@ def _checkpoint(path: Path, value: float) -> Path:
 
 
 def test_averaging_cli_needs_a_named_output_and_never_replaces_an_input_or_a_foreign_file(tmp_path, capsys):
-    from natzoo.averaging import main
+    from natzoo.tools.averaging import main
 
     folder = tmp_path / "checkpoints"
     folder.mkdir()
@@ -164,9 +164,9 @@ def pinned():
     OmegaConf.register_new_resolver("now", lambda pattern: "2026-01-01_00-00-00", use_cache=True, replace=True)
 
 hydra_main.setup_globals = launcher.setup_globals = pinned
-from natzoo.train import main
+from natzoo.cli import train_main
 sys.argv = ["train.py", *sys.argv[1:]]
-main("script")
+train_main("script")
 """
 
 
@@ -187,7 +187,7 @@ def test_two_sweeps_of_one_run_name_started_together_get_separate_directories(de
 # --- Partly fixed: a refused concurrent resume deleted the running resume's record -----------------------------------
 
 def test_refused_resume_keeps_the_running_resumes_record(tmp_path):
-    from natzoo import rundir
+    from natzoo.run import rundir
 
     run = tmp_path / "run"
     record = run / ".hydra" / "resumed_2026-01-01_00-00-00"
@@ -219,9 +219,9 @@ def build(*args, **kwargs):
     raise RuntimeError("simulated failure after the config check")
 
 ClassificationModule.__init__ = build
-from natzoo.train import main
+from natzoo.cli import train_main
 sys.argv = ["train.py", *sys.argv[2:]]
-main("script")
+train_main("script")
 """
 
 
@@ -248,9 +248,9 @@ def test_evaluate_with_command_of_a_debug_tiny_run_scores_the_runs_own_dataset(t
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
 
-    from natzoo.hydra_setup import register_with_hydra
+    from natzoo.run.hydra_setup import register_with_hydra
     from natzoo.testing import CONFIG_DIR
-    from natzoo.training import _eval_overrides
+    from natzoo.run.training import _eval_overrides
 
     register_with_hydra()
     GlobalHydra.instance().clear()
@@ -290,7 +290,7 @@ def _with_command_line(config_name: str, overrides: list[str], tmp_path: Path):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from natzoo.hydra_setup import register_with_hydra
+    from natzoo.run.hydra_setup import register_with_hydra
     from natzoo.testing import CONFIG_DIR
 
     register_with_hydra()
@@ -313,7 +313,7 @@ def test_a_key_added_with_plus_that_nothing_reads_is_refused(demo_root, tmp_path
                                                              message):
     from hydra.core.hydra_config import HydraConfig
 
-    from natzoo.training import check_run_config
+    from natzoo.run.training import check_run_config
 
     _no_build(monkeypatch)
     extra = [] if stage == "fit" else ["random_weights=true"]
@@ -330,7 +330,7 @@ def test_a_key_added_with_plus_that_nothing_reads_is_refused(demo_root, tmp_path
 def test_keys_added_to_tables_handed_on_are_accepted(demo_root, tmp_path):
     from hydra.core.hydra_config import HydraConfig
 
-    from natzoo.training import check_added_keys
+    from natzoo.run.training import check_added_keys
 
     try:
         added = ["+trainer.enable_progress_bar=false", "+model.kwargs.kernel_size=5", "+callbacks.x._target_=a.B",
@@ -398,7 +398,7 @@ def test_a_run_that_trained_zero_steps_does_not_report_success(tmp_path):
 
 
 def test_ckpt_path_last_refuses_the_newest_run_of_another_seed(demo_root, tmp_path):
-    from natzoo.training import resolve_ckpt_path
+    from natzoo.run.training import resolve_ckpt_path
 
     runs = tmp_path / "logs" / "demo-nat_mini" / "runs"
     written = {}
@@ -433,7 +433,7 @@ def test_a_fresh_run_into_a_directory_holding_another_run_is_refused(demo_root, 
      r"callbacks\.timm_model\.use_ema=true exports the EMA weights, but this run keeps none"),
     (["callbacks=default", "callbacks.average_checkpoints.top_k=2", "callbacks.average_checkpoints.monitor=val/acc"],
      r"callbacks\.average_checkpoints\.monitor='val/acc' is not a metric this run logs; choose one of \['val/loss'"),
-    (["logger=wandb"], r"logger\.wandb \(natzoo\.experiment_loggers\.wandb_logger\) needs the 'wandb' package"),
+    (["logger=wandb"], r"logger\.wandb needs the wandb package"),
 ])
 def test_settings_that_failed_after_training_are_refused_by_the_config_check(demo_root, tmp_path, monkeypatch, extra,
                                                                               message):
@@ -459,7 +459,7 @@ def test_resume_with_another_layer_decay_is_refused(demo_root, tmp_path):
 
 
 def test_debug_tiny_with_data_folder_trains_on_the_users_folder(tmp_path):
-    from natzoo.training import check_run_config
+    from natzoo.run.training import check_run_config
 
     for split in ("train", "val"):
         for name in ("a", "b"):
@@ -488,7 +488,7 @@ def test_attention_maps_name_a_block_or_head_out_of_range():
     import timm
 
     import natzoo.models  # noqa: F401  (registers the model family with timm)
-    from natzoo.attention_maps import attention_maps
+    from natzoo.tools.attention_maps import attention_maps
 
     model = timm.create_model("nat_mini", num_classes=2, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
                               kernel_size=3)
@@ -502,7 +502,7 @@ def test_attention_maps_name_a_block_or_head_out_of_range():
 
 def test_a_bce_setting_with_cross_entropy_and_an_unknown_trainer_argument_are_refused(demo_root, tmp_path,
                                                                                       monkeypatch):
-    from natzoo.training import check_added_keys
+    from natzoo.run.training import check_added_keys
 
     _no_build(monkeypatch)
     cfg = compose_config("train", tiny_overrides(demo_root, tmp_path / "logs") + ["loss.bce_target_threshold=0.2"],

@@ -22,7 +22,7 @@ from natzoo.datasets.folder import ImageFolderDataModule, check_image_folder_lay
 from natzoo.datasets.readers import READER_DATAMODULES, check_reader_source
 from natzoo.datasets.samplers import one_process_aug_repeats
 from natzoo.models import load_weights
-from natzoo.tasks import Task, register_task
+from natzoo.run.tasks import Task, register_task
 
 __all__ = [
     "build_datamodule",

@@ -4,7 +4,7 @@ weights into one checkpoint, which evaluates and fine-tunes like any other (``ev
 During training, the ``average_checkpoints`` callback (``configs/callbacks/default.yaml``, ``top_k: 0`` = off) keeps
 the best ``top_k`` checkpoints by the task's metric in ``checkpoints/top/`` and writes ``checkpoints/averaged.ckpt``
 when training ends. After training, :func:`average_checkpoints` averages any list of Lightning checkpoints of the
-same model (``python -m natzoo.averaging IN1.ckpt IN2.ckpt ... --output OUT.ckpt``). The output is always named
+same model (``python -m natzoo.tools.averaging IN1.ckpt IN2.ckpt ... --output OUT.ckpt``). The output is always named
 explicitly and is never one of the inputs, nor an existing file other than an earlier average of natzoo's.
 """
 
@@ -160,12 +160,12 @@ class AverageBestCheckpoints(ModelCheckpoint):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m natzoo.averaging IN.ckpt [IN.ckpt ...] --output OUT.ckpt``.
+    """``python -m natzoo.tools.averaging IN.ckpt [IN.ckpt ...] --output OUT.ckpt``.
 
     The output is an option, never a position: with ``<run>/checkpoints/*.ckpt`` as the arguments, a positional
     output would be the first checkpoint of the glob (``best.ckpt``), silently replaced.
     """
-    parser = argparse.ArgumentParser(prog="python -m natzoo.averaging", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m natzoo.tools.averaging", description=__doc__.split("\n\n")[0])
     parser.add_argument("inputs", nargs="+", help="Lightning checkpoints of one model (e.g. checkpoints/top/*.ckpt)")
     parser.add_argument("-o", "--output", required=True,
                         help="the averaged checkpoint to write: a new file (or an earlier average of natzoo's), never "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import inspect
 import logging
 import re
@@ -20,19 +19,18 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from lightning_utilities.core.imports import RequirementCache
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from natzoo.callbacks import CurvePlot, ModelSummary, RNGState
+from natzoo.run.callbacks import CurvePlot, ModelSummary, RNGState
 from natzoo.checkpoints import AtomicCheckpointIO, CheckpointInfo, find_last_checkpoint
 from natzoo.checkpoints import resolve_ckpt_path as read_ckpt_path
 from natzoo.cli import CONFIG_DIR, command
 from natzoo.config import COMMON_RULES, check_config, check_weights_source
-from natzoo.console import configure_console
-from natzoo.loggers import drop_rows_after
-from natzoo.rundir import RunDirectoryBusy, RunDirLock, discard_unused, release_other_claims
+from natzoo.run.console import configure_console
+from natzoo.run.loggers import check_logger_packages, drop_rows_after
+from natzoo.run.rundir import RunDirectoryBusy, RunDirLock, discard_unused, release_other_claims
 from natzoo.strategies import enable_grad_checkpointing
-from natzoo.tasks import Task, get_task, task_of_checkpoint
+from natzoo.run.tasks import Task, get_task, task_of_checkpoint
 
 __all__ = [
     "SIGTERM_EXIT_CODE",
@@ -43,12 +41,10 @@ __all__ = [
     "check_run_config",
     "cpu_threads",
     "resolve_ckpt_path",
-    "train",
+    "run_training",
 ]
 
 log = logging.getLogger(__name__)
-
-_TENSORBOARD = RequirementCache("tensorboard") or RequirementCache("tensorboardX")
 
 # Exit status of a run stopped by SIGTERM (128 + the signal number, the shell's convention).
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
@@ -77,11 +73,10 @@ def check_run_config(cfg: DictConfig, stage: str) -> tuple[Task, CheckpointInfo 
         task = get_task(str(cfg.get("task", "classification")))
         check_added_keys(_command_line_overrides(), {**COMMON_RULES, **task.config_rules}, stage)
         check_config(cfg, {**COMMON_RULES, **task.config_rules})
+        check_logger_packages(cfg.get("logger"))
         if stage == "eval":
             check_weights_source(cfg)
             _check_output_file(cfg.get("output"))
-        else:
-            _check_logger_packages(cfg)
         _check_accelerator(cfg)
         resolved = resolve_ckpt_path(cfg, task)
         if resolved is not None:
@@ -89,7 +84,7 @@ def check_run_config(cfg: DictConfig, stage: str) -> tuple[Task, CheckpointInfo 
                 cfg.ckpt_path = resolved.path
         task.validate_config(cfg, stage)
     except (ValueError, TypeError) as err:
-        setattr(err, "natzoo_config_error", True)  # noqa: B010  (read by natzoo.console.exit_on_config_error)
+        setattr(err, "natzoo_config_error", True)  # noqa: B010  (read by natzoo.run.console.exit_on_config_error)
         raise
     return task, resolved
 
@@ -136,12 +131,6 @@ def check_added_keys(overrides: list[str], rules: dict[str, Any], stage: str) ->
 
 
 # Lightning's loggers and the package each needs (TensorBoard is dropped with a note when missing: build_loggers).
-# `logger=tensorboard` asks for TensorBoard on purpose (natzoo.experiment_loggers), unlike the default group's entry.
-_LOGGER_PACKAGES: dict[str, tuple[str, ...]] = {
-    "wandb_logger": ("wandb",), "WandbLogger": ("wandb",), "tensorboard_logger": ("tensorboard", "tensorboardX"),
-    "MLFlowLogger": ("mlflow",), "CometLogger": ("comet_ml",), "NeptuneLogger": ("neptune",)}
-
-
 def _check_accelerator(cfg: DictConfig) -> None:
     """``trainer.accelerator=gpu`` (or ``cuda``) on a machine without a visible CUDA GPU is refused before anything is
     built (Lightning refused it when the Trainer was made, after the data and the model)."""
@@ -154,18 +143,6 @@ def _check_accelerator(cfg: DictConfig) -> None:
 
 def _trainer_arguments() -> set[str]:
     return set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
-
-
-def _check_logger_packages(cfg: DictConfig) -> None:
-    """A logger whose package is missing is refused by the config check (it failed when built, inside Hydra's
-    wrapper, after the run directory was made)."""
-    for name, spec in (cfg.get("logger") or {}).items():
-        target = str((spec or {}).get("_target_", ""))
-        packages = next((p for cls, p in _LOGGER_PACKAGES.items() if target.endswith(cls)), ())
-        if packages and not any(importlib.util.find_spec(p) is not None for p in packages):
-            raise ValueError(f"logger.{name} ({target}) needs the {packages[0]!r} package, which is not installed: "
-                             f"pip install {packages[0]} (or natzoo[loggers]), or log to metrics.csv alone with "
-                             "logger=csv")
 
 
 def _check_no_earlier_run(output_dir: Path) -> None:
@@ -259,17 +236,8 @@ def build_callbacks(cfg: DictConfig, task: Task) -> list[pl.Callback]:
 
 
 def build_loggers(cfg: DictConfig) -> list:
-    """Loggers from ``cfg.logger``; TensorBoard entries are dropped (with a note) when tensorboard is not installed."""
-    loggers = []
-    for name, spec in (cfg.get("logger") or {}).items():
-        if spec is None or "_target_" not in spec:
-            continue
-        if "TensorBoard" in spec._target_ and not _TENSORBOARD:
-            rank_zero_info(f"logger.{name}: TensorBoard logging is off (tensorboard is not installed; "
-                           "pip install tensorboard turns it on); metrics go to metrics.csv")
-            continue
-        loggers.append(instantiate(spec))
-    return loggers
+    """Loggers from ``cfg.logger`` (their packages were checked by :func:`check_run_config`)."""
+    return [instantiate(spec) for spec in (cfg.get("logger") or {}).values() if spec is not None and "_target_" in spec]
 
 
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: Any, **overrides: Any) -> pl.Trainer:
@@ -323,8 +291,8 @@ def _hydra_output_subdir() -> str | None:
 def run_directory(cfg: DictConfig, stage: str, lock: bool) -> Iterator[tuple[Task, CheckpointInfo | None, Path]]:
     """Checks the config (:func:`check_run_config`), then holds the run directory for the run.
 
-    A run that fails a check leaves nothing behind (:func:`natzoo.rundir.discard_unused`); with ``lock`` the global
-    rank zero holds the directory's lock (:class:`natzoo.rundir.RunDirLock`), so a second run into the same directory
+    A run that fails a check leaves nothing behind (:func:`natzoo.run.rundir.discard_unused`); with ``lock`` the global
+    rank zero holds the directory's lock (:class:`natzoo.run.rundir.RunDirLock`), so a second run into the same directory
     is refused before anything is written.
 
     Yields:
@@ -362,7 +330,7 @@ def run_directory(cfg: DictConfig, stage: str, lock: bool) -> Iterator[tuple[Tas
             holder.release()
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def run_training(cfg: DictConfig) -> dict[str, Any]:
     """Trains ``cfg.task`` as configured and returns paths and final metrics.
 
     Order: config checks (fail fast, leaving nothing behind), the run directory's lock (one writer), seeding, data
@@ -374,7 +342,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     error says so and raises it.
 
     Raises:
-        natzoo.rundir.RunDirectoryBusy: another run is writing into the same run directory.
+        natzoo.run.rundir.RunDirectoryBusy: another run is writing into the same run directory.
     """
     configure_console()
     with run_directory(cfg, "fit", lock=True) as (task, info, output_dir):
