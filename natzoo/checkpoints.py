@@ -178,7 +178,8 @@ def read_lightning_checkpoint(path: str | os.PathLike, key: str = "ckpt_path") -
         detail = re.search(r"WeightsUnpickler error:\s*(\S.*)", str(err))
         raise ValueError(f"{where} cannot be read as a PyTorch checkpoint "
                          f"({detail.group(1) if detail else str(err).splitlines()[0]}); {_HINT}") from None
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, IndexError, KeyError, TypeError) as err:
+        # a text file makes the weights-only unpickler fail with IndexError ("list index out of range")
         raise ValueError(f"{where} cannot be read as a PyTorch checkpoint ({type(err).__name__}: {err}); "
                          f"{_HINT}") from None
     if not isinstance(checkpoint, dict) or not {"state_dict", "pytorch-lightning_version"} <= checkpoint.keys():

@@ -84,7 +84,7 @@ _TRAINER_RULES: dict[str, Rule] = {
     "precision": _PRECISION,
     "max_epochs": Integer(1, nullable=True),
     "max_steps": Integer(-1),
-    "limit_train_batches": Either((Integer(0), Number(0.0, 1.0)), nullable=True),
+    "limit_train_batches": Either((Integer(1), Number(0.0, 1.0, low_open=True)), nullable=True),  # 0: no training
     "limit_val_batches": Either((Integer(0), Number(0.0, 1.0)), nullable=True),
     "gradient_clip_val": Number(0.0, nullable=True),
     "gradient_clip_algorithm": Choice(("norm", "value"), nullable=True),
@@ -138,7 +138,7 @@ COMMON_RULES: dict[str, Rule] = {
 CLASSIFICATION_RULES: dict[str, Rule] = {
     "confusion_matrix": Choice(("auto", True, False)),
     "loss.name": Choice(("ce", "bce")),
-    "loss.bce_target_threshold": Number(0.0, 1.0, high_open=True, nullable=True),
+    "loss.bce_target_threshold": Number(0.0, 1.0, low_open=True, high_open=True, nullable=True),  # 0: every target 1
     "loss.bce_sum": Flag(),
     "model.freeze": Texts(),
     "data.img_size": Integer(8, nullable=True),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ from natzoo.config import (
     Integer,
     check_settings,
 )
+from natzoo.checkpoints import read_lightning_checkpoint
 from natzoo.optim import check_optim_settings, configure_optimizers
 from natzoo.tools.model_info import RECORD_KEY, record_for_module
 
@@ -89,6 +91,15 @@ class ClassificationModule(pl.LightningModule):
             targets; ``bce_target_threshold`` binarises them, ``bce_sum`` sums over classes). Validation reports
             cross-entropy either way.
     """
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """Lightning's ``load_from_checkpoint``, with a local file first checked to be a Lightning checkpoint: a
+        plain state dict or another weights file is named with what was expected (Lightning stopped at
+        ``KeyError: 'pytorch-lightning_version'``)."""
+        if isinstance(checkpoint_path, (str, os.PathLike)) and "://" not in str(checkpoint_path):
+            read_lightning_checkpoint(checkpoint_path, key="checkpoint_path")
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def __init__(
         self,

@@ -20,6 +20,7 @@ from natzoo.config import CLASSIFICATION_RULES, plain
 from natzoo.datasets.demo import ensure_demo_dataset
 from natzoo.datasets.folder import ImageFolderDataModule, check_image_folder_layout
 from natzoo.datasets.readers import READER_DATAMODULES, check_reader_source
+from natzoo.datasets.samplers import one_process_aug_repeats
 from natzoo.models import load_weights
 from natzoo.run.tasks import Task, register_task
 
@@ -59,7 +60,9 @@ def _prepare_data(cfg: DictConfig, stage: str) -> list[str]:
         raise ValueError("data.root is not set: pass data.root=/path/to/dataset (ImageNet layout: <root>/train/<class>/"
                          "*.jpeg and <root>/val/<class>/*.jpeg)")
     generate = data.get("generate")
-    if generate:
+    # Only the demo config generates: `debug=tiny` adds its (smaller) generator settings to any data config, and with
+    # data=folder they must not turn the user's folder into a demo dataset to be checked for natzoo's record.
+    if generate and data.get("name", "demo") == "demo":
         ensure_demo_dataset(root, **plain(generate))
     splits = [data.get("train_split", "train"), data.get("val_split", "val")]
     return check_image_folder_layout(root, splits if stage == "fit" else splits[1:])
@@ -71,7 +74,7 @@ _CONFIG_KEYS = {"model_name": "model.name", "model_kwargs": "model.kwargs", "dro
 # On resume these must equal the checkpoint's: the network (its architecture and classes), which parameters train,
 # whether an EMA copy exists, and how the optimizer groups parameters (the saved optimizer state fits only those).
 _RESUME_REFUSED = ("model_name", "model_kwargs", "num_classes", "freeze", "ema.enabled", "optim.name",
-                   "optim.no_decay_1d", "optim.no_decay_rpb", "optim.no_decay_names")
+                   "optim.no_decay_1d", "optim.no_decay_rpb", "optim.no_decay_names", "optim.layer_decay")
 # The optimizer's hyper-parameters come back with its saved state (param_groups, the scheduler's base_lrs).
 _RESUME_RESTORED = ("optim.",)
 
@@ -160,11 +163,63 @@ def validate_config(cfg: DictConfig, stage: str) -> None:
                 or nodes > 1:
             raise ValueError("nonfinite_loss=skip is only supported on a single device (a skipped step would desync "
                              "the gradient all-reduce); use nonfinite_loss=stop for multi-device runs")
+    if stage == "fit":
+        _check_callbacks(cfg)
+        loss = cfg.get("loss") or {}
+        if loss.get("name", "ce") != "bce" and (loss.get("bce_target_threshold") is not None or loss.get("bce_sum")):
+            key = "bce_target_threshold" if loss.get("bce_target_threshold") is not None else "bce_sum"
+            raise ValueError(f"loss.{key}={loss.get(key)!r} applies to loss.name=bce only, and this run trains with "
+                             f"loss.name={loss.get('name', 'ce')!r}: add loss.name=bce, or drop loss.{key}")
+    repeats = cfg.data.get("aug_repeats")
+    if stage == "fit" and repeats and process_count(cfg) == 1:
+        raise ValueError(one_process_aug_repeats(int(repeats)))
     classes = _prepare_data(cfg, stage)
     if stage == "fit" and cfg.get("ckpt_path"):
         info = resolve_ckpt_path(str(cfg.ckpt_path))
         if info is not None:
             check_resume(cfg, info.hyper_parameters, len(classes))
+
+
+def _logged_metrics(cfg: DictConfig) -> list[str]:
+    """The metrics a classification run logs (ClassificationModule): validation loss/top-1/top-5 (also of the EMA
+    weights with ``ema.enabled`` and ``ema.evaluate``) and the training loss."""
+    prefixes = ["val"] + (["val_ema"] if cfg.get("ema", {}).get("enabled") and cfg.ema.get("evaluate", True) else [])
+    return [f"{p}/{m}" for p in prefixes for m in ("loss", "acc1", "acc5")] + ["train/loss"]
+
+
+def _check_callbacks(cfg: DictConfig) -> None:
+    """Callback settings that would fail only after training: exporting EMA weights of a run without EMA, averaging
+    by a metric the run never logs."""
+    callbacks = cfg.get("callbacks") or {}
+    timm_model = callbacks.get("timm_model") or {}
+    if timm_model.get("enabled") and timm_model.get("use_ema") and not cfg.get("ema", {}).get("enabled"):
+        raise ValueError("callbacks.timm_model.use_ema=true exports the EMA weights, but this run keeps none "
+                         "(ema.enabled=false): add ema.enabled=true, or drop callbacks.timm_model.use_ema")
+    averaging = callbacks.get("average_checkpoints") or {}
+    monitor = averaging.get("monitor")
+    if averaging.get("top_k") and monitor is not None and str(monitor) not in _logged_metrics(cfg):
+        raise ValueError(f"callbacks.average_checkpoints.monitor={str(monitor)!r} is not a metric this run logs; "
+                         f"choose one of {_logged_metrics(cfg)} (null: the run's own, val/acc1)")
+
+
+def process_count(cfg: DictConfig) -> int | None:
+    """How many training processes ``cfg.trainer`` starts (devices x nodes), or None when only Lightning can tell."""
+    trainer = cfg.get("trainer") or {}
+    devices = plain(trainer.get("devices", "auto"))
+    nodes = trainer.get("num_nodes", 1) or 1
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    count: int | None
+    if isinstance(devices, (list, tuple)):
+        count = len(devices)
+    elif isinstance(devices, int) and not isinstance(devices, bool) and devices > 0:
+        count = devices
+    elif devices in ("auto", -1, "-1") and (accelerator == "cpu" or not torch.cuda.is_available()):
+        count = 1 if devices == "auto" else None  # Lightning's "auto" on the CPU is one process
+    else:
+        return None
+    return count * int(nodes) if count is not None and isinstance(nodes, int) else None
 
 
 def _model_name(cfg: DictConfig) -> str:

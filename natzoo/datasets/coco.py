@@ -118,7 +118,8 @@ f"{annotation_file}: required top-level list {key!r} is missing or not a list")
     return data
 
 
-def count_boxes(data: dict, annotation_file: str | os.PathLike, split: str) -> dict[str, int]:
+def count_boxes(data: dict, annotation_file: str | os.PathLike, split: str,
+                image_dir: str | os.PathLike | None = None) -> dict[str, int]:
     """Counts the non-crowd boxes the transforms keep and those they drop, by reason; logs the dropped ones.
 
     A box ``[x, y, w, h]`` is dropped when a value is not finite, when ``w`` or ``h`` is not positive, or when nothing
@@ -127,11 +128,15 @@ def count_boxes(data: dict, annotation_file: str | os.PathLike, split: str) -> d
     Returns:
         ``{"kept": n, "not finite": n, "empty or negative size": n, "outside the image": n}``.
 
+    With ``image_dir``, images with boxes outside them are opened (their header only) and a size that differs from
+    the file's ``width``/``height`` is named in the report: boxes then look outside because the image entry is wrong.
+
     Raises:
         ValueError: the split has annotations but no valid box (training would end at mAP 0), naming split and file.
     """
     sizes = {image["id"]: (image["width"], image["height"]) for image in data["images"]}
     counts = {"kept": 0, "not finite": 0, "empty or negative size": 0, "outside the image": 0}
+    outside: list[int] = []
     for ann in data["annotations"]:
         if ann.get("iscrowd", 0):
             continue
@@ -143,17 +148,40 @@ def count_boxes(data: dict, annotation_file: str | os.PathLike, split: str) -> d
             counts["empty or negative size"] += 1
         elif min(x + w, width) <= max(x, 0) or min(y + h, height) <= max(y, 0):
             counts["outside the image"] += 1
+            outside.append(ann["image_id"])
         else:
             counts["kept"] += 1
     dropped = sum(counts.values()) - counts["kept"]
     if dropped:
         reasons = ", ".join(f"{n} {reason}" for reason, n in counts.items() if n and reason != "kept")
+        if image_dir is not None and outside:
+            reasons += _size_mismatches(data, image_dir, list(dict.fromkeys(outside))[:3])
         log.warning("%s split (%s): %d of %d boxes are dropped (%s)", split, annotation_file, dropped,
                     dropped + counts["kept"], reasons)
     if dropped and not counts["kept"]:
         raise ValueError(f"{split} split ({annotation_file}): no valid box among {dropped} ({reasons}); fix the "
                          "annotations (COCO bbox is [x, y, width, height] in pixels)")
     return counts
+
+
+def _size_mismatches(data: dict, image_dir: str | os.PathLike, image_ids: list[int]) -> str:
+    """``"; image a.jpg is 640x480 on disk but the annotation file says 64x48, ..."`` for the given images whose
+    file has another size than their entry (empty when they agree or cannot be opened)."""
+    from PIL import Image
+
+    entries = {image["id"]: image for image in data["images"]}
+    found = []
+    for image_id in image_ids:
+        entry = entries[image_id]
+        try:
+            with Image.open(Path(image_dir) / entry["file_name"]) as image:
+                real = image.size  # (width, height), from the header
+        except OSError:
+            continue
+        if real != (entry["width"], entry["height"]):
+            found.append(f"image {entry['file_name']} is {real[0]}x{real[1]} on disk but the annotation file says "
+                         f"{entry['width']}x{entry['height']}")
+    return ("; " + "; ".join(found) + " (fix the images' width and height)") if found else ""
 
 
 class _PreparsedCocoDetection(CocoDetection):
@@ -198,7 +226,7 @@ class CocoDetectionDataset(Dataset):
         filter_empty: bool = True,
     ) -> None:
         data = load_coco_annotations(annotation_file, image_dir, require_masks=with_masks)
-        self.box_counts = count_boxes(data, annotation_file, "train" if train else "val")
+        self.box_counts = count_boxes(data, annotation_file, "train" if train else "val", image_dir)
         self.category_ids = [category["id"] for category in data["categories"]]
         self.category_names = [category["name"] for category in data["categories"]]
         self.cat_to_label = {cat_id: label + 1 for label, cat_id in enumerate(self.category_ids)}

@@ -236,7 +236,8 @@ class ImageFolderDataModule(pl.LightningDataModule):
         persistent_workers: keep workers alive between epochs.
         aug_repeats: repeated augmentation (timm's ``--aug-repeats``; DeiT used 3): every training image is drawn
             this many times per epoch, each copy on another process
-            (:class:`natzoo.datasets.samplers.RepeatAugmentSampler`); 0 turns it off.
+            (:class:`natzoo.datasets.samplers.RepeatAugmentSampler`); 0 turns it off. A run of one process is
+            refused (timm's sampler would show each epoch only a fraction of the images).
     """
 
     def __init__(
@@ -360,6 +361,10 @@ class ImageFolderDataModule(pl.LightningDataModule):
 
             trainer = self.trainer
             replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+            if replicas == 1:
+                from natzoo.datasets.samplers import one_process_aug_repeats
+
+                raise ValueError(one_process_aug_repeats(self.aug_repeats))
             sampler = RepeatAugmentSampler(self.train_set, num_replicas=replicas, rank=rank,
                                            num_repeats=self.aug_repeats)
         return self._loader(self.train_set, self.batch_size, train=True, sampler=sampler)

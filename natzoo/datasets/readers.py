@@ -9,6 +9,7 @@ with ``error`` an undecodable image raises an error naming the shard and key (We
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -72,6 +73,7 @@ def check_reader_source(data: dict[str, Any], stage: str) -> None:
         raise ValueError(f"data.root={str(root)!r} does not exist or is not a directory")
     if target == _HFDS_TARGET:
         _require("datasets", "hfds")
+        _check_saved_dataset(Path(root), data, stage)
         return
     _require("webdataset", "wds")
     has_info = any((Path(root) / name).is_file() for name in ("_info.json", "info.json"))
@@ -93,17 +95,48 @@ def check_reader_source(data: dict[str, Any], stage: str) -> None:
                          "data.num_classes=<number of classes>")
 
 
+def _check_saved_dataset(root: Path, data: dict[str, Any], stage: str) -> None:
+    """``root`` is a folder written by ``save_to_disk`` and, for a ``DatasetDict``, holds the configured splits."""
+    listing = root / "dataset_dict.json"
+    if not listing.is_file():
+        if (root / "state.json").is_file():
+            return  # one saved Dataset: timm's reader takes it as the only split
+        raise ValueError(f"data.root={str(root)!r} is not a Hugging Face dataset saved with save_to_disk (it has "
+                         "neither dataset_dict.json nor state.json); data=hfds reads such folders, data=folder reads "
+                         "image folders")
+    try:
+        splits = json.loads(listing.read_text()).get("splits")
+    except (OSError, ValueError, AttributeError):
+        return  # unreadable: timm's reader reports it
+    if not isinstance(splits, list):
+        return
+    for which in ("train", "val") if stage == "fit" else ("val",):
+        split = data.get(f"{which}_split")
+        if split is not None and str(split) not in splits:
+            raise ValueError(f"data.{which}_split={str(split)!r} is not a split of the dataset in "
+                             f"data.root={str(root)!r} (its splits: {splits})")
+
+
 class _SkipCountingIterable(IterableDataset):
     """timm's ``IterableImageDataset`` iteration over a reader that yields ``(None, None)`` for a skipped sample;
-    that sample becomes ``None``, which :func:`collate_skipping` drops and counts."""
+    that sample becomes ``None``, which :func:`collate_skipping` drops and counts. A label outside
+    ``[0, num_classes)`` is an error naming the shards and ``data.num_classes``."""
 
-    def __init__(self, reader: Any, transform: Callable):
+    def __init__(self, reader: Any, transform: Callable, num_classes: int | None = None, where: str = ""):
         self.reader = reader
         self.transform = transform
+        self.num_classes, self.where = num_classes, where
 
     def __iter__(self) -> Iterator[Any]:
         for image, target in self.reader:
-            yield None if image is None else (self.transform(image), target)
+            if image is None:
+                yield None
+                continue
+            if self.num_classes and isinstance(target, int) and not 0 <= target < self.num_classes:
+                raise RuntimeError(f"a sample of {self.where} has label {target}, outside 0..{self.num_classes - 1} "
+                                   f"(data.num_classes={self.num_classes}): set data.num_classes to the shards' "
+                                   "class count, or fix the sample's .cls file")
+            yield self.transform(image), target
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -126,6 +159,11 @@ def _decode_with_policy(sample: dict, bad_images: str, **decode_args: Any) -> di
     """timm's WebDataset sample decoding; an undecodable image or label is reported with its shard and key."""
     from timm.data.readers.reader_wds import WdsTargetKeyError, _decode
 
+    if not decode_args.get("target_key") and not decode_args.get("alt_label") and "cls" not in sample:
+        files = sorted(k for k in sample if not k.startswith("__"))
+        raise RuntimeError(
+            f"sample {sample.get('__key__')!r} of shard {sample.get('__url__')} has no .cls label file (it holds "
+            f"{files}): WebDataset classification shards need <key>.cls with the class index beside each image")
     try:
         return _decode(sample, **decode_args)
     except WdsTargetKeyError:
@@ -229,7 +267,9 @@ class WdsDataModule(ImageFolderDataModule):
             is_training=train, num_samples=self.train_samples if train else self.val_samples,
             batch_size=self.batch_size if train else self.eval_batch_size, seed=self.seed,
             sample_shuffle_size=self.shuffle_buffer, sample_initial_size=self.shuffle_buffer)
-        dataset = _SkipCountingIterable(reader, self.build_transform(train))
+        split = self.train_split if train else self.val_split
+        dataset = _SkipCountingIterable(reader, self.build_transform(train), self.num_classes_given,
+                                        f"data.{'train' if train else 'val'}_split={split!r} under {self.root}")
         reader.set_loader_cfg(num_workers=self.num_workers)  # the sample count per worker needs the worker count
         return dataset
 
@@ -258,12 +298,15 @@ class WdsDataModule(ImageFolderDataModule):
 
 
 class _PolicyMapDataset(Dataset):
-    """Rows of timm's ``ReaderHfds`` decoded and transformed under the ``bad_images`` policy."""
+    """Rows of timm's ``ReaderHfds`` decoded and transformed under the ``bad_images`` policy; ``remap[t]`` is the
+    class index (in the data module's class order) of the split's stored label ``t`` (None: the same)."""
 
-    def __init__(self, reader: Any, transform: Callable, bad_images: str, split: str):
+    def __init__(self, reader: Any, transform: Callable, bad_images: str, split: str, root: str | Path | None = None,
+                 remap: list[int] | None = None):
         if bad_images not in BAD_IMAGE_POLICIES:
             raise ValueError(f"data.bad_images must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r}")
         self.reader, self.transform, self.bad_images, self.split = reader, transform, bad_images, split
+        self.root, self.remap = root, remap
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -278,9 +321,11 @@ class _PolicyMapDataset(Dataset):
             if self.bad_images == "skip":
                 return None
             raise RuntimeError(
-                f"cannot read the image of row {index} of split {self.split!r} ({self.reader.root or 'dataset'}): "
+                f"cannot read the image of row {index} of split {self.split!r} of data.root={str(self.root)!r}: "
                 f"{type(err).__name__}: {err}. Fix or remove the row, or set data.bad_images=skip to skip unreadable "
                 "images (they are counted in the log as skipped_images)") from err
+        if self.remap is not None and isinstance(target, int) and 0 <= target < len(self.remap):
+            target = self.remap[target]
         return image, target
 
 
@@ -319,15 +364,55 @@ class HfdsDataModule(ImageFolderDataModule):
                                  f"{self.image_key!r}/{self.label_key!r}: {err}") from err
         return self._readers[split]
 
+    def split_class_names(self, split: str) -> list[str] | None:
+        """The names of ``split``'s own ``ClassLabel`` as saved (``<root>/<split>/dataset_info.json``), or None
+        when the folder does not record them per split (a single saved ``Dataset``, a plain integer column).
+
+        timm's reader (through ``datasets.load_dataset``) gives every split the first split's label names, while the
+        stored integers of each split index its own list, so the two can disagree.
+        """
+        info = self.root / split / "dataset_info.json"
+        try:
+            feature = json.loads(info.read_text()).get("features", {}).get(self.label_key)
+        except (OSError, ValueError, AttributeError):
+            return None
+        if not isinstance(feature, dict) or feature.get("_type") != "ClassLabel":
+            return None
+        names = feature.get("names")
+        return [str(n) for n in names] if isinstance(names, list) else None
+
+    def _remap(self, split: str) -> list[int] | None:
+        """Stored label of ``split`` -> index in :attr:`classes`, when its own ``ClassLabel`` lists them in another
+        order (None: the same order)."""
+        own = self.split_class_names(split)
+        if own is None or own == self.classes:
+            return None
+        return [self.classes.index(name) for name in own]
+
     def check_layout(self, with_train: bool = True) -> list[str]:
-        """Opens the splits (no image decoded) and returns the class names."""
-        check_reader_source({"_target_": _HFDS_TARGET, "root": str(self.root)}, "fit")
+        """Opens the splits (no image decoded) and returns the class names: the training split's own ``ClassLabel``
+        order (also when evaluating, so that a checkpoint sees the classes in the order it was trained on).
+
+        Raises:
+            ValueError: the splits' ``ClassLabel`` features list different classes (naming the split and the
+                classes that differ), or the label column is a plain integer and ``num_classes`` is not set.
+        """
+        check_reader_source({"_target_": _HFDS_TARGET, "root": str(self.root), "train_split": self.train_split,
+                             "val_split": self.val_split}, "fit" if with_train else "eval")
         splits = [self.train_split, self.val_split] if with_train else [self.val_split]
-        names = [sorted(self._reader(s).class_to_idx, key=self._reader(s).class_to_idx.get) for s in splits]
-        if any(n != names[0] for n in names):
-            raise ValueError(f"data.root={str(self.root)!r}: splits {splits} have different class lists")
-        if names[0]:
-            self.classes = names[0]
+        reader_names = [sorted(self._reader(s).class_to_idx, key=self._reader(s).class_to_idx.get) for s in splits]
+        own = {s: self.split_class_names(s) for s in dict.fromkeys([self.train_split, *splits])}
+        names: list[list[str]] = [own[s] or reader_names[i] for i, s in enumerate(splits)]
+        reference: list[str] = own[self.train_split] or names[0]
+        for split, listed in zip(splits, names):
+            if sorted(listed) != sorted(reference):
+                extra, lacking = sorted(set(listed) - set(reference)), sorted(set(reference) - set(listed))
+                raise ValueError(
+                    f"data.root={str(self.root)!r}: split {split!r} lists other classes than split "
+                    f"{self.train_split!r} (only in {split!r}: {extra[:5]}; missing from it: {lacking[:5]}): a "
+                    "model trained on one cannot be scored on the other")
+        if reference:
+            self.classes = list(reference)
         elif self.num_classes_given:
             self.classes = [str(i) for i in range(int(self.num_classes_given))]
         else:
@@ -341,10 +426,15 @@ class HfdsDataModule(ImageFolderDataModule):
         self.check_layout(with_train=with_train)
         if with_train and self.train_set is None:
             self.train_set = _PolicyMapDataset(self._reader(self.train_split), self.build_transform(True),
-                                               self.bad_images, self.train_split)
+                                               self.bad_images, self.train_split, self.root,
+                                               self._remap(self.train_split))
         if self.val_set is None:
+            remap = self._remap(self.val_split)
+            if remap is not None:
+                rank_zero_info(f"data.root={str(self.root)!r}: split {self.val_split!r} lists its classes in another "
+                               f"order than {self.train_split!r}; its labels are mapped by class name")
             self.val_set = _PolicyMapDataset(self._reader(self.val_split), self.build_transform(False),
-                                             self.bad_images, self.val_split)
+                                             self.bad_images, self.val_split, self.root, remap)
         for split, dataset in ((self.train_split, self.train_set), (self.val_split, self.val_set)):
             if dataset is not None and len(dataset) == 0:
                 raise ValueError(f"split {split!r} of {self.root} is empty")

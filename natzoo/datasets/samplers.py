@@ -5,7 +5,7 @@ from __future__ import annotations
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DistributedSampler
 
-__all__ = ["RepeatAugmentSampler"]
+__all__ = ["RepeatAugmentSampler", "one_process_aug_repeats"]
 
 
 class RepeatAugmentSampler(RepeatAugSampler, DistributedSampler):
@@ -18,3 +18,11 @@ class RepeatAugmentSampler(RepeatAugSampler, DistributedSampler):
     other types); its own ``__init__``, ``__iter__`` and ``set_epoch`` are timm's. The shuffle is seeded by the epoch
     number alone, so a resumed run draws the same order.
     """
+
+
+def one_process_aug_repeats(repeats: int) -> str:
+    """The refusal of ``data.aug_repeats`` in a run of one process."""
+    return (f"data.aug_repeats={repeats} is repeated augmentation across processes (DeiT; timm's RepeatAugSampler "
+            f"puts the {repeats} copies of an image on {repeats} different processes), but this run has one process: "
+            f"timm's sampler would then show each epoch only about 1/{repeats} of the training images. Set "
+            "data.aug_repeats=0, or train on several devices (trainer.devices=<n> with a distributed strategy)")

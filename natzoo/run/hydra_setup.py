@@ -9,7 +9,7 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 
 from natzoo.checkpoints import run_dir_of_checkpoint
-from natzoo.run.rundir import claim_fresh_dir
+from natzoo.run.rundir import claim_fresh_dir, claim_record_dir
 
 __all__ = ["register_with_hydra"]
 
@@ -20,8 +20,9 @@ def _run_dir(ckpt_path: str | None, resume_dir: str, fresh_dir: str) -> str:
 
 
 def _output_subdir(ckpt_path: str | None, resume_dir: str, timestamp: str) -> str:
-    # A resumed run keeps the first part's Hydra record and writes its own next to it.
-    return ".hydra" if run_dir_of_checkpoint(ckpt_path, resume_dir) is None else f".hydra/resumed_{timestamp}"
+    # A resumed run keeps the first part's Hydra record and writes its own next to it, in a folder it claims.
+    found = run_dir_of_checkpoint(ckpt_path, resume_dir)
+    return ".hydra" if found is None else claim_record_dir(found, f"resumed_{timestamp}")
 
 
 def _fresh_dir(candidate: str) -> str:

@@ -14,28 +14,34 @@
   place, so two processes never write the same temporary file.
 * **No litter** (:func:`discard_unused`). A run that fails its config check removes what was created for it: the
   directory this process claimed, when it holds nothing but Hydra's record (``.hydra/*.yaml``, ``<job>.log``) and the
-  lock file; for a resumed run, only the ``.hydra/resumed_<timestamp>`` record of this attempt.
+  lock file; for a resumed run, only the ``.hydra/resumed_<timestamp>`` record of this attempt, which the process
+  created itself (:func:`claim_record_dir`: ``resumed_<timestamp>_2``, ... when a concurrent resume took the name).
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import socket
+import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import IO, Any
 
 from natzoo.ownership import scratch_prefix
 
-__all__ = ["RunDirLock", "RunDirectoryBusy", "claim_fresh_dir", "discard_unused", "write_atomically"]
+__all__ = ["RunDirLock", "RunDirectoryBusy", "claim_fresh_dir", "claim_record_dir", "discard_unused",
+           "release_other_claims", "write_atomically"]
 
 LOCK_NAME = ".natzoo.lock"
 
 # candidate name -> (claimed directory, parent directories this process created for it)
 _CLAIMED: dict[str, tuple[Path, list[Path]]] = {}
+# (run directory, candidate record name) -> the record folder this process created under <run dir>/.hydra
+_RECORDS: dict[tuple[str, str], Path] = {}
 
 
 def claim_fresh_dir(candidate: str) -> str:
@@ -46,35 +52,109 @@ def claim_fresh_dir(candidate: str) -> str:
 
     Returns:
         The directory created (the same one for the same ``candidate`` within a process).
+
+    A directory that cannot be created (a read-only log folder, a file in the way) ends the process with one
+    ``Error: ...`` line (status 2) when Hydra resolves the run's own directory; in the resolutions Hydra makes while it
+    merges the config groups (before the command line's ``paths.log_dir`` is applied) the name is returned unclaimed.
     """
-    if candidate in _CLAIMED:
-        return str(_CLAIMED[candidate][0])
+    key = os.path.abspath(candidate)  # `./logs/x` and `logs/x` are one name
+    if key in _CLAIMED:
+        return str(_CLAIMED[key][0])
     base = Path(candidate)
     created = [p for p in reversed(base.parents) if str(p) not in ("", ".") and not p.exists()]
-    base.parent.mkdir(parents=True, exist_ok=True)
     number = 1
     while True:
         path = base if number == 1 else base.with_name(f"{base.name}_{number}")
         try:
+            base.parent.mkdir(parents=True, exist_ok=True)
             path.mkdir()
         except FileExistsError:
             number += 1
             continue
+        except OSError as err:
+            if not _resolving_the_job_directory():
+                return candidate
+            # Raised inside Hydra's resolver, an exception ends in ~110 lines of Hydra's own failing formatter.
+            print(f"Error: cannot create the run directory {path}: {err.strerror or err}; set paths.log_dir to a "
+                  "folder you can write to (or hydra.run.dir)", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
         if not _CLAIMED:
             atexit.register(_remove_empty_claims)
-        _CLAIMED[candidate] = (path, created)
+        _CLAIMED[key] = (path, created)
         return str(path)
+
+
+def _resolving_the_job_directory() -> bool:
+    """Whether Hydra is resolving the directory of the job it is about to run (``run_job``; a sweep's ``launch``)
+    rather than composing the config."""
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name in ("run_job", "launch") and "hydra" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def release_other_claims(keep: str | os.PathLike) -> None:
+    """Removes the directories this process claimed other than ``keep`` (the run's own), when they are still empty.
+
+    Hydra evaluates the run directory's resolver while it merges the config groups, before the command line's
+    overrides are applied (``paths.log_dir``, a ``model=`` that changes ``run_name``); those claims are not the run's
+    and would stay behind, empty, after a ``kill -9``. A run calls this as soon as it knows its directory.
+    """
+    kept = Path(keep).resolve()
+    others = {key: claim for key, claim in _CLAIMED.items() if claim[0].resolve() != kept}
+    _remove_if_empty(others.values())
+    for key, (path, _) in others.items():
+        if not path.exists():
+            del _CLAIMED[key]
+
+
+def _remove_if_empty(claims: Iterable[tuple[Path, list[Path]]]) -> None:
+    """Removes the claimed directories that are empty, then the parents created for them that are empty (deepest
+    first: several claims of one process can share the parents the first one created)."""
+    claims = list(claims)
+    for path, _ in claims:
+        with contextlib.suppress(OSError):
+            path.rmdir()  # only an empty directory goes
+    parents = {parent for _, created in claims for parent in created}
+    for parent in sorted(parents, key=lambda p: len(p.resolve().parts), reverse=True):
+        with contextlib.suppress(OSError):
+            parent.rmdir()
+
+
+def claim_record_dir(run_dir: str | os.PathLike, name: str) -> str:
+    """Creates the Hydra record folder of a resumed run, ``<run dir>/.hydra/<name>`` (``<name>_2``, ... when another
+    process took it), so that two resumes started in the same second never share (or delete) one record.
+
+    Args:
+        run_dir: The run directory the resumed run continues in.
+        name: The record's folder name (``resumed_<timestamp>``).
+
+    Returns:
+        Hydra's ``output_subdir`` relative to the run directory (``.hydra/<name>`` or ``.hydra/<name>_<n>``); the same
+        one for the same arguments within a process.
+    """
+    key = (str(Path(run_dir).resolve()), name)
+    if key not in _RECORDS:
+        hydra_dir = Path(key[0]) / ".hydra"
+        number = 1
+        while True:
+            path = hydra_dir / (name if number == 1 else f"{name}_{number}")
+            try:
+                path.mkdir()
+            except FileExistsError:
+                number += 1
+                continue
+            break
+        _RECORDS[key] = path
+    return f".hydra/{_RECORDS[key].name}"
 
 
 def _remove_empty_claims() -> None:
     """At exit: removes each directory this process claimed and never wrote into (``--cfg job``, ``--help``, a
     process that stopped while composing), with the parents it created for it when they are empty too."""
-    for path, parents in _CLAIMED.values():
-        for directory in (path, *reversed(parents)):
-            try:
-                directory.rmdir()  # only an empty directory goes
-            except OSError:
-                break
+    _remove_if_empty(_CLAIMED.values())
 
 
 def _claimed_by_this_process(directory: Path) -> list[Path] | None:
@@ -140,6 +220,8 @@ def discard_unused(output_dir: str | os.PathLike, hydra_subdir: str | None = Non
         return True
     if hydra_subdir and Path(hydra_subdir).name.startswith("resumed_"):
         record = directory / hydra_subdir
+        if not any(claimed.resolve() == record.resolve() for claimed in _RECORDS.values()):
+            return False  # another process's record (a concurrent resume started in the same second)
         if record.is_dir() and not record.is_symlink() and _only_yaml(record):
             for item in record.iterdir():
                 item.unlink()

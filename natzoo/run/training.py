@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import re
 import shlex
@@ -23,11 +24,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from natzoo.run.callbacks import CurvePlot, ModelSummary, RNGState
 from natzoo.checkpoints import AtomicCheckpointIO, CheckpointInfo, find_last_checkpoint
 from natzoo.checkpoints import resolve_ckpt_path as read_ckpt_path
-from natzoo.cli import command
+from natzoo.cli import CONFIG_DIR, command
 from natzoo.config import COMMON_RULES, check_config, check_weights_source
 from natzoo.run.console import configure_console
 from natzoo.run.loggers import check_logger_packages, drop_rows_after
-from natzoo.run.rundir import RunDirectoryBusy, RunDirLock, discard_unused
+from natzoo.run.rundir import RunDirectoryBusy, RunDirLock, discard_unused, release_other_claims
 from natzoo.strategies import enable_grad_checkpointing
 from natzoo.run.tasks import Task, get_task, task_of_checkpoint
 
@@ -36,6 +37,7 @@ __all__ = [
     "build_callbacks",
     "build_loggers",
     "build_trainer",
+    "check_added_keys",
     "check_run_config",
     "cpu_threads",
     "resolve_ckpt_path",
@@ -69,11 +71,13 @@ def check_run_config(cfg: DictConfig, stage: str) -> tuple[Task, CheckpointInfo 
     """
     try:
         task = get_task(str(cfg.get("task", "classification")))
+        check_added_keys(_command_line_overrides(), {**COMMON_RULES, **task.config_rules}, stage)
         check_config(cfg, {**COMMON_RULES, **task.config_rules})
         check_logger_packages(cfg.get("logger"))
         if stage == "eval":
             check_weights_source(cfg)
             _check_output_file(cfg.get("output"))
+        _check_accelerator(cfg)
         resolved = resolve_ckpt_path(cfg, task)
         if resolved is not None:
             with open_dict(cfg):
@@ -83,6 +87,75 @@ def check_run_config(cfg: DictConfig, stage: str) -> tuple[Task, CheckpointInfo 
         setattr(err, "natzoo_config_error", True)  # noqa: B010  (read by natzoo.run.console.exit_on_config_error)
         raise
     return task, resolved
+
+
+# Tables whose entries are handed on as they are (a library's keyword arguments, `_target_` entries), so a key added
+# to them with `+` is read: Lightning's Trainer, the model's constructor, callbacks, loggers, torch.compile, the data
+# module's arguments (which refuse an unknown one by name), Hydra's own settings.
+_OPEN_TABLES = ("trainer.", "model.kwargs.", "model.detector_kwargs.", "callbacks.", "logger.", "compile.", "data.",
+                "hydra.")
+# Knobs of one stage only: added to the other stage's config, nothing reads them.
+_EVAL_ONLY = ("pretrained", "random_weights", "output", "use_ema", "confusion_matrix")
+_FIT_ONLY = ("optim.", "sched.", "ema.", "loss.", "nonfinite_loss", "callbacks.", "logger.", "data.mixup.",
+             "data.train_transform.", "data.aug_repeats", "checkpoint")
+
+
+def check_added_keys(overrides: list[str], rules: dict[str, Any], stage: str) -> None:
+    """Refuses a command-line ``+key=value`` that adds a key no code of this stage reads (``+pretrained=true`` in
+    training trained from random weights without a word). Hydra only lets ``+`` add a key the config lacks, so such a
+    key is read only when it is an optional knob of this stage (a rule) or an entry of a table handed on as it is.
+
+    Raises:
+        ValueError: naming the override and where the settings are described.
+    """
+    program = "train.py" if stage == "fit" else "eval.py"
+    for override in overrides:
+        if not override.startswith("+") or override.startswith("++"):
+            continue  # `++key` may also set a key the config has; `~key` deletes one
+        key = _override_key(override)
+        other_stage = _EVAL_ONLY if stage == "fit" else _FIT_ONLY
+        if any(key == k.rstrip(".") or key.startswith(k) for k in other_stage):
+            raise ValueError(f"{override}: {program} does not use {key!r} (it is a setting of "
+                             f"{'eval.py' if stage == 'fit' else 'train.py'}), so it would be ignored"
+                             + (": to start training from published or saved weights, pass checkpoint=<file>"
+                                if key == "pretrained" else ""))
+        if key.startswith("trainer.") and key.count(".") == 1 and key[len("trainer."):] not in _trainer_arguments():
+            raise ValueError(f"{override}: Lightning's Trainer has no argument {key[len('trainer.'):]!r} (the "
+                             "trainer config's keys are Trainer arguments)")
+        if key in rules or key.startswith(_OPEN_TABLES):
+            continue
+        raise ValueError(f"{override}: no setting {key!r} exists in {program}'s config, so nothing would read it "
+                         "(a misspelt or unsupported key); the settings are those of configs/"
+                         f"{'train' if stage == 'fit' else 'eval'}.yaml and its groups (python {program} --cfg job "
+                         "prints them all)")
+
+
+# Lightning's loggers and the package each needs (TensorBoard is dropped with a note when missing: build_loggers).
+def _check_accelerator(cfg: DictConfig) -> None:
+    """``trainer.accelerator=gpu`` (or ``cuda``) on a machine without a visible CUDA GPU is refused before anything is
+    built (Lightning refused it when the Trainer was made, after the data and the model)."""
+    accelerator = str((cfg.get("trainer") or {}).get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(f"trainer.accelerator={accelerator!r} but no CUDA GPU is visible to PyTorch (torch "
+                         f"{torch.__version__}, CUDA build {torch.version.cuda}): use trainer=cpu, or check "
+                         "CUDA_VISIBLE_DEVICES and the driver")
+
+
+def _trainer_arguments() -> set[str]:
+    return set(inspect.signature(pl.Trainer.__init__).parameters) - {"self"}
+
+
+def _check_no_earlier_run(output_dir: Path) -> None:
+    """A fresh training run refuses a run directory that holds another run's results (``hydra.run.dir`` given again):
+    the two would share one ``metrics.csv`` and overwrite each other's checkpoints."""
+    found = [name for name in ("metrics.csv", "checkpoints") if (output_dir / name).exists()]
+    if found:
+        error = ValueError(f"the run directory {output_dir} already holds another run's {' and '.join(found)}: a new "
+                           "run there would mix its metrics with that run's and replace its checkpoints. Continue that "
+                           f"run with ckpt_path={output_dir / 'checkpoints' / 'last.ckpt'}, or start this one in a "
+                           "new directory (leave hydra.run.dir out: every run gets its own)")
+        setattr(error, "natzoo_config_error", True)  # noqa: B010
+        raise error
 
 
 def _check_output_file(output: Any) -> None:
@@ -112,7 +185,33 @@ def resolve_ckpt_path(cfg: DictConfig, task: Task | None = None) -> CheckpointIn
         owner = task_of_checkpoint(info.hyper_parameters)
         hint = f"; it is a {owner} checkpoint: add task={owner}" if owner else ""
         raise ValueError(f"ckpt_path={info.path!r} was not written by the {task.name} task's module{hint}")
+    if info is not None and str(cfg.get("ckpt_path")) == "last" and "seed" in cfg:
+        _check_last_is_this_seeds(info.path, int(cfg.seed), resume_dir)
     return info
+
+
+def _run_seed(checkpoint: Path) -> int | None:
+    """The seed recorded in Hydra's record of the run that wrote ``checkpoint`` (None when there is none)."""
+    record = checkpoint.parent.parent / ".hydra" / "config.yaml"
+    try:
+        loaded = OmegaConf.load(record)
+        seed = loaded.get("seed") if isinstance(loaded, DictConfig) else None
+    except Exception:  # a missing, unreadable or unparsable record (YAML errors) proves nothing: no seed
+        return None
+    return seed if isinstance(seed, int) else None
+
+
+def _check_last_is_this_seeds(path: str, seed: int, resume_dir: Any) -> None:
+    """``ckpt_path=last`` takes the newest ``last.ckpt`` of the run name, whichever seed wrote it: refused when its
+    run had another seed than this command (it would continue another seed's run under this seed's name)."""
+    found = _run_seed(Path(path))
+    if found is None or found == seed:
+        return
+    same = sorted((p for p in Path(str(resume_dir)).glob("**/checkpoints/last*.ckpt") if _run_seed(p) == seed),
+                  key=lambda p: p.stat().st_mtime)
+    hint = f"ckpt_path={same[-1]} continues this seed's newest run" if same else "no run of this seed has a last.ckpt"
+    raise ValueError(f"ckpt_path=last found {path}, written by a run with seed={found}, but this command has "
+                     f"seed={seed}: pass seed={found} to continue that run; {hint}")
 
 
 def build_callbacks(cfg: DictConfig, task: Task) -> list[pl.Callback]:
@@ -200,6 +299,8 @@ def run_directory(cfg: DictConfig, stage: str, lock: bool) -> Iterator[tuple[Tas
         The task, the resolved checkpoint and the run directory.
     """
     output_dir = Path(str(cfg.paths.output_dir))
+    if _is_rank_zero():
+        release_other_claims(output_dir)  # claims Hydra made before the command line's overrides were applied
     holder = RunDirLock(output_dir) if lock and _is_rank_zero() else None
     try:
         task, info = check_run_config(cfg, stage)
@@ -209,6 +310,8 @@ def run_directory(cfg: DictConfig, stage: str, lock: bool) -> Iterator[tuple[Tas
             except RunDirectoryBusy as err:
                 setattr(err, "natzoo_config_error", True)  # noqa: B010
                 raise
+        if stage == "fit" and info is None:
+            _check_no_earlier_run(output_dir)
     except BaseException:
         if _is_rank_zero():
             discard_unused(output_dir, _hydra_output_subdir())
@@ -216,6 +319,12 @@ def run_directory(cfg: DictConfig, stage: str, lock: bool) -> Iterator[tuple[Tas
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         yield task, info, output_dir
+    except BaseException:
+        # A run that failed before it wrote any result (data, model or trainer construction; a missing logger
+        # package) leaves no empty run directory behind: only Hydra's record and the lock file go, nothing else.
+        if _is_rank_zero():
+            discard_unused(output_dir, _hydra_output_subdir())  # under the lock, released below
+        raise
     finally:
         if holder is not None:
             holder.release()
@@ -247,8 +356,14 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
 def _fit(cfg: DictConfig, task: Task, ckpt_path: str | None, output_dir: Path, resuming_here: bool) -> dict[str, Any]:
     pl.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
 
-    datamodule = task.build_datamodule(cfg)
-    module = task.build_module(cfg, datamodule)
+    try:
+        datamodule = task.build_datamodule(cfg)
+        module = task.build_module(cfg, datamodule)
+    except (ValueError, TypeError) as err:
+        # argument checks of the data module and the model (`model.kwargs.embed_dim=-8`, a `model.freeze` name no
+        # parameter has): the message names the key, so it is printed as a config error, without a traceback
+        setattr(err, "natzoo_config_error", True)  # noqa: B010
+        raise
     if cfg.get("model", {}).get("grad_checkpointing"):
         rank_zero_info(f"gradient checkpointing on in {', '.join(enable_grad_checkpointing(module))}")
     callbacks = build_callbacks(cfg, task)
@@ -275,6 +390,13 @@ def _fit(cfg: DictConfig, task: Task, ckpt_path: str | None, output_dir: Path, r
         if trainer.is_global_zero:
             _print_resume_hint(output_dir, "Training stopped by an error")
         raise
+
+    if trainer.global_step == 0 and trainer.max_steps != 0 and trainer.limit_train_batches != 0 \
+            and (trainer.max_epochs is None or trainer.max_epochs > 0):
+        # An empty or unreadable stream (a WebDataset shard without samples) ends fit after 0 steps "successfully".
+        raise RuntimeError(f"training ran 0 optimizer steps: the training data yielded no batch (data.root="
+                           f"{cfg.data.get('root')!r}, data.train_split={cfg.data.get('train_split')!r}); check that "
+                           "the training split holds samples natzoo can read")
 
     checkpoint_cb = trainer.checkpoint_callback
     best = getattr(checkpoint_cb, "best_model_path", "") or None
@@ -388,4 +510,21 @@ def _eval_overrides(cfg: DictConfig) -> list[str]:
         words.append(_shell_override("data.root", cfg.data.root))
     chosen = [o for o in _command_line_overrides(("data.root", "data")) if _override_key(o).split(".")[0]
               in ("data", "model")]
-    return words + [_shell_word(o) for o in chosen]
+    given = {_override_key(o) for o in chosen}
+    preset = [_shell_override(key, value) for key, value in _generator_changes(cfg, choice or "demo")
+              if key not in given]
+    return words + preset + [_shell_word(o) for o in chosen]
+
+
+def _generator_changes(cfg: DictConfig, choice: str) -> list[tuple[str, Any]]:
+    """``data.generate.*`` values of a generated dataset that differ from its data config's own (``configs/data/
+    <choice>.yaml``), e.g. set by ``debug=tiny``, which eval.yaml lacks: without them evaluation would generate and
+    score another dataset (and replace the one the run used)."""
+    generate = cfg.data.get("generate")
+    file = CONFIG_DIR / "data" / f"{choice}.yaml"
+    if not generate or not file.is_file():
+        return []
+    loaded = OmegaConf.load(file)
+    defaults = (loaded.get("generate") if isinstance(loaded, DictConfig) else None) or {}
+    return [(f"data.generate.{key}", value) for key, value in generate.items()
+            if key in defaults and defaults[key] != value]

@@ -50,11 +50,19 @@ class StageAttention:
     def weight_map(self, head: int | None = None) -> torch.Tensor:
         """``[height, width]`` map of the weights (mean over heads, or one `head`); zero off the neighborhood and for
         padded keys (their weight is in `weights`, not on the map)."""
-        w = self.weights.mean(0) if head is None else self.weights[head]
+        w = self.weights.mean(0) if head is None else self.weights[_check_head(head, self.weights.shape[0])]
         out = torch.zeros(self.map_size, dtype=w.dtype)
         inside = (self.keys[:, 0] < self.map_size[0]) & (self.keys[:, 1] < self.map_size[1])
         out[self.keys[inside, 0], self.keys[inside, 1]] = w[inside]
         return out
+
+
+def _check_head(head: int, heads: int) -> int:
+    """``head`` when it indexes one of ``heads`` heads, else a ``ValueError`` naming the count."""
+    if isinstance(head, bool) or not isinstance(head, int) or not -heads <= head < heads:
+        raise ValueError(f"attention_maps: head={head!r}, but this stage has {heads} heads (0..{heads - 1}; None: "
+                         "their mean)")
+    return head
 
 
 def _stage_modules(model: nn.Module, block: int) -> list[tuple[int, str, NeighborhoodAttention2D]]:
@@ -65,6 +73,9 @@ def _stage_modules(model: nn.Module, block: int) -> list[tuple[int, str, Neighbo
     chosen: list[tuple[int, str, NeighborhoodAttention2D]] = []
     for index, members in enumerate(groups):
         attn = [m for m in members if isinstance(m, NeighborhoodAttention2D)]
+        if attn and not -len(attn) <= block < len(attn):
+            raise ValueError(f"attention_maps: block={block}, but stage {index} has {len(attn)} attention "
+                             f"module(s) (block in {-len(attn)}..{len(attn) - 1}; -1: the last)")
         if attn:
             chosen.append((index if stages is not None else len(chosen), names[id(attn[block])], attn[block]))
     if not chosen:
@@ -166,7 +177,7 @@ def draw_attention_maps(image: torch.Tensor, maps: Sequence[StageAttention], pat
         ax = fig.add_subplot(1, len(maps), i + 1)
         ax.imshow(picture, extent=extent)
         cell_h, cell_w = height / m.map_size[0], width / m.map_size[1]
-        w = m.weights.mean(0) if head is None else m.weights[head]
+        w = m.weights.mean(0) if head is None else m.weights[_check_head(head, m.weights.shape[0])]
         inside = (m.keys[:, 0] < m.map_size[0]) & (m.keys[:, 1] < m.map_size[1])
         shown = m.weight_map(head).numpy()
         on_map = np.zeros(m.map_size, dtype=bool)

@@ -4,7 +4,8 @@ weights into one checkpoint, which evaluates and fine-tunes like any other (``ev
 During training, the ``average_checkpoints`` callback (``configs/callbacks/default.yaml``, ``top_k: 0`` = off) keeps
 the best ``top_k`` checkpoints by the task's metric in ``checkpoints/top/`` and writes ``checkpoints/averaged.ckpt``
 when training ends. After training, :func:`average_checkpoints` averages any list of Lightning checkpoints of the
-same model (``python -m natzoo.tools.averaging OUT.ckpt IN1.ckpt IN2.ckpt ...``).
+same model (``python -m natzoo.tools.averaging IN1.ckpt IN2.ckpt ... --output OUT.ckpt``). The output is always named
+explicitly and is never one of the inputs, nor an existing file other than an earlier average of natzoo's.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def average_checkpoints(paths: Sequence[str | os.PathLike], output: str | os.Pat
 
     Raises:
         ValueError: fewer than one file, a file that is not a Lightning checkpoint (read weights-only), checkpoints of
-            different models, or ``output`` among the inputs.
+            different models, ``output`` among the inputs, or ``output`` an existing file that is not an average
+            natzoo wrote (nothing is written then).
     """
     files = [Path(p) for p in paths]
     if not files:
@@ -73,12 +75,30 @@ def average_checkpoints(paths: Sequence[str | os.PathLike], output: str | os.Pat
     if any(out.resolve() == f.resolve() for f in files):
         raise ValueError(f"average_checkpoints: output {out} is one of the inputs; write the average elsewhere")
     checkpoints = [read_lightning_checkpoint(f, key="checkpoint") for f in files]
+    _check_replaceable(out)
     result: dict[str, Any] = {k: v for k, v in checkpoints[0].items()
                               if k not in ("optimizer_states", "lr_schedulers", "loops", "callbacks")}
     result["state_dict"] = average_state_dicts([c["state_dict"] for c in checkpoints])
     result["averaged_from"] = [str(f) for f in files]
     atomic_torch_save(result, out)
     return out
+
+
+def _check_replaceable(out: Path) -> None:
+    """``out`` may be written: it does not exist, or it is an average natzoo wrote (it records ``averaged_from``)."""
+    if out.is_dir():
+        raise ValueError(f"average_checkpoints: output {out} is a folder; name the checkpoint file to write")
+    if not out.exists() and not out.is_symlink():
+        if not out.parent.is_dir():
+            raise ValueError(f"average_checkpoints: the folder of output {out} does not exist")
+        return
+    try:
+        previous = read_lightning_checkpoint(out, key="output")
+    except ValueError:
+        previous = {}
+    if out.is_symlink() or "averaged_from" not in previous:
+        raise ValueError(f"average_checkpoints: output {out} exists and is not an average written by natzoo; it is "
+                         "left as it is: name a new file")
 
 
 class AverageBestCheckpoints(ModelCheckpoint):
@@ -140,10 +160,16 @@ class AverageBestCheckpoints(ModelCheckpoint):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m natzoo.tools.averaging OUT.ckpt IN.ckpt [IN.ckpt ...]``."""
+    """``python -m natzoo.tools.averaging IN.ckpt [IN.ckpt ...] --output OUT.ckpt``.
+
+    The output is an option, never a position: with ``<run>/checkpoints/*.ckpt`` as the arguments, a positional
+    output would be the first checkpoint of the glob (``best.ckpt``), silently replaced.
+    """
     parser = argparse.ArgumentParser(prog="python -m natzoo.tools.averaging", description=__doc__.split("\n\n")[0])
-    parser.add_argument("output", help="the averaged checkpoint to write")
     parser.add_argument("inputs", nargs="+", help="Lightning checkpoints of one model (e.g. checkpoints/top/*.ckpt)")
+    parser.add_argument("-o", "--output", required=True,
+                        help="the averaged checkpoint to write: a new file (or an earlier average of natzoo's), never "
+                             "one of the inputs")
     args = parser.parse_args(argv)
     try:
         print(average_checkpoints(args.inputs, args.output))
