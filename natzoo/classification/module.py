@@ -17,13 +17,10 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from natzoo import models  # noqa: F401  (registers the NAT families with timm)
-from natzoo.config import (
-    CLASSIFICATION_RULES,
-    COMMON_RULES,
-    Integer,
-    check_settings,
-)
+from natzoo.classification.rules import CLASSIFICATION_RULES, LossName, NonfiniteLoss
+from natzoo.config import COMMON_RULES
 from natzoo.optim import check_optim_settings, configure_optimizers
+from natzoo.rules import Integer, check_settings
 
 __all__ = ["ClassificationModule", "create_model"]
 
@@ -39,7 +36,8 @@ _ARGUMENT_RULES = {
     "model_kwargs": COMMON_RULES["model.kwargs"],
     "drop_path_rate": COMMON_RULES["model.drop_path_rate"],
     "freeze": CLASSIFICATION_RULES["model.freeze"],
-    **{k: COMMON_RULES[k] for k in ("nonfinite_loss", "channels_last", "compile")},
+    "nonfinite_loss": CLASSIFICATION_RULES["nonfinite_loss"],
+    **{k: COMMON_RULES[k] for k in ("channels_last", "compile")},
 }
 
 
@@ -100,7 +98,7 @@ class ClassificationModule(pl.LightningModule):
         sched: dict | None = None,
         mixup: dict | None = None,
         ema: dict | None = None,
-        nonfinite_loss: str = "stop",
+        nonfinite_loss: str = NonfiniteLoss.STOP.value,
         channels_last: bool = False,
         compile: bool | dict = False,
         loss: dict | None = None,
@@ -136,7 +134,7 @@ class ClassificationModule(pl.LightningModule):
         if _mixup_active(self.mixup_cfg):
             self.mixup_fn = Mixup(**self.mixup_cfg, num_classes=self.num_classes)
         self.train_loss: nn.Module
-        if loss_cfg.get("name", "ce") == "bce":
+        if LossName(loss_cfg.get("name", LossName.CE.value)) is LossName.BCE:
             # With mixup the targets arrive smoothed already (Mixup applies label_smoothing), as in timm's train.py.
             self.train_loss = BinaryCrossEntropy(
                 smoothing=0.0 if self.mixup_fn is not None else label_smoothing,
@@ -217,7 +215,7 @@ class ClassificationModule(pl.LightningModule):
         if not finite:
             where = f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
             # Lightning's hparams is an AttributeDict (typed as a plain mapping)
-            if self.hparams.nonfinite_loss == "stop":  # type: ignore[attr-defined]
+            if NonfiniteLoss(self.hparams.nonfinite_loss) is NonfiniteLoss.STOP:  # type: ignore[attr-defined]
                 raise FloatingPointError(
                     f"non-finite training loss ({loss.item()}) at {where}; lower optim.lr, check the data, or set "
                     "nonfinite_loss=skip to skip such steps"

@@ -20,16 +20,16 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from natzoo.run.callbacks import CurvePlot, ModelSummary, RNGState
-from natzoo.checkpoints import AtomicCheckpointIO, CheckpointInfo, find_last_checkpoint
-from natzoo.checkpoints import resolve_ckpt_path as read_ckpt_path
+from natzoo.checkpoints import AtomicCheckpointIO, CheckpointInfo, find_last_checkpoint, resolve_ckpt_path
 from natzoo.cli import command
-from natzoo.config import COMMON_RULES, check_config, check_weights_source
+from natzoo.config import COMMON_RULES, check_weights_source
+from natzoo.rules import check_config
+from natzoo.run.callbacks import CurvePlot, ModelSummary, RNGState
 from natzoo.run.console import configure_console
 from natzoo.run.loggers import check_logger_packages, drop_rows_after
 from natzoo.run.rundir import RunDirectoryBusy, RunDirLock, discard_unused
+from natzoo.run.tasks import Task, check_resume, get_task, task_of_checkpoint
 from natzoo.strategies import enable_grad_checkpointing
-from natzoo.run.tasks import Task, get_task, task_of_checkpoint
 
 __all__ = [
     "SIGTERM_EXIT_CODE",
@@ -38,7 +38,6 @@ __all__ = [
     "build_trainer",
     "check_run_config",
     "cpu_threads",
-    "resolve_ckpt_path",
     "run_training",
 ]
 
@@ -56,9 +55,10 @@ def _is_rank_zero() -> bool:
 def check_run_config(cfg: DictConfig, stage: str) -> tuple[Task, CheckpointInfo | None]:
     """Every check of a run's config, in order, before anything is built; ``stage`` is ``"fit"`` or ``"eval"``.
 
-    The value rules (common and the task's), the source of weights (evaluation), the ``ckpt_path`` file (resolved
-    and read once; ``cfg.ckpt_path`` becomes the file for ``last``), then the task's own checks (which compare the
-    config with the checkpoint's and may prepare cheap things such as the demo dataset).
+    The value rules (common and the task's), the loggers' packages, the source of weights (evaluation), the
+    ``ckpt_path`` file (resolved and read once; ``cfg.ckpt_path`` becomes the file for ``last``), the task's own checks
+    (which may prepare cheap things such as the demo dataset), then, for a resumed run, the comparison of the config
+    with the checkpoint's (:func:`natzoo.run.tasks.check_resume` on the task's differences).
 
     Returns:
         The task and the resolved checkpoint (None without one).
@@ -74,11 +74,13 @@ def check_run_config(cfg: DictConfig, stage: str) -> tuple[Task, CheckpointInfo 
         if stage == "eval":
             check_weights_source(cfg)
             _check_output_file(cfg.get("output"))
-        resolved = resolve_ckpt_path(cfg, task)
+        resolved = _checkpoint_of(cfg, task)
         if resolved is not None:
             with open_dict(cfg):
                 cfg.ckpt_path = resolved.path
-        task.validate_config(cfg, stage)
+        task.validate_config(cfg, stage, resolved)
+        if stage == "fit" and resolved is not None:
+            check_resume(cfg, resolved, task.resume_differences(cfg, resolved))
     except (ValueError, TypeError) as err:
         setattr(err, "natzoo_config_error", True)  # noqa: B010  (read by natzoo.run.console.exit_on_config_error)
         raise
@@ -98,7 +100,7 @@ def _check_output_file(output: Any) -> None:
         raise ValueError(f"output={str(output)!r}: {existing} is a file, not a folder")
 
 
-def resolve_ckpt_path(cfg: DictConfig, task: Task | None = None) -> CheckpointInfo | None:
+def _checkpoint_of(cfg: DictConfig, task: Task) -> CheckpointInfo | None:
     """``cfg.ckpt_path`` (None, a file, or ``last`` under ``paths.resume_dir``) resolved and read once
     (:func:`natzoo.checkpoints.resolve_ckpt_path`), and checked to be a checkpoint of ``task``.
 
@@ -107,8 +109,8 @@ def resolve_ckpt_path(cfg: DictConfig, task: Task | None = None) -> CheckpointIn
             checkpoint, or one of another task (the message names the file and what was expected).
     """
     resume_dir = cfg.get("paths", {}).get("resume_dir")
-    info = read_ckpt_path(cfg.get("ckpt_path"), str(resume_dir) if resume_dir else None)
-    if info is not None and task is not None and not task.owns_checkpoint(info.hyper_parameters):
+    info = resolve_ckpt_path(cfg.get("ckpt_path"), str(resume_dir) if resume_dir else None)
+    if info is not None and not task.owns_checkpoint(info.hyper_parameters):
         owner = task_of_checkpoint(info.hyper_parameters)
         hint = f"; it is a {owner} checkpoint: add task={owner}" if owner else ""
         raise ValueError(f"ckpt_path={info.path!r} was not written by the {task.name} task's module{hint}")
@@ -241,13 +243,15 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         if info is not None:
             resuming_here = _prepare_resume(info, output_dir)
         with cpu_threads(cfg):
-            return _fit(cfg, task, info.path if info is not None else None, output_dir, resuming_here)
+            return _fit(cfg, task, info, output_dir, resuming_here)
 
 
-def _fit(cfg: DictConfig, task: Task, ckpt_path: str | None, output_dir: Path, resuming_here: bool) -> dict[str, Any]:
+def _fit(cfg: DictConfig, task: Task, info: CheckpointInfo | None, output_dir: Path,
+         resuming_here: bool) -> dict[str, Any]:
     pl.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
+    ckpt_path = info.path if info is not None else None
 
-    datamodule = task.build_datamodule(cfg)
+    datamodule = task.build_datamodule(cfg, info)
     module = task.build_module(cfg, datamodule)
     if cfg.get("model", {}).get("grad_checkpointing"):
         rank_zero_info(f"gradient checkpointing on in {', '.join(enable_grad_checkpointing(module))}")

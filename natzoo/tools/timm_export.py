@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from torch import nn
 
 from natzoo import models  # noqa: F401  (registers the NAT families with timm)
 from natzoo.checkpoints import network_weights, read_lightning_checkpoint
+from natzoo.ownership import replace_folder
 
 __all__ = ["SaveTimmModel", "export_checkpoint", "save_timm_model"]
 
@@ -50,24 +49,13 @@ def save_timm_model(model: nn.Module, folder: str | os.PathLike, data_config: di
         ValueError: ``folder`` holds other files, or ``label_names`` does not match the classifier.
     """
     out = Path(folder)
-    if out.exists() and (not out.is_dir() or any(p.name not in _FILES for p in out.iterdir())):
-        raise ValueError(f"{out} exists and holds other files than {list(_FILES)}; choose an empty or new folder")
     num_classes = int(getattr(model, "num_classes", 0) or 0)
     if label_names is not None and len(label_names) != num_classes:
         raise ValueError(f"label_names has {len(label_names)} names but the model has {num_classes} classes")
     model_config = {"label_names": list(label_names)} if label_names is not None else None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_for_hf(model, str(staging), model_config=model_config, safe_serialization=True,
-                    data_config=dict(data_config) if data_config else None)
-        if out.exists():
-            shutil.rmtree(out)  # only config.json / model.safetensors, checked above
-        os.replace(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return out
+    return replace_folder(out, lambda staging: save_for_hf(
+        model, str(staging), model_config=model_config, safe_serialization=True,
+        data_config=dict(data_config) if data_config else None), owns=lambda name: name in _FILES)
 
 
 def _data_config(img_size: int, mean: Sequence[float], std: Sequence[float], evaluation: dict[str, Any]) -> dict:
