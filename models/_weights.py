@@ -31,6 +31,7 @@ __all__ = [
     "load_state_dict_overlay",
     "load_weights",
     "local_weights",
+    "pretrained_file",
     "read_state_dict",
     "resize_rpb",
     "sha256_file",
@@ -453,3 +454,19 @@ def local_weights(
         raise ValueError(f"{name}: file={path!r} does not have the recorded SHA-256 {expected}")
     # timm resets custom_load for an overlay source unless it is given: the file is still for load_pretrained.
     return dict(kwargs, pretrained_cfg_overlay=dict(overlay, file=path, custom_load=True))
+
+
+def pretrained_file(name: str, pretrained_cfg_overlay: Mapping[str, Any] | None = None) -> str:
+    """The local file of a model's published weights (timm's pretrained cfg of ``name``, with a ``.tag`` or without):
+    from the cache, downloaded, or the file an overlay names (``pretrained_cfg_overlay=dict(file=...)``), checked
+    against a recorded SHA-256 (:func:`local_weights`). Load it with :func:`load_weights`.
+
+    Raises:
+        RuntimeError: the source cannot be fetched, or the overlay gives a state dict rather than a file.
+        ValueError: the file's SHA-256 differs from the recorded one.
+    """
+    args = local_weights(name, True, {"pretrained_cfg_overlay": dict(pretrained_cfg_overlay or {})})
+    file = (args.get("pretrained_cfg_overlay") or {}).get("file")
+    if not file:
+        raise RuntimeError(f"{name}: the pretrained weights are not a file; pass pretrained_cfg_overlay=dict(file=...)")
+    return os.fspath(file)

@@ -89,6 +89,7 @@ COMMON_RULES: dict[str, Rule] = {
     "model.drop_path_rate": Number(0.0, 1.0, high_open=True, nullable=True),
     "model.grad_checkpointing": Flag(),
     "optim.layer_decay": Number(0.0, 1.0, low_open=True, nullable=True),
+    "callbacks.progress_bar.enabled": Either((Flag(), Choice(("auto",)))),
     **{f"optim.{k}": rule for k, rule in OPTIM_RULES.items()},
     **{f"sched.{k}": rule for k, rule in SCHED_RULES.items()},
     **{f"trainer.{k}": rule for k, rule in _TRAINER_RULES.items()},

@@ -51,7 +51,7 @@ def create_model(name: str, num_classes: int, drop_path_rate: float | None = Non
     return timm.create_model(name, num_classes=num_classes, **kwargs)
 
 
-def _mixup_active(mixup: dict[str, Any]) -> bool:
+def mixup_active(mixup: dict[str, Any]) -> bool:
     alphas = mixup.get("mixup_alpha", 0.0) > 0 or mixup.get("cutmix_alpha", 0.0) > 0
     return (alphas or mixup.get("cutmix_minmax") is not None) and mixup.get("prob", 1.0) > 0
 
@@ -131,7 +131,7 @@ class ClassificationModule(pl.LightningModule):
         label_smoothing = float(self.mixup_cfg.get("label_smoothing", 0.0))
         loss_cfg = dict(loss or {})
         check_settings(loss_cfg, _LOSS_RULES, "loss")
-        if _mixup_active(self.mixup_cfg):
+        if mixup_active(self.mixup_cfg):
             self.mixup_fn = Mixup(**self.mixup_cfg, num_classes=self.num_classes)
         self.train_loss: nn.Module
         if LossName(loss_cfg.get("name", LossName.CE.value)) is LossName.BCE:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 
 from natzoo.datasets.folder import BAD_IMAGE_POLICIES
-from natzoo.rules import Choice, Either, Flag, Integer, ListOf, Number, Rule, Text, Texts
+from natzoo.rules import Choice, Either, Flag, Integer, ListOf, Number, Rule, Table, Text, Texts
 
 __all__ = ["CLASSIFICATION_RULES", "LossName", "NonfiniteLoss"]
 
@@ -39,6 +39,8 @@ CLASSIFICATION_RULES: dict[str, Rule] = {
     "loss.bce_target_threshold": Number(0.0, 1.0, high_open=True, nullable=True),
     "loss.bce_sum": Flag(),
     "model.freeze": Texts(),
+    "model.pretrained": Flag(),
+    "model.pretrained_cfg_overlay": Table(),
     "data.img_size": Integer(8, nullable=True),
     "data.bad_images": Choice(BAD_IMAGE_POLICIES),
     "data.drop_last": Flag(),

@@ -9,18 +9,19 @@ from typing import Any
 import timm
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 from timm.data import resolve_data_config
 from timm.models import get_pretrained_cfg
 
 from natzoo import models  # noqa: F401  (registers the NAT families with timm)
 from natzoo.checkpoints import CheckpointInfo, differences, lightning_hyper_parameters, network_weights
-from natzoo.classification.module import ClassificationModule
-from natzoo.classification.rules import CLASSIFICATION_RULES, NonfiniteLoss
+from natzoo.classification.module import ClassificationModule, mixup_active
+from natzoo.classification.rules import CLASSIFICATION_RULES, LossName, NonfiniteLoss
 from natzoo.datasets.demo import ensure_demo_dataset
 from natzoo.datasets.folder import ImageFolderDataModule, check_image_folder_layout
 from natzoo.datasets.readers import READER_DATAMODULES, check_reader_source
-from natzoo.models import load_weights
+from natzoo.models import load_weights, pretrained_file
 from natzoo.rules import plain
 from natzoo.run.tasks import Difference, Task, register_task
 
@@ -137,6 +138,9 @@ def validate_config(cfg: DictConfig, stage: str, ckpt: CheckpointInfo | None) ->
     checkpoint = cfg.get("checkpoint")
     if checkpoint and not Path(str(checkpoint)).is_file():
         raise ValueError(f"checkpoint={str(checkpoint)!r} does not exist or is not a file")
+    if stage == "fit" and cfg.model.get("pretrained") and checkpoint:
+        raise ValueError(f"model.pretrained=true and checkpoint={str(checkpoint)!r} both name the starting weights: "
+                         "pass one of them")
     if stage == "eval" and cfg.get("use_ema") and not (cfg.get("ckpt_path") or checkpoint):
         raise ValueError("use_ema=true needs a checkpoint holding EMA weights: ckpt_path=<.ckpt> or checkpoint=<.ckpt>")
     _check_weights_pairing(cfg, stage, ckpt)
@@ -208,11 +212,54 @@ def _module_kwargs(cfg: DictConfig, num_classes: int) -> dict[str, Any]:
     }
 
 
+def _announce_features(cfg: DictConfig) -> None:
+    """One confirmation line per training feature switched on (each of them changes what training computes)."""
+    lines = []
+    optim = cfg.get("optim") or {}
+    if optim.get("layer_decay"):
+        lines.append(f"layer-wise lr decay {optim['layer_decay']}: each block's lr is scaled by {optim['layer_decay']} per "
+                     "block below the head")
+    loss = cfg.get("loss") or {}
+    if LossName(loss.get("name", LossName.CE.value)) is LossName.BCE:
+        lines.append(f"loss: binary cross-entropy, one sigmoid per class (target threshold "
+                     f"{loss.get('bce_target_threshold')}, {'sum' if loss.get('bce_sum') else 'mean'} over classes)")
+    repeats = int(cfg.data.get("aug_repeats", 0) or 0)
+    if repeats:
+        lines.append(f"repeated augmentation: each training image {repeats} times per epoch, differently augmented")
+    ema = cfg.get("ema") or {}
+    if ema.get("enabled"):
+        lines.append(f"EMA of the weights: decay {ema.get('decay')}{', with warmup' if ema.get('warmup') else ''}"
+                     f"{'; validated as val_ema/*' if ema.get('evaluate', True) else ''}")
+    mixup = plain(cfg.data.get("mixup")) or {}
+    if mixup_active(mixup):
+        lines.append(f"mixup/cutmix: mixup_alpha {mixup.get('mixup_alpha')}, cutmix_alpha {mixup.get('cutmix_alpha')}, "
+                     f"prob {mixup.get('prob')}, label smoothing {mixup.get('label_smoothing')}")
+    freeze = list(cfg.model.get("freeze") or [])
+    if freeze:
+        lines.append(f"frozen parameters: {', '.join(freeze)}")
+    if cfg.get("channels_last"):
+        lines.append("channels-last memory format")
+    if cfg.get("compile"):
+        lines.append("torch.compile of the network")
+    if cfg.model.get("pretrained"):
+        lines.append(f"fine-tuning from the published weights of {cfg.model.name}")
+    if getattr(rank_zero_only, "rank", 0) == 0:  # one line per run, not one per DDP process
+        for line in lines:
+            log.info(line)
+
+
 def build_module(cfg: DictConfig, datamodule: ImageFolderDataModule) -> ClassificationModule:
-    """New module for the dataset's classes, initialised from ``cfg.checkpoint`` (new head if the class count
-    differs) when given (fine-tuning)."""
+    """New module for the dataset's classes, initialised from the published weights (``model.pretrained``) or
+    ``cfg.checkpoint`` (new head if the class count differs) when given (fine-tuning); the training features switched
+    on are confirmed, one line each."""
     num_classes = len(datamodule.check_layout(with_train=True))
     module = ClassificationModule(**_module_kwargs(cfg, num_classes))
+    _announce_features(cfg)
+    if cfg.model.get("pretrained"):
+        # timm's published weights of the variant, through the one checked loader (head re-initialised when the class
+        # count differs); the network's saved arguments stay those of a plain model, so a checkpoint never downloads.
+        file = pretrained_file(str(cfg.model.name), plain(cfg.model.get("pretrained_cfg_overlay")) or None)
+        load_weights(module.model, file, head="auto", use_ema=True, source=f"{cfg.model.name} pretrained ({file})")
     if cfg.get("checkpoint"):
         # The head is kept when it fits the dataset's classes, else re-initialised (fine-tuning); load_weights says
         # which, in its one line.

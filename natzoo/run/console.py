@@ -10,6 +10,16 @@ Fixed at the source, each for one known cause (nothing else is filtered):
   records starting with that marker.
 * Lightning 2.6 calls a PyTorch ``_pytree`` API that PyTorch 2.14 deprecated, raising a ``FutureWarning`` about
   ``LeafSpec`` from Lightning's own module on every run; that one warning (message and module) is ignored.
+* Lightning warns, on every dataset with fewer batches than ``trainer.log_every_n_steps``, that step rows will not
+  be logged "if you want to see logs for the training epoch". natzoo logs the training metrics per epoch too (and
+  prints them, :class:`natzoo.run.callbacks.EpochSummary`), so the warning is ignored (message and module).
+* Lightning warns, once per loader, that an ``IterableDataset`` with ``__len__`` may be miscounted by multi-process
+  loading "if each worker is not configured independently". natzoo's only such dataset, the WebDataset reader
+  (``data=wds``), splits its shards by node and worker and sets its own epoch length, so that warning is ignored.
+
+Other behaviour of the console lives where it is made: the progress bar appears only on a terminal
+(:func:`natzoo.run.callbacks.progress_bar`), and a model summary among the callbacks keeps Lightning from adding, and
+announcing, its default (:func:`natzoo.run.training.build_trainer`).
 """
 
 from __future__ import annotations
@@ -43,7 +53,7 @@ class _DropAdvertisements(logging.Filter):
 
 
 def configure_console() -> None:
-    """Applies the three fixes above (idempotent). Called by ``natzoo.train`` and ``natzoo.evaluate``."""
+    """Applies the fixes above (idempotent). Called by ``natzoo.train`` and ``natzoo.evaluate``."""
     if logging.getLogger().handlers:
         for name in _LIGHTNING_LOGGERS:
             logger = logging.getLogger(name)
@@ -56,6 +66,10 @@ def configure_console() -> None:
         rank_zero.addFilter(_DropAdvertisements())
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning, module=r"lightning\.pytorch\.utilities\._pytree")
+    warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging "
+                            r"interval", module=r"lightning\.pytorch\.loops\.fit_loop")
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined",
+                            module=r"lightning\.pytorch\.utilities\.data")
 
 
 def exit_on_config_error(run: Callable[[], _T]) -> _T:

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from natzoo.checkpoints import CheckpointInfo
 from natzoo.ownership import write_atomically
-from natzoo.run.callbacks import Stopwatch
+from natzoo.run.callbacks import Stopwatch, progress_bar
 from natzoo.run.console import configure_console
 from natzoo.run.tasks import Task
 from natzoo.run.training import build_trainer, cpu_threads, run_directory
@@ -45,7 +45,9 @@ def _evaluate(cfg: DictConfig, task: Task, info: CheckpointInfo | None, output_d
     module = task.load_module_for_eval(cfg, datamodule)
     task.before_eval(cfg, module, datamodule)
     stopwatch = Stopwatch()
-    trainer = build_trainer(cfg, [stopwatch], False, enable_checkpointing=False, max_epochs=1)
+    bar = progress_bar()  # on a terminal only
+    trainer = build_trainer(cfg, [stopwatch, *([bar] if bar is not None else [])], False, enable_checkpointing=False,
+                            max_epochs=1)
     start = time.perf_counter()
     metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     total_seconds = time.perf_counter() - start

@@ -24,7 +24,7 @@ from natzoo.checkpoints import AtomicCheckpointIO, CheckpointInfo, find_last_che
 from natzoo.cli import command
 from natzoo.config import COMMON_RULES, check_weights_source
 from natzoo.rules import check_config
-from natzoo.run.callbacks import CurvePlot, ModelSummary, RNGState
+from natzoo.run.callbacks import CurvePlot, EpochSummary, ModelSummary, RNGState
 from natzoo.run.console import configure_console
 from natzoo.run.loggers import check_logger_packages, drop_rows_after
 from natzoo.run.rundir import RunDirectoryBusy, RunDirLock, discard_unused
@@ -118,8 +118,10 @@ def _checkpoint_of(cfg: DictConfig, task: Task) -> CheckpointInfo | None:
 
 
 def build_callbacks(cfg: DictConfig, task: Task) -> list[pl.Callback]:
-    """Callbacks from ``cfg.callbacks`` (each a ``_target_`` entry; null entries dropped), the task's own, the curve
-    plot and the RNG-state checkpointing. ``callbacks.model_checkpoint.monitor: null`` means the task's metric."""
+    """Callbacks from ``cfg.callbacks`` (each a ``_target_`` entry; null entries, and entries whose factory returns
+    None such as the progress bar off a terminal, dropped), the task's own, the curve plot, the per-epoch line and
+    ``summary.csv``, and the RNG-state checkpointing. ``callbacks.model_checkpoint.monitor: null`` means the task's
+    metric."""
     callbacks: list[pl.Callback] = []
     for name, spec in (cfg.get("callbacks") or {}).items():
         if spec is None or "_target_" not in spec:
@@ -127,10 +129,13 @@ def build_callbacks(cfg: DictConfig, task: Task) -> list[pl.Callback]:
         if name == "model_checkpoint" and spec.get("monitor", None) is None:
             with open_dict(spec):
                 spec.monitor, spec.mode = task.monitor
-        callbacks.append(instantiate(spec))
+        callback = instantiate(spec)
+        if callback is not None:
+            callbacks.append(callback)
     callbacks.extend(task.build_callbacks(cfg))
     callbacks.append(CurvePlot(str(Path(cfg.paths.output_dir) / "curves.png"), task.curves,
                                title=str(cfg.get("run_name", ""))))
+    callbacks.append(EpochSummary(str(Path(cfg.paths.output_dir) / "summary.csv")))
     callbacks.append(RNGState())
     summary = cfg.get("trainer", {}).get("enable_model_summary", True)
     if summary is not False and not any(isinstance(cb, pl.callbacks.ModelSummary) for cb in callbacks):
@@ -147,10 +152,17 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: Any, **overrides: A
     """``lightning.pytorch.Trainer`` from ``cfg.trainer`` with the atomic checkpoint IO plugin.
 
     ``trainer.max_epochs: null`` means ``sched.epochs + sched.cooldown_epochs`` when a schedule is configured (a
-    ``trainer.max_steps`` limit then ends training earlier, as usual in Lightning).
+    ``trainer.max_steps`` limit then ends training earlier, as usual in Lightning). The progress bar is the one among
+    ``callbacks`` (none: no bar, where Lightning would add its own; ``trainer.enable_progress_bar=false`` removes it
+    too), and a model summary among ``callbacks`` is the only one (Lightning neither adds its default nor says so).
     """
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(trainer_cfg, dict)  # cfg.trainer is a DictConfig, so its container is a dict
+    if trainer_cfg.get("enable_progress_bar", True) is False:
+        callbacks = [cb for cb in callbacks if not isinstance(cb, pl.callbacks.ProgressBar)]
+    trainer_cfg["enable_progress_bar"] = any(isinstance(cb, pl.callbacks.ProgressBar) for cb in callbacks)
+    if any(isinstance(cb, pl.callbacks.ModelSummary) for cb in callbacks):
+        trainer_cfg["enable_model_summary"] = False
     sched = cfg.get("sched")
     if trainer_cfg.get("max_epochs") is None and sched:
         trainer_cfg["max_epochs"] = int(sched.epochs) + int(sched.get("cooldown_epochs", 0) or 0)
@@ -370,7 +382,7 @@ def _print_summary(result: dict[str, Any], output_dir: Path, cfg: DictConfig) ->
     ckpt = result["best_checkpoint"] or result["last_checkpoint"]
     written = [str(Path(p).relative_to(output_dir)) if Path(p).is_relative_to(output_dir) else str(p)
                for p in dict.fromkeys([result["best_checkpoint"], result["last_checkpoint"]]) if p]
-    lines.append(f"Done. Outputs in {output_dir}: {', '.join(written + ['metrics.csv', 'curves.png'])}")
+    lines.append(f"Done. Outputs in {output_dir}: {', '.join(written + ['metrics.csv', 'summary.csv', 'curves.png'])}")
     if ckpt:
         lines.append(" ".join(["Evaluate with:", *command("eval"), *_eval_overrides(cfg),
                                _shell_override("ckpt_path", ckpt)]))
