@@ -34,6 +34,9 @@ def test_ci_runs_the_readme_test_command_verbatim():
     assert "python -m mypy" in command and "editable_mode=strict" in command, command
     ci_lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
     assert command in ci_lines, f"README: {command!r}; .ci/run: {ci_lines}"
+    # ... in a fresh virtual environment, as the README makes one, activated before the command
+    venv = next(i for i, line in enumerate(ci_lines) if line.startswith("python3 -m venv "))
+    assert "bin/activate" in ci_lines[venv] and venv < ci_lines.index(command), ci_lines
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,8 @@ Fixed at the source, each for one known cause (nothing else is filtered):
   loading "if each worker is not configured independently". natzoo's only such dataset, the WebDataset reader
   (``data=wds``), splits its shards by node and worker and sets its own epoch length, so that warning is ignored.
 
-Other behaviour of the console lives where it is made: the progress bar appears only on a terminal
+The commands a run prints (the resume hint, the ``Evaluate with:`` line) name the program the user ran
+(:func:`set_program`, :func:`command`). Other behaviour of the console lives where it is made: the progress bar appears only on a terminal
 (:func:`natzoo.run.callbacks.progress_bar`), and a model summary among the callbacks keeps Lightning from adding, and
 announcing, its default (:func:`natzoo.run.training.build_trainer`).
 """
@@ -25,6 +26,7 @@ announcing, its default (:func:`natzoo.run.training.build_trainer`).
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 import warnings
 from collections.abc import Callable
@@ -32,7 +34,41 @@ from typing import TypeVar
 
 _T = TypeVar("_T")
 
-__all__ = ["ConsoleFormatter", "configure_console", "exit_on_config_error"]
+__all__ = ["ConsoleFormatter", "command", "configure_console", "exit_on_config_error", "set_program"]
+
+# Program words per command, as the user typed them; the repository's scripts are the default (library callers).
+_PROGRAMS: dict[str, list[str]] = {"train": ["python", "train.py"], "eval": ["python", "eval.py"]}
+
+_STYLES: dict[str, dict[str, list[str]]] = {
+    "script": {"train": ["python", "train.py"], "eval": ["python", "eval.py"]},
+    "console": {"train": ["natzoo-train"], "eval": ["natzoo-eval"]},
+    "module": {"train": ["python", "-m", "natzoo", "train"], "eval": ["python", "-m", "natzoo", "eval"]},
+}
+
+
+def set_program(style: str) -> None:
+    """Names the entry point the user ran: ``"script"`` (``python train.py``), ``"console"`` (``natzoo-train``) or
+    ``"module"`` (``python -m natzoo train``); later messages print commands in the same style.
+
+    Raises:
+        ValueError: an unknown style.
+    """
+    if style not in _STYLES:
+        raise ValueError(f"style must be one of {sorted(_STYLES)}, got {style!r}")
+    _PROGRAMS.update({kind: list(words) for kind, words in _STYLES[style].items()})
+
+
+def command(kind: str) -> list[str]:
+    """The words (shell-quoted) that start a ``kind`` (``"train"`` or ``"eval"``) command the way the user started
+    this run, with the run's ``--config-dir`` folders so that its own config names resolve again."""
+    from hydra.core.hydra_config import HydraConfig
+
+    words = list(_PROGRAMS[kind])
+    if HydraConfig.initialized():
+        for source in HydraConfig.get().runtime.config_sources:
+            if source.provider == "command-line" and source.schema == "file":
+                words += ["--config-dir", shlex.quote(str(source.path))]
+    return words
 
 _LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
 _ADVERTISEMENT = "💡 Tip:"

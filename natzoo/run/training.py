@@ -21,11 +21,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from natzoo.checkpoints import AtomicCheckpointIO, CheckpointInfo, find_last_checkpoint, resolve_ckpt_path
-from natzoo.cli import command
 from natzoo.config import COMMON_RULES, check_weights_source
 from natzoo.rules import check_config
 from natzoo.run.callbacks import CurvePlot, EpochSummary, ModelSummary, RNGState
-from natzoo.run.console import configure_console
+from natzoo.run.console import command, configure_console
 from natzoo.run.loggers import check_logger_packages, drop_rows_after
 from natzoo.run.rundir import RunDirectoryBusy, RunDirLock, discard_unused
 from natzoo.run.tasks import Task, check_resume, get_task, task_of_checkpoint
