@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """``python -m natzoo train|eval [overrides...]``: the first word picks the command, the rest go to Hydra."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] not in _COMMANDS:
-        sys.exit(f"usage: python -m natzoo {{{'|'.join(_COMMANDS)}}} [Hydra overrides ...], e.g. python -m natzoo train "
-                 "model=nat_mini")
+        sys.exit(f"usage: python -m natzoo {{{'|'.join(_COMMANDS)}}} [Hydra overrides ...], e.g. "
+                 "python -m natzoo train model=nat_mini")
     sys.argv = [sys.argv[0], *args[1:]]
     _COMMANDS[args[0]]("module")

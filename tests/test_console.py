@@ -17,13 +17,15 @@ import torch
 from helpers import one_thread  # noqa: F401
 from lightning.pytorch.callbacks import ModelSummary, ProgressBar, TQDMProgressBar
 
-from natzoo import models  # noqa: F401  (registers the NAT families with timm)
-from natzoo import train
+from natzoo import (
+    models,  # noqa: F401  (registers the NAT families with timm)
+    train,
+)
 from natzoo.datasets import ensure_demo_dataset
 from natzoo.run.callbacks import progress_bar
 from natzoo.run.console import configure_console
-from natzoo.run.training import build_callbacks, build_trainer
 from natzoo.run.tasks import get_task
+from natzoo.run.training import build_callbacks, build_trainer
 from natzoo.testing import compose_config, tiny_overrides
 
 TINY = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], "kernel_size": 3}
@@ -175,8 +177,8 @@ def test_model_pretrained_fine_tunes_from_the_published_weights(demo_root, tmp_p
     torch.save(published.state_dict(), file)
     kwargs = [f"model.kwargs.{k}={v}".replace(" ", "") for k, v in TINY.items()]
     with caplog.at_level(logging.INFO, logger="natzoo"):
-        cfg, module = _module(demo_root, tmp_path, "model.pretrained=true", f"+model.pretrained_cfg_overlay.file={file}",
-                              *kwargs)
+        cfg, module = _module(demo_root, tmp_path, "model.pretrained=true",
+                              f"+model.pretrained_cfg_overlay.file={file}", *kwargs)
     state = module.model.state_dict()
     reference = torch.load(file, weights_only=True)
     assert all(torch.equal(state[k], v) for k, v in reference.items() if not k.startswith("head."))

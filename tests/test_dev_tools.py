@@ -45,7 +45,8 @@ def test_update_rewrites_only_its_own_table(suite_times, tmp_path):
     block = suite_times.table("fast", 'python -m pytest -q -m "not slow"', LOG, "0.5 / 0.4 / 0.3", 2)
     suite_times.update(page, "fast", block)
     text = page.read_text()
-    assert text.startswith("intro\n<!-- test-times:fast -->\n| Subset |") and text.endswith("<!-- /test-times:fast -->\nkept\n")
+    assert text.startswith("intro\n<!-- test-times:fast -->\n| Subset |")
+    assert text.endswith("<!-- /test-times:fast -->\nkept\n")
     assert "| 5 min 31 s |" in text and "1433 passed, 12 skipped, 940 deselected" in text and "old" not in text
     assert text.index("tests/test_a.py::test_one") < text.index("tests/test_b.py::test_three[x-1]")  # slowest first
     assert "test_two" not in text  # only the 2 slowest

@@ -121,6 +121,7 @@ def test_temporary_files_have_names_of_their_own(tmp_path):
 
 # --- No litter, config errors without a traceback --------------------------------------------------------------------
 
+@pytest.mark.slow  # starts train.py/eval.py processes
 def test_failed_config_check_leaves_no_run_directory_and_no_traceback(tmp_path):
     logs = tmp_path / "logs"
     result = _run(["train.py", "optim.lr=-1", f"paths.log_dir={logs}", "run_name=bad"], tmp_path)

@@ -109,6 +109,7 @@ load_weights(torch.nn.Linear(1, 1), {}, use_emma=True)
 """
 
 
+@pytest.mark.slow  # a virtual environment, an install and mypy
 def test_editable_install_resolves_ops_and_models_outside_the_checkout(tmp_path: Path, mypy_cache: Path):
     import natzoo.models
     import natzoo.ops

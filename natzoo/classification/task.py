@@ -31,6 +31,7 @@ __all__ = [
     "build_module",
     "image_config",
     "load_module_for_eval",
+    "resume_differences",
     "summarize_eval",
     "validate_config",
 ]
@@ -217,8 +218,8 @@ def _announce_features(cfg: DictConfig) -> None:
     lines = []
     optim = cfg.get("optim") or {}
     if optim.get("layer_decay"):
-        lines.append(f"layer-wise lr decay {optim['layer_decay']}: each block's lr is scaled by {optim['layer_decay']} per "
-                     "block below the head")
+        decay = optim["layer_decay"]
+        lines.append(f"layer-wise lr decay {decay}: each block's lr is scaled by {decay} per block below the head")
     loss = cfg.get("loss") or {}
     if LossName(loss.get("name", LossName.CE.value)) is LossName.BCE:
         lines.append(f"loss: binary cross-entropy, one sigmoid per class (target threshold "

@@ -19,7 +19,8 @@ from natzoo.models import load_weights
 from natzoo.rules import plain
 from natzoo.run.tasks import Difference, Task, register_task
 
-__all__ = ["DetectionTask", "build_datamodule", "build_module", "load_module_for_eval", "summarize_eval", "validate_config"]
+__all__ = ["DetectionTask", "build_datamodule", "build_module", "load_module_for_eval", "resume_differences",
+           "summarize_eval", "validate_config"]
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ Fixed at the source, each for one known cause (nothing else is filtered):
   (``data=wds``), splits its shards by node and worker and sets its own epoch length, so that warning is ignored.
 
 The commands a run prints (the resume hint, the ``Evaluate with:`` line) name the program the user ran
-(:func:`set_program`, :func:`command`). Other behaviour of the console lives where it is made: the progress bar appears only on a terminal
-(:func:`natzoo.run.callbacks.progress_bar`), and a model summary among the callbacks keeps Lightning from adding, and
-announcing, its default (:func:`natzoo.run.training.build_trainer`).
+(:func:`set_program`, :func:`command`). Other behaviour of the console lives where it is made: the progress bar
+appears only on a terminal (:func:`natzoo.run.callbacks.progress_bar`), and a model summary among the callbacks keeps
+Lightning from adding, and announcing, its default (:func:`natzoo.run.training.build_trainer`).
 """
 
 from __future__ import annotations

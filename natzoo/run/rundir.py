@@ -9,9 +9,9 @@
   (``fcntl.flock``; the operating system releases it when the process ends, however it ends). A second run into the
   same directory (two resumes of one run, or ``hydra.run.dir`` given twice) is refused with
   :class:`RunDirectoryBusy`, naming the holder.
-* **Unique temporary files** (:func:`natzoo.ownership.write_atomically`): results (``curves.png``, ``eval.json``, a rewritten
-  ``metrics.csv``) are written to a scratch file of this process (:mod:`natzoo.ownership` names), then moved into
-  place, so two processes never write the same temporary file.
+* **Unique temporary files** (:func:`natzoo.ownership.write_atomically`): results (``curves.png``, ``eval.json``, a
+  rewritten ``metrics.csv``) are written to a scratch file of this process (:mod:`natzoo.ownership` names), then
+  moved into place, so two processes never write the same temporary file.
 * **No litter** (:func:`discard_unused`). A run that fails its config check removes what was created for it: the
   directory this process claimed, when it holds nothing but Hydra's record (``.hydra/*.yaml``, ``<job>.log``) and the
   lock file; for a resumed run, only the ``.hydra/resumed_<timestamp>`` record of this attempt.

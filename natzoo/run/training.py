@@ -206,8 +206,8 @@ def run_directory(cfg: DictConfig, stage: str, lock: bool) -> Iterator[tuple[Tas
     """Checks the config (:func:`check_run_config`), then holds the run directory for the run.
 
     A run that fails a check leaves nothing behind (:func:`natzoo.run.rundir.discard_unused`); with ``lock`` the global
-    rank zero holds the directory's lock (:class:`natzoo.run.rundir.RunDirLock`), so a second run into the same directory
-    is refused before anything is written.
+    rank zero holds the directory's lock (:class:`natzoo.run.rundir.RunDirLock`), so a second run into the same
+    directory is refused before anything is written.
 
     Yields:
         The task, the resolved checkpoint and the run directory.

@@ -7,7 +7,8 @@ nothing here touches the network.
 
 During training the ``timm_model`` callback (``configs/callbacks/default.yaml``, ``enabled: false`` = off) writes
 the best checkpoint's model to ``<run dir>/timm_model/`` with the run's preprocessing and class names. After
-training, :func:`export_checkpoint` (``python -m natzoo.tools.timm_export CKPT FOLDER``) does the same from a checkpoint.
+training, :func:`export_checkpoint` (``python -m natzoo.tools.timm_export CKPT FOLDER``) does the same from a
+checkpoint.
 """
 
 from __future__ import annotations
