@@ -1,6 +1,6 @@
 """What natzoo writes and what it may delete: the one home of its atomic file writes (:func:`write_atomically`),
-folder replacement (:func:`replace_folder`) and generated folders (:class:`GeneratedFolder`). It deletes only files
-and folders it can show it wrote itself, and the leftovers of its own crashes.
+scratch names (used by every folder replacement) and generated folders (:class:`GeneratedFolder`). It deletes only
+files and folders it can show it wrote itself, and the leftovers of its own crashes.
 
 Two kinds of proof are used (docs/reliability.md describes the guarantees built on them):
 
@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import socket
 import stat
 import tempfile
@@ -38,7 +37,6 @@ __all__ = [
     "Survey",
     "abandoned_scratch",
     "delete_scanned",
-    "replace_folder",
     "scan_tree",
     "scratch_prefix",
     "sweep_abandoned",
@@ -96,39 +94,6 @@ def write_atomically(path: str | os.PathLike, write: Callable[[IO[Any]], object]
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def replace_folder(folder: str | os.PathLike, fill: Callable[[Path], object], owns: Callable[[str], bool]) -> Path:
-    """Writes a folder whole: ``fill(staging)`` writes into a scratch folder beside ``folder`` (kind ``partial``),
-    which then replaces ``folder``. An existing ``folder`` is replaced only when :func:`scan_tree` finds nothing in it
-    that ``owns`` does not accept (a folder this writer made before).
-
-    Returns:
-        ``folder`` as a path.
-
-    Raises:
-        ValueError: ``folder`` is a file, or holds entries that ``owns`` does not accept (nothing is written).
-    """
-    out = Path(folder)
-    if out.exists() or out.is_symlink():
-        if out.is_symlink() or not out.is_dir():
-            raise ValueError(f"{out} exists and is not a folder; choose a new folder")
-        _, foreign = scan_tree(out, owns)
-        if foreign:
-            raise ValueError(f"{out} exists and holds other files than natzoo writes there ({', '.join(foreign[:3])}); "
-                             "choose an empty or new folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=scratch_prefix(out.name, "partial"), dir=out.parent))
-    try:
-        fill(staging)
-        if out.exists():
-            files, _ = scan_tree(out, owns)
-            delete_scanned(out, files)
-        os.replace(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return out
 
 
 def _process_exists(pid: int) -> bool:
