@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 import torch.fx
-from ..ops.neighborhood.validation import check_bool, check_int, check_rate, check_real
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from torch import nn
 
+from ..ops.neighborhood.validation import check_bool, check_int, check_rate, check_real
 from ._weights import StateDict, load_weights
 
 __all__ = ["NATBase", "check_int_sequence", "check_model_args", "pretrained_cfg", "variant_args"]

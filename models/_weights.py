@@ -31,6 +31,7 @@ __all__ = [
     "load_state_dict_overlay",
     "load_weights",
     "local_weights",
+    "pretrained_file",
     "read_state_dict",
     "resize_rpb",
     "sha256_file",
@@ -204,47 +205,47 @@ def _classifier(model: nn.Module) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def _decide_head(model: nn.Module, state: StateDict, head: str, source: str) -> tuple[str, list[str], str | None]:
+_HeadDecision = tuple[str, list[str], str | None, tuple[int, str] | None]
+
+
+def _decide_head(model: nn.Module, state: StateDict, head: str, source: str) -> _HeadDecision:
     """Applies the head rule to `state` (and the model). Returns the report's head entry, the head keys the model
-    may keep as initialised and, for a rejected head, a note for the error message."""
+    may keep as initialised, for a rejected head a note for the error message, and what the load line says about the
+    head (its log level and text; :func:`load_weights` says everything about one load in one line)."""
     name = _classifier(model)
     if name is None:
-        return "none", [], None
+        return "none", [], None, None
     keys = [f"{name}.weight", f"{name}.bias"]
     target = model.state_dict()
     own = {k: tuple(target[k].shape) for k in keys if k in target}
     given = {k: tuple(state[k].shape) for k in keys if k in state}
     if not own and not given:
-        return "none", [], None
+        return "none", [], None, None
     if not own:
         for k in given:
             del state[k]
-        log.info("%s: the model has no classifier (num_classes=0); the file's %s (%d classes) is not loaded",
-                 source, name, given.get(keys[0], (0,))[0])
-        return "not_loaded", [], None
+        return "not_loaded", [], None, (logging.INFO, f"the model has no classifier (num_classes=0); the file's {name} "
+                                        f"({given.get(keys[0], (0,))[0]} classes) is not loaded")
     if not given:
         if head == "strict":
-            return "initialised", [], f"the file has no classifier {name!r}"
-        log.warning("%s has no classifier %r: the model's %d-class head keeps its random initialisation", source,
-                    name, own[keys[0]][0])
-        return "initialised", list(own), None
+            return "initialised", [], f"the file has no classifier {name!r}", None
+        return "initialised", list(own), None, (logging.WARNING, f"the file has no classifier {name!r}: the model's "
+                                                f"{own[keys[0]][0]}-class head keeps its random initialisation")
     if own == given:
-        return "loaded", [], None
+        return "loaded", [], None, None
     file_classes, model_classes = given[keys[0]][0], own[keys[0]][0]
     if head == "strict":
         return "loaded", [], (f"classifier {keys[0]} has shape {given[keys[0]]} but the model expects {own[keys[0]]}: "
                               f"the file was trained for {file_classes} classes, the model has {model_classes} (only "
-                              "fine-tuning replaces a classifier)")
+                              "fine-tuning replaces a classifier)"), None
     if head == "adopt":
         # nn.Module.__getattr__ types submodules and buffers as Tensor | Module
         model.reset_classifier(file_classes)  # type: ignore[operator]
-        log.info("%s: classifier resized to the file's %d classes", source, file_classes)
-        return "resized", [], None
+        return "resized", [], None, (logging.INFO, f"classifier resized to the file's {file_classes} classes")
     for k in given:
         del state[k]
-    log.warning("%s: the file's classifier has %d classes, the model was asked for %d: %r re-initialised", source,
-                file_classes, model_classes, name)
-    return "reinitialised", list(own), None
+    return "reinitialised", list(own), None, (logging.WARNING, f"the file's classifier has {file_classes} classes, the "
+                                              f"model was asked for {model_classes}: {name!r} re-initialised")
 
 
 def _matches(key: str, patterns: Iterable[str]) -> bool:
@@ -303,7 +304,7 @@ def load_weights(
     target = model.state_dict()
     _resize_rpb_tables(state, target)
     _adapt_first_conv(model, state, target, source)
-    head_result, head_keys, note = _decide_head(model, state, head, source)
+    head_result, head_keys, note, said = _decide_head(model, state, head, source)
     target = model.state_dict()  # the head may have been resized
     missing = [k for k in target if k not in state and k not in head_keys]
     unexpected = [k for k in state if k not in target]
@@ -315,8 +316,9 @@ def load_weights(
         raise _mismatch_error(source, model, bad_missing, bad_unexpected, shapes, note)
     model.load_state_dict({k: v for k, v in state.items() if k in target}, strict=False)
     report = LoadReport(source, missing, unexpected, head_result)
-    log.info("loaded %s into %s (head: %s%s%s)", source, type(model).__name__, head_result,
-             f"; kept as initialised: {missing}" if missing else "", f"; ignored: {unexpected}" if unexpected else "")
+    log.log(said[0] if said is not None else logging.INFO, "loaded %s into %s (head: %s%s%s%s)", source,
+            type(model).__name__, head_result, f"; {said[1]}" if said is not None else "",
+            f"; kept as initialised: {missing}" if missing else "", f"; ignored: {unexpected}" if unexpected else "")
     return report
 
 
@@ -452,3 +454,19 @@ def local_weights(
         raise ValueError(f"{name}: file={path!r} does not have the recorded SHA-256 {expected}")
     # timm resets custom_load for an overlay source unless it is given: the file is still for load_pretrained.
     return dict(kwargs, pretrained_cfg_overlay=dict(overlay, file=path, custom_load=True))
+
+
+def pretrained_file(name: str, pretrained_cfg_overlay: Mapping[str, Any] | None = None) -> str:
+    """The local file of a model's published weights (timm's pretrained cfg of ``name``, with a ``.tag`` or without):
+    from the cache, downloaded, or the file an overlay names (``pretrained_cfg_overlay=dict(file=...)``), checked
+    against a recorded SHA-256 (:func:`local_weights`). Load it with :func:`load_weights`.
+
+    Raises:
+        RuntimeError: the source cannot be fetched, or the overlay gives a state dict rather than a file.
+        ValueError: the file's SHA-256 differs from the recorded one.
+    """
+    args = local_weights(name, True, {"pretrained_cfg_overlay": dict(pretrained_cfg_overlay or {})})
+    file = (args.get("pretrained_cfg_overlay") or {}).get("file")
+    if not file:
+        raise RuntimeError(f"{name}: the pretrained weights are not a file; pass pretrained_cfg_overlay=dict(file=...)")
+    return os.fspath(file)

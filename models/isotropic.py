@@ -14,13 +14,13 @@ from typing import Any
 import torch
 import torch.fx
 import torch.nn.functional as F
-from ..ops.neighborhood.validation import check_bool, check_heads, check_rate, check_real
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
+from ..ops.neighborhood.validation import check_bool, check_heads, check_rate, check_real
 from ._base import NATBase, check_int_sequence, check_model_args, pretrained_cfg, variant_args
 from ._weights import StateDict, load_state_dict_overlay, local_weights
 from .nat import NATBlock, drop_path_schedule

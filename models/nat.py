@@ -18,14 +18,14 @@ from typing import Any, TypeVar, cast
 
 import torch
 import torch.fx
-from ..ops import NeighborhoodAttention2D
-from ..ops.neighborhood.validation import check_int, check_rate
 from timm.layers import DropPath, Mlp
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from torch import nn
 
+from ..ops import NeighborhoodAttention2D
+from ..ops.neighborhood.validation import check_int, check_rate
 from ._base import NATBase, check_int_sequence, check_model_args, pretrained_cfg, variant_args
 from ._weights import StateDict, load_state_dict_overlay, local_weights
 

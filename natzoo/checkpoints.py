@@ -28,7 +28,6 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from natzoo.models import read_state_dict, unwrap_state_dict
-from natzoo.ownership import scratch_prefix, sweep_abandoned
+from natzoo.ownership import sweep_abandoned, write_atomically
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -89,19 +88,9 @@ def atomic_torch_save(obj: Any, path: _PATH) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     sweep_abandoned(Path(directory), "tmp")
-    fd, tmp = tempfile.mkstemp(prefix=scratch_prefix(os.path.basename(path), "tmp"), suffix=".tmp", dir=directory)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
+        write_atomically(path, lambda handle: torch.save(obj, handle), "wb", fsync=True)
     except BaseException as exc:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         if _disk_full(exc):
             raise OSError(errno.ENOSPC, f"No space left on device while saving checkpoint {path} "
                           f"({_free_bytes(directory)}); the file previously at that path and the other checkpoints "
@@ -263,13 +252,9 @@ class CheckpointInfo:
     run_dir: Path | None = None
 
 
-# (resolved path, size, modification time) -> what was read from it: each checkpoint file is read once per process.
-_READ: dict[tuple[str, int, int], CheckpointInfo] = {}
-
-
 def resolve_ckpt_path(value: Any, resume_dir: str | os.PathLike | None = None) -> CheckpointInfo | None:
-    """``ckpt_path``: None, a file, or ``last`` (newest ``last.ckpt`` under ``resume_dir``), resolved and read once
-    (later calls for the same unchanged file return what the first read).
+    """``ckpt_path``: None, a file, or ``last`` (newest ``last.ckpt`` under ``resume_dir``), resolved and read. The
+    drivers call it once per run and hand the result to the task (no cache: each call reads the file).
 
     Args:
         value: The config value.
@@ -288,17 +273,10 @@ def resolve_ckpt_path(value: Any, resume_dir: str | os.PathLike | None = None) -
     if path is None:
         raise ValueError(f"ckpt_path=last: no checkpoints/last.ckpt under {resume_dir}; nothing to resume (start a "
                          "run without ckpt_path, or pass ckpt_path=/path/to/last.ckpt)")
-    stat = path.stat() if path.is_file() else None
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns) if stat is not None else None
-    if key is not None and key in _READ:
-        return _READ[key]
     checkpoint = read_lightning_checkpoint(path)
-    info = CheckpointInfo(path=str(path), hyper_parameters=dict(checkpoint.get("hyper_parameters") or {}),
+    return CheckpointInfo(path=str(path), hyper_parameters=dict(checkpoint.get("hyper_parameters") or {}),
                           epoch=int(checkpoint.get("epoch", 0)), global_step=int(checkpoint.get("global_step", 0)),
                           run_dir=run_dir_of_checkpoint(str(path), None))
-    if key is not None:
-        _READ[key] = info
-    return info
 
 
 def differences(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:

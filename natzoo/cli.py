@@ -8,13 +8,12 @@ source checkout and a copy of it in an installed wheel, so every entry point com
 user project adds its own config folder in front of natzoo's with Hydra's ``--config-dir <folder>``. The library
 functions behind the commands are ``natzoo.train(cfg)`` and ``natzoo.evaluate(cfg)``.
 
-The messages that print a command (the resume hint, the ``Evaluate with:`` line) name the program the user ran:
-:func:`command` returns it.
+The messages that print a command (the resume hint, the ``Evaluate with:`` line) name the program the user ran
+(:func:`natzoo.run.console.set_program`, :func:`natzoo.run.console.command`).
 """
 
 from __future__ import annotations
 
-import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,44 +21,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-__all__ = ["CONFIG_DIR", "command", "eval_main", "main", "set_program", "train_main"]
+__all__ = ["CONFIG_DIR", "eval_main", "main", "train_main"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-
-# Program words per command, as the user typed them; the repository's scripts are the default (library callers).
-_PROGRAMS: dict[str, list[str]] = {"train": ["python", "train.py"], "eval": ["python", "eval.py"]}
-
-_STYLES: dict[str, dict[str, list[str]]] = {
-    "script": {"train": ["python", "train.py"], "eval": ["python", "eval.py"]},
-    "console": {"train": ["natzoo-train"], "eval": ["natzoo-eval"]},
-    "module": {"train": ["python", "-m", "natzoo", "train"], "eval": ["python", "-m", "natzoo", "eval"]},
-}
-
-
-def set_program(style: str) -> None:
-    """Names the entry point the user ran: ``"script"`` (``python train.py``), ``"console"`` (``natzoo-train``) or
-    ``"module"`` (``python -m natzoo train``); later messages print commands in the same style.
-
-    Raises:
-        ValueError: an unknown style.
-    """
-    if style not in _STYLES:
-        raise ValueError(f"style must be one of {sorted(_STYLES)}, got {style!r}")
-    _PROGRAMS.update({kind: list(words) for kind, words in _STYLES[style].items()})
-
-
-def command(kind: str) -> list[str]:
-    """The words (shell-quoted) that start a ``kind`` (``"train"`` or ``"eval"``) command the way the user started
-    this run, with the run's ``--config-dir`` folders so that its own config names resolve again."""
-    from hydra.core.hydra_config import HydraConfig
-
-    words = list(_PROGRAMS[kind])
-    if HydraConfig.initialized():
-        for source in HydraConfig.get().runtime.config_sources:
-            if source.provider == "command-line" and source.schema == "file":
-                words += ["--config-dir", shlex.quote(str(source.path))]
-    return words
-
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def _train(cfg: DictConfig) -> float:
@@ -80,7 +44,8 @@ def _eval(cfg: DictConfig) -> None:
 
 def train_main(style: str = "console") -> None:
     """``natzoo-train``: composes ``train.yaml`` with the command-line overrides and trains. ``style`` names how the
-    user started it (:func:`set_program`) for the commands the run prints."""
+    user started it (:func:`natzoo.run.console.set_program`) for the commands the run prints."""
+    from natzoo.run.console import set_program
     from natzoo.run.hydra_setup import register_with_hydra
 
     set_program(style)
@@ -90,7 +55,8 @@ def train_main(style: str = "console") -> None:
 
 def eval_main(style: str = "console") -> None:
     """``natzoo-eval``: composes ``eval.yaml`` with the command-line overrides, evaluates and writes the JSON result.
-    ``style`` names how the user started it (:func:`set_program`)."""
+    ``style`` names how the user started it (:func:`natzoo.run.console.set_program`)."""
+    from natzoo.run.console import set_program
     from natzoo.run.hydra_setup import register_with_hydra
 
     set_program(style)
@@ -105,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """``python -m natzoo train|eval [overrides...]``: the first word picks the command, the rest go to Hydra."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] not in _COMMANDS:
-        sys.exit(f"usage: python -m natzoo {{{'|'.join(_COMMANDS)}}} [Hydra overrides ...], e.g. python -m natzoo train "
-                 "model=nat_mini")
+        sys.exit(f"usage: python -m natzoo {{{'|'.join(_COMMANDS)}}} [Hydra overrides ...], e.g. "
+                 "python -m natzoo train model=nat_mini")
     sys.argv = [sys.argv[0], *args[1:]]
     _COMMANDS[args[0]]("module")

@@ -1,10 +1,11 @@
 """The value rules every knob of the train/eval drivers is checked against before anything is built, the check of the
 weights an evaluation uses, and the look-up of a ``ckpt_path`` run directory.
 
-Every numeric, boolean and choice knob the code reads has one rule: here, in the module that owns the knob
-(``natzoo.optim`` for ``optim``/``sched``), or, for task-specific knobs, in the task's ``config_rules``. Choice lists
-are imported from the code that owns the choices (``natzoo.optim.SCHEDULES``, ``natzoo.detection.detectors
-.ARCHITECTURES``, ...), never restated. :func:`check_config` applies them to a composed config and raises
+Every numeric, boolean and choice knob the code reads has one rule: here for the knobs every task shares, in the
+module that owns the knob (``natzoo.optim`` for ``optim``/``sched``), or, for task-specific knobs, beside the task
+(``natzoo.classification.rules``, ``natzoo.detection.rules``: the task's ``config_rules``). Choice lists are imported
+from the code that owns the choices (``natzoo.optim.SCHEDULES``, ``natzoo.detection.detectors.ARCHITECTURES``, ...),
+never restated. :func:`check_config` applies them to a composed config and raises
 ``TypeError`` (wrong type) or ``ValueError`` (out of range, unknown choice) naming the key and the value, e.g.
 ``optim.lr='abc': expected a number > 0``. The rule vocabulary is :mod:`natzoo.rules`; the Hydra registration is
 :mod:`natzoo.run.hydra_setup`.
@@ -17,47 +18,10 @@ import typing
 
 from omegaconf import DictConfig
 
-from natzoo.datasets.folder import BAD_IMAGE_POLICIES
-from natzoo.detection.detectors import ARCHITECTURES
-from natzoo.optim import OPTIM_RULES, SCHED_REQUIRED, SCHED_RULES
-from natzoo.rules import (
-    Choice,
-    Either,
-    Flag,
-    Integer,
-    ListOf,
-    Number,
-    Rule,
-    Table,
-    Text,
-    Texts,
-    check_config,
-    check_settings,
-    plain,
-)
+from natzoo.optim import OPTIM_RULES, SCHED_RULES
+from natzoo.rules import Choice, Either, Flag, Integer, ListOf, Number, Rule, Table, Text
 
-__all__ = [
-    "CLASSIFICATION_RULES",
-    "COMMON_RULES",
-    "DETECTION_RULES",
-    "OPTIM_RULES",
-    "SCHED_REQUIRED",
-    "SCHED_RULES",
-    "Choice",
-    "Either",
-    "Flag",
-    "Integer",
-    "ListOf",
-    "Number",
-    "Rule",
-    "Table",
-    "Text",
-    "Texts",
-    "check_config",
-    "check_settings",
-    "check_weights_source",
-    "plain",
-]
+__all__ = ["COMMON_RULES", "check_weights_source"]
 
 
 def _precisions() -> tuple:
@@ -69,13 +33,10 @@ def _precisions() -> tuple:
 
 
 _UNIT = Number(0.0, 1.0)
-_POSITIVE = Number(0.0, low_open=True)
-_NON_NEGATIVE = Number(0.0)
 _COUNT = Integer(1)
 # More threads than cores only adds contention; far more fails later with an unrelated out-of-memory error.
 _MAX_CPU_THREADS = max(os.cpu_count() or 1, 256)
 _PRECISION = Choice(_precisions()) if _precisions() else Either((Text(), Integer()))
-_INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "box", "hamming", "lanczos", "random")
 
 _TRAINER_RULES: dict[str, Rule] = {
     "accelerator": Text(),
@@ -108,7 +69,6 @@ COMMON_RULES: dict[str, Rule] = {
     "cpu_threads": Integer(1, _MAX_CPU_THREADS, nullable=True),
     "ckpt_path": Text(nullable=True, what="a checkpoint path or `last`"),
     "checkpoint": Text(nullable=True, what="a weights file path"),
-    "nonfinite_loss": Choice(("stop", "skip")),
     "channels_last": Flag(),
     "compile": Either((Flag(), Table())),
     "use_ema": Flag(),
@@ -129,75 +89,10 @@ COMMON_RULES: dict[str, Rule] = {
     "model.drop_path_rate": Number(0.0, 1.0, high_open=True, nullable=True),
     "model.grad_checkpointing": Flag(),
     "optim.layer_decay": Number(0.0, 1.0, low_open=True, nullable=True),
+    "callbacks.progress_bar.enabled": Either((Flag(), Choice(("auto",)))),
     **{f"optim.{k}": rule for k, rule in OPTIM_RULES.items()},
     **{f"sched.{k}": rule for k, rule in SCHED_RULES.items()},
     **{f"trainer.{k}": rule for k, rule in _TRAINER_RULES.items()},
-}
-
-# Classification-only knobs (image folders, timm transforms and Mixup).
-CLASSIFICATION_RULES: dict[str, Rule] = {
-    "confusion_matrix": Choice(("auto", True, False)),
-    "loss.name": Choice(("ce", "bce")),
-    "loss.bce_target_threshold": Number(0.0, 1.0, low_open=True, high_open=True, nullable=True),  # 0: every target 1
-    "loss.bce_sum": Flag(),
-    "model.freeze": Texts(),
-    "data.img_size": Integer(8, nullable=True),
-    "data.bad_images": Choice(BAD_IMAGE_POLICIES),
-    "data.drop_last": Flag(),
-    "data.aug_repeats": Integer(0),
-    "data.mean": ListOf(_UNIT, length=3, nullable=True),
-    "data.std": ListOf(_POSITIVE, length=3, nullable=True),
-    "data.train_split": Text(),
-    "data.val_split": Text(),
-    "data.num_classes": Integer(1, nullable=True),
-    "data.train_samples": Integer(1, nullable=True),
-    "data.val_samples": Integer(1, nullable=True),
-    "data.shuffle_buffer": Integer(1, nullable=True),
-    "data.seed": Integer(0),
-    "data.image_key": Text(),
-    "data.label_key": Text(),
-    "data.cache_dir": Text(nullable=True, what="a folder path"),
-    "data.generate.train_per_class": _COUNT,
-    "data.generate.val_per_class": _COUNT,
-    "data.generate.img_size": Integer(8),
-    "data.generate.seed": Integer(0),
-    "data.train_transform.scale": ListOf(Number(0.0, 1.0, low_open=True), length=2),
-    "data.train_transform.ratio": ListOf(_POSITIVE, length=2),
-    "data.train_transform.hflip": _UNIT,
-    "data.train_transform.vflip": _UNIT,
-    "data.train_transform.color_jitter": Either((_NON_NEGATIVE, ListOf(_NON_NEGATIVE)), nullable=True),
-    "data.train_transform.auto_augment": Text(nullable=True, what="a timm auto-augment string"),
-    "data.train_transform.interpolation": Choice(_INTERPOLATIONS),
-    "data.train_transform.re_prob": _UNIT,
-    "data.train_transform.re_mode": Choice(("const", "rand", "pixel")),
-    "data.train_transform.re_count": _COUNT,
-    "data.eval_transform.crop_pct": Number(0.0, 1.0, low_open=True, nullable=True),
-    "data.eval_transform.crop_mode": Choice(("center", "squash", "border"), nullable=True),
-    "data.eval_transform.interpolation": Choice(_INTERPOLATIONS[:-1], nullable=True),
-    "data.mixup.mixup_alpha": _NON_NEGATIVE,
-    "data.mixup.cutmix_alpha": _NON_NEGATIVE,
-    "data.mixup.cutmix_minmax": ListOf(_UNIT, length=2, nullable=True),
-    "data.mixup.prob": _UNIT,
-    "data.mixup.switch_prob": _UNIT,
-    "data.mixup.mode": Choice(("batch", "pair", "elem")),
-    "data.mixup.label_smoothing": Number(0.0, 1.0, high_open=True),
-}
-
-# Detection-only knobs (torchvision detectors on a NAT-family backbone, COCO-format data).
-DETECTION_RULES: dict[str, Rule] = {
-    "model.arch": Choice(ARCHITECTURES),
-    "model.out_indices": ListOf(Integer(0, 3), min_length=1),
-    "model.frozen_stages": Integer(-1, 5),
-    "model.norm_eval": Flag(),
-    "model.fpn_channels": _COUNT,
-    "model.min_size": Either((_COUNT, ListOf(_COUNT, min_length=1))),
-    "model.max_size": _COUNT,
-    "model.anchor_sizes": ListOf(_COUNT, min_length=1, nullable=True),
-    "model.representation_size": _COUNT,
-    "model.mask_head_channels": _COUNT,
-    "model.detector_kwargs": Table(),
-    "data.with_masks": Flag(nullable=True),
-    "data.filter_empty": Flag(),
 }
 
 _WEIGHT_SOURCES = ("ckpt_path", "checkpoint", "pretrained")

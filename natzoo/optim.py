@@ -274,8 +274,9 @@ def configure_optimizers(module: pl.LightningModule, model: nn.Module, optim: di
             group["lr"] = lr * float(group["lr_scale"])
     extra: dict[str, Any] = {k: (tuple(optim[k]) if k == "betas" else float(optim[k])) for k in ("betas", "eps") if k in optim}
     optimizer = create_optimizer_v2(groups, opt=optim["name"], lr=lr, momentum=float(optim["momentum"]), **extra)
-    log.info("optimizer %s: lr %.3g (global batch %d%s), schedule %s over %d steps (%d per epoch)", optim["name"], lr,
-             global_batch, ", scaled" if optim["scale_lr"] else "", sched["name"],
-             int(trainer.estimated_stepping_batches), epoch_steps)
+    if getattr(trainer, "is_global_zero", True):  # one line per run, not one per DDP process
+        log.info("optimizer %s: lr %.3g (global batch %d%s), schedule %s over %d steps (%d per epoch)", optim["name"],
+                 lr, global_batch, ", scaled" if optim["scale_lr"] else "", sched["name"],
+                 int(trainer.estimated_stepping_batches), epoch_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, build_lr_lambda(sched, lr, epoch_steps))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

@@ -1,4 +1,6 @@
-"""What natzoo may delete: only files and folders it can show it wrote itself, and the leftovers of its own crashes.
+"""What natzoo writes and what it may delete: the one home of its atomic file writes (:func:`write_atomically`),
+scratch names (used by every folder replacement) and generated folders (:class:`GeneratedFolder`). It deletes only
+files and folders it can show it wrote itself, and the leftovers of its own crashes.
 
 Two kinds of proof are used (docs/reliability.md describes the guarantees built on them):
 
@@ -28,7 +30,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 __all__ = [
     "GeneratedFolder",
@@ -38,6 +40,7 @@ __all__ = [
     "scan_tree",
     "scratch_prefix",
     "sweep_abandoned",
+    "write_atomically",
 ]
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,35 @@ def scratch_prefix(base: str, kind: str) -> str:
     if not re.fullmatch(r"[a-z]+", kind):
         raise ValueError(f"kind must be lower-case letters, got {kind!r}")
     return f".{base}.natzoo-{kind}.{_host()}.{os.getpid()}."
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[IO[Any]], object], mode: str = "w",
+                     fsync: bool = False) -> None:
+    """Writes ``path`` through ``write(handle)`` into a scratch file of this process beside it (a scratch name of
+    kind ``tmp``), then ``os.replace``; on failure the scratch file is removed and ``path`` is unchanged.
+
+    Args:
+        path: The destination (its folder is created).
+        write: Writes the content into the open handle.
+        mode: ``"w"`` (text, newline translation off) or ``"wb"``.
+        fsync: Flush the file to disk before the rename (checkpoints: a crash never leaves a truncated file).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=scratch_prefix(path.name, "tmp"), suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, newline=None if "b" in mode else "") as handle:
+            write(handle)
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _process_exists(pid: int) -> bool:

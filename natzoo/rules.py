@@ -2,7 +2,7 @@
 
 A :class:`Rule` describes the accepted values of one knob (:class:`Number`, :class:`Integer`, :class:`Flag`,
 :class:`Choice`, :class:`Text`, :class:`ListOf`, :class:`Table`, :class:`Either`). The tables of rules live with the
-code that reads the knobs (``natzoo.optim`` for ``optim``/``sched``, ``natzoo.config`` for the rest, a task's
+code that reads the knobs (``natzoo.optim`` for ``optim``/``sched``, ``natzoo.config`` for the shared ones, a task's
 ``config_rules``), and import from here, so this module depends on nothing of natzoo's.
 """
 

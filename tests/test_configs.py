@@ -12,7 +12,10 @@ from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
 
 from natzoo.classification.module import create_model
 from natzoo.classification.task import image_config
-from natzoo.config import CLASSIFICATION_RULES, COMMON_RULES, DETECTION_RULES, plain
+from natzoo.classification.rules import CLASSIFICATION_RULES
+from natzoo.config import COMMON_RULES
+from natzoo.detection.rules import DETECTION_RULES
+from natzoo.rules import plain
 from natzoo.datasets.folder import BAD_IMAGE_POLICIES
 from natzoo.detection.detectors import ARCHITECTURES
 from natzoo.optim import MILESTONE_UNITS, SCHEDULES, build_lr_lambda, param_groups, scaled_lr

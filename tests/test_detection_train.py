@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from natzoo.config import plain
+from natzoo.rules import plain
 from natzoo.datasets.coco import CocoDataModule
 from natzoo.detection.module import DetectionModule
 from natzoo.optim import param_groups, warmup_step_factor

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO, fenced_blocks
 
-from natzoo.config import COMMON_RULES, check_config
+from natzoo.config import COMMON_RULES
+from natzoo.rules import check_config
 from natzoo.run.tasks import get_task
 from natzoo.testing import compose_config
 

@@ -62,6 +62,7 @@ def _env(site: Path) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow  # pip-installs the checkout, then starts a process
 def test_install_ships_configs_and_commands(site: Path):
     configs = site / "natzoo" / "configs"
     assert not configs.is_symlink() and configs.is_dir()
@@ -104,6 +105,7 @@ def test_natzoo_train_in_an_empty_directory_then_the_printed_eval_command(site: 
     assert _files(site) == before  # nothing written into the install
 
 
+@pytest.mark.slow  # pip-installs the checkout, then starts a process
 def test_python_m_natzoo_train_composes_the_installed_configs(site: Path, tmp_path: Path):
     # --cfg job prints the composed config and stops: the installed configs, the command-line override applied.
     proc = subprocess.run([sys.executable, "-m", "natzoo", "train", "--cfg", "job", "model=nat_tiny", "optim.lr=0.25"],

@@ -41,7 +41,7 @@ found["test_lists"] = {name: "toy_tiny" in importlib.import_module(name).ALL
                        for name in ("test_models_zoo", "test_models_timm")}
 
 from natzoo import train
-from natzoo.config import plain
+from natzoo.rules import plain
 from natzoo.testing import compose_config
 
 found["model_config"] = plain(compose_config("train", ["model=toy_tiny"]).model)

@@ -98,6 +98,7 @@ def _assert_only_natzoo(site: Path) -> None:
     assert (site / "natzoo" / "ops" / "neighborhood" / "cpu" / "na_cpu.cpp").is_file()
 
 
+@pytest.mark.slow  # builds and installs the package, or starts processes
 def test_install_puts_only_natzoo_into_site_packages(installed: Path):
     _assert_only_natzoo(installed)
 
@@ -111,6 +112,7 @@ def test_install_without_symlinks_in_the_checkout(tmp_path: Path):
     ).read_bytes()
 
 
+@pytest.mark.slow  # builds and installs the package, or starts processes
 def test_installed_package_in_a_project_with_its_own_models_and_ops(installed: Path, tmp_path: Path):
     project = tmp_path / "project"
     for name in ("models", "ops"):
@@ -134,6 +136,7 @@ def test_source_folders_cannot_be_imported_under_a_second_name():
         assert f"import it as `natzoo.{name}`" in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow  # builds and installs the package, or starts processes
 def test_source_checkout_links_the_top_level_folders():
     assert {"ops", "models"} <= set(LINKED), LINKED
     for name, folder in LINKED.items():

@@ -121,6 +121,7 @@ def test_temporary_files_have_names_of_their_own(tmp_path):
 
 # --- No litter, config errors without a traceback --------------------------------------------------------------------
 
+@pytest.mark.slow  # starts train.py/eval.py processes
 def test_failed_config_check_leaves_no_run_directory_and_no_traceback(tmp_path):
     logs = tmp_path / "logs"
     result = _run(["train.py", "optim.lr=-1", f"paths.log_dir={logs}", "run_name=bad"], tmp_path)
@@ -183,11 +184,10 @@ def test_resume_reads_the_checkpoint_once(demo_root, ema_run, tmp_path, monkeypa
     calls = []
     real = checkpoints.read_lightning_checkpoint
     monkeypatch.setattr(checkpoints, "read_lightning_checkpoint", lambda *a, **k: calls.append(a) or real(*a, **k))
-    checkpoints._READ.clear()
     cfg = compose_config("train", tiny_overrides(demo_root, tmp_path / "logs", epochs=1)
                          + ["ema.enabled=true", "ema.decay=0.5", f"ckpt_path={ema_run}"], tmp_path / "run")
     task, info = check_run_config(cfg, "fit")
-    task.build_datamodule(cfg)
+    task.build_datamodule(cfg, info)  # the task is handed what was read
     assert len(calls) == 1 and info.hyper_parameters["model_name"] == "nat_mini" and info.global_step == 8
 
 
@@ -328,7 +328,7 @@ def test_cpu_threads_has_an_upper_bound_naming_the_key(tmp_path):
 
 
 def test_export_checks_the_output_path_before_exporting(tmp_path, monkeypatch):
-    from natzoo import export
+    from natzoo.tools import export
 
     monkeypatch.setattr(export, "export_program", lambda *a, **k: pytest.fail("exported before checking the path"))
     with pytest.raises(ValueError, match="is a folder"):

@@ -118,6 +118,9 @@ def test_ddp_two_cpu_processes(demo_root, tmp_path):
     # 64 training images, batch 8 per process: the distributed sampler gives each rank 32 images = 4 steps.
     assert ckpt["global_step"] == 4
     assert "Done. Outputs in" in proc.stdout
+    # every message once: rank 1 prints the same lines to the same console unless they are rank-zero only
+    output = proc.stdout + proc.stderr
+    assert output.count("optimizer adamw:") == 1 and output.count("epoch 1/1:") == 1, output[-3000:]
 
 
 def test_nonfinite_loss_stops_with_step(demo_root, tmp_path):

@@ -82,7 +82,8 @@ def test_layer_decay_optimizer_lrs_follow_the_schedule_per_depth():
 
 
 def test_layer_decay_config_rule(tmp_path):
-    from natzoo.config import COMMON_RULES, check_config
+    from natzoo.config import COMMON_RULES
+    from natzoo.rules import check_config
 
     cfg = compose_config("train", ["optim.layer_decay=1.5"], tmp_path)
     with pytest.raises(ValueError, match=r"optim.layer_decay=1.5: expected a finite number in \(0, 1\]"):

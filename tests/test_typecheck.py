@@ -34,6 +34,9 @@ def test_ci_runs_the_readme_test_command_verbatim():
     assert "python -m mypy" in command and "editable_mode=strict" in command, command
     ci_lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
     assert command in ci_lines, f"README: {command!r}; .ci/run: {ci_lines}"
+    # ... in a fresh virtual environment, as the README makes one, activated before the command
+    venv = next(i for i, line in enumerate(ci_lines) if line.startswith("python3 -m venv "))
+    assert "bin/activate" in ci_lines[venv] and venv < ci_lines.index(command), ci_lines
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +48,35 @@ def mypy_cache(tmp_path_factory) -> Path:
     return cache
 
 
-def _mypy(*args: str, cwd: Path, cache: Path, python: str | None = None) -> subprocess.CompletedProcess:
+def _mypy(*args: str, cwd: Path, cache: Path, python: str | None = None,
+          env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "mypy", "--config-file", str(PYPROJECT), "--cache-dir", str(cache),
            "--no-error-summary", "--hide-error-context", "--no-pretty", "--no-color-output"]
     if python is not None:
         cmd += ["--python-executable", python]
-    return subprocess.run([*cmd, *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+    return subprocess.run([*cmd, *args], cwd=cwd, capture_output=True, text=True, timeout=900, env=env)
+
+
+def _child_environment(env_dir: Path) -> tuple[str, dict[str, str]]:
+    """A virtual environment that sees this interpreter's packages after its own, and the environment to run it in.
+
+    ``system_site_packages=True`` would show the base Python's packages instead: inside a virtual environment (the
+    README's) those are not the ones this test runs with (an old setuptools without ``bdist_wheel``, say). A ``.pth``
+    file lists this interpreter's site folders as plain paths (their own ``.pth`` files, such as an editable natzoo,
+    are not read), after the child's own site folder; ``PYTHONPATH`` is dropped so that only the child's install of
+    natzoo can be found.
+    """
+    import os
+    import site
+
+    venv.create(env_dir, with_pip=False)
+    python = str(env_dir / "bin" / "python")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], env=env,
+                             capture_output=True, text=True, check=True).stdout.strip()
+    parents = [*site.getsitepackages(), site.getusersitepackages()]
+    (Path(purelib) / "_parent_site.pth").write_text("".join(f"{p}\n" for p in parents if Path(p).is_dir()))
+    return python, env
 
 
 def _revealed(stdout: str) -> dict[int, str]:
@@ -83,6 +109,7 @@ load_weights(torch.nn.Linear(1, 1), {}, use_emma=True)
 """
 
 
+@pytest.mark.slow  # a virtual environment, an install and mypy
 def test_editable_install_resolves_ops_and_models_outside_the_checkout(tmp_path: Path, mypy_cache: Path):
     import natzoo.models
     import natzoo.ops
@@ -94,18 +121,16 @@ def test_editable_install_resolves_ops_and_models_outside_the_checkout(tmp_path:
         shutil.copy2(REPO / name, src / name)
     for name in ("natzoo", "ops", "models"):
         shutil.copytree(REPO / name, src / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
-    env_dir = tmp_path / "venv"
-    venv.create(env_dir, system_site_packages=True, with_pip=False)
-    python = str(env_dir / "bin" / "python")
+    python, env = _child_environment(tmp_path / "venv")
     install = [python, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                "--disable-pip-version-check", "-e", str(src), "--config-settings", "editable_mode=strict"]
-    proc = subprocess.run(install, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(install, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
     probe_dir = tmp_path / "elsewhere"  # outside the checkout: only the installed natzoo is on the search path
     probe_dir.mkdir()
     (probe_dir / "probe.py").write_text(PROBE)
-    proc = _mypy("--verbose", "probe.py", cwd=probe_dir, cache=mypy_cache, python=python)
+    proc = _mypy("--verbose", "probe.py", cwd=probe_dir, cache=mypy_cache, python=python, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     revealed = _revealed(proc.stdout)
     _assert_real_signature(revealed[3], natzoo.ops.na2d)

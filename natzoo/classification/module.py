@@ -18,14 +18,11 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from natzoo import models  # noqa: F401  (registers the NAT families with timm)
-from natzoo.config import (
-    CLASSIFICATION_RULES,
-    COMMON_RULES,
-    Integer,
-    check_settings,
-)
 from natzoo.checkpoints import read_lightning_checkpoint
+from natzoo.classification.rules import CLASSIFICATION_RULES, LossName, NonfiniteLoss
+from natzoo.config import COMMON_RULES
 from natzoo.optim import check_optim_settings, configure_optimizers
+from natzoo.rules import Integer, check_settings
 from natzoo.tools.model_info import RECORD_KEY, record_for_module
 
 __all__ = ["ClassificationModule", "create_model"]
@@ -42,7 +39,8 @@ _ARGUMENT_RULES = {
     "model_kwargs": COMMON_RULES["model.kwargs"],
     "drop_path_rate": COMMON_RULES["model.drop_path_rate"],
     "freeze": CLASSIFICATION_RULES["model.freeze"],
-    **{k: COMMON_RULES[k] for k in ("nonfinite_loss", "channels_last", "compile")},
+    "nonfinite_loss": CLASSIFICATION_RULES["nonfinite_loss"],
+    **{k: COMMON_RULES[k] for k in ("channels_last", "compile")},
 }
 
 
@@ -56,7 +54,7 @@ def create_model(name: str, num_classes: int, drop_path_rate: float | None = Non
     return timm.create_model(name, num_classes=num_classes, **kwargs)
 
 
-def _mixup_active(mixup: dict[str, Any]) -> bool:
+def mixup_active(mixup: dict[str, Any]) -> bool:
     alphas = mixup.get("mixup_alpha", 0.0) > 0 or mixup.get("cutmix_alpha", 0.0) > 0
     return (alphas or mixup.get("cutmix_minmax") is not None) and mixup.get("prob", 1.0) > 0
 
@@ -112,7 +110,7 @@ class ClassificationModule(pl.LightningModule):
         sched: dict | None = None,
         mixup: dict | None = None,
         ema: dict | None = None,
-        nonfinite_loss: str = "stop",
+        nonfinite_loss: str = NonfiniteLoss.STOP.value,
         channels_last: bool = False,
         compile: bool | dict = False,
         loss: dict | None = None,
@@ -145,10 +143,10 @@ class ClassificationModule(pl.LightningModule):
         label_smoothing = float(self.mixup_cfg.get("label_smoothing", 0.0))
         loss_cfg = dict(loss or {})
         check_settings(loss_cfg, _LOSS_RULES, "loss")
-        if _mixup_active(self.mixup_cfg):
+        if mixup_active(self.mixup_cfg):
             self.mixup_fn = Mixup(**self.mixup_cfg, num_classes=self.num_classes)
         self.train_loss: nn.Module
-        if loss_cfg.get("name", "ce") == "bce":
+        if LossName(loss_cfg.get("name", LossName.CE.value)) is LossName.BCE:
             # With mixup the targets arrive smoothed already (Mixup applies label_smoothing), as in timm's train.py.
             self.train_loss = BinaryCrossEntropy(
                 smoothing=0.0 if self.mixup_fn is not None else label_smoothing,
@@ -230,7 +228,7 @@ class ClassificationModule(pl.LightningModule):
         if not finite:
             where = f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
             # Lightning's hparams is an AttributeDict (typed as a plain mapping)
-            if self.hparams.nonfinite_loss == "stop":  # type: ignore[attr-defined]
+            if NonfiniteLoss(self.hparams.nonfinite_loss) is NonfiniteLoss.STOP:  # type: ignore[attr-defined]
                 raise FloatingPointError(
                     f"non-finite training loss ({loss.item()}) at {where}; lower optim.lr, check the data, or set "
                     "nonfinite_loss=skip to skip such steps"

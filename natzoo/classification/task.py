@@ -9,26 +9,30 @@ from typing import Any
 import timm
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 from timm.data import resolve_data_config
 from timm.models import get_pretrained_cfg
 
 from natzoo import models  # noqa: F401  (registers the NAT families with timm)
-from natzoo.checkpoints import differences, lightning_hyper_parameters, network_weights, resolve_ckpt_path
-from natzoo.classification.module import ClassificationModule
-from natzoo.config import CLASSIFICATION_RULES, plain
+from natzoo.checkpoints import CheckpointInfo, differences, lightning_hyper_parameters, network_weights
+from natzoo.classification.module import ClassificationModule, mixup_active
+from natzoo.classification.rules import CLASSIFICATION_RULES, LossName, NonfiniteLoss
 from natzoo.datasets.demo import ensure_demo_dataset
 from natzoo.datasets.folder import ImageFolderDataModule, check_image_folder_layout
 from natzoo.datasets.readers import READER_DATAMODULES, check_reader_source
 from natzoo.datasets.samplers import one_process_aug_repeats
-from natzoo.models import load_weights
-from natzoo.run.tasks import Task, register_task
+from natzoo.models import load_weights, pretrained_file
+from natzoo.rules import plain
+from natzoo.run.tasks import Difference, Task, register_task
 
 __all__ = [
+    "ClassificationTask",
     "build_datamodule",
     "build_module",
     "image_config",
     "load_module_for_eval",
+    "resume_differences",
     "summarize_eval",
     "validate_config",
 ]
@@ -94,38 +98,25 @@ def _explicit_model() -> bool:
     return any(o.split("=", 1)[0].lstrip("+~").split(".")[0] == "model" for o in HydraConfig.get().overrides.task)
 
 
-def check_resume(cfg: DictConfig, saved: dict[str, Any], num_classes: int) -> list[tuple[str, Any, Any]]:
-    """Compares the composed config with the checkpoint's hyper-parameters before anything is built.
-
-    Returns:
-        The differences the resumed run applies (``(config key, checkpoint value, config value)``); the optimizer's
-        hyper-parameters, restored from the checkpoint, are logged as overridden.
-
-    Raises:
-        ValueError: the model, its architecture, the class count, the frozen parameters, EMA on/off or the
-            optimizer's parameter grouping differ (naming each key with both values).
-    """
-    current = _module_kwargs(cfg, num_classes)
-    found = [(key, old, new) for key, old, new in differences(saved, current)
+def resume_differences(cfg: DictConfig, ckpt: CheckpointInfo) -> list[Difference]:
+    """Where the composed config differs from the hyper-parameters of the checkpoint a run resumes from: refused for
+    the model, its architecture, the class count, the frozen parameters, EMA on/off and the optimizer's parameter
+    grouping; restored (from the saved state) for the optimizer's hyper-parameters; applied for the rest."""
+    current = _module_kwargs(cfg, len(_prepare_data(cfg, "fit")))
+    found = [(key, old, new) for key, old, new in differences(ckpt.hyper_parameters, current)
              if key.split(".")[0] in current and not (key.startswith("model_kwargs.") and old is None and new is None)]
-    refused = [d for d in found if any(d[0] == k or d[0].startswith(k + ".") for k in _RESUME_REFUSED)]
-    if refused:
-        listed = "; ".join(f"{_config_key(k)}: checkpoint {old!r}, config {new!r}" for k, old, new in refused)
-        raise ValueError(f"ckpt_path={cfg.ckpt_path}: the config does not describe the run that wrote this checkpoint "
-                         f"({listed}). Resume with the checkpoint's settings (the resume command printed by train.py "
-                         "has them), or start a new run that initialises from its weights with checkpoint=<file>")
-    restored = [d for d in found if d[0].startswith(_RESUME_RESTORED)]
-    if restored:
-        log.warning("ckpt_path: the optimizer state saved in the checkpoint overrides %s (restored values are used)",
-                    "; ".join(f"{_config_key(k)}={new!r} (checkpoint: {old!r})" for k, old, new in restored))
-    applied = [d for d in found if d not in restored]
-    if applied:
-        log.info("ckpt_path: changed from the checkpoint and applied: %s",
-                 "; ".join(f"{_config_key(k)}: {old!r} -> {new!r}" for k, old, new in applied))
-    return applied
+    result = []
+    for key, old, new in found:
+        if any(key == k or key.startswith(k + ".") for k in _RESUME_REFUSED):
+            result.append(Difference(_config_key(key), old, new, "refused"))
+        elif key.startswith(_RESUME_RESTORED):
+            result.append(Difference(_config_key(key), old, new, "restored"))
+        else:
+            result.append(Difference(_config_key(key), old, new, "applied"))
+    return result
 
 
-def _check_weights_pairing(cfg: DictConfig, stage: str) -> None:
+def _check_weights_pairing(cfg: DictConfig, stage: str, ckpt: CheckpointInfo | None) -> None:
     """A natzoo Lightning checkpoint knows its model: ``model=`` must agree with ``checkpoint=``'s, and with
     ``ckpt_path=``'s in evaluation when the command line names a model."""
     checkpoint = cfg.get("checkpoint")
@@ -135,28 +126,29 @@ def _check_weights_pairing(cfg: DictConfig, stage: str) -> None:
             raise ValueError(f"checkpoint={str(checkpoint)!r} holds a {saved['model_name']} (a natzoo checkpoint "
                              f"records its model), but model.name={cfg.model.name!r}: pass model="
                              f"{saved['model_name']}, or ckpt_path= to take the model from the checkpoint")
-    if stage == "eval" and cfg.get("ckpt_path") and _explicit_model():
-        info = resolve_ckpt_path(str(cfg.ckpt_path))
-        name = info.hyper_parameters.get("model_name") if info is not None else None
+    if stage == "eval" and ckpt is not None and _explicit_model():
+        name = ckpt.hyper_parameters.get("model_name")
         if name is not None and name != str(cfg.model.name):
             raise ValueError(f"ckpt_path={str(cfg.ckpt_path)!r} holds a {name}, but the command line chose "
                              f"model.name={cfg.model.name!r}: drop model= (the model comes from the checkpoint) or "
                              "evaluate the checkpoint of that model")
 
 
-def validate_config(cfg: DictConfig, stage: str) -> None:
-    """Fails fast on bad classification settings; ``stage`` is ``"fit"`` or ``"eval"``. The value rules
-    (``natzoo.config``) have been checked already; a resumed run's config is compared with its checkpoint's
-    (:func:`check_resume`)."""
+def validate_config(cfg: DictConfig, stage: str, ckpt: CheckpointInfo | None) -> None:
+    """Fails fast on bad classification settings; ``stage`` is ``"fit"`` or ``"eval"``, ``ckpt`` the resolved
+    ``ckpt_path``. The value rules have been checked already."""
     if not (stage == "eval" and cfg.get("ckpt_path")):
         _check_model(cfg)
     checkpoint = cfg.get("checkpoint")
     if checkpoint and not Path(str(checkpoint)).is_file():
         raise ValueError(f"checkpoint={str(checkpoint)!r} does not exist or is not a file")
+    if stage == "fit" and cfg.model.get("pretrained") and checkpoint:
+        raise ValueError(f"model.pretrained=true and checkpoint={str(checkpoint)!r} both name the starting weights: "
+                         "pass one of them")
     if stage == "eval" and cfg.get("use_ema") and not (cfg.get("ckpt_path") or checkpoint):
         raise ValueError("use_ema=true needs a checkpoint holding EMA weights: ckpt_path=<.ckpt> or checkpoint=<.ckpt>")
-    _check_weights_pairing(cfg, stage)
-    if stage == "fit" and cfg.get("nonfinite_loss") == "skip":
+    _check_weights_pairing(cfg, stage, ckpt)
+    if stage == "fit" and cfg.get("nonfinite_loss") == NonfiniteLoss.SKIP.value:
         devices = cfg.trainer.get("devices", 1)
         nodes = cfg.trainer.get("num_nodes", 1) or 1
         if (isinstance(devices, int) and devices > 1) or devices in (-1, "auto") and torch.cuda.device_count() > 1 \
@@ -173,11 +165,7 @@ def validate_config(cfg: DictConfig, stage: str) -> None:
     repeats = cfg.data.get("aug_repeats")
     if stage == "fit" and repeats and process_count(cfg) == 1:
         raise ValueError(one_process_aug_repeats(int(repeats)))
-    classes = _prepare_data(cfg, stage)
-    if stage == "fit" and cfg.get("ckpt_path"):
-        info = resolve_ckpt_path(str(cfg.ckpt_path))
-        if info is not None:
-            check_resume(cfg, info.hyper_parameters, len(classes))
+    _prepare_data(cfg, stage)
 
 
 def _logged_metrics(cfg: DictConfig) -> list[str]:
@@ -222,11 +210,9 @@ def process_count(cfg: DictConfig) -> int | None:
     return count * int(nodes) if count is not None and isinstance(nodes, int) else None
 
 
-def _model_name(cfg: DictConfig) -> str:
-    if cfg.get("ckpt_path"):
-        info = resolve_ckpt_path(str(cfg.ckpt_path))  # read once, by the config check
-        if info is not None and info.hyper_parameters.get("model_name"):
-            return str(info.hyper_parameters["model_name"])
+def _model_name(cfg: DictConfig, ckpt: CheckpointInfo | None) -> str:
+    if ckpt is not None and ckpt.hyper_parameters.get("model_name"):
+        return str(ckpt.hyper_parameters["model_name"])
     return str(cfg.model.name)
 
 
@@ -253,13 +239,13 @@ def image_config(data: dict[str, Any], model_name: str) -> dict[str, Any]:
             "std": tuple(resolved["std"]), "eval_transform": evaluation}
 
 
-def build_datamodule(cfg: DictConfig) -> ImageFolderDataModule:
+def build_datamodule(cfg: DictConfig, ckpt: CheckpointInfo | None = None) -> ImageFolderDataModule:
     """Image-folder data module from ``cfg.data`` (its ``_target_``), with the unset preprocessing values taken
-    from the model's pretrained config (:func:`image_config`)."""
+    from the pretrained config of the model (``ckpt``'s when given, :func:`image_config`)."""
     data = plain(cfg.data)
     for key in _NOT_DATAMODULE_ARGS:
         data.pop(key, None)
-    data.update(image_config(data, _model_name(cfg)))
+    data.update(image_config(data, _model_name(cfg, ckpt)))
     return instantiate(data, _convert_="all")
 
 
@@ -275,23 +261,65 @@ def _module_kwargs(cfg: DictConfig, num_classes: int) -> dict[str, Any]:
         "sched": plain(cfg.get("sched")),
         "mixup": plain(cfg.data.get("mixup")),
         "ema": plain(cfg.get("ema")),
-        "nonfinite_loss": cfg.get("nonfinite_loss", "stop"),
+        "nonfinite_loss": cfg.get("nonfinite_loss", NonfiniteLoss.STOP.value),
         "channels_last": bool(cfg.get("channels_last", False)),
         "compile": plain(cfg.get("compile", False)),
         "loss": plain(cfg.get("loss")),
     }
 
 
+def _announce_features(cfg: DictConfig) -> None:
+    """One confirmation line per training feature switched on (each of them changes what training computes)."""
+    lines = []
+    optim = cfg.get("optim") or {}
+    if optim.get("layer_decay"):
+        decay = optim["layer_decay"]
+        lines.append(f"layer-wise lr decay {decay}: each block's lr is scaled by {decay} per block below the head")
+    loss = cfg.get("loss") or {}
+    if LossName(loss.get("name", LossName.CE.value)) is LossName.BCE:
+        lines.append(f"loss: binary cross-entropy, one sigmoid per class (target threshold "
+                     f"{loss.get('bce_target_threshold')}, {'sum' if loss.get('bce_sum') else 'mean'} over classes)")
+    repeats = int(cfg.data.get("aug_repeats", 0) or 0)
+    if repeats:
+        lines.append(f"repeated augmentation: each training image {repeats} times per epoch, differently augmented")
+    ema = cfg.get("ema") or {}
+    if ema.get("enabled"):
+        lines.append(f"EMA of the weights: decay {ema.get('decay')}{', with warmup' if ema.get('warmup') else ''}"
+                     f"{'; validated as val_ema/*' if ema.get('evaluate', True) else ''}")
+    mixup = plain(cfg.data.get("mixup")) or {}
+    if mixup_active(mixup):
+        lines.append(f"mixup/cutmix: mixup_alpha {mixup.get('mixup_alpha')}, cutmix_alpha {mixup.get('cutmix_alpha')}, "
+                     f"prob {mixup.get('prob')}, label smoothing {mixup.get('label_smoothing')}")
+    freeze = list(cfg.model.get("freeze") or [])
+    if freeze:
+        lines.append(f"frozen parameters: {', '.join(freeze)}")
+    if cfg.get("channels_last"):
+        lines.append("channels-last memory format")
+    if cfg.get("compile"):
+        lines.append("torch.compile of the network")
+    if cfg.model.get("pretrained"):
+        lines.append(f"fine-tuning from the published weights of {cfg.model.name}")
+    if getattr(rank_zero_only, "rank", 0) == 0:  # one line per run, not one per DDP process
+        for line in lines:
+            log.info(line)
+
+
 def build_module(cfg: DictConfig, datamodule: ImageFolderDataModule) -> ClassificationModule:
-    """New module for the dataset's classes, initialised from ``cfg.checkpoint`` (new head if the class count
-    differs) when given (fine-tuning)."""
+    """New module for the dataset's classes, initialised from the published weights (``model.pretrained``) or
+    ``cfg.checkpoint`` (new head if the class count differs) when given (fine-tuning); the training features switched
+    on are confirmed, one line each."""
     num_classes = len(datamodule.check_layout(with_train=True))
     module = ClassificationModule(**_module_kwargs(cfg, num_classes))
+    _announce_features(cfg)
+    if cfg.model.get("pretrained"):
+        # timm's published weights of the variant, through the one checked loader (head re-initialised when the class
+        # count differs); the network's saved arguments stay those of a plain model, so a checkpoint never downloads.
+        file = pretrained_file(str(cfg.model.name), plain(cfg.model.get("pretrained_cfg_overlay")) or None)
+        load_weights(module.model, file, head="auto", use_ema=True, source=f"{cfg.model.name} pretrained ({file})")
     if cfg.get("checkpoint"):
-        # The head is kept when it fits the dataset's classes, else re-initialised (fine-tuning); load_weights logs it.
-        report = load_weights(module.model, network_weights(str(cfg.checkpoint)), head="auto",
-                              source=str(cfg.checkpoint))
-        log.info("initialised %s from %s (classifier: %s)", cfg.model.name, cfg.checkpoint, report.head)
+        # The head is kept when it fits the dataset's classes, else re-initialised (fine-tuning); load_weights says
+        # which, in its one line.
+        load_weights(module.model, network_weights(str(cfg.checkpoint)), head="auto", source=str(cfg.checkpoint))
         if module.model_ema is not None:
             module.model_ema.set(module.model)
     return module
@@ -365,20 +393,47 @@ def _before_eval(cfg: DictConfig, module: ClassificationModule, datamodule: Imag
         module.enable_confusion_matrix()
 
 
-TASK = register_task(Task(
-    name="classification",
-    validate_config=validate_config,
-    build_datamodule=build_datamodule,
-    build_module=build_module,
-    load_module_for_eval=load_module_for_eval,
-    monitor=("val/acc1", "max"),
-    summarize_eval=summarize_eval,
-    before_eval=_before_eval,
-    module_class=ClassificationModule,
-    config_rules=CLASSIFICATION_RULES,
-    curves={
+class ClassificationTask(Task):
+    """Image classification with any timm-registered model (``task=classification``, the default)."""
+
+    name = "classification"
+    module_class = ClassificationModule
+    monitor = ("val/acc1", "max")
+    config_rules = CLASSIFICATION_RULES
+    curves = {
         "loss": (("train/loss_epoch", "train loss"), ("val/loss", "val loss"), ("val_ema/loss", "val loss (EMA)")),
         "accuracy (%)": (("train/acc1", "train top-1"), ("val/acc1", "val top-1"), ("val/acc5", "val top-5"),
                          ("val_ema/acc1", "val top-1 (EMA)")),
-    },
-))
+    }
+
+    def validate_config(self, cfg: Any, stage: str, ckpt: CheckpointInfo | None) -> None:
+        """See :func:`validate_config`."""
+        validate_config(cfg, stage, ckpt)
+
+    def resume_differences(self, cfg: Any, ckpt: CheckpointInfo) -> list[Difference]:
+        """See :func:`resume_differences`."""
+        return resume_differences(cfg, ckpt)
+
+    def build_datamodule(self, cfg: Any, ckpt: CheckpointInfo | None) -> ImageFolderDataModule:
+        """See :func:`build_datamodule`."""
+        return build_datamodule(cfg, ckpt)
+
+    def build_module(self, cfg: Any, datamodule: Any) -> ClassificationModule:
+        """See :func:`build_module`."""
+        return build_module(cfg, datamodule)
+
+    def load_module_for_eval(self, cfg: Any, datamodule: Any) -> ClassificationModule:
+        """See :func:`load_module_for_eval`."""
+        return load_module_for_eval(cfg, datamodule)
+
+    def before_eval(self, cfg: Any, module: Any, datamodule: Any) -> None:
+        """Turns on the confusion matrix (``confusion_matrix``)."""
+        _before_eval(cfg, module, datamodule)
+
+    def summarize_eval(self, cfg: Any, module: Any, datamodule: Any, metrics: dict[str, float],
+                       output_dir: Path) -> dict:
+        """See :func:`summarize_eval`."""
+        return summarize_eval(cfg, module, datamodule, metrics, output_dir)
+
+
+TASK = register_task(ClassificationTask())

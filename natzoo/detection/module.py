@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torchmetrics.detection import MeanAveragePrecision
 
-from natzoo.config import Flag, Number, check_settings
 from natzoo.detection.detectors import build_detector
 from natzoo.optim import check_optim_settings, configure_optimizers
+from natzoo.rules import Flag, Number, check_settings
 
 __all__ = ["DetectionModule"]
 

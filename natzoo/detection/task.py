@@ -9,16 +9,18 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from natzoo.checkpoints import network_weights, resolve_ckpt_path
-from natzoo.config import DETECTION_RULES, plain
+from natzoo.checkpoints import CheckpointInfo, network_weights
 from natzoo.datasets.coco import CocoDataModule
 from natzoo.datasets.coco_shapes import SyntheticCocoSpec
 from natzoo.detection.backbone import NATBackbone, load_backbone_checkpoint, model_family
 from natzoo.detection.module import DetectionModule
+from natzoo.detection.rules import DETECTION_RULES
 from natzoo.models import load_weights
-from natzoo.run.tasks import Task, register_task
+from natzoo.rules import plain
+from natzoo.run.tasks import Difference, Task, register_task
 
-__all__ = ["build_datamodule", "build_module", "load_module_for_eval", "summarize_eval", "validate_config"]
+__all__ = ["DetectionTask", "build_datamodule", "build_module", "load_module_for_eval", "resume_differences",
+           "summarize_eval", "validate_config"]
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +36,9 @@ def _with_masks(cfg: DictConfig) -> bool:
     return cfg.model.get("arch") == "maskrcnn" if data_masks is None else bool(data_masks)
 
 
-def validate_config(cfg: DictConfig, stage: str) -> None:
-    """Fails fast on bad detection settings (no model is built and no image decoded). The value rules
-    (``natzoo.config``) have been checked already."""
+def validate_config(cfg: DictConfig, stage: str, ckpt: CheckpointInfo | None = None) -> None:
+    """Fails fast on bad detection settings (no model is built and no image decoded). The value rules have been
+    checked already."""
     if not (stage == "eval" and cfg.get("ckpt_path")):
         model_family(str(cfg.model.name))
     checkpoint = cfg.get("checkpoint")
@@ -47,8 +49,6 @@ def validate_config(cfg: DictConfig, stage: str) -> None:
                          "checkpoint= (detector weights)")
     if cfg.model.get("arch") == "maskrcnn" and cfg.data.get("with_masks") is False and stage == "fit":
         raise ValueError("model.arch=maskrcnn trains on masks: data.with_masks must not be false")
-    if stage == "fit" and cfg.get("ckpt_path"):
-        _check_resume(cfg)
     data = cfg.data
     if data.get("synthetic"):
         SyntheticCocoSpec(**plain(data.synthetic))
@@ -66,24 +66,19 @@ def validate_config(cfg: DictConfig, stage: str) -> None:
             raise ValueError(f"data.{key}={str(path)!r} does not exist")
 
 
-def _check_resume(cfg: DictConfig) -> None:
-    """A resumed run's backbone, detector architecture and mask head must be the checkpoint's."""
-    info = resolve_ckpt_path(str(cfg.ckpt_path))  # read once, by the config check
-    saved = (info.hyper_parameters.get("detector") or {}) if info is not None else {}
+def resume_differences(cfg: DictConfig, ckpt: CheckpointInfo) -> list[Difference]:
+    """A resumed run's backbone, detector architecture and mask head must be the checkpoint's (refused otherwise)."""
+    saved = ckpt.hyper_parameters.get("detector") or {}
     if not isinstance(saved, dict):
-        return
+        return []
     pairs = [("model.name", saved.get("backbone"), str(cfg.model.name)),
              ("model.arch", saved.get("arch"), cfg.model.get("arch"))]
-    if info is not None and info.hyper_parameters.get("with_masks") is not None:
-        pairs.append(("mask head (model.arch, data.with_masks)", info.hyper_parameters["with_masks"], _with_masks(cfg)))
-    refused = [(key, old, new) for key, old, new in pairs if old is not None and old != new]
-    if refused:
-        listed = "; ".join(f"{key}: checkpoint {old!r}, config {new!r}" for key, old, new in refused)
-        raise ValueError(f"ckpt_path={cfg.ckpt_path}: the config does not describe the run that wrote this checkpoint "
-                         f"({listed}); resume with the checkpoint's settings")
+    if ckpt.hyper_parameters.get("with_masks") is not None:
+        pairs.append(("mask head (model.arch, data.with_masks)", ckpt.hyper_parameters["with_masks"], _with_masks(cfg)))
+    return [Difference(key, old, new) for key, old, new in pairs if old is not None and old != new]
 
 
-def build_datamodule(cfg: DictConfig) -> CocoDataModule:
+def build_datamodule(cfg: DictConfig, ckpt: CheckpointInfo | None = None) -> CocoDataModule:
     """COCO-format data module from ``cfg.data`` (its ``_target_``; the shapes demo when ``data.synthetic`` is set)."""
     data = plain(cfg.data)
     for key in _NOT_DATAMODULE_ARGS:
@@ -158,19 +153,43 @@ def summarize_eval(cfg: DictConfig, module: DetectionModule, datamodule: CocoDat
     return result
 
 
-TASK = register_task(Task(
-    name="detection",
-    validate_config=validate_config,
-    build_datamodule=build_datamodule,
-    build_module=build_module,
-    load_module_for_eval=load_module_for_eval,
-    monitor=("val/bbox_mAP", "max"),
-    summarize_eval=summarize_eval,
-    module_class=DetectionModule,
-    config_rules=DETECTION_RULES,
-    curves={
+class DetectionTask(Task):
+    """Object detection / instance segmentation with a NAT-family backbone (``task=detection``)."""
+
+    name = "detection"
+    module_class = DetectionModule
+    monitor = ("val/bbox_mAP", "max")
+    config_rules = DETECTION_RULES
+    curves = {
         "loss": (("train/loss_epoch", "train loss (sum)"),),
         "mAP (%)": (("val/bbox_mAP", "box mAP"), ("val/bbox_mAP_50", "box mAP@50"), ("val/segm_mAP", "mask mAP"),
                     ("val/segm_mAP_50", "mask mAP@50")),
-    },
-))
+    }
+
+    def validate_config(self, cfg: Any, stage: str, ckpt: CheckpointInfo | None) -> None:
+        """See :func:`validate_config`."""
+        validate_config(cfg, stage, ckpt)
+
+    def resume_differences(self, cfg: Any, ckpt: CheckpointInfo) -> list[Difference]:
+        """See :func:`resume_differences`."""
+        return resume_differences(cfg, ckpt)
+
+    def build_datamodule(self, cfg: Any, ckpt: CheckpointInfo | None) -> CocoDataModule:
+        """See :func:`build_datamodule`."""
+        return build_datamodule(cfg, ckpt)
+
+    def build_module(self, cfg: Any, datamodule: Any) -> DetectionModule:
+        """See :func:`build_module`."""
+        return build_module(cfg, datamodule)
+
+    def load_module_for_eval(self, cfg: Any, datamodule: Any) -> DetectionModule:
+        """See :func:`load_module_for_eval`."""
+        return load_module_for_eval(cfg, datamodule)
+
+    def summarize_eval(self, cfg: Any, module: Any, datamodule: Any, metrics: dict[str, float],
+                       output_dir: Path) -> dict:
+        """See :func:`summarize_eval`."""
+        return summarize_eval(cfg, module, datamodule, metrics, output_dir)
+
+
+TASK = register_task(DetectionTask())

@@ -1,10 +1,12 @@
-"""Generic callbacks: RNG state in checkpoints (exact resume), curve recording/plotting, evaluation stopwatch, model
-summary."""
+"""Generic callbacks: RNG state in checkpoints (exact resume), curve recording/plotting, the per-epoch line and
+``summary.csv``, the progress bar (only on a terminal), evaluation stopwatch, model summary."""
 
 from __future__ import annotations
 
+import csv
 import logging
 import random
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,9 +16,12 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-__all__ = ["CurvePlot", "ModelSummary", "RNGState", "Stopwatch"]
+from natzoo.ownership import write_atomically
+
+__all__ = ["CurvePlot", "EpochSummary", "ModelSummary", "RNGState", "Stopwatch", "progress_bar"]
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +143,82 @@ class CurvePlot(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restores the history."""
         self.history = list(state_dict.get("history", []))
+
+
+def progress_bar(enabled: bool | str = "auto", refresh_rate: int = 1) -> TQDMProgressBar | None:
+    """Lightning's TQDM progress bar when ``enabled`` is true, or ``"auto"`` and the standard output is a terminal;
+    None (no bar: ``build_callbacks`` drops it) otherwise, so that a run redirected to a file logs lines, not frames.
+
+    Raises:
+        ValueError: ``enabled`` is not a boolean or ``"auto"``.
+    """
+    if enabled not in (True, False, "auto"):
+        raise ValueError(f"callbacks.progress_bar.enabled must be true, false or auto, got {enabled!r}")
+    isatty = getattr(sys.stdout, "isatty", None)
+    on = enabled is True or (enabled == "auto" and callable(isatty) and bool(isatty()))
+    return TQDMProgressBar(refresh_rate=int(refresh_rate)) if on else None
+
+
+def _percent(name: str) -> bool:
+    return "acc" in name or "mAP" in name
+
+
+class EpochSummary(pl.Callback):
+    """One line per epoch in the log (console and ``train.log``) and one row per epoch in ``summary.csv``.
+
+    The line reads ``epoch 3/10: train/loss 1.234, val/loss 1.111, val/acc1 45.00%, lr 1.00e-03, 12.3 s``: the
+    epoch-level metrics (accuracies and mAPs in percent; step-level values left out), the largest learning rate of
+    the optimizer's groups and the epoch's wall time (validation included). ``summary.csv`` (rank 0) holds the same
+    values with fractions as logged, one column per metric; a resumed run replaces the rows of the epochs it runs
+    again.
+
+    Args:
+        path: the CSV file (``<run dir>/summary.csv``).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Starts the epoch's clock."""
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Logs the epoch's line and rewrites ``summary.csv`` with its row."""
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        seconds = time.perf_counter() - self._start
+        metrics = {name.removesuffix("_epoch"): float(value) for name, value in sorted(trainer.callback_metrics.items())
+                   if getattr(value, "numel", lambda: 1)() == 1 and not name.endswith("_step")}
+        lrs = [float(group["lr"]) for optimizer in trainer.optimizers for group in optimizer.param_groups]
+        row: dict[str, Any] = {"epoch": trainer.current_epoch + 1, **metrics}
+        if lrs:
+            row["lr"] = max(lrs)
+        row["epoch_seconds"] = round(seconds, 3)
+        shown = [f"{k} {100 * v:.2f}%" if _percent(k) else f"{k} {v:.4g}" for k, v in metrics.items()]
+        if lrs:
+            shown.append(f"lr {max(lrs):.2e}")
+        total = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+        log.info("epoch %d%s: %s, %.1f s", row["epoch"], total, ", ".join(shown), seconds)
+        self._write(row)
+
+    def _write(self, row: dict[str, Any]) -> None:
+        rows: list[dict[str, Any]] = []
+        if self.path.is_file():
+            with open(self.path, newline="") as handle:
+                rows = [r for r in csv.DictReader(handle) if r.get("epoch") and int(r["epoch"]) < row["epoch"]]
+        rows.append(row)
+        fields = list(dict.fromkeys(key for r in rows for key in r))
+        fields = ["epoch", *sorted(f for f in fields if f not in ("epoch", "lr", "epoch_seconds")), "lr",
+                  "epoch_seconds"]
+
+        def write(handle: Any) -> None:
+            writer = csv.DictWriter(handle, fieldnames=[f for f in fields if any(f in r for r in rows)])
+            writer.writeheader()
+            writer.writerows(rows)
+
+        write_atomically(self.path, write)
 
 
 class Stopwatch(pl.Callback):

@@ -10,9 +10,10 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 
-from natzoo.run.callbacks import Stopwatch
+from natzoo.checkpoints import CheckpointInfo
+from natzoo.ownership import write_atomically
+from natzoo.run.callbacks import Stopwatch, progress_bar
 from natzoo.run.console import configure_console
-from natzoo.run.rundir import write_atomically
 from natzoo.run.tasks import Task
 from natzoo.run.training import build_trainer, cpu_threads, run_directory
 
@@ -35,17 +36,18 @@ def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
         ValueError: no weights were given (and ``random_weights`` is false), or a config value is invalid.
     """
     configure_console()
-    with run_directory(cfg, "eval", lock=False) as (task, _, output_dir), cpu_threads(cfg):
-        return _evaluate(cfg, task, output_dir)
+    with run_directory(cfg, "eval", lock=False) as (task, info, output_dir), cpu_threads(cfg):
+        return _evaluate(cfg, task, info, output_dir)
 
 
-def _evaluate(cfg: DictConfig, task: Task, output_dir: Path) -> dict[str, Any]:
-    datamodule = task.build_datamodule(cfg)
+def _evaluate(cfg: DictConfig, task: Task, info: CheckpointInfo | None, output_dir: Path) -> dict[str, Any]:
+    datamodule = task.build_datamodule(cfg, info)
     module = task.load_module_for_eval(cfg, datamodule)
-    if task.before_eval is not None:
-        task.before_eval(cfg, module, datamodule)
+    task.before_eval(cfg, module, datamodule)
     stopwatch = Stopwatch()
-    trainer = build_trainer(cfg, [stopwatch], False, enable_checkpointing=False, max_epochs=1)
+    bar = progress_bar()  # on a terminal only
+    trainer = build_trainer(cfg, [stopwatch, *([bar] if bar is not None else [])], False, enable_checkpointing=False,
+                            max_epochs=1)
     start = time.perf_counter()
     metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     total_seconds = time.perf_counter() - start
@@ -56,10 +58,7 @@ def _evaluate(cfg: DictConfig, task: Task, output_dir: Path) -> dict[str, Any]:
         "model_images_per_second": stopwatch.images / stopwatch.step_seconds if stopwatch.step_seconds else None,
     }
 
-    if task.summarize_eval is not None:
-        result = task.summarize_eval(cfg, module, datamodule, metrics, output_dir)
-    else:
-        result = dict(metrics)
+    result = task.summarize_eval(cfg, module, datamodule, metrics, output_dir)
     result.update({
         "task": task.name,
         "source": _source(cfg, module),

@@ -19,7 +19,7 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from natzoo.run.rundir import write_atomically
+from natzoo.ownership import write_atomically
 
 __all__ = ["RunCSVLogger", "check_logger_packages", "drop_rows_after", "tensorboard_logger", "wandb_logger"]
 

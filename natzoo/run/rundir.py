@@ -9,9 +9,9 @@
   (``fcntl.flock``; the operating system releases it when the process ends, however it ends). A second run into the
   same directory (two resumes of one run, or ``hydra.run.dir`` given twice) is refused with
   :class:`RunDirectoryBusy`, naming the holder.
-* **Unique temporary files** (:func:`write_atomically`): results (``curves.png``, ``eval.json``, a rewritten
-  ``metrics.csv``) are written to a scratch file of this process (:mod:`natzoo.ownership` names), then moved into
-  place, so two processes never write the same temporary file.
+* **Unique temporary files** (:func:`natzoo.ownership.write_atomically`): results (``curves.png``, ``eval.json``, a
+  rewritten ``metrics.csv``) are written to a scratch file of this process (:mod:`natzoo.ownership` names), then
+  moved into place, so two processes never write the same temporary file.
 * **No litter** (:func:`discard_unused`). A run that fails its config check removes what was created for it: the
   directory this process claimed, when it holds nothing but Hydra's record (``.hydra/*.yaml``, ``<job>.log``) and the
   lock file; for a resumed run, only the ``.hydra/resumed_<timestamp>`` record of this attempt, which the process
@@ -25,16 +25,12 @@ import contextlib
 import os
 import socket
 import sys
-import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import IO, Any
-
-from natzoo.ownership import scratch_prefix
 
 __all__ = ["RunDirLock", "RunDirectoryBusy", "claim_fresh_dir", "claim_record_dir", "discard_unused",
-           "release_other_claims", "write_atomically"]
+           "release_other_claims"]
 
 LOCK_NAME = ".natzoo.lock"
 
@@ -292,27 +288,3 @@ def _lock(fd: int) -> None:
         msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined]
         return
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-
-
-def write_atomically(path: str | os.PathLike, write: Callable[[IO[Any]], object], mode: str = "w") -> None:
-    """Writes ``path`` through ``write(handle)`` into a temporary file of this process beside it, then
-    ``os.replace``; on failure the temporary file is removed and ``path`` is unchanged.
-
-    Args:
-        path: The destination.
-        write: Writes the content into the open handle.
-        mode: ``"w"`` (text, newline translation off) or ``"wb"``.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=scratch_prefix(path.name, "tmp"), suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, newline=None if "b" in mode else "") as handle:
-            write(handle)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -21,16 +21,15 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from natzoo.run.callbacks import CurvePlot, ModelSummary, RNGState
-from natzoo.checkpoints import AtomicCheckpointIO, CheckpointInfo, find_last_checkpoint
-from natzoo.checkpoints import resolve_ckpt_path as read_ckpt_path
-from natzoo.cli import CONFIG_DIR, command
-from natzoo.config import COMMON_RULES, check_config, check_weights_source
-from natzoo.run.console import configure_console
+from natzoo.checkpoints import AtomicCheckpointIO, CheckpointInfo, find_last_checkpoint, resolve_ckpt_path
+from natzoo.config import COMMON_RULES, check_weights_source
+from natzoo.rules import check_config
+from natzoo.run.callbacks import CurvePlot, EpochSummary, ModelSummary, RNGState
+from natzoo.run.console import command, configure_console
 from natzoo.run.loggers import check_logger_packages, drop_rows_after
 from natzoo.run.rundir import RunDirectoryBusy, RunDirLock, discard_unused, release_other_claims
+from natzoo.run.tasks import Task, check_resume, get_task, task_of_checkpoint
 from natzoo.strategies import enable_grad_checkpointing
-from natzoo.run.tasks import Task, get_task, task_of_checkpoint
 
 __all__ = [
     "SIGTERM_EXIT_CODE",
@@ -40,7 +39,6 @@ __all__ = [
     "check_added_keys",
     "check_run_config",
     "cpu_threads",
-    "resolve_ckpt_path",
     "run_training",
 ]
 
@@ -48,6 +46,7 @@ log = logging.getLogger(__name__)
 
 # Exit status of a run stopped by SIGTERM (128 + the signal number, the shell's convention).
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
+_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # natzoo/configs (a link to configs/ in a checkout)
 
 
 def _is_rank_zero() -> bool:
@@ -58,9 +57,10 @@ def _is_rank_zero() -> bool:
 def check_run_config(cfg: DictConfig, stage: str) -> tuple[Task, CheckpointInfo | None]:
     """Every check of a run's config, in order, before anything is built; ``stage`` is ``"fit"`` or ``"eval"``.
 
-    The value rules (common and the task's), the source of weights (evaluation), the ``ckpt_path`` file (resolved
-    and read once; ``cfg.ckpt_path`` becomes the file for ``last``), then the task's own checks (which compare the
-    config with the checkpoint's and may prepare cheap things such as the demo dataset).
+    The value rules (common and the task's), the loggers' packages, the source of weights (evaluation), the
+    ``ckpt_path`` file (resolved and read once; ``cfg.ckpt_path`` becomes the file for ``last``), the task's own checks
+    (which may prepare cheap things such as the demo dataset), then, for a resumed run, the comparison of the config
+    with the checkpoint's (:func:`natzoo.run.tasks.check_resume` on the task's differences).
 
     Returns:
         The task and the resolved checkpoint (None without one).
@@ -78,11 +78,13 @@ def check_run_config(cfg: DictConfig, stage: str) -> tuple[Task, CheckpointInfo 
             check_weights_source(cfg)
             _check_output_file(cfg.get("output"))
         _check_accelerator(cfg)
-        resolved = resolve_ckpt_path(cfg, task)
+        resolved = _checkpoint_of(cfg, task)
         if resolved is not None:
             with open_dict(cfg):
                 cfg.ckpt_path = resolved.path
-        task.validate_config(cfg, stage)
+        task.validate_config(cfg, stage, resolved)
+        if stage == "fit" and resolved is not None:
+            check_resume(cfg, resolved, task.resume_differences(cfg, resolved))
     except (ValueError, TypeError) as err:
         setattr(err, "natzoo_config_error", True)  # noqa: B010  (read by natzoo.run.console.exit_on_config_error)
         raise
@@ -171,7 +173,7 @@ def _check_output_file(output: Any) -> None:
         raise ValueError(f"output={str(output)!r}: {existing} is a file, not a folder")
 
 
-def resolve_ckpt_path(cfg: DictConfig, task: Task | None = None) -> CheckpointInfo | None:
+def _checkpoint_of(cfg: DictConfig, task: Task) -> CheckpointInfo | None:
     """``cfg.ckpt_path`` (None, a file, or ``last`` under ``paths.resume_dir``) resolved and read once
     (:func:`natzoo.checkpoints.resolve_ckpt_path`), and checked to be a checkpoint of ``task``.
 
@@ -180,8 +182,8 @@ def resolve_ckpt_path(cfg: DictConfig, task: Task | None = None) -> CheckpointIn
             checkpoint, or one of another task (the message names the file and what was expected).
     """
     resume_dir = cfg.get("paths", {}).get("resume_dir")
-    info = read_ckpt_path(cfg.get("ckpt_path"), str(resume_dir) if resume_dir else None)
-    if info is not None and task is not None and not task.owns_checkpoint(info.hyper_parameters):
+    info = resolve_ckpt_path(cfg.get("ckpt_path"), str(resume_dir) if resume_dir else None)
+    if info is not None and not task.owns_checkpoint(info.hyper_parameters):
         owner = task_of_checkpoint(info.hyper_parameters)
         hint = f"; it is a {owner} checkpoint: add task={owner}" if owner else ""
         raise ValueError(f"ckpt_path={info.path!r} was not written by the {task.name} task's module{hint}")
@@ -215,8 +217,10 @@ def _check_last_is_this_seeds(path: str, seed: int, resume_dir: Any) -> None:
 
 
 def build_callbacks(cfg: DictConfig, task: Task) -> list[pl.Callback]:
-    """Callbacks from ``cfg.callbacks`` (each a ``_target_`` entry; null entries dropped), the task's own, the curve
-    plot and the RNG-state checkpointing. ``callbacks.model_checkpoint.monitor: null`` means the task's metric."""
+    """Callbacks from ``cfg.callbacks`` (each a ``_target_`` entry; null entries, and entries whose factory returns
+    None such as the progress bar off a terminal, dropped), the task's own, the curve plot, the per-epoch line and
+    ``summary.csv``, and the RNG-state checkpointing. ``callbacks.model_checkpoint.monitor: null`` means the task's
+    metric."""
     callbacks: list[pl.Callback] = []
     for name, spec in (cfg.get("callbacks") or {}).items():
         if spec is None or "_target_" not in spec:
@@ -224,10 +228,13 @@ def build_callbacks(cfg: DictConfig, task: Task) -> list[pl.Callback]:
         if name == "model_checkpoint" and spec.get("monitor", None) is None:
             with open_dict(spec):
                 spec.monitor, spec.mode = task.monitor
-        callbacks.append(instantiate(spec))
+        callback = instantiate(spec)
+        if callback is not None:
+            callbacks.append(callback)
     callbacks.extend(task.build_callbacks(cfg))
     callbacks.append(CurvePlot(str(Path(cfg.paths.output_dir) / "curves.png"), task.curves,
                                title=str(cfg.get("run_name", ""))))
+    callbacks.append(EpochSummary(str(Path(cfg.paths.output_dir) / "summary.csv")))
     callbacks.append(RNGState())
     summary = cfg.get("trainer", {}).get("enable_model_summary", True)
     if summary is not False and not any(isinstance(cb, pl.callbacks.ModelSummary) for cb in callbacks):
@@ -244,10 +251,17 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: Any, **overrides: A
     """``lightning.pytorch.Trainer`` from ``cfg.trainer`` with the atomic checkpoint IO plugin.
 
     ``trainer.max_epochs: null`` means ``sched.epochs + sched.cooldown_epochs`` when a schedule is configured (a
-    ``trainer.max_steps`` limit then ends training earlier, as usual in Lightning).
+    ``trainer.max_steps`` limit then ends training earlier, as usual in Lightning). The progress bar is the one among
+    ``callbacks`` (none: no bar, where Lightning would add its own; ``trainer.enable_progress_bar=false`` removes it
+    too), and a model summary among ``callbacks`` is the only one (Lightning neither adds its default nor says so).
     """
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(trainer_cfg, dict)  # cfg.trainer is a DictConfig, so its container is a dict
+    if trainer_cfg.get("enable_progress_bar", True) is False:
+        callbacks = [cb for cb in callbacks if not isinstance(cb, pl.callbacks.ProgressBar)]
+    trainer_cfg["enable_progress_bar"] = any(isinstance(cb, pl.callbacks.ProgressBar) for cb in callbacks)
+    if any(isinstance(cb, pl.callbacks.ModelSummary) for cb in callbacks):
+        trainer_cfg["enable_model_summary"] = False
     sched = cfg.get("sched")
     if trainer_cfg.get("max_epochs") is None and sched:
         trainer_cfg["max_epochs"] = int(sched.epochs) + int(sched.get("cooldown_epochs", 0) or 0)
@@ -292,8 +306,8 @@ def run_directory(cfg: DictConfig, stage: str, lock: bool) -> Iterator[tuple[Tas
     """Checks the config (:func:`check_run_config`), then holds the run directory for the run.
 
     A run that fails a check leaves nothing behind (:func:`natzoo.run.rundir.discard_unused`); with ``lock`` the global
-    rank zero holds the directory's lock (:class:`natzoo.run.rundir.RunDirLock`), so a second run into the same directory
-    is refused before anything is written.
+    rank zero holds the directory's lock (:class:`natzoo.run.rundir.RunDirLock`), so a second run into the same
+    directory is refused before anything is written.
 
     Yields:
         The task, the resolved checkpoint and the run directory.
@@ -350,14 +364,16 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         if info is not None:
             resuming_here = _prepare_resume(info, output_dir)
         with cpu_threads(cfg):
-            return _fit(cfg, task, info.path if info is not None else None, output_dir, resuming_here)
+            return _fit(cfg, task, info, output_dir, resuming_here)
 
 
-def _fit(cfg: DictConfig, task: Task, ckpt_path: str | None, output_dir: Path, resuming_here: bool) -> dict[str, Any]:
+def _fit(cfg: DictConfig, task: Task, info: CheckpointInfo | None, output_dir: Path,
+         resuming_here: bool) -> dict[str, Any]:
     pl.seed_everything(int(cfg.get("seed", 0)), workers=True, verbose=False)
+    ckpt_path = info.path if info is not None else None
 
     try:
-        datamodule = task.build_datamodule(cfg)
+        datamodule = task.build_datamodule(cfg, info)
         module = task.build_module(cfg, datamodule)
     except (ValueError, TypeError) as err:
         # argument checks of the data module and the model (`model.kwargs.embed_dim=-8`, a `model.freeze` name no
@@ -488,7 +504,7 @@ def _print_summary(result: dict[str, Any], output_dir: Path, cfg: DictConfig) ->
     ckpt = result["best_checkpoint"] or result["last_checkpoint"]
     written = [str(Path(p).relative_to(output_dir)) if Path(p).is_relative_to(output_dir) else str(p)
                for p in dict.fromkeys([result["best_checkpoint"], result["last_checkpoint"]]) if p]
-    lines.append(f"Done. Outputs in {output_dir}: {', '.join(written + ['metrics.csv', 'curves.png'])}")
+    lines.append(f"Done. Outputs in {output_dir}: {', '.join(written + ['metrics.csv', 'summary.csv', 'curves.png'])}")
     if ckpt:
         lines.append(" ".join(["Evaluate with:", *command("eval"), *_eval_overrides(cfg),
                                _shell_override("ckpt_path", ckpt)]))
@@ -521,7 +537,7 @@ def _generator_changes(cfg: DictConfig, choice: str) -> list[tuple[str, Any]]:
     <choice>.yaml``), e.g. set by ``debug=tiny``, which eval.yaml lacks: without them evaluation would generate and
     score another dataset (and replace the one the run used)."""
     generate = cfg.data.get("generate")
-    file = CONFIG_DIR / "data" / f"{choice}.yaml"
+    file = _CONFIG_DIR / "data" / f"{choice}.yaml"
     if not generate or not file.is_file():
         return []
     loaded = OmegaConf.load(file)
