@@ -158,6 +158,7 @@ class Plan:
     e2e_model: str = "nat_tiny"  # the end-to-end, profile and logit checks
     e2e_kwargs: tuple[tuple[str, Any], ...] = ()  # timm.create_model keyword arguments (the dry run's tiny NAT)
     e2e_img: int = 224
+    e2e_modes: tuple[str, ...] = ("infer", "train")  # bench_models modes of the end-to-end rows
     e2e_batch: int = 128
     logit_batch: int = 8
     autotune_layers: tuple[Layer, ...] = ()  # per-config autotuner times beside the static model
@@ -228,7 +229,7 @@ def dry_plan() -> Plan:
     return Plan(
         device="cpu", check_batch=1,
         check_groups=(CheckGroup("tiny 2-D, first entries", (2,), ALL_DTYPES, (16,), tiny[1], sample=True),),
-        gap_checks=(GapCheck("tiny 6x6 h16", Layer("tiny 6x6 h16", (6, 6), 16, 16, (3, 3), (1, 1)), 1),
+        gap_checks=(GapCheck("tiny 6x6 h2", Layer("tiny 6x6 h2", (6, 6), 2, 16, (3, 3), (1, 1)), 1),
                     GapCheck("tiny frozen rpb fp16", tiny[0], 1, "float16", rpb="frozen"),
                     GapCheck("tiny fp32 TF32", tiny[1], 1, "float32", tf32=True),
                     GapCheck("tiny int64 offsets forced", tiny[1], 1, wide="forced")),
@@ -241,9 +242,10 @@ def dry_plan() -> Plan:
         # Generous: the dry run checks code paths on shared CI machines, where a budget skip would hide one.
         budgets=dict.fromkeys(STEP_NAMES, 1200.0), total_budget=3600, compile_limit=1, flex_workers=True,
         row_reserve={"case": 0.0, "model": 0.0, "op": 0.0, "flex": 0.0, "flex-cold": 0.0, "e2e": 0.0, "autotune": 0.0},
-        e2e_kwargs=(("depths", (1, 1, 1, 1)), ("num_heads", (1, 1, 1, 1)), ("embed_dim", 16), ("kernel_size", 3)),
-        e2e_img=96, e2e_batch=1, logit_batch=1, autotune_layers=tiny[:1], autotune_kernels=("na_fwd",),
-        profiler_repeats=1,
+        # A three-level NAT with one block per level at 48 px (maps 12/6/3): the interpreter runs forced triton.
+        e2e_kwargs=(("depths", (1, 1, 1)), ("num_heads", (1, 1, 1)), ("embed_dim", 16), ("kernel_size", 3)),
+        e2e_img=48, e2e_batch=1, e2e_modes=("infer",), logit_batch=1, autotune_layers=tiny[:1],
+        autotune_kernels=("na_fwd",), profiler_repeats=1,
     )
 
 
@@ -1011,7 +1013,10 @@ def check_items(plan: Plan) -> list[CheckItem]:
 
 def run_item(item: CheckItem, plan: Plan) -> dict[str, Any]:
     """One correctness unit's row (``passed`` and ``error`` always present)."""
+    import torch
     from natzoo.ops.neighborhood.triton import configcheck
+
+    torch.set_float32_matmul_precision("highest")  # fp32 checked with IEEE products (a gap check may allow TF32)
 
     if item.kind == "case":
         return configcheck.run_case(item.payload, plan.device)
@@ -1114,9 +1119,6 @@ def _check_child(conn: Any, items: list[CheckItem], plan: Plan, skip: set[str], 
                  runner: Callable[[CheckItem, Plan], dict[str, Any]]) -> None:
     """The correctness step's child process: runs `items[start:]` (except the groups in `skip`) and sends
     ``("start", i)`` before and ``("row", i, row, compiles)`` after each, then ``("done",)``."""
-    import torch
-
-    torch.set_float32_matmul_precision("highest")  # fp32 checked with IEEE products
     compiles: list[dict[str, Any]] = []
     with counting_compiles(compiles):
         for index in range(start, len(items)):
@@ -1294,7 +1296,7 @@ def step_models(kit: Kit, step: dict[str, Any]) -> None:
                 torch.cuda.empty_cache()
         for r in rows:
             kit.report.add(step, {"model": name, "mode": r["mode"], "batch": plan.model_batch, "img/s": r["img_s"],
-                                  "ms/batch": r["seconds"] * 1e3, "peak MiB above start": r["peak_mib"],
+                                  "ms/batch": r["seconds"] * 1e3, _peak_label(plan): r["peak_mib"],
                                   "params M": r["params"]})
     swin = {r["mode"]: r["img/s"] for r in step["rows"] if r["model"].startswith("swin") and "img/s" in r}
     for row in step["rows"]:
@@ -1601,6 +1603,11 @@ def implied_dispatch(choices: dict[tuple[Any, ...], str]) -> Iterator[None]:
         functional.select_backend = original
 
 
+def _peak_label(plan: Plan) -> str:
+    """bench_models' memory column: CUDA allocations above the row's start; on the CPU the process's peak RSS."""
+    return "peak MiB above start" if plan.device == "cuda" else "peak RSS MiB"
+
+
 def _model_kwargs(plan: Plan) -> dict[str, Any]:
     return dict(plan.e2e_kwargs)
 
@@ -1626,7 +1633,7 @@ def step_endtoend(kit: Kit, step: dict[str, Any]) -> None:
         try:
             with context():
                 rows = bench_model(plan.e2e_model, device, plan.e2e_batch, plan.e2e_img, dtype, plan.device == "cuda",
-                                   plan.model_warmup, plan.model_iters, ["infer", "train"], _model_kwargs(plan))
+                                   plan.model_warmup, plan.model_iters, list(plan.e2e_modes), _model_kwargs(plan))
         except Exception as exc:  # noqa: BLE001 - one dispatch failing is a row, not the end
             kit.report.add(step, {"dispatch": label, "note": f"failed: {type(exc).__name__}: {str(exc)[:160]}"})
             continue
@@ -1636,7 +1643,7 @@ def step_endtoend(kit: Kit, step: dict[str, Any]) -> None:
         for r in rows:
             kit.report.add(step, {"dispatch": label, "model": plan.e2e_model, "mode": r["mode"],
                                   "batch": plan.e2e_batch, "img/s": r["img_s"], "ms/batch": r["seconds"] * 1e3,
-                                  "peak MiB above start": r["peak_mib"]})
+                                  _peak_label(plan): r["peak_mib"]})
     kit.report.note(step, "implied dispatch: " + (", ".join(f"{'x'.join(map(str, k[0]))} d{k[1][0]} h{k[2]} -> {w}"
                                                             for k, w in sorted(kit.implied.items()))
                                                   or "none measured (library's automatic choice)"))
@@ -1772,8 +1779,7 @@ def static_estimates(layer: Layer, batch: int, kernels: tuple[str, ...]) -> list
     import torch
     from natzoo.ops.neighborhood.validation import Problem
 
-    import static_cost
-
+    static_cost = _static_cost()
     n = len(layer.spatial)
     problem = Problem(f"na{n}d", n, batch, layer.spatial, layer.heads, layer.head_dim, layer.kernel, (1,) * n,
                       layer.dilation, (False,) * n, layer.head_dim**-0.5, torch.bfloat16, torch.device("meta"))
@@ -1821,8 +1827,7 @@ def step_autotune(kit: Kit, step: dict[str, Any]) -> None:
         results = estimates.collect(max(1.0, kit.left()))
     finally:
         estimates.stop()
-    from static_cost import config_label
-
+    config_label = _static_cost().config_label
     for index, layer in enumerate(layers):
         static = {(r["kernel"], r["config"]): r for r in (results.get(index) or {}).get("rows", [])}
         error = (results.get(index) or {}).get("error")
@@ -1840,6 +1845,18 @@ def step_autotune(kit: Kit, step: dict[str, Any]) -> None:
                           f"{os.environ.get('NATZOO_NA_AUTOTUNE', '')}; none where one config is left after pruning or "
                           "the kernels are interpreted); static model us: benchmarks/static_cost.py's issue/memory "
                           "model, compiled with this machine's Triton (an estimate)")
+
+
+def _static_cost() -> types.ModuleType:
+    """``static_cost`` imported without losing ``TRITON_INTERPRET`` (its import drops the variable so that a script
+    run compiles for the GPU; the dry run's later steps still need the interpreter)."""
+    interpret = os.environ.get("TRITON_INTERPRET")
+    try:
+        import static_cost
+    finally:
+        if interpret is not None:
+            os.environ["TRITON_INTERPRET"] = interpret
+    return static_cost
 
 
 def _static_job(layer: Layer, batch: int, kernels: tuple[str, ...]) -> dict[str, Any]:
