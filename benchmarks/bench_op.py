@@ -347,7 +347,8 @@ def markdown(results: list[Result], meta: dict) -> str:
     for r in results:
         lines.append(
             f"| {r.shape} | {r.provider} | {r.dtype} | {_fmt(r.fwd_ms, '.3f')} | {_fmt(r.fwdbwd_ms, '.3f')} | "
-            f"{_fmt(r.fwd_kernel_ms, '.3f')} | {_fmt(r.fwdbwd_kernel_ms, '.3f')} | {_fmt(r.fwd_tflops, '.3g')} | {_fmt(r.fwdbwd_tflops, '.3g')} | {_fmt(r.fwd_floor_pct, '.1f')} | "
+            f"{_fmt(r.fwd_kernel_ms, '.3f')} | {_fmt(r.fwdbwd_kernel_ms, '.3f')} | {_fmt(r.fwd_tflops, '.3g')} | "
+            f"{_fmt(r.fwdbwd_tflops, '.3g')} | {_fmt(r.fwd_floor_pct, '.1f')} | "
             f"{_fmt(r.peak_mem_mb, '.1f')} | {r.note} |"
         )
     return "\n".join(lines) + "\n"

@@ -349,7 +349,7 @@ class Kit:
         self.step_deadline = self.deadline
         self.compiles: list[dict[str, Any]] = []  # NA kernel compilations seen in this process (cache misses)
         self.uncovered: set[str] | None = None  # check groups the precompile step did not finish (None: not run)
-        self.implied: dict[tuple[Any, ...], str] = {}  # (map, dilation, heads) -> the backend the op step's GPU times pick
+        self.implied: dict[tuple[Any, ...], str] = {}  # (map, dilation, heads) -> backend the op step's GPU times pick
         self.flex_warm: set[tuple[str, bool]] = set()  # (layer, rpb) FlexAttention graphs the precompile step built
 
     def left(self) -> float:
@@ -1739,7 +1739,8 @@ def step_profile(kit: Kit, step: dict[str, Any], top: int = 12) -> None:
                if any(word in name.lower() for word in ("fmha", "flash", "attention", "attn")))
     kit.report.note(step, f"one {plan.e2e_model} training step (batch {plan.e2e_batch}, implied dispatch): "
                           f"{whole / 1e3:.1f} ms of {'GPU kernel' if cuda else 'CPU self'} time; NA kernels "
-                          f"{100 * triton_na / whole:.1f} %, SDPA kernels (the dense NA backend) {100 * sdpa / whole:.1f} %")
+                          f"{100 * triton_na / whole:.1f} %, SDPA kernels (the dense NA backend) "
+                          f"{100 * sdpa / whole:.1f} %")
 
 
 # ---- private Triton API: the only place the kit reads the autotuner's internals ----------------------------------
@@ -1765,10 +1766,12 @@ def autotuner_timings(sink: list[dict[str, Any]]) -> Iterator[None]:
                              "config": config, "ms": float(ms)})
         return result
 
+    # Replacing a method of a library class for the block (mypy forbids assigning to methods).
     Autotuner.run = run  # type: ignore[method-assign]
     try:
         yield
     finally:
+        # Restoring it.
         Autotuner.run = original  # type: ignore[method-assign]
 # ---- end of private Triton API -----------------------------------------------------------------------------------
 
@@ -1890,7 +1893,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shapes")
     parser.add_argument("--steps", default=None, help=f"comma list from {','.join(STEP_NAMES)} (default: all)")
     parser.add_argument("--budget", type=float, default=None,
-                        help="total seconds (default 500 on GPU); every step also has its own budget")
+                        help=f"total seconds (default {GPU_TOTAL_BUDGET:.0f} on GPU); every step also has its own budget")
     parser.add_argument("--autotune", default="quick", choices=["full", "quick", "off"],
                         help="NATZOO_NA_AUTOTUNE for the timed steps (default quick: two configs per kernel)")
     args = parser.parse_args(argv)
@@ -1917,7 +1920,8 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     plan = dry_plan() if args.dry_run else gpu_plan()
-    meta = {"versions": f"torch {torch.__version__}, Triton {triton.__version__}","command": "python benchmarks/gpu_kit.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    meta = {"versions": f"torch {torch.__version__}, Triton {triton.__version__}",
+            "command": "python3 benchmarks/gpu_kit.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "started": datetime.datetime.now().isoformat(timespec="seconds"), "dry_run": args.dry_run,
             "steps": steps, "budgets_s": plan.budgets}
     report = Report(args.out, meta)

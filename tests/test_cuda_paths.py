@@ -254,3 +254,31 @@ def test_profile_step_on_cuda_reads_kernel_events(fake_cuda, cuda_on_cpu, kit_mo
     assert [r["kernel"] for r in step["rows"]] == ["_na_fwd_kernel", "memset"]
     assert step["rows"][0]["% of step"] == pytest.approx(75.0)
     assert "NA kernels 75.0 %" in step["notes"][-1]
+
+
+def test_kit_endtoend_step_on_cuda(fake_cuda, kit_module, tmp_path, monkeypatch):
+    """NAT-T end to end: the implied dispatch, forced triton and forced dense, each with bench_model on CUDA;
+    empty_cache after every row; the logit check's rows follow."""
+    bench_models = _module("bench_models")
+    from natzoo.ops.neighborhood import dispatch, functional
+
+    seen = []
+
+    def fake_bench(name, device, batch, img, dtype, channels_last, warmup, iters, modes, kwargs):
+        seen.append((dispatch.forced_backend(), functional.select_backend is not original, device, channels_last))
+        return [{"mode": "train step", "img_s": 10.0, "seconds": 0.1, "peak_mib": 5.0, "params": 28.0}]
+
+    original = functional.select_backend
+    monkeypatch.setattr(bench_models, "bench_model", fake_bench)
+    monkeypatch.setattr(kit_module, "logit_check", lambda plan: [{"logit check": "stand-in", "passed": True}])
+    kit = _kit(kit_module, tmp_path)
+    kit.implied = {((56, 56), (1, 1), 2): "dense"}
+    kit.run("endtoend", kit_module.step_endtoend)
+    step = kit.report.steps[0]
+    assert step["status"] == "ok", step["error"]
+    assert seen == [(None, True, torch.device("cuda"), True), ("triton", False, torch.device("cuda"), True),
+                    ("dense", False, torch.device("cuda"), True)]
+    assert [r.get("dispatch") for r in step["rows"]] == ["implied by the op step", "forced triton", "forced dense",
+                                                         None]
+    assert step["rows"][0]["peak MiB above start"] == 5.0 and "56x56 d1 h2 -> dense" in step["notes"][0]
+    assert fake_cuda["empty_cache"].call_count == 3

@@ -24,7 +24,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 KIT = ROOT / "benchmarks" / "gpu_kit.py"
-STEPS = ["environment", "precompile", "correctness", "ops", "models", "endtoend", "profile", "autotune", "flex", "extra"]
+STEPS = ["environment", "precompile", "correctness", "ops", "models", "endtoend", "profile", "autotune", "flex",
+         "extra"]
 BLOCKED = ("hydra", "omegaconf", "pycocotools")  # not on the GPU machines
 
 
@@ -338,3 +339,31 @@ def test_kit_imports_nothing_the_gpu_machines_lack(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=600,
                           cwd=tmp_path)
     assert proc.returncode == 0 and "CLEAN []" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_autotuner_timings_reads_the_autotuners_own_benchmark(monkeypatch):
+    """The kit's one use of private Triton API: each autotuned launch re-benchmarked (its key's cached choice
+    dropped) and the autotuner's time per config recorded; the real ``Autotuner.run`` restored afterwards."""
+    import types
+
+    from triton.runtime.autotuner import Autotuner
+
+    kit_module = _load_kit()
+    config = object()
+
+    def benchmarked(self, *args, **kwargs):
+        assert self.cache == {}
+        self.configs_timings = {config: [0.5, 0.4, 0.6]}
+        return "launched"
+
+    def _na_fwd_kernel():
+        pass
+
+    monkeypatch.setattr(Autotuner, "run", benchmarked)
+    tuner = types.SimpleNamespace(cache={"key": config}, configs_timings=None,
+                                  fn=types.SimpleNamespace(fn=_na_fwd_kernel))
+    sink = []
+    with kit_module.autotuner_timings(sink):
+        assert Autotuner.run(tuner) == "launched"
+    assert sink == [{"kernel": "na_fwd", "config": config, "ms": 0.5}]
+    assert Autotuner.run is benchmarked
