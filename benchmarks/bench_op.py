@@ -284,7 +284,8 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def bench_one(shape, provider, dtype, device, limits, warmup, repeats, compile_flex: bool = True) -> Result:
+def bench_one(shape, provider, dtype, device, limits, warmup, repeats, compile_flex: bool = True,
+              blocks: int = 3) -> Result:
     res = Result(shape.name, provider, str(dtype).replace("torch.", ""))
     try:
         q, k, v, rpb = make_inputs(shape, dtype, device)
@@ -298,9 +299,9 @@ def bench_one(shape, provider, dtype, device, limits, warmup, repeats, compile_f
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         with torch.no_grad():
-            res.fwd_ms = time_ms(fwd, device, warmup, repeats)
+            res.fwd_ms = time_ms(fwd, device, warmup, repeats, blocks)
             res.fwd_kernel_ms = kernel_ms(fwd, device, max(1, repeats // 4))
-        res.fwdbwd_ms = time_ms(fwdbwd, device, warmup, repeats)
+        res.fwdbwd_ms = time_ms(fwdbwd, device, warmup, repeats, blocks)
         res.fwdbwd_kernel_ms = kernel_ms(fwdbwd, device, max(1, repeats // 4))
         if provider == "flex":
             made = compiled_graphs() - graphs

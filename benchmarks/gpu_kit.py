@@ -164,6 +164,7 @@ class Plan:
     autotune_layers: tuple[Layer, ...] = ()  # per-config autotuner times beside the static model
     autotune_kernels: tuple[str, ...] = ()  # static model: only these kernels (empty: all)
     profiler_repeats: int = 5  # calls per torch.profiler kernel-time measurement
+    blocks: int = 3  # event-timed blocks of `repeats` back-to-back calls per row (median)
 
 
 ALL_DTYPES = ("bfloat16", "float16", "float32")
@@ -245,7 +246,7 @@ def dry_plan() -> Plan:
         # A three-level NAT with one block per level at 48 px (maps 12/6/3): the interpreter runs forced triton.
         e2e_kwargs=(("depths", (1, 1, 1)), ("num_heads", (1, 1, 1)), ("embed_dim", 16), ("kernel_size", 3)),
         e2e_img=48, e2e_batch=1, e2e_modes=("infer",), logit_batch=1, autotune_layers=tiny[:1],
-        autotune_kernels=("na_fwd",), profiler_repeats=1,
+        autotune_kernels=("na_fwd",), profiler_repeats=1, blocks=1,
     )
 
 
@@ -1414,11 +1415,11 @@ def time_provider(layer: Layer, batch: int, provider: str, with_rpb: bool, dtype
         torch.cuda.synchronize()
     first_s = time.perf_counter() - first
     with torch.no_grad():
-        fwd_ms = time_ms(fwd, plan.device, plan.warmup, plan.repeats)
+        fwd_ms = time_ms(fwd, plan.device, plan.warmup, plan.repeats, plan.blocks)
         fwd_kernel = kernel_ms(fwd, plan.device, plan.profiler_repeats)
     fwdbwd_ms = fwdbwd_kernel = None
     if leaves:
-        fwdbwd_ms = time_ms(fwdbwd, plan.device, plan.warmup, plan.repeats)
+        fwdbwd_ms = time_ms(fwdbwd, plan.device, plan.warmup, plan.repeats, plan.blocks)
         fwdbwd_kernel = kernel_ms(fwdbwd, plan.device, plan.profiler_repeats)
     if provider == "flex":
         made = compiled_graphs() - graphs
@@ -1451,7 +1452,7 @@ def _timing_dtype(plan: Plan) -> Any:
 
 def _capture_rows(kit: Kit, sink: list[CompileSpec], rows: list[tuple[Layer, int]], source: str) -> None:
     """Records the Triton launches of the `triton` rows of `rows` (one forward and one forward+backward each)."""
-    plan = dataclasses.replace(kit.plan, warmup=0, repeats=1, profiler_repeats=0)
+    plan = dataclasses.replace(kit.plan, warmup=0, repeats=1, profiler_repeats=0, blocks=1)
     for layer, batch in rows:
         for provider, with_rpb in providers(layer):
             if provider == "triton":
@@ -1496,8 +1497,8 @@ def time_rows(kit: Kit, step: dict[str, Any], rows: list[tuple[Layer, int]], fle
                 if plan.device == "cuda":
                     torch.cuda.empty_cache()
             kit.report.add(step, row)
-    kit.report.note(step, f"ms: {plan.repeats} calls back to back between two CUDA events, median of 3 blocks "
-                          f"(host launch overhead included where it exceeds the GPU's work); kernel ms: summed GPU "
+    kit.report.note(step, f"ms: {plan.repeats} calls back to back between two CUDA events, median of {plan.blocks} "
+                          "blocks (host launch overhead included where it exceeds the GPU's work); kernel ms: summed GPU "
                           f"kernel time per call from torch.profiler over {plan.profiler_repeats} calls")
 
 
@@ -1893,7 +1894,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shapes")
     parser.add_argument("--steps", default=None, help=f"comma list from {','.join(STEP_NAMES)} (default: all)")
     parser.add_argument("--budget", type=float, default=None,
-                        help=f"total seconds (default {GPU_TOTAL_BUDGET:.0f} on GPU); every step also has its own budget")
+                        help=f"total seconds (default {GPU_TOTAL_BUDGET:.0f} on GPU); every step also has its own "
+                             "budget")
     parser.add_argument("--autotune", default="quick", choices=["full", "quick", "off"],
                         help="NATZOO_NA_AUTOTUNE for the timed steps (default quick: two configs per kernel)")
     args = parser.parse_args(argv)

@@ -137,7 +137,7 @@ def test_bench_one_cuda_row(fake_cuda, cuda_on_cpu, provider):
     """A CUDA row of bench_op: event timings, peak memory above the baseline, the floor; no swallowed error."""
     bench_op = _module("bench_op")
     shape = bench_op.Shape("tiny", 1, (6, 6), 1, 16, (3, 3), rpb=True)
-    res = bench_op.bench_one(shape, provider, torch.float32, "cuda", (1e12, 1e14), warmup=0, repeats=1)
+    res = bench_op.bench_one(shape, provider, torch.float32, "cuda", (1e12, 1e14), warmup=0, repeats=1, blocks=1)
     assert not res.note.startswith(("skipped", "OOM")), res.note
     assert res.fwd_ms == res.fwdbwd_ms == EVENT_MS
     assert res.fwd_kernel_ms == res.fwdbwd_kernel_ms == pytest.approx(sum(KERNEL_US) / 1e3)
