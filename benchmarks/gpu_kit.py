@@ -1498,8 +1498,8 @@ def time_rows(kit: Kit, step: dict[str, Any], rows: list[tuple[Layer, int]], fle
                     torch.cuda.empty_cache()
             kit.report.add(step, row)
     kit.report.note(step, f"ms: {plan.repeats} calls back to back between two CUDA events, median of {plan.blocks} "
-                          "blocks (host launch overhead included where it exceeds the GPU's work); kernel ms: summed GPU "
-                          f"kernel time per call from torch.profiler over {plan.profiler_repeats} calls")
+                          "blocks (host launch overhead included where it exceeds the GPU's work); kernel ms: summed "
+                          f"GPU kernel time per call from torch.profiler over {plan.profiler_repeats} calls")
 
 
 def step_ops(kit: Kit, step: dict[str, Any]) -> None:
