@@ -68,7 +68,9 @@ def test_install_ships_configs_and_commands(site: Path):
     shipped = {str(p.relative_to(configs)) for p in configs.rglob("*.yaml")}
     in_checkout = {str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").rglob("*.yaml")}
     assert shipped == in_checkout
-    assert {"natzoo-train", "natzoo-eval"} <= {p.name for p in (site / "bin").iterdir()}
+    commands = {"natzoo-train", "natzoo-eval", "natzoo-export", "natzoo-predict"}
+    assert commands <= {p.name for p in (site / "bin").iterdir()}
+    assert (site / "natzoo" / "tools" / "predict.py").is_file()
 
 
 @pytest.mark.slow

@@ -94,6 +94,19 @@ def test_zero_extra_tokens_and_equal_heads_change_nothing():
         torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("backend", ["reference", "dense", "triton"])
+def test_extra_tokens_with_an_empty_batch(backend):
+    """Batch 0 with extra tokens gives empty outputs and gradients of the input shapes on every backend (it raised
+    "cannot reshape tensor of 0 elements" in the dense part of the merge)."""
+    q, k, v, bias, ek, ev = _inputs((6, 5), 3, True, 2, 1, 3, torch.float32, 16, batch=0)
+    out, lse = ops.na2d(q, k, v, 3, rpb=bias, return_lse=True, additional_keys=ek, additional_values=ev,
+                        backend=backend)
+    assert out.shape == q.shape and lse.shape == q.shape[:-1]
+    (out.sum() + lse.sum()).backward()
+    for t in (q, k, v, bias, ek, ev):
+        assert t.grad is not None and t.grad.shape == t.shape and not t.grad.any()
+
+
 def test_extra_tokens_receive_softmax_weight_exactly():
     """One extra token whose key dominates takes (almost) all the weight: out -> its value."""
     q = torch.ones(1, 8, 1, 4, dtype=torch.float64)

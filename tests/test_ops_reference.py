@@ -1,4 +1,4 @@
-"""The reference and dense backends against the dense float64 oracle: outputs, LSE and every gradient.
+"""The reference, cpu and dense backends against the dense float64 oracle: outputs, LSE and every gradient.
 
 The Triton backend runs the same oracle comparisons in tests/test_triton.py (in the interpreter on CPU).
 """
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from natzoo import ops
+from natzoo.ops.neighborhood import cpu
 from natzoo.ops.neighborhood.dispatch import forced_backend, use_backend
 from oracle import case_id, dense_mask_and_bias_index, dense_na
 
@@ -72,7 +73,7 @@ def rel_l2(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-BACKENDS = ["reference", "dense"]
+BACKENDS = ["reference", "cpu", "dense"]
 
 
 def _out_only_matches(fn, q, k, v, ks, ss, ds, cs, rpb, backend, tol, gtol, rtol_rpb):
@@ -92,10 +93,11 @@ def _out_only_matches(fn, q, k, v, ks, ss, ds, cs, rpb, backend, tol, gtol, rtol
         assert rel_l2(grads[3], ref_grads[3]) < rtol_rpb
 
 
-# The dense backend on every fourth random case and every fixed one (CI time); the reference on all of them.
+# The dense backend on every fourth random case and every fixed one (CI time), the cpu backend on every second; the
+# reference on all of them.
 ORACLE_PARAMS = [pytest.param(c, "reference", id=case_id(*c[:5], c[5]) + "-reference") for c in CASES] + [
-    pytest.param(c, "dense", id=case_id(*c[:5], c[5]) + "-dense") for i, c in enumerate(CASES)
-    if i % 4 == 0 or i >= 240
+    pytest.param(c, name, id=case_id(*c[:5], c[5]) + f"-{name}") for name, every in (("dense", 4), ("cpu", 2))
+    for i, c in enumerate(CASES) if i % every == 0 or i >= 240
 ]
 
 
@@ -169,7 +171,9 @@ def test_gradcheck_float64(n, spatial, ks, ds, cs, backend):
         return out, lse
 
     assert torch.autograd.gradcheck(fn, (q, k, v, rpb))
-    if n == 1:  # second order is costly (quadratic in the input size): the smallest case covers it
+    # Second order is costly (quadratic in the input size): the smallest case covers it. The cpu backend's backward
+    # operator has no backward of its own (second order needs backend='reference').
+    if n == 1 and backend != "cpu":
         assert torch.autograd.gradgradcheck(fn, (q, k, v, rpb))
 
 
@@ -225,10 +229,11 @@ BAD_VALUE_CASES = [  # (spatial, kernel_size, stride, dilation, is_causal, bad t
 ]
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("where", ["key", "value"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
 @pytest.mark.parametrize("case", BAD_VALUE_CASES, ids=[case_id(*c[:5], False) for c in BAD_VALUE_CASES])
-def test_non_finite_input_stays_inside_its_neighbourhood(case, bad, where):
+def test_non_finite_input_stays_inside_its_neighbourhood(case, bad, where, backend):
     """A NaN/inf in one key or value row reaches only the queries whose window holds that key (the oracle's mask).
 
     A NaN (or an inf value) makes exactly those queries non-finite; an inf key may leave some of them finite (the
@@ -238,7 +243,10 @@ def test_non_finite_input_stays_inside_its_neighbourhood(case, bad, where):
     q, k, v = make_inputs(spatial, 1, 4, torch.float64, batch=1, requires_grad=False)
     target = k if where == "key" else v
     target[(0, *token, 0, 1)] = bad
-    out = FNS[len(spatial)](q, k, v, ks, stride=ss, dilation=ds, is_causal=cs, backend="reference")
+    out = FNS[len(spatial)](q, k, v, ks, stride=ss, dilation=ds, is_causal=cs, backend=backend)
+    if backend != "reference":  # the same rows non-finite as the reference's, and the same values elsewhere
+        ref = FNS[len(spatial)](q, k, v, ks, stride=ss, dilation=ds, is_causal=cs, backend="reference")
+        torch.testing.assert_close(out, ref, equal_nan=True)
     mask, _ = dense_mask_and_bias_index(spatial, ks, ss, ds, cs)
     flat = 0
     for coord, length in zip(token, spatial):
@@ -257,7 +265,8 @@ def test_backend_switch_and_debug_log(caplog, monkeypatch):
     q = torch.randn(1, 8, 1, 4)
     with caplog.at_level(logging.DEBUG, logger="natzoo.ops.neighborhood"):
         ops.na1d(q, q, q, 3)
-    assert "reference backend (auto" in caplog.text
+    auto = "cpu" if cpu.unavailable_reason() is None else "reference"
+    assert f"{auto} backend (auto" in caplog.text
     with pytest.raises(ValueError, match=r"use_backend\('triton'\) asks for the Triton backend.*device=cpu"):
         with use_backend("triton"):
             ops.na1d(q, q, q, 3)

@@ -50,7 +50,9 @@ def call(**overrides):
         (dict(rpb=torch.zeros(2, 5, 5), stride=(1, 2)), r"rpb is only defined for stride 1.*stride=\(1, 2\)"),
         (dict(scale=float("nan")), r"scale must be None or a finite real number, got scale=nan"),  # scale
         (dict(scale="0.5"), r"scale=.0.5."),  # scale
-        (dict(backend="cuda"), r"backend must be one of None, 'auto', 'triton', 'dense', 'reference', got backend='cuda'"),
+        (dict(scale=1e38), r"scale=1e\+38 is too large: \|scale\| must be <= 1e\+06"),  # scale overflowing float32
+        (dict(scale=-2e6), r"scale=-2000000.0 is too large"),  # scale
+        (dict(backend="cuda"), r"backend must be one of None, 'auto', 'triton', 'cpu', 'dense', 'reference', got backend='cuda'"),
         # a forced backend that cannot run the problem
         (dict(backend="triton", query=Q.double(), key=Q.double(), value=Q.double()), r"backend='triton'"),
     ],
@@ -89,6 +91,7 @@ def test_triton_head_dim_rule_names_the_property(monkeypatch):
         (dict(dilation=0), r"dilation must be >= 1"),
         (dict(is_causal="yes"), r"is_causal"),
         (dict(stride=2, rel_pos_bias=True), r"rel_pos_bias=True requires stride 1.*stride=\(2, 2\)"),
+        (dict(qk_scale=1e38), r"qk_scale must satisfy \|qk_scale\| <= 1e\+06"),
     ],
 )
 def test_module_construction_checks(kwargs, pattern):

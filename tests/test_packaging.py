@@ -94,6 +94,8 @@ def _assert_only_natzoo(site: Path) -> None:
         assert init.is_file() and not init.is_symlink(), sub
         assert not (site / "natzoo" / sub).is_symlink(), sub
     assert (site / "natzoo" / "py.typed").is_file(), "PEP 561 marker missing: type checkers would skip natzoo"
+    # The CPU backend compiles its shipped source at first use: without it every CPU call falls back.
+    assert (site / "natzoo" / "ops" / "neighborhood" / "cpu" / "na_cpu.cpp").is_file()
 
 
 def test_install_puts_only_natzoo_into_site_packages(installed: Path):

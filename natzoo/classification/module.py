@@ -24,6 +24,7 @@ from natzoo.config import (
     check_settings,
 )
 from natzoo.optim import check_optim_settings, configure_optimizers
+from natzoo.tools.model_info import RECORD_KEY, record_for_module
 
 __all__ = ["ClassificationModule", "create_model"]
 
@@ -159,6 +160,7 @@ class ClassificationModule(pl.LightningModule):
         self.skipped_images = 0
         self._last_ema_step = -1
         self._compiled = False
+        self._loaded_record: dict[str, Any] | None = None
 
     def _freeze(self, prefixes: Sequence[str]) -> None:
         for prefix in prefixes:
@@ -278,6 +280,22 @@ class ClassificationModule(pl.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> None:
         """Cross-entropy loss, top-1 and top-5 of the model as ``test/*``."""
         self._evaluation_step(batch, "test")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Records the model, its evaluation preprocessing and class names (taken from the trainer's data module) as
+        ``checkpoint["natzoo_model"]`` (:mod:`natzoo.tools.model_info`); Lightning calls this for weights-only
+        checkpoints too."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None and self._loaded_record is not None:
+            checkpoint[RECORD_KEY] = self._loaded_record  # saved again outside a run: keep what it recorded
+            return
+        record = record_for_module(self.hparams, datamodule)
+        if record is not None:
+            checkpoint[RECORD_KEY] = record
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keeps the checkpoint's ``natzoo_model`` record for a later save without a data module."""
+        self._loaded_record = checkpoint.get(RECORD_KEY)
 
     # Lightning accepts this dict (its OptimizerLRSchedulerConfig); ours is typed as a plain dict
     def configure_optimizers(self) -> dict:  # type: ignore[override]

@@ -21,6 +21,7 @@ __all__ = ["install_natten", "uninstall_natten"]
 # Module names NATTEN code imports, and the compat module each resolves to.
 _NAMES = {
     "natten": "natzoo.compat.natten",
+    "natten.context": "natzoo.compat.natten.context",
     "natten.functional": "natzoo.compat.natten.functional",
     "natten.modules": "natzoo.compat.natten.modules",
     "natten.natten1d": "natzoo.compat.natten.modules",
@@ -29,6 +30,10 @@ _NAMES = {
     "natten.na1d": "natzoo.compat.natten.modules",
     "natten.na2d": "natzoo.compat.natten.modules",
     "natten.na3d": "natzoo.compat.natten.modules",
+    # NATTEN 0.14.0-0.14.4's module names.
+    "natten.nattencuda": "natzoo.compat.natten.modules",
+    "natten.nattencuda1d": "natzoo.compat.natten.modules",
+    "natten.nattencuda2d": "natzoo.compat.natten.modules",
 }
 
 

@@ -8,6 +8,8 @@ graph stores them as constants. The batch axis is dynamic.
 ONNX files are written by PyTorch's dynamo-based exporter (``torch.onnx.export(..., dynamo=True)``) from the
 ``torch.export`` program; the TorchScript-based exporter records the batch size of its example input in every
 reshape of the attention and is not used.
+
+The command line (``natzoo-export``, ``python -m natzoo.tools.export``) is :mod:`natzoo.tools.export_cli`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import nn
 
 from natzoo.ops.neighborhood import use_backend
 
-__all__ = ["export_onnx", "export_program", "native_input_size"]
+__all__ = ["export_onnx", "export_program", "main", "native_input_size"]
 
 # Above this many bytes of weights and constants, ONNX needs the external-data format (protobuf's 2 GiB limit).
 _EXTERNAL_DATA_BYTES = 1_800_000_000
@@ -165,3 +167,14 @@ def export_onnx(model: nn.Module | torch.export.ExportedProgram, path: str | os.
                       opset_version=opset_version, dynamic_shapes=({0: "batch"},) if dynamic_batch else None,
                       external_data=size > _EXTERNAL_DATA_BYTES, verbose=False)
     return path
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m natzoo.tools.export``: the ``natzoo-export`` command (:mod:`natzoo.tools.export_cli`)."""
+    from natzoo.tools.export_cli import main as command
+
+    command(argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -7,17 +7,27 @@ nothing here touches the network.
 
 During training the ``timm_model`` callback (``configs/callbacks/default.yaml``, ``enabled: false`` = off) writes
 the best checkpoint's model to ``<run dir>/timm_model/`` with the run's preprocessing and class names. After
-training, :func:`export_checkpoint` (``python -m natzoo.tools.timm_export CKPT FOLDER``) does the same from a checkpoint.
+training, :func:`export_checkpoint` (``python -m natzoo.tools.timm_export CKPT FOLDER``, or ``natzoo-export CKPT -o
+FOLDER``) does the same from a checkpoint.
+
+A folder natzoo writes records in ``config.json``'s extra top-level entry ``natzoo`` that natzoo wrote it (with the
+size of its weights file: the proof :func:`save_timm_model` needs before it replaces a folder) and the model's
+:class:`natzoo.tools.model_info.ModelInfo`. A model natzoo trained is labelled as such (tag ``natzoo``, a note naming
+the checkpoint, no origin URL or license of the official weights), never as the architecture's official ImageNet
+model.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -28,41 +38,97 @@ from torch import nn
 
 from natzoo import models  # noqa: F401  (registers the NAT families with timm)
 from natzoo.checkpoints import network_weights, read_lightning_checkpoint
+from natzoo.ownership import scratch_prefix
+from natzoo.tools.model_info import RECORD_KEY, ModelInfo, data_config_of, info_from_checkpoint, info_from_model
 
-__all__ = ["SaveTimmModel", "export_checkpoint", "save_timm_model"]
+__all__ = ["SaveTimmModel", "export_checkpoint", "read_timm_folder", "save_timm_model", "written_by_natzoo"]
+
+log = logging.getLogger(__name__)
 
 _FILES = ("config.json", "model.safetensors")
+# config.json's top-level entry (timm ignores it) that proves natzoo wrote the folder and holds its ModelInfo record.
+_MARK = "natzoo"
+_WRITER = "natzoo.tools.timm_export"
+
+
+def written_by_natzoo(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds exactly what :func:`save_timm_model` wrote: only its two files, ``config.json``
+    naming natzoo as the writer and the weights file at the size it recorded."""
+    out = Path(folder)
+    if not out.is_dir() or out.is_symlink() or any(p.name not in _FILES or not p.is_file() for p in out.iterdir()):
+        return False
+    try:
+        mark = json.loads((out / "config.json").read_text()).get(_MARK)
+        size = (out / "model.safetensors").stat().st_size
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(mark, dict) and mark.get("written_by") == _WRITER and mark.get("files") == {
+        "model.safetensors": size}
+
+
+def _own_model_cfg(trained_from: str) -> dict[str, Any]:
+    """pretrained_cfg fields of weights that are not the official ones of the architecture's cfg (a model natzoo
+    trained, or random weights)."""
+    return {"tag": "natzoo", "origin_url": None, "license": None, "hf_hub_id": None, "url": None,
+            "notes": [f"{trained_from}; not the official SHI-Labs weights of this architecture."]}
 
 
 def save_timm_model(model: nn.Module, folder: str | os.PathLike, data_config: dict[str, Any] | None = None,
-                    label_names: Sequence[str] | None = None) -> Path:
+                    label_names: Sequence[str] | None = None, *, trained_from: str | None = None,
+                    model_kwargs: dict[str, Any] | None = None) -> Path:
     """Writes ``model`` (made by ``timm.create_model``) to ``folder`` in timm's layout, replacing the folder as a
     whole once both files are written.
 
     Args:
         model: the network; its constructor arguments are recorded by timm's factory.
-        folder: the output folder; it must not exist, or hold only a model this function wrote.
+        folder: the output folder; it must not exist, be empty, or hold a model this function wrote
+            (:func:`written_by_natzoo`).
         data_config: evaluation preprocessing (``input_size``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``,
             ``interpolation``); None: the model's pretrained config.
         label_names: class names, in output order.
+        trained_from: where the weights come from when they are not the architecture's published ones (e.g.
+            ``"Trained with natzoo: <checkpoint>"``): the folder is then labelled as that model (tag ``natzoo``, a note naming it) instead of the architecture's official weights
+            (tag ``in1k``, the SHI-Labs origin and notes). None: the model's own pretrained config is kept.
+        model_kwargs: the constructor arguments to record in natzoo's description (besides timm's ``model_args``).
 
     Raises:
-        ValueError: ``folder`` holds other files, or ``label_names`` does not match the classifier.
+        ValueError: ``folder`` holds other files or a model natzoo did not write, or ``label_names`` does not match
+            the classifier.
     """
     out = Path(folder)
     if out.exists() and (not out.is_dir() or any(p.name not in _FILES for p in out.iterdir())):
         raise ValueError(f"{out} exists and holds other files than {list(_FILES)}; choose an empty or new folder")
+    if out.exists() and any(out.iterdir()) and not written_by_natzoo(out):
+        raise ValueError(f"{out} holds a timm model that natzoo did not write (its config.json has no {_MARK!r} entry "
+                         "matching its weights); it is not replaced: choose an empty or new folder")
     num_classes = int(getattr(model, "num_classes", 0) or 0)
     if label_names is not None and len(label_names) != num_classes:
         raise ValueError(f"label_names has {len(label_names)} names but the model has {num_classes} classes")
-    model_config = {"label_names": list(label_names)} if label_names is not None else None
+    model_config: dict[str, Any] = {"label_names": list(label_names)} if label_names is not None else {}
+    if trained_from is not None:
+        model_config["pretrained_cfg"] = _own_model_cfg(trained_from)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=scratch_prefix(out.name, "partial"), dir=out.parent))
     try:
-        save_for_hf(model, str(staging), model_config=model_config, safe_serialization=True,
+        save_for_hf(model, str(staging), model_config=model_config or None, safe_serialization=True,
                     data_config=dict(data_config) if data_config else None)
+        config_path = staging / "config.json"
+        config = json.loads(config_path.read_text())
+        name = str(config["architecture"])  # timm's save_config_for_hf always writes it
+        info = info_from_model(model, name, label_names, model_kwargs)
+        if data_config:
+            info = replace(info, data_config={**info.data_config, **{k: v for k, v in data_config.items()
+                                                                     if k in info.data_config}})
+        config[_MARK] = {"written_by": _WRITER, "files": {"model.safetensors": (staging / "model.safetensors")
+                                                          .stat().st_size}, RECORD_KEY: info.to_record()}
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp creates 0700; give the folder the usual permissions
         if out.exists():
-            shutil.rmtree(out)  # only config.json / model.safetensors, checked above
+            for name in _FILES:  # only natzoo's own two files, checked above
+                (out / name).unlink(missing_ok=True)
+            out.rmdir()
         os.replace(staging, out)
     finally:
         if staging.exists():
@@ -70,37 +136,67 @@ def save_timm_model(model: nn.Module, folder: str | os.PathLike, data_config: di
     return out
 
 
+def read_timm_folder(folder: str | os.PathLike) -> tuple[nn.Module, ModelInfo]:
+    """The model of a timm folder (``config.json`` + ``model.safetensors``, from natzoo or timm) and its description:
+    natzoo's record when natzoo wrote it, else timm's data config and label names.
+
+    Raises:
+        ValueError: the folder lacks either file, or its config or weights cannot be read (naming the file).
+    """
+    out = Path(folder)
+    for name in _FILES:
+        if not (out / name).is_file():
+            raise ValueError(f"{out} is not a timm model folder: it has no {name} (a timm folder holds "
+                             f"{' and '.join(_FILES)})")
+    try:
+        config = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{out / 'config.json'} cannot be read as JSON ({err})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("architecture"), str):
+        raise ValueError(f"{out / 'config.json'} is not a timm model config (no 'architecture')")
+    mark = config.get(_MARK)
+    info = ModelInfo.from_record(mark[RECORD_KEY], str(out)) if isinstance(mark, dict) and RECORD_KEY in mark \
+        else None
+    try:
+        model = timm.create_model(f"local-dir:{out}", pretrained=True)
+    except (RuntimeError, ValueError, OSError, KeyError) as err:
+        raise ValueError(f"{out}: the timm model cannot be built from config.json and model.safetensors "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+    return model.eval(), info if info is not None else info_from_model(model, config["architecture"],
+                                                                       model_kwargs=config.get("model_args"))
+
+
 def _data_config(img_size: int, mean: Sequence[float], std: Sequence[float], evaluation: dict[str, Any]) -> dict:
-    config: dict[str, Any] = {"input_size": (3, int(img_size), int(img_size)), "mean": tuple(mean), "std": tuple(std)}
-    config.update({k: v for k, v in evaluation.items() if k in ("crop_pct", "crop_mode", "interpolation")
-                   and v is not None})
-    return config
+    return data_config_of(img_size, mean, std, evaluation)
 
 
 def export_checkpoint(ckpt_path: str | os.PathLike, folder: str | os.PathLike, use_ema: bool = False,
                       data_config: dict[str, Any] | None = None, label_names: Sequence[str] | None = None) -> Path:
     """Writes the classifier of a Lightning checkpoint of this project (``train.py``'s ``best.ckpt``, or an
-    ``averaged.ckpt``) to ``folder`` in timm's layout (read weights-only).
+    ``averaged.ckpt``) to ``folder`` in timm's layout (read weights-only), labelled as a model natzoo trained.
 
     Args:
         ckpt_path: the checkpoint.
         folder: the output folder (see :func:`save_timm_model`).
         use_ema: export the EMA weights.
-        data_config: evaluation preprocessing; None: the model's pretrained config (pass the run's when it trained at
-            another size).
-        label_names: class names (the sorted folder names of the training set).
+        data_config: evaluation preprocessing, or some of its keys (e.g. ``input_size``); None: what the checkpoint
+            records (:mod:`natzoo.tools.model_info`; for checkpoints that record none, the model's pretrained
+            config, with a logged note).
+        label_names: class names; None: the recorded ones.
 
     Raises:
         ValueError: not a classification checkpoint of this project, or see :func:`save_timm_model`.
     """
     checkpoint = read_lightning_checkpoint(ckpt_path, key="ckpt_path")
-    hparams = checkpoint.get("hyper_parameters") or {}
-    if "model_name" not in hparams or "num_classes" not in hparams:
-        raise ValueError(f"{ckpt_path} is not a classification checkpoint of natzoo (no model_name/num_classes)")
-    model = timm.create_model(hparams["model_name"], num_classes=int(hparams["num_classes"]),
-                              **(hparams.get("model_kwargs") or {}))
+    info = info_from_checkpoint(checkpoint, str(ckpt_path))
+    if info.assumed:
+        log.warning("%s", info.assumed)
+    model = timm.create_model(info.model_name, num_classes=info.num_classes, **info.model_kwargs)
     model.load_state_dict(network_weights(checkpoint, use_ema=use_ema))
-    return save_timm_model(model.eval(), folder, data_config=data_config, label_names=label_names)
+    data = {**info.data_config, **(data_config or {})}
+    names = label_names if label_names is not None else info.label_names
+    return save_timm_model(model.eval(), folder, data_config=data, label_names=names, trained_from=f"Trained with natzoo: {ckpt_path}",
+                           model_kwargs=info.model_kwargs)
 
 
 class SaveTimmModel(pl.Callback):
@@ -137,7 +233,8 @@ class SaveTimmModel(pl.Callback):
                                       **(hparams.get("model_kwargs") or {}))
             source = getattr(pl_module, "model_ema").module if self.use_ema else getattr(pl_module, "model")
             model.load_state_dict(source.state_dict())
-            out = save_timm_model(model.eval(), self.dirpath, data_config, names)
+            out = save_timm_model(model.eval(), self.dirpath, data_config, names,
+                                  trained_from="Trained with natzoo: the final weights of the run", model_kwargs=hparams.get("model_kwargs"))
         rank_zero_info(f"Saved the {'best' if best else 'final'} model in timm's layout to {out} "
                        f"(timm.create_model('local-dir:{out}', pretrained=True) after import natzoo.models)")
 

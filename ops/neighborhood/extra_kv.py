@@ -47,7 +47,11 @@ def dense_extra(
     """
     acc = accumulation_dtype(query.dtype)
     batch, *spatial, heads, head_dim = query.shape
-    q = query.reshape(batch, -1, heads, head_dim).to(acc)
+    tokens = 1
+    for length in spatial:
+        tokens *= length
+    # The token count written out: a -1 cannot be inferred from an empty batch.
+    q = query.reshape(batch, tokens, heads, head_dim).to(acc)
     logits = torch.einsum("bnhd,behd->bnhe", q, keys.to(acc)) * scale  # [B, N, H, n_extra]
     lse = torch.logsumexp(logits, dim=-1)
     out = torch.einsum("bnhe,behd->bnhd", torch.softmax(logits, dim=-1), values.to(acc))

@@ -7,10 +7,8 @@ from typing import Literal, overload
 
 import torch
 
-from .dense import na_dense
-from .dispatch import select_backend
+from .dispatch import TABLE, Request, select_backend
 from .extra_kv import na_with_extras
-from .reference import na_reference
 from .validation import BoolOrTuple, IntOrTuple, Problem, check_problem
 
 Output = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -55,26 +53,14 @@ def neighborhood_attention(
         rpb: ``[H, 2k_0-1, ...]`` or None.
         return_lse: Also return ``lse [B, *S, H]``.
         dropout_p: Dropout on the attention probabilities (only the reference backend has it; auto selection then
-            picks it, a forced ``triton`` or ``dense`` backend raises ValueError).
-        backend: None/``'auto'``, ``'triton'``, ``'dense'`` or ``'reference'``.
+            picks it, a forced ``triton``, ``cpu`` or ``dense`` backend raises ValueError).
+        backend: None/``'auto'``, ``'triton'``, ``'cpu'``, ``'dense'`` or ``'reference'``.
 
     Returns:
         ``out`` of the shape and dtype of `query`, or ``(out, lse)`` when `return_lse` is true.
     """
     name = select_backend(problem, backend, rpb is not None, return_lse, dropout_p)
-    if problem.batch == 0:
-        # The reference returns empty tensors attached to the autograd graph, so a backward pass gives gradients of
-        # the right shapes (zeros for rpb).
-        name = "reference"
-    lse: torch.Tensor | None
-    if name == "triton":
-        from .triton import na_triton
-
-        out, lse = na_triton(problem, query, key, value, rpb)
-    elif name == "dense":
-        out, lse = na_dense(problem, query, key, value, rpb, need_lse=return_lse)
-    else:
-        out, lse = na_reference(problem, query, key, value, rpb, dropout_p=dropout_p, need_lse=return_lse)
+    out, lse = TABLE[name].run(problem, query, key, value, rpb, Request(rpb is not None, return_lse, dropout_p))
     if not return_lse:
         return out
     assert lse is not None  # every backend computes it when asked (need_lse)
@@ -138,7 +124,7 @@ def na1d(
         additional_keys: ``[B, n_extra, H_kv, D]`` tokens every query attends to besides its neighborhood, in the
             same softmax (no rpb); given together with `additional_values`.
         additional_values: ``[B, n_extra, H_kv, D]``.
-        backend: None/``'auto'``, ``'triton'``, ``'dense'`` or ``'reference'``.
+        backend: None/``'auto'``, ``'triton'``, ``'cpu'``, ``'dense'`` or ``'reference'`` (docs/ops.md, "Backends").
 
     Returns:
         ``out`` of the shape and dtype of `query`, or ``(out, lse)`` when `return_lse` is true.

@@ -17,6 +17,7 @@ from torch import nn
 
 from .functional import neighborhood_attention
 from .validation import (
+    MAX_SCALE,
     BoolOrTuple,
     IntOrTuple,
     check_bool,
@@ -123,8 +124,9 @@ class _NeighborhoodAttentionNd(nn.Module):
         dim, num_heads = check_heads(name, dim, num_heads)
         check_bool(name, "qkv_bias", qkv_bias)
         check_bool(name, "rel_pos_bias", rel_pos_bias)
-        if qk_scale is not None:
-            check_real(name, "qk_scale", qk_scale)
+        if qk_scale is not None and abs(check_real(name, "qk_scale", qk_scale)) > MAX_SCALE:
+            raise ValueError(f"{name}: qk_scale must satisfy |qk_scale| <= {MAX_SCALE:g} (larger logits overflow "
+                             f"float32 and make the output NaN), got {qk_scale}")
         ks, st, dil, causal = check_window_args(name, self.n, kernel_size, stride, dilation, is_causal)
         check_rpb_flag(name, rel_pos_bias, st)
         self.dim = dim

@@ -35,18 +35,9 @@ def na_reference(
     tile: tuple[int, ...] | None = None,
     need_lse: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Reference neighborhood attention; see :func:`_na_reference` for the arguments.
-
-    Under ``torch.compile`` (any backend) the call is one opaque custom operator, ``natzoo::na_reference``, with a
-    shape-only fake implementation and a registered backward (:mod:`.reference_op`): the graph stays whole, and the
-    index tables, whose sizes depend on the spatial shape, are built from real shapes when the graph runs, so
-    symbolic (dynamic) shapes never reach them. ``torch.export`` still traces the decomposed operators below, which
-    the ONNX exporter needs.
-    """
-    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
-        from .reference_op import na_reference_op
-
-        return na_reference_op(problem, query, key, value, rpb, dropout_p, tile, need_lse)
+    """Reference neighborhood attention, eagerly (autograd gives every gradient, second order included); see
+    :func:`_na_reference` for the arguments. Under ``torch.compile`` the reference backend
+    (:class:`.dispatch.ReferenceBackend`) runs the custom operator of :mod:`.reference_op` instead."""
     return _na_reference(problem, query, key, value, rpb, dropout_p, tile, need_lse)
 
 

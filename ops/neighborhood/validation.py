@@ -16,8 +16,12 @@ import torch
 IntOrTuple = int | Sequence[int]
 BoolOrTuple = bool | Sequence[bool]
 
+# Largest |scale| accepted. The logits ``q.k * scale`` are formed in float32 for every input dtype but float64; a
+# scale such as 1e38 overflows them to inf for ordinary inputs, and the softmax then returns NaN everywhere.
+# Practical scales (head_dim ** -0.5, cosine-attention temperatures up to ~100) are far below the bound.
+MAX_SCALE = 1e6
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-BACKENDS = (None, "auto", "triton", "dense", "reference")
+BACKENDS = (None, "auto", "triton", "cpu", "dense", "reference")
 
 
 @dataclass(frozen=True)
@@ -206,6 +210,9 @@ def check_problem(
         scale_value = float(scale)
     else:
         raise ValueError(f"{fn}: scale must be None or a finite real number, got scale={scale!r}")
+    if not torch.compiler.is_compiling() and abs(scale_value) > MAX_SCALE:
+        raise ValueError(f"{fn}: scale={scale!r} is too large: |scale| must be <= {MAX_SCALE:g} (the logits q.k * scale "
+                         "are computed in float32 and would overflow to inf, making the output NaN)")
     if backend not in BACKENDS:
         allowed = ", ".join(repr(b) for b in BACKENDS)
         raise ValueError(f"{fn}: backend must be one of {allowed}, got backend={backend!r}")

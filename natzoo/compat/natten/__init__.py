@@ -1,66 +1,114 @@
 """``natten`` on natzoo: NATTEN's public names (0.14 to 0.17) for code written against NATTEN.
 
 Import it as ``natzoo.compat.natten``, or call :func:`natzoo.compat.install_natten` to make ``import natten`` (and
-``natten.functional``, ``natten.na2d``, ...) resolve here. Nothing registers on import.
+``natten.functional``, ``natten.context``, ``natten.na2d``, ...) resolve here. Nothing registers on import.
+The top level holds NATTEN 0.17.5's public names (the modules and the switches of :mod:`.context`) and the
+0.14.0-0.14.4 module ``NeighborhoodAttention``.
 """
 
 from __future__ import annotations
 
-import torch
-
-from . import functional
-from .modules import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
+from . import context, functional
+from .context import (
+    are_deterministic_algorithms_enabled,
+    disable_autotuner,
+    disable_gemm_na,
+    disable_tf32,
+    disable_tiled_na,
+    enable_gemm_na,
+    enable_tf32,
+    enable_tiled_na,
+    force_flex_attention,
+    get_memory_usage_preference,
+    has_bfloat,
+    has_cuda,
+    has_fna,
+    has_fp32_gemm,
+    has_fp64_gemm,
+    has_fused_na,
+    has_gemm,
+    has_half,
+    has_tf32_gemm,
+    is_autotuner_enabled,
+    is_autotuner_enabled_for_backward,
+    is_autotuner_enabled_for_forward,
+    is_autotuner_thorough_for_backward,
+    is_autotuner_thorough_for_forward,
+    is_fna_enabled,
+    is_fused_na_enabled,
+    is_gemm_na_enabled,
+    is_kv_parallelism_in_fused_na_enabled,
+    is_memory_usage_default,
+    is_memory_usage_strict,
+    is_memory_usage_unrestricted,
+    is_tf32_in_gemm_na_enabled,
+    is_tiled_na_enabled,
+    set_memory_usage_preference,
+    use_autotuner,
+    use_deterministic_algorithms,
+    use_flex_attention,
+    use_fna,
+    use_fused_na,
+    use_gemm_na,
+    use_kv_parallelism_in_fused_na,
+    use_tf32_in_gemm_na,
+    use_tiled_na,
+)
+from .modules import NeighborhoodAttention, NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
 
 # The newest NATTEN API this layer follows, marked as natzoo's (code that sniffs the version takes the 0.17 paths,
-# e.g. the ``rel_pos_bias`` keyword).
-__version__ = "0.17.4+natzoo"
+# e.g. the ``rel_pos_bias`` keyword; the official NAT code tests for ``natten.context`` instead).
+__version__ = "0.17.5+natzoo"
 __natzoo_compat__ = True
 
 __all__ = [
+    "NeighborhoodAttention",
     "NeighborhoodAttention1D",
     "NeighborhoodAttention2D",
     "NeighborhoodAttention3D",
+    "are_deterministic_algorithms_enabled",
+    "context",
+    "disable_autotuner",
+    "disable_gemm_na",
+    "disable_tf32",
+    "disable_tiled_na",
+    "enable_gemm_na",
+    "enable_tf32",
+    "enable_tiled_na",
+    "force_flex_attention",
     "functional",
+    "get_memory_usage_preference",
     "has_bfloat",
     "has_cuda",
     "has_fna",
+    "has_fp32_gemm",
+    "has_fp64_gemm",
+    "has_fused_na",
     "has_gemm",
     "has_half",
+    "has_tf32_gemm",
+    "is_autotuner_enabled",
+    "is_autotuner_enabled_for_backward",
+    "is_autotuner_enabled_for_forward",
+    "is_autotuner_thorough_for_backward",
+    "is_autotuner_thorough_for_forward",
     "is_fna_enabled",
+    "is_fused_na_enabled",
+    "is_gemm_na_enabled",
+    "is_kv_parallelism_in_fused_na_enabled",
+    "is_memory_usage_default",
+    "is_memory_usage_strict",
+    "is_memory_usage_unrestricted",
+    "is_tf32_in_gemm_na_enabled",
+    "is_tiled_na_enabled",
+    "set_memory_usage_preference",
+    "use_autotuner",
+    "use_deterministic_algorithms",
+    "use_flex_attention",
+    "use_fna",
     "use_fused_na",
+    "use_gemm_na",
+    "use_kv_parallelism_in_fused_na",
+    "use_tf32_in_gemm_na",
+    "use_tiled_na",
 ]
-
-
-def has_cuda() -> bool:
-    """Whether a CUDA device is visible (natzoo's op needs no compiled extension)."""
-    return torch.cuda.is_available()
-
-
-def has_half(device_index: int | None = None) -> bool:
-    """float16 is supported on every device (the reference path on CPU, the kernels on CUDA)."""
-    return True
-
-
-def has_bfloat(device_index: int | None = None) -> bool:
-    """bfloat16 is supported on every device."""
-    return True
-
-
-def has_gemm(device_index: int | None = None) -> bool:
-    """NATTEN's GEMM kernels do not exist here; natzoo's fused kernels take their place."""
-    return False
-
-
-def has_fna(device_index: int | None = None) -> bool:
-    """Fused attention is natzoo's default path (Triton on CUDA, the reference elsewhere)."""
-    return True
-
-
-def use_fused_na(mode: bool = True, kv_parallel: bool = True, use_flex_attention: bool = False) -> None:
-    """Accepted for NATTEN 0.17 code; natzoo always runs its fused op through ``na*d`` and the unfused one through
-    ``na*d_qk``/``na*d_av``, so there is nothing to switch."""
-
-
-def is_fna_enabled() -> bool:
-    """Always true: see :func:`use_fused_na`."""
-    return True

@@ -1,0 +1,115 @@
+"""``natzoo::na_cpu`` and its backward: the compiled CPU kernels as custom operators.
+
+Eagerly and under ``torch.compile`` the forward is one operator with a registered backward operator (``dq, dk, dv,
+d_rpb`` from the saved inputs and ``lse``); second-order gradients are not defined (use ``backend='reference'``).
+float32 and float64 run natively; float16/bfloat16 inputs are computed in float32 (as the reference does) by casts
+outside the operator, which autograd differentiates.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from ..validation import Problem
+from .build import load
+
+_NATIVE = {torch.float32: "f32", torch.float64: "f64"}
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _geometry(query: torch.Tensor, kernel_size: list[int], stride: list[int], dilation: list[int],
+              is_causal: list[bool], scale: float) -> list:
+    batch, *spatial, heads, head_dim = query.shape
+    n = len(spatial)
+
+    def arr(values) -> ctypes.Array:
+        return (ctypes.c_int64 * n)(*(int(v) for v in values))
+
+    return [batch, heads, head_dim, n, arr(spatial), arr(kernel_size), arr(stride), arr(dilation), arr(is_causal),
+            float(scale), max(1, torch.get_num_threads())]
+
+
+def _library():
+    lib, reason = load()
+    if lib is None:
+        raise RuntimeError(f"natzoo::na_cpu: {reason}")
+    return lib
+
+
+@torch.library.custom_op("natzoo::na_cpu", mutates_args=())
+def _forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rpb: torch.Tensor | None,
+             kernel_size: list[int], stride: list[int], dilation: list[int], is_causal: list[bool],
+             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out [B, *S, H, D]`` and ``lse [B, *S, H]``, both in the dtype of `query` (float32 or float64)."""
+    q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
+    r = None if rpb is None else rpb.to(query.dtype).contiguous()
+    out, lse = torch.empty_like(q), q.new_empty(q.shape[:-1])
+    fn = getattr(_library(), f"natzoo_na_forward_{_NATIVE[query.dtype]}")
+    fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(r), out.data_ptr(), lse.data_ptr(),
+       *_geometry(q, kernel_size, stride, dilation, is_causal, scale))
+    return out, lse
+
+
+@_forward.register_fake
+def _forward_fake(query, key, value, rpb, kernel_size, stride, dilation, is_causal, scale):
+    return query.new_empty(query.shape), query.new_empty(query.shape[:-1])
+
+
+@torch.library.custom_op("natzoo::na_cpu_backward", mutates_args=())
+def _backward(grad_out: torch.Tensor, grad_lse: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor,
+              value: torch.Tensor, rpb: torch.Tensor | None, lse: torch.Tensor, kernel_size: list[int],
+              stride: list[int], dilation: list[int], is_causal: list[bool], scale: float
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``dq, dk, dv`` (shapes and dtype of `query`) and ``d_rpb`` (rpb's shape and dtype; empty without rpb)."""
+    q, k, v, lse, g = (t.contiguous() for t in (query, key, value, lse, grad_out))
+    gl = None if grad_lse is None else grad_lse.to(q.dtype).contiguous()
+    r = None if rpb is None else rpb.to(query.dtype).contiguous()
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(q), torch.zeros_like(q)
+    d_rpb = q.new_empty(0) if r is None else torch.zeros_like(r)
+    fn = getattr(_library(), f"natzoo_na_backward_{_NATIVE[query.dtype]}")
+    fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(r), lse.data_ptr(), g.data_ptr(), _ptr(gl), dq.data_ptr(),
+       dk.data_ptr(), dv.data_ptr(), None if r is None else d_rpb.data_ptr(),
+       *_geometry(q, kernel_size, stride, dilation, is_causal, scale))
+    return dq, dk, dv, d_rpb if rpb is None else d_rpb.to(rpb.dtype)
+
+
+@_backward.register_fake
+def _backward_fake(grad_out, grad_lse, query, key, value, rpb, lse, kernel_size, stride, dilation, is_causal, scale):
+    d_rpb = query.new_empty(0) if rpb is None else rpb.new_empty(rpb.shape)
+    return query.new_empty(query.shape), query.new_empty(query.shape), query.new_empty(query.shape), d_rpb
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    query, key, value, rpb, *ctx.window, ctx.scale = inputs
+    ctx.has_rpb = rpb is not None
+    ctx.save_for_backward(query, key, value, rpb, output[1])
+
+
+def _autograd_backward(ctx, grad_out, grad_lse):
+    query, key, value, rpb, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(query)
+    dq, dk, dv, d_rpb = _backward(grad_out, grad_lse, query, key, value, rpb, lse, *ctx.window, ctx.scale)
+    return dq, dk, dv, d_rpb if ctx.has_rpb else None, None, None, None, None, None
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def na_cpu(problem: Problem, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rpb: torch.Tensor | None,
+           need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fused op on the CPU kernels.
+
+    Returns:
+        ``out`` in `query`'s dtype and ``lse`` (float64 for float64 inputs, float32 otherwise) or None.
+    """
+    compute = torch.float64 if query.dtype == torch.float64 else torch.float32
+    q, k, v = (t.to(compute) for t in (query, key, value))
+    out, lse = _forward(q, k, v, rpb, list(problem.kernel_size), list(problem.stride), list(problem.dilation),
+                        list(problem.is_causal), float(problem.scale))
+    return out.to(query.dtype), lse if need_lse else None
