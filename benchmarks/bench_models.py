@@ -91,8 +91,12 @@ def bench_model(
     warmup: int,
     iters: int,
     modes: list[str],
+    model_kwargs: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    model = timm.create_model(name, num_classes=1000).to(device)
+    """Inference and/or training-step rows of one model: seconds per batch, img/s, peak memory (on CUDA: above what
+    was allocated before the model was built, so earlier models' leftovers do not count)."""
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    model = timm.create_model(name, num_classes=1000, **(model_kwargs or {})).to(device)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     x = torch.randn(batch, 3, img_size, img_size, device=device)
     target = torch.randint(0, 1000, (batch,), device=device)
@@ -125,6 +129,8 @@ def bench_model(
         rows.append(dict(model=name, params=params, mode="train step", **_measure(train, device, warmup, iters)))
     for row in rows:
         row["img_s"] = batch / row["seconds"]
+        if device.type == "cuda":
+            row["peak_mib"] -= base / 2**20
     return rows
 
 
@@ -177,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         f"warmup {warmup}, iters {iters}"
     )
     print()
-    memory = "peak alloc (MiB)" if gpu else "peak RSS (MiB)"
+    memory = "peak alloc above start (MiB)" if gpu else "peak RSS (MiB)"
     print(f"| model | params (M) | mode | img/s | ms/batch | {memory} |")
     print("|---|---|---|---|---|---|")
     if args.json:

@@ -5,7 +5,9 @@ Usage::
     python benchmarks/bench_op.py                      # GPU: full table (NAT/DiNAT-Tiny layers, 2D/3D/1D shapes)
     python benchmarks/bench_op.py --quick --device cpu # smoke test: tiny shapes, reference (+ interpreter) on CPU
 
-Times forward and forward+backward with CUDA events (warm-up, median of repeats; wall clock on CPU). Reports useful
+Times forward and forward+backward on the GPU: calls launched back to back between two CUDA events (no
+synchronisation per call; median of three blocks) and, beside it, the GPU kernel time per call from ``torch.profiler``
+(wall clock on CPU). FlexAttention runs with the rpb as a ``score_mod`` (table requiring grad). Reports useful
 TFLOP/s (``4 * B * heads * N * prod(k) * head_dim`` per forward; forward+backward counts 3.5x that), the
 "roofline floor" ``max(bytes / bandwidth, FLOPs / peak)`` with bandwidth and peak measured on the device in the same
 run (a large copy and a large matmul in the benchmark dtype), the fraction of that floor reached, and peak memory.
@@ -113,6 +115,24 @@ def na_mask_mod(shape: Shape):
     return mask_mod
 
 
+def na_score_mod(shape: Shape, rpb: torch.Tensor):
+    """FlexAttention score_mod adding the rpb table ``[heads, 2k-1, ...]`` at ``(key - query) / dilation + k - 1``
+    per axis (clamped into the table: pairs outside the neighbourhood are masked by the block mask anyway)."""
+    spatial, ks, dil = shape.spatial, shape.kernel_size, shape.dilation
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        offsets = []
+        rem_q, rem_k = q_idx, kv_idx
+        for axis in reversed(range(len(spatial))):
+            length = spatial[axis]
+            x, y = rem_q % length, rem_k % length
+            rem_q, rem_k = rem_q // length, rem_k // length
+            offsets.append(torch.clamp((y - x) // dil[axis] + ks[axis] - 1, 0, 2 * ks[axis] - 2))
+        return score + rpb[tuple([h] + offsets[::-1])]
+
+    return score_mod
+
+
 @dataclass
 class Result:
     shape: str
@@ -120,6 +140,8 @@ class Result:
     dtype: str
     fwd_ms: float | None = None
     fwdbwd_ms: float | None = None
+    fwd_kernel_ms: float | None = None  # torch.profiler: GPU kernel time per call
+    fwdbwd_kernel_ms: float | None = None
     fwd_tflops: float | None = None
     fwdbwd_tflops: float | None = None
     fwd_floor_pct: float | None = None
@@ -128,24 +150,50 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
-def time_ms(fn: Callable[[], object], device: str, warmup: int, repeats: int) -> float:
-    """Median milliseconds of `fn` over `repeats` runs after `warmup` runs (CUDA events on GPU, wall clock on CPU)."""
+def time_ms(fn: Callable[[], object], device: str, warmup: int, repeats: int, blocks: int = 3) -> float:
+    """Milliseconds per call of `fn`: GPU time on CUDA, wall clock on CPU.
+
+    CUDA: `blocks` blocks of `repeats` calls launched back to back between two CUDA events, with one synchronisation
+    per block and none between calls, so the host's launch overhead overlaps the GPU's work wherever the GPU is the
+    bottleneck; the median of the blocks' means. (Where the host is the bottleneck, small kernels, the figure is the
+    launch rate; :func:`kernel_ms` gives the GPU's own time.) CPU: the median of `repeats` single calls.
+    """
     for _ in range(warmup):
         fn()
     samples = []
-    for _ in range(repeats):
-        if device == "cuda":
+    if device == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(max(1, blocks)):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(repeats):
+                fn()
             end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / repeats)
+        return statistics.median(samples)
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(samples)
+
+
+def kernel_ms(fn: Callable[[], object], device: str, repeats: int) -> float | None:
+    """GPU kernel milliseconds per call of `fn` from ``torch.profiler``: the summed durations of the device events
+    (kernels, copies, memsets) of `repeats` calls, so idle gaps and host overhead are excluded; None off CUDA."""
+    if device != "cuda" or repeats < 1:
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    with prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    total_us = sum(e.device_time_total for e in prof.events() if e.device_type == DeviceType.CUDA)
+    return total_us / 1e3 / repeats
 
 
 def device_limits(
@@ -199,11 +247,12 @@ def provider_fns(shape: Shape, provider: str, q, k, v, rpb, compile_flex: bool =
         # A fresh compile per shape: after Dynamo's recompile limit later shapes would silently run eagerly.
         torch._dynamo.reset()
         flex = torch.compile(flex_attention) if compile_flex else flex_attention
+        score_mod = na_score_mod(shape, rpb) if rpb is not None else None
 
         def fwd():
             qt, kt, vt = (t.reshape(shape.batch, tokens, shape.heads, shape.head_dim).transpose(1, 2)
                           for t in (q, k, v))
-            return flex(qt, kt, vt, block_mask=block_mask)
+            return flex(qt, kt, vt, score_mod=score_mod, block_mask=block_mask)
 
     elif provider == "sdpa-full":
 
@@ -215,13 +264,15 @@ def provider_fns(shape: Shape, provider: str, q, k, v, rpb, compile_flex: bool =
     else:
         raise ValueError(provider)
     grad = None
+    leaves = [t for t in (q, k, v, rpb) if t is not None and t.requires_grad]
 
     def fwdbwd():
         nonlocal grad
         out = fwd()
         if grad is None:
             grad = torch.randn_like(out)
-        out.backward(grad)
+        # Gradients returned, not accumulated into .grad: back-to-back repeats add no accumulation kernels.
+        return torch.autograd.grad(out, leaves, grad)
 
     return fwd, fwdbwd
 
@@ -233,11 +284,12 @@ def compiled_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def bench_one(shape, provider, dtype, device, limits, warmup, repeats, compile_flex: bool = True) -> Result:
+def bench_one(shape, provider, dtype, device, limits, warmup, repeats, compile_flex: bool = True,
+              blocks: int = 3) -> Result:
     res = Result(shape.name, provider, str(dtype).replace("torch.", ""))
     try:
         q, k, v, rpb = make_inputs(shape, dtype, device)
-        if provider not in ("triton", "dense", "reference"):
+        if provider not in ("triton", "dense", "reference", "flex"):
             rpb = None
             res.note = "no rpb"
         fwd, fwdbwd = provider_fns(shape, provider, q, k, v, rpb, compile_flex)
@@ -247,11 +299,14 @@ def bench_one(shape, provider, dtype, device, limits, warmup, repeats, compile_f
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         with torch.no_grad():
-            res.fwd_ms = time_ms(fwd, device, warmup, repeats)
-        res.fwdbwd_ms = time_ms(fwdbwd, device, warmup, repeats)
+            res.fwd_ms = time_ms(fwd, device, warmup, repeats, blocks)
+            res.fwd_kernel_ms = kernel_ms(fwd, device, max(1, repeats // 4))
+        res.fwdbwd_ms = time_ms(fwdbwd, device, warmup, repeats, blocks)
+        res.fwdbwd_kernel_ms = kernel_ms(fwdbwd, device, max(1, repeats // 4))
         if provider == "flex":
             made = compiled_graphs() - graphs
             res.note = f"compiled ({made} graphs after dynamo reset)" if made else "EAGER: no graph compiled"
+            res.note += ", rpb as score_mod (table requires grad)" if rpb is not None else ", no rpb"
         if device == "cuda":
             res.peak_mem_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
         flops = shape.flops()
@@ -285,15 +340,16 @@ def markdown(results: list[Result], meta: dict) -> str:
         ),
         "",
         (
-            "| shape | provider | dtype | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s | fwd % of floor "
-            "| peak MB | note |"
+            "| shape | provider | dtype | fwd ms | fwd+bwd ms | fwd kernel ms | fwd+bwd kernel ms | fwd TFLOP/s "
+            "| fwd+bwd TFLOP/s | fwd % of floor | peak MB | note |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r.shape} | {r.provider} | {r.dtype} | {_fmt(r.fwd_ms, '.3f')} | {_fmt(r.fwdbwd_ms, '.3f')} | "
-            f"{_fmt(r.fwd_tflops, '.3g')} | {_fmt(r.fwdbwd_tflops, '.3g')} | {_fmt(r.fwd_floor_pct, '.1f')} | "
+            f"{_fmt(r.fwd_kernel_ms, '.3f')} | {_fmt(r.fwdbwd_kernel_ms, '.3f')} | {_fmt(r.fwd_tflops, '.3g')} | "
+            f"{_fmt(r.fwdbwd_tflops, '.3g')} | {_fmt(r.fwd_floor_pct, '.1f')} | "
             f"{_fmt(r.peak_mem_mb, '.1f')} | {r.note} |"
         )
     return "\n".join(lines) + "\n"

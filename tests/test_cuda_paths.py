@@ -27,6 +27,15 @@ sys.path.insert(0, BENCHMARKS)
 DENSE = pytest.param("dense", marks=pytest.mark.skipif("dense" not in BACKENDS, reason="no dense backend in this tree"))
 EVENT_MS = 2.5  # every stand-in CUDA event pair measures this many milliseconds
 ALLOCATED, PEAK = 3 * 2**20, 7 * 2**20
+KERNEL_US = (300.0, 100.0)  # the stand-in profiler's device events (kernels) per profiled block
+
+
+class _Event:
+    """A profiler event with the attributes the scripts read (``FunctionEvent``'s names)."""
+
+    def __init__(self, name, device_type, device_us, cpu_us=0.0):
+        self.name, self.device_type, self.device_time_total, self.self_cpu_time_total = (name, device_type,
+                                                                                          device_us, cpu_us)
 
 
 @pytest.fixture
@@ -49,6 +58,14 @@ def fake_cuda(monkeypatch):
     }
     for name, fake in fakes.items():
         monkeypatch.setattr(torch.cuda, name, fake)
+    from torch.autograd import DeviceType
+
+    profile = mock.create_autospec(torch.profiler.profile)
+    profile.return_value.events.return_value = [_Event("_na_fwd_kernel", DeviceType.CUDA, KERNEL_US[0]),
+                                                 _Event("memset", DeviceType.CUDA, KERNEL_US[1]),
+                                                 _Event("aten::empty", DeviceType.CPU, 0.0, 5000.0)]
+    monkeypatch.setattr(torch.profiler, "profile", profile)
+    fakes["profile"] = profile
     return fakes
 
 
@@ -83,22 +100,36 @@ def _module(name):
     return importlib.import_module(name)
 
 
-def test_time_ms_uses_cuda_events(fake_cuda):
+def test_time_ms_launches_back_to_back_between_two_events(fake_cuda):
+    """GPU time, not host time: no synchronisation between the repeats of a block, one event pair per block."""
     bench_op = _module("bench_op")
     calls = []
-    assert bench_op.time_ms(lambda: calls.append(1), "cuda", warmup=2, repeats=3) == EVENT_MS
-    assert len(calls) == 5
+    assert bench_op.time_ms(lambda: calls.append(1), "cuda", warmup=2, repeats=3, blocks=2) == EVENT_MS / 3
+    assert len(calls) == 2 + 2 * 3
     fake_cuda["Event"].assert_called_with(enable_timing=True)
-    assert fake_cuda["Event"].return_value.record.call_count == 6  # start and end of every repeat
-    assert fake_cuda["Event"].return_value.elapsed_time.call_count == 3
-    assert fake_cuda["synchronize"].call_count == 3
+    event = fake_cuda["Event"].return_value
+    assert event.record.call_count == 4 and event.elapsed_time.call_count == 2  # start and end of every block
+    assert event.synchronize.call_count == 2  # the end event of every block, never per call
+    assert fake_cuda["synchronize"].call_count == 1  # once after the warm-up
+
+
+def test_kernel_ms_sums_the_profilers_device_events(fake_cuda):
+    """The kernel-time column: device events only (kernels, memsets), per call; CPU events ignored."""
+    bench_op = _module("bench_op")
+    calls = []
+    assert bench_op.kernel_ms(lambda: calls.append(1), "cuda", 2) == pytest.approx(sum(KERNEL_US) / 1e3 / 2)
+    assert len(calls) == 2
+    activities = fake_cuda["profile"].call_args.kwargs["activities"]
+    assert torch.profiler.ProfilerActivity.CUDA in activities
+    assert bench_op.kernel_ms(lambda: None, "cpu", 2) is None
 
 
 def test_device_limits_from_event_timings(fake_cuda, cuda_on_cpu):
     bench_op = _module("bench_op")
     bandwidth, peak = bench_op.device_limits("cuda", torch.float32, copy_bytes=1024, matmul_n=8)
-    assert bandwidth == pytest.approx(2 * 1024 / (EVENT_MS * 1e-3))
-    assert peak == pytest.approx(2 * 8**3 / (EVENT_MS * 1e-3))
+    per_call_ms = EVENT_MS / 10  # 10 calls between the two events
+    assert bandwidth == pytest.approx(2 * 1024 / (per_call_ms * 1e-3))
+    assert peak == pytest.approx(2 * 8**3 / (per_call_ms * 1e-3))
 
 
 @pytest.mark.parametrize("provider", ["triton", DENSE, "sdpa-full"])
@@ -106,9 +137,10 @@ def test_bench_one_cuda_row(fake_cuda, cuda_on_cpu, provider):
     """A CUDA row of bench_op: event timings, peak memory above the baseline, the floor; no swallowed error."""
     bench_op = _module("bench_op")
     shape = bench_op.Shape("tiny", 1, (6, 6), 1, 16, (3, 3), rpb=True)
-    res = bench_op.bench_one(shape, provider, torch.float32, "cuda", (1e12, 1e14), warmup=0, repeats=1)
+    res = bench_op.bench_one(shape, provider, torch.float32, "cuda", (1e12, 1e14), warmup=0, repeats=1, blocks=1)
     assert not res.note.startswith(("skipped", "OOM")), res.note
     assert res.fwd_ms == res.fwdbwd_ms == EVENT_MS
+    assert res.fwd_kernel_ms == res.fwdbwd_kernel_ms == pytest.approx(sum(KERNEL_US) / 1e3)
     assert res.peak_mem_mb == (PEAK - ALLOCATED) / 2**20
     assert res.fwd_floor_pct is not None and res.fwd_floor_pct > 0
     fake_cuda["reset_peak_memory_stats"].assert_called_with()
@@ -158,7 +190,8 @@ def test_kit_op_rows_on_cuda(fake_cuda, cuda_on_cpu, kit_module, tmp_path):
     for provider, rpb in (("triton", True), ("sdpa-full", False)):
         row = kit_module.time_provider(layer, 1, provider, rpb, torch.float32, kit.plan, 1e12)
         assert row["fwd ms"] == row["fwd+bwd ms"] == EVENT_MS
-        assert row["peak MiB"] == PEAK / 2**20 and row["fwd % of bandwidth floor"] > 0
+        assert row["fwd kernel ms"] == row["fwd+bwd kernel ms"] == pytest.approx(sum(KERNEL_US) / 1e3)
+        assert row["peak MiB above start"] == (PEAK - ALLOCATED) / 2**20 and row["fwd % of bandwidth floor"] > 0
     fake_cuda["reset_peak_memory_stats"].assert_called_with()
 
 
@@ -194,3 +227,58 @@ def test_kit_report_writers(kit_module, tmp_path):
     second = kit_module.Report(str(tmp_path), {"command": "again", "started": "later"})
     assert second.json_path.endswith("kit-2.json") and second.md_path.endswith("kit-2.md")
     assert json.loads((tmp_path / "kit.json").read_text()) == data
+
+
+def test_bench_model_peak_is_net_of_earlier_allocations(fake_cuda, monkeypatch):
+    """A model row's peak memory is above what was allocated before the model was built."""
+    bench_models = _module("bench_models")
+    monkeypatch.setattr(bench_models, "_measure", lambda *args: {"seconds": 0.5, "peak_mib": PEAK / 2**20})
+    model = torch.nn.Linear(4, 1000)
+    monkeypatch.setattr(bench_models.timm, "create_model", lambda name, **kwargs: model)
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *args, **kwargs: self)
+    monkeypatch.setattr(torch, "randn", lambda *shape, device=None: torch.zeros(shape[0], 4))
+    monkeypatch.setattr(torch, "randint", lambda low, high, size, device=None: torch.zeros(size, dtype=torch.long))
+    rows = bench_models.bench_model("m", torch.device("cuda"), 2, 8, None, False, 0, 1, ["infer"])
+    assert rows[0]["peak_mib"] == (PEAK - ALLOCATED) / 2**20 and rows[0]["img_s"] == 4.0
+    fake_cuda["memory_allocated"].assert_called_with(torch.device("cuda"))
+
+
+def test_profile_step_on_cuda_reads_kernel_events(fake_cuda, cuda_on_cpu, kit_module, tmp_path, monkeypatch):
+    """The NAT-T profile: kernels ranked by GPU time from the profiler's device events, the NA share named."""
+    kit = _kit(kit_module, tmp_path, e2e_batch=1)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *args, **kwargs: self)
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *args, **kwargs: self)
+    kit.run("profile", kit_module.step_profile)
+    step = kit.report.steps[0]
+    assert step["status"] == "ok", step["error"]
+    assert [r["kernel"] for r in step["rows"]] == ["_na_fwd_kernel", "memset"]
+    assert step["rows"][0]["% of step"] == pytest.approx(75.0)
+    assert "NA kernels 75.0 %" in step["notes"][-1]
+
+
+def test_kit_endtoend_step_on_cuda(fake_cuda, kit_module, tmp_path, monkeypatch):
+    """NAT-T end to end: the implied dispatch, forced triton and forced dense, each with bench_model on CUDA;
+    empty_cache after every row; the logit check's rows follow."""
+    bench_models = _module("bench_models")
+    from natzoo.ops.neighborhood import dispatch, functional
+
+    seen = []
+
+    def fake_bench(name, device, batch, img, dtype, channels_last, warmup, iters, modes, kwargs):
+        seen.append((dispatch.forced_backend(), functional.select_backend is not original, device, channels_last))
+        return [{"mode": "train step", "img_s": 10.0, "seconds": 0.1, "peak_mib": 5.0, "params": 28.0}]
+
+    original = functional.select_backend
+    monkeypatch.setattr(bench_models, "bench_model", fake_bench)
+    monkeypatch.setattr(kit_module, "logit_check", lambda plan: [{"logit check": "stand-in", "passed": True}])
+    kit = _kit(kit_module, tmp_path)
+    kit.implied = {((56, 56), (1, 1), 2): "dense"}
+    kit.run("endtoend", kit_module.step_endtoend)
+    step = kit.report.steps[0]
+    assert step["status"] == "ok", step["error"]
+    assert seen == [(None, True, torch.device("cuda"), True), ("triton", False, torch.device("cuda"), True),
+                    ("dense", False, torch.device("cuda"), True)]
+    assert [r.get("dispatch") for r in step["rows"]] == ["implied by the op step", "forced triton", "forced dense",
+                                                         None]
+    assert step["rows"][0]["peak MiB above start"] == 5.0 and "56x56 d1 h2 -> dense" in step["notes"][0]
+    assert fake_cuda["empty_cache"].call_count == 3
