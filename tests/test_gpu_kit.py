@@ -124,8 +124,8 @@ def test_precompiled_binary_is_the_one_the_launch_finds(tmp_path):
         import torch, gpu_kit
         from natzoo.ops.neighborhood.triton.forward import na_forward
         from natzoo.ops.neighborhood.validation import Problem
+        from natzoo.ops.neighborhood.triton import compat
         from triton import knobs
-        from triton.runtime.jit import _triton_jit_function_registry
 
         layer = gpu_kit.Layer("t", (9, 10), 2, 32, (3, 3), (2, 1))
         q, k, v, rpb, _, _ = gpu_kit.layer_inputs(layer, 2, torch.bfloat16, "cpu")
@@ -138,7 +138,7 @@ def test_precompiled_binary_is_the_one_the_launch_finds(tmp_path):
         gpu_kit._compile_worker_init(("cuda", 90, 32), [])
         built = gpu_kit.compile_spec(sink[0])
         assert built["error"] is None and not built["cache_hit"], built
-        _triton_jit_function_registry[sink[0].kernel].device_caches.clear()
+        compat.jit_function(sink[0].kernel).device_caches.clear()
         hits = []
         knobs.compilation.listener = lambda **kw: hits.append(kw["cache_hit"])
         try:

@@ -236,6 +236,7 @@ def mock_tensor(dtype: torch.dtype, data_ptr: int) -> Any:
     from triton.runtime.jit import MockTensor
 
     class _Pointer(MockTensor):
+        # MockTensor's data_ptr is a staticmethod; this one returns the recorded pointer
         def data_ptr(self) -> int:  # type: ignore[override]
             return data_ptr
 
@@ -294,6 +295,7 @@ def use_compile_only_target(target: tuple[str, Any, int]) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
 
+    # a duck-typed stand-in, not a DriverBase subclass (which would need a device to initialise)
     driver.set_active(_CompileOnlyDriver(GPUTarget(*target)))  # type: ignore[arg-type]
 
 
