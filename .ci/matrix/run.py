@@ -23,6 +23,7 @@ runs where it does. Exit status 1 if any step of any pair failed.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import hashlib
 import os
 import platform
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -69,23 +71,22 @@ def pairs() -> dict[str, Path | None]:
 
 
 def python_for(version: str) -> str:
-    """An interpreter of `version` (``3.12``): ``pythonX.Y`` on PATH, else pyenv's newest ``X.Y.*``."""
-    roots = [Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"]
-    for root in roots:
-        for candidate in sorted(root.glob(f"{version}.*"), key=lambda p: [int(x) for x in re.findall(r"\d+", p.name)],
-                                reverse=True):
-            exe = candidate / "bin" / f"python{version}"
-            if exe.exists():
-                return str(exe)
-    exe = shutil.which(f"python{version}")
-    if exe is None:
+    """An interpreter of `version` (``3.12``): pyenv's newest ``X.Y.*``, else ``pythonX.Y`` on PATH."""
+    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    for candidate in sorted(root.glob(f"{version}.*"), key=lambda p: [int(x) for x in re.findall(r"\d+", p.name)],
+                            reverse=True):
+        exe = candidate / "bin" / f"python{version}"
+        if exe.exists():
+            return str(exe)
+    found = shutil.which(f"python{version}")
+    if found is None:
         raise SystemExit(f"matrix: no Python {version} found (pyenv versions or python{version} on PATH)")
-    return exe
+    return found
 
 
 def parse(path: Path) -> tuple[str, list[str], list[str]]:
     """(python version, requirements, no-deps requirements) of a pair file."""
-    python, reqs, nodeps = "", [], []
+    python, reqs, nodeps = "", list[str](), list[str]()
     for line in path.read_text().splitlines():
         match = re.match(r"#\s*python:\s*(\S+)", line)
         if match:
@@ -98,19 +99,28 @@ def parse(path: Path) -> tuple[str, list[str], list[str]]:
     return python, reqs, nodeps
 
 
-def run(cmd: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> int:
-    print("  $ " + " ".join(cmd), flush=True)
-    if log is None:
-        return subprocess.call(cmd, cwd=ROOT, env=env)
+def call(cmd: list[str], out: IO[str], env: dict[str, str] | None = None) -> tuple[int, float]:
+    """Runs `cmd` from the repository root with output to `out`: its exit status and CPU seconds (its own and its
+    children's: on a busy machine the CPU time says more about the cost than the wall time)."""
+    out.write("$ " + " ".join(cmd) + "\n")
+    out.flush()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_utime + usage.ru_stime
+
+
+def run(cmd: list[str], env: dict[str, str], log: Path) -> tuple[int, float, str]:
+    """Runs `cmd` into `log`: its status, CPU seconds and a short excerpt of the log for the report."""
     with open(log, "w") as out:
-        rc = subprocess.call(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        rc, cpu = call(cmd, out, env)
     lines = log.read_text(errors="replace").splitlines()
-    print("\n".join("    " + line for line in lines[-(40 if rc else 4):]), flush=True)
-    return rc
+    return rc, cpu, "\n".join("    " + line for line in lines[-(40 if rc else 3):])
 
 
-def venv_for(name: str, path: Path, cache: Path) -> tuple[Path, float, bool]:
-    """The pair's environment (built if missing): its python, the seconds spent building, whether it was cached."""
+def venv_for(name: str, path: Path, cache: Path, log: Path) -> tuple[Path, float, float | None]:
+    """The pair's environment (built if missing): its python, and the wall and CPU seconds spent building it (CPU
+    None: it was cached)."""
     version, reqs, nodeps = parse(path)
     base = python_for(version)
     full = subprocess.run([base, "-c", "import sys; print(sys.version)"], capture_output=True, text=True,
@@ -121,24 +131,27 @@ def venv_for(name: str, path: Path, cache: Path) -> tuple[Path, float, bool]:
     python = target / "bin" / "python"
     for old in home.glob(f"{name}-*"):
         if old != target and (old / OWNER_MARK).exists():
-            print(f"  removing the environment of an older key: {old}", flush=True)
-            shutil.rmtree(old)
+            shutil.rmtree(old)  # the environment of an older key of this pair
     if (target / DONE_MARK).exists():
-        return python, 0.0, True
+        return python, 0.0, None
     if target.exists():
         if not (target / OWNER_MARK).exists():
             raise SystemExit(f"matrix: {target} exists and was not made by this script; remove it yourself")
         shutil.rmtree(target)  # an interrupted build of ours
     start = time.monotonic()
     target.mkdir(parents=True)
-    (target / OWNER_MARK).write_text(f"created by {Path(__file__).relative_to(ROOT)} for {path.name}\n")
-    subprocess.check_call([base, "-m", "venv", str(target)])
-    pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off", "-q"]
-    subprocess.check_call(pip + reqs)
-    if nodeps:
-        subprocess.check_call(pip + ["--no-deps"] + nodeps)
+    (target / OWNER_MARK).write_text(f"created by .ci/matrix/run.py for {path.name}\n")
+    pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off"]
+    cpu = 0.0
+    with open(log, "w") as out:
+        for cmd in ([base, "-m", "venv", str(target)], pip + reqs, pip + ["--no-deps"] + nodeps if nodeps else []):
+            if cmd:
+                rc, seconds = call(cmd, out)
+                cpu += seconds
+                if rc:
+                    raise subprocess.CalledProcessError(rc, cmd)
     (target / DONE_MARK).write_text(full + "\n")
-    return python, time.monotonic() - start, False
+    return python, time.monotonic() - start, cpu
 
 
 def steps(python: str, name: str, cache: Path) -> list[tuple[str, list[str]]]:
@@ -160,10 +173,35 @@ def _only(cases: list[str]) -> list[str]:
     return [arg for case in cases for arg in ("--only", case)]
 
 
+def run_pair(name: str, path: Path | None, cache: Path, base_env: dict[str, str]) -> tuple[list[tuple], str]:
+    """Builds (or reuses) the pair's environment and runs its steps: the summary rows and the report text."""
+    logs = cache / "logs"
+    rows: list[tuple] = []
+    text = [f"== {name}"]
+    python, built, cpu = sys.executable, 0.0, None
+    if path is not None:
+        try:
+            python_path, built, cpu = venv_for(name, path, cache, logs / f"{name}-environment.log")
+        except subprocess.CalledProcessError as exc:
+            text.append(f"  environment build failed ({exc}); see {logs / f'{name}-environment.log'}")
+            return [(name, "environment", "FAILED", 0.0, 0.0)], "\n".join(text)
+        python = str(python_path)
+    rows.append((name, "environment", "cached" if cpu is None else "built", built, cpu or 0.0))
+    # Triton's on-disk cache per pair: a binary is rebuilt when its source, options or the Triton version change.
+    env = dict(base_env, TRITON_CACHE_DIR=str(cache / "triton" / name))
+    for label, cmd in steps(python, name, cache):
+        start = time.monotonic()
+        rc, cpu_s, excerpt = run(cmd, env, logs / f"{name}-{label.replace(' ', '_')}.log")
+        rows.append((name, label, "ok" if rc == 0 else f"FAILED ({rc})", time.monotonic() - start, cpu_s))
+        text.append(f"  {label}: {'ok' if rc == 0 else 'FAILED'}\n{excerpt}")
+    return rows, "\n".join(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="CI version matrix")
     parser.add_argument("--pair", action="append", help="run only this pair (repeatable); see --list")
     parser.add_argument("--list", action="store_true", help="list the pairs and exit")
+    parser.add_argument("--jobs", type=int, default=2, help="pairs run at once (default 2, one per CI core)")
     args = parser.parse_args(argv)
     known = pairs()
     if args.list:
@@ -175,31 +213,26 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"matrix: unknown pair(s) {unknown}; known: {list(known)}")
     cache = Path(os.environ.get("NATZOO_CI_CACHE", Path.home() / ".cache" / "natzoo-ci"))
-    base_env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1")
+    (cache / "logs").mkdir(parents=True, exist_ok=True)
+    # The repository on the path (nothing installed from it); one thread per process, as pairs run side by side.
+    base_env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1", OMP_NUM_THREADS="1")
     base_env.pop("TRITON_INTERPRET", None)  # the tests' conftest turns it on; the AOT compile needs it off
-    logs = cache / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    summary, failed, total = [], 0, time.monotonic()
-    for name in chosen:
-        path = known[name]
-        print(f"== {name}", flush=True)
-        if path is None:
-            python, built, cached = sys.executable, 0.0, True
-        else:
-            python_path, built, cached = venv_for(name, path, cache)
-            python = str(python_path)
-        summary.append((name, "environment", "cached" if cached else "built", built))
-        # Triton's on-disk cache per pair: a binary is rebuilt when its source, options or the Triton version change.
-        env = dict(base_env, TRITON_CACHE_DIR=str(cache / "triton" / name))
-        for label, cmd in steps(python, name, cache):
-            start = time.monotonic()
-            rc = run(cmd, env, logs / f"{name}-{label.replace(' ', '_')}.log")
-            failed += rc != 0
-            summary.append((name, label, "ok" if rc == 0 else f"FAILED ({rc})", time.monotonic() - start))
-    print(f"\n== matrix on {platform.node()}: {time.monotonic() - total:.0f} s")
-    for name, label, status, seconds in summary:
-        print(f"{name:32s} {label:22s} {status:12s} {seconds:7.1f} s")
-    return 1 if failed else 0
+    print(f"== version matrix: {', '.join(chosen)} ({args.jobs} at a time; logs in {cache / 'logs'})", flush=True)
+    total = time.monotonic()
+    summary: list[tuple] = []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = [pool.submit(run_pair, name, known[name], cache, base_env) for name in chosen]
+        for future in concurrent.futures.as_completed(futures):
+            rows, text = future.result()
+            summary.extend(rows)
+            print(text, flush=True)
+    print(f"\n== matrix on {platform.node()} ({os.cpu_count()} CPUs): {time.monotonic() - total:.0f} s wall, "
+          f"{sum(row[4] for row in summary):.0f} s CPU")
+    order = {name: i for i, name in enumerate(chosen)}
+    print(f"{'pair':32s} {'step':22s} {'status':12s} {'wall s':>8s} {'CPU s':>8s}")
+    for name, label, status, seconds, cpu in sorted(summary, key=lambda row: order[row[0]]):
+        print(f"{name:32s} {label:22s} {status:12s} {seconds:8.1f} {cpu:8.1f}")
+    return 1 if any(row[2] not in ("ok", "cached", "built") for row in summary) else 0
 
 
 if __name__ == "__main__":
