@@ -1,9 +1,9 @@
 """Train a model: `python train.py` (CPU demo) or `python train.py experiment=nat_tiny_in1k data.root=...`.
 
-The same command as `natzoo-train` (natzoo/train.py); see docs/training.md for every option.
+The same command as `natzoo-train` (natzoo/cli.py); see docs/training.md for every option.
 """
 
-from natzoo.train import main
+from natzoo.cli import train_main
 
 if __name__ == "__main__":
-    main("script")
+    train_main("script")

@@ -1,6 +1,6 @@
 """CPU inference speed of exported models: onnxruntime against PyTorch eager, float32.
 
-Each model is exported with :func:`natzoo.export.export_onnx` (dynamic batch, native resolution) and run by
+Each model is exported with :func:`natzoo.tools.export.export_onnx` (dynamic batch, native resolution) and run by
 onnxruntime's CPU execution provider with as many intra-op threads as torch uses; the same batches go through the
 PyTorch model in eval mode under ``torch.inference_mode``. The weights are random (speed does not depend on them).
 Prints the setup and a markdown table (median time per batch, images per second, largest output difference).
@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from natzoo import models  # noqa: F401  (registers the NAT family with timm)
-from natzoo.export import export_onnx, native_input_size
+from natzoo.tools.export import export_onnx, native_input_size
 
 
 def _paired_medians(steps: list[Callable[[], object]], warmup: int, iters: int) -> list[float]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 import torch.fx
-from natzoo.ops.neighborhood.validation import check_bool, check_int, check_rate, check_real
+from ..ops.neighborhood.validation import check_bool, check_int, check_rate, check_real
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from torch import nn

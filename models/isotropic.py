@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.fx
 import torch.nn.functional as F
-from natzoo.ops.neighborhood.validation import check_bool, check_heads, check_rate, check_real
+from ..ops.neighborhood.validation import check_bool, check_heads, check_rate, check_real
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices

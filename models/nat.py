@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 
 import torch
 import torch.fx
-from natzoo.ops import NeighborhoodAttention2D
-from natzoo.ops.neighborhood.validation import check_int, check_rate
+from ..ops import NeighborhoodAttention2D
+from ..ops.neighborhood.validation import check_int, check_rate
 from timm.layers import DropPath, Mlp
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices

@@ -1,8 +1,10 @@
 """natzoo: NAT / DiNAT models on a fused neighborhood-attention op, with Lightning training and Hydra configs.
 
 Public import paths: ``natzoo.ops`` (the op and its modules), ``natzoo.models`` (the model families on timm's
-registry), ``natzoo.detection`` (backbone and detectors) and the task code under ``natzoo``. ``natzoo.train(cfg)``
-and ``natzoo.evaluate(cfg)`` are the plain functions behind ``train.py`` and ``eval.py``.
+registry), ``natzoo.detection`` (backbone and detectors), the tasks (``natzoo.classification``, ``natzoo.detection``),
+the run machinery (``natzoo.run``) and the tools (``natzoo.tools``). ``natzoo.train(cfg)`` and ``natzoo.evaluate(cfg)``
+are the library functions behind the commands (``natzoo.cli``: ``natzoo-train``, ``natzoo-eval``, ``train.py``,
+``eval.py``, ``python -m natzoo train|eval``).
 
 The repository keeps ``ops/`` and ``models/`` as top-level folders; ``natzoo/ops`` and ``natzoo/models`` are
 committed relative symlinks to them, so a source checkout (and an editable install) imports them, and static tools
@@ -18,14 +20,14 @@ __all__ = ["evaluate", "train"]
 
 
 def train(cfg: Any) -> dict:
-    """Trains the task named by ``cfg.task``; see :func:`natzoo.training.train`."""
-    from natzoo.training import train as _train
+    """Trains the task named by ``cfg.task``; see :func:`natzoo.run.training.run_training`."""
+    from natzoo.run.training import run_training
 
-    return _train(cfg)
+    return run_training(cfg)
 
 
 def evaluate(cfg: Any) -> dict:
-    """Evaluates the task named by ``cfg.task``; see :func:`natzoo.evaluation.evaluate`."""
-    from natzoo.evaluation import evaluate as _evaluate
+    """Evaluates the task named by ``cfg.task``; see :func:`natzoo.run.evaluation.run_evaluation`."""
+    from natzoo.run.evaluation import run_evaluation
 
-    return _evaluate(cfg)
+    return run_evaluation(cfg)

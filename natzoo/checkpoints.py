@@ -1,6 +1,6 @@
 """Lightning checkpoints of natzoo runs: written atomically, read without running code, and the network inside.
 
-* Writing (:class:`AtomicCheckpointIO`, installed by :mod:`natzoo.training`). Lightning's ``TorchCheckpointIO``
+* Writing (:class:`AtomicCheckpointIO`, installed by :mod:`natzoo.run.training`). Lightning's ``TorchCheckpointIO``
   writes through an fsspec transaction whose temporary file lives in the system temp directory; when that is another
   filesystem the final move is a copy, so a crash can leave a truncated checkpoint. Here the temporary file is a
   sibling of the destination, flushed and fsynced, then ``os.replace``d. It has a scratch name of

@@ -7,7 +7,7 @@ are imported from the code that owns the choices (``natzoo.optim.SCHEDULES``, ``
 .ARCHITECTURES``, ...), never restated. :func:`check_config` applies them to a composed config and raises
 ``TypeError`` (wrong type) or ``ValueError`` (out of range, unknown choice) naming the key and the value, e.g.
 ``optim.lr='abc': expected a number > 0``. The rule vocabulary is :mod:`natzoo.rules`; the Hydra registration is
-:mod:`natzoo.hydra_setup`.
+:mod:`natzoo.run.hydra_setup`.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from natzoo.rundir import write_atomically
+from natzoo.run.rundir import write_atomically
 
 __all__ = ["plot_confusion_matrix", "plot_curves"]
 

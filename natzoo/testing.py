@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
-from natzoo.hydra_setup import register_with_hydra
+from natzoo.run.hydra_setup import register_with_hydra
 
 __all__ = ["CONFIG_DIR", "CrashAtStep", "InterruptAtStep", "SigtermAtStep", "compose_config", "tiny_overrides"]
 

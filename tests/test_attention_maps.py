@@ -11,7 +11,7 @@ from oracle import dense_mask_and_bias_index, dense_na
 from PIL import Image
 
 import natzoo.models  # noqa: F401  (registers the model family with timm)
-from natzoo.attention_maps import attention_maps, draw_attention_maps, draw_demo_attention_maps
+from natzoo.tools.attention_maps import attention_maps, draw_attention_maps, draw_demo_attention_maps
 from natzoo.ops import NeighborhoodAttention2D
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"

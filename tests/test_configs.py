@@ -50,7 +50,7 @@ def test_defaults_compose_for_train_and_eval(tmp_path):
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_composes(name, tmp_path):
-    from natzoo.tasks import available_tasks
+    from natzoo.run.tasks import available_tasks
 
     cfg = compose_config("train", [f"experiment={name}"], tmp_path)
     assert cfg.task in available_tasks() and cfg.trainer._target_ == "lightning.pytorch.Trainer"

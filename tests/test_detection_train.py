@@ -129,7 +129,7 @@ def test_detection_run_plots_its_own_metrics(tmp_path):
     # train.py's curve plot knows the task's metrics: loss and mAP curves, validation points only where it ran.
     from natzoo import train
     from natzoo.plots import plot_curves
-    from natzoo.tasks import get_task
+    from natzoo.run.tasks import get_task
 
     overrides = [
         "experiment=detection_demo", f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}",

@@ -16,7 +16,7 @@ import pytest
 from helpers import REPO, fenced_blocks
 
 from natzoo.config import COMMON_RULES, check_config
-from natzoo.tasks import get_task
+from natzoo.run.tasks import get_task
 from natzoo.testing import compose_config
 
 ENTRY = re.compile(r"(?:^|\s)(?:natzoo-(?P<installed>train|eval)|(?P<script>train|eval)\.py)(?:\s|$)")

@@ -21,7 +21,7 @@ from natzoo.ops.neighborhood import indexing
 
 from natzoo import models
 from natzoo.detection import NATBackbone
-from natzoo.export import export_onnx, export_program, native_input_size
+from natzoo.tools.export import export_onnx, export_program, native_input_size
 
 TINY = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], "kernel_size": 3}
 # Two stages (a downsampler between them) keep the exports short; the DiNAT ones run dilated blocks (uneven dilation

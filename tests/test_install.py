@@ -9,6 +9,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -103,25 +104,27 @@ def test_natzoo_train_in_an_empty_directory_then_the_printed_eval_command(site: 
 
 def test_python_m_natzoo_train_composes_the_installed_configs(site: Path, tmp_path: Path):
     # --cfg job prints the composed config and stops: the installed configs, the command-line override applied.
-    proc = subprocess.run([sys.executable, "-m", "natzoo.train", "--cfg", "job", "model=nat_tiny", "optim.lr=0.25"],
+    proc = subprocess.run([sys.executable, "-m", "natzoo", "train", "--cfg", "job", "model=nat_tiny", "optim.lr=0.25"],
                           cwd=tmp_path, env=_env(site), capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "name: nat_tiny" in proc.stdout and "lr: 0.25" in proc.stdout
     assert list(tmp_path.iterdir()) == []
 
 
-def test_natzoo_train_stays_the_library_function_after_the_module_is_imported(monkeypatch):
+def test_python_m_natzoo_without_a_command_says_how_to_call_it(tmp_path: Path):
+    proc = subprocess.run([sys.executable, "-m", "natzoo"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode != 0 and "usage: python -m natzoo {train|eval}" in proc.stderr
+
+
+def test_train_and_evaluate_are_the_only_library_functions_of_those_names():
     import natzoo
-    import natzoo.training
+    import natzoo.cli
+    import natzoo.run.evaluation
+    import natzoo.run.training
 
-    calls = []
-    monkeypatch.setattr(natzoo.training, "train", lambda cfg: calls.append(cfg) or {"best_score": None})
-    natzoo.train("cfg-a")  # the package function
-    import natzoo.train
-
-    natzoo.train("cfg-b")
-    from natzoo import train
-
-    train("cfg-c")
-    assert calls == ["cfg-a", "cfg-b", "cfg-c"]
-    assert callable(natzoo.train.main)
+    assert natzoo.train.__module__ == "natzoo" and natzoo.evaluate.__module__ == "natzoo"
+    for module in (natzoo.cli, natzoo.run.training, natzoo.run.evaluation):
+        assert not {"train", "evaluate"} & set(vars(module)), module.__name__
+    # no module made callable by swapping its class
+    assert all(type(m) is types.ModuleType for name, m in sys.modules.items() if name.split(".")[0] == "natzoo")

@@ -69,17 +69,20 @@ def test_wandb_logger_offline_writes_the_run_locally(demo_root, tmp_path, monkey
 
 
 @pytest.mark.parametrize("logger,package", [("tensorboard", "tensorboard"), ("wandb", "wandb")])
-def test_a_missing_logger_package_is_named(logger, package, monkeypatch, tmp_path):
+def test_a_missing_logger_package_stops_the_run_before_its_directory_is_claimed(logger, package, monkeypatch, tmp_path):
     import importlib.util
-
-    from natzoo.training import build_loggers
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name.split(".")[0] in ("tensorboard", "tensorboardX", "wandb")
                         else real(name, *a))
-    from hydra.errors import InstantiationException
+    run_dir = tmp_path / "run"
+    cfg = compose_config("train", [f"logger={logger}"], run_dir)
+    with pytest.raises(ValueError, match=f"logger.{logger} needs the {package} package: pip install {package}"):
+        train(cfg)
+    assert not run_dir.exists()  # nothing written: the check runs with the config checks
 
-    cfg = compose_config("train", [f"logger={logger}"], tmp_path)
-    with pytest.raises(InstantiationException, match=f"logger={logger} needs the {package} package: pip install {package}"):
-        build_loggers(cfg)
+
+def test_the_default_logger_needs_no_optional_package(tmp_path):
+    cfg = compose_config("train", [], tmp_path)
+    assert [spec["_target_"] for spec in cfg.logger.values()] == ["natzoo.run.loggers.RunCSVLogger"]

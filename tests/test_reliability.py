@@ -58,7 +58,7 @@ def _run(args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.Comp
 def test_fresh_run_directories_are_unique_per_process(tmp_path):
     # Two processes claiming the same timestamped name (two runs of one run_name in the same second).
     # Each writes a file into its directory as a run does (Hydra's record): a claim left empty is removed at exit.
-    code = ("import sys; from natzoo.rundir import claim_fresh_dir; d = claim_fresh_dir(sys.argv[1]); "
+    code = ("import sys; from natzoo.run.rundir import claim_fresh_dir; d = claim_fresh_dir(sys.argv[1]); "
             "open(d + '/record', 'w').close(); print(d)")
     candidate = str(tmp_path / "logs" / "same" / "runs" / "2026-01-01_00-00-00")
     procs = [subprocess.Popen([sys.executable, "-c", code, candidate], cwd=REPO, stdout=subprocess.PIPE, text=True)
@@ -70,7 +70,7 @@ def test_fresh_run_directories_are_unique_per_process(tmp_path):
 
 def test_a_claimed_run_directory_left_empty_is_removed_at_exit(tmp_path):
     # `--cfg job` and a process that stops while composing claim a directory and never write into it.
-    code = "import sys; from natzoo.rundir import claim_fresh_dir; print(claim_fresh_dir(sys.argv[1]))"
+    code = "import sys; from natzoo.run.rundir import claim_fresh_dir; print(claim_fresh_dir(sys.argv[1]))"
     candidate = tmp_path / "logs" / "run" / "runs" / "2026-01-01_00-00-00"
     done = subprocess.run([sys.executable, "-c", code, str(candidate)], cwd=REPO, capture_output=True, text=True,
                           timeout=120, check=True)
@@ -98,7 +98,7 @@ def test_two_runs_started_together_get_separate_directories(demo_root, tmp_path)
 
 
 def test_second_writer_into_a_run_directory_is_refused(demo_root, tmp_path):
-    from natzoo.rundir import RunDirectoryBusy, RunDirLock
+    from natzoo.run.rundir import RunDirectoryBusy, RunDirLock
 
     run = tmp_path / "run"
     cfg = compose_config("train", tiny_overrides(demo_root, tmp_path / "logs", epochs=1), run)
@@ -134,7 +134,7 @@ def test_failed_config_check_leaves_no_run_directory_and_no_traceback(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_exits_non_zero_with_the_resume_command(demo_root, tmp_path):
-    from natzoo.training import SIGTERM_EXIT_CODE
+    from natzoo.run.training import SIGTERM_EXIT_CODE
 
     args = ["train.py", *tiny_overrides(demo_root, tmp_path / "logs", epochs=2),
             "+callbacks.term._target_=natzoo.testing.SigtermAtStep", "+callbacks.term.step=10"]
@@ -169,7 +169,7 @@ def test_resume_with_changed_optimizer_values_names_them_as_overridden(demo_root
     cfg = compose_config("train", tiny_overrides(demo_root, tmp_path / "logs", epochs=1)
                          + ["ema.enabled=true", "ema.decay=0.5", f"ckpt_path={ema_run}", "optim.lr=0.5"],
                          tmp_path / "run")
-    from natzoo.training import check_run_config
+    from natzoo.run.training import check_run_config
 
     with caplog.at_level(logging.WARNING):
         check_run_config(cfg, "fit")
@@ -178,7 +178,7 @@ def test_resume_with_changed_optimizer_values_names_them_as_overridden(demo_root
 
 def test_resume_reads_the_checkpoint_once(demo_root, ema_run, tmp_path, monkeypatch):
     from natzoo import checkpoints
-    from natzoo.training import check_run_config
+    from natzoo.run.training import check_run_config
 
     calls = []
     real = checkpoints.read_lightning_checkpoint
@@ -222,9 +222,9 @@ def test_evaluate_with_command_keeps_the_data_root_of_a_demo_run(demo_root, tmp_
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
 
-    from natzoo.hydra_setup import register_with_hydra
+    from natzoo.run.hydra_setup import register_with_hydra
     from natzoo.testing import CONFIG_DIR
-    from natzoo.training import _eval_overrides
+    from natzoo.run.training import _eval_overrides
 
     register_with_hydra()
     GlobalHydra.instance().clear()
@@ -321,7 +321,7 @@ def test_invalid_boxes_are_counted_and_a_split_without_valid_box_is_refused(tmp_
 # --- Knob bounds, export ----------------------------------------------------------------------------------------------
 
 def test_cpu_threads_has_an_upper_bound_naming_the_key(tmp_path):
-    from natzoo.training import check_run_config
+    from natzoo.run.training import check_run_config
 
     with pytest.raises(ValueError, match=r"cpu_threads=100000: expected an integer in \[1, "):
         check_run_config(compose_config("train", ["cpu_threads=100000"], tmp_path), "fit")
@@ -340,14 +340,14 @@ def test_export_checks_the_output_path_before_exporting(tmp_path, monkeypatch):
 def test_model_summary_has_no_zero_flops_line(caplog):
     from lightning.pytorch.utilities.model_summary import summarize
 
-    from natzoo.callbacks import ModelSummary
+    from natzoo.run.callbacks import ModelSummary
 
     from lightning.pytorch.demos.boring_classes import BoringModel
 
     model = BoringModel()
     model.example_input_array = None
     summary = summarize(model)
-    with caplog.at_level(logging.INFO, logger="natzoo.callbacks"):
+    with caplog.at_level(logging.INFO, logger="natzoo.run.callbacks"):
         ModelSummary.summarize(summary._get_summary_data(), summary.total_parameters, summary.trainable_parameters,
                                summary.model_size, summary.total_training_modes, total_flops=0)
     assert "Total params" in caplog.text and "Total Flops" not in caplog.text
@@ -356,8 +356,8 @@ def test_model_summary_has_no_zero_flops_line(caplog):
 def test_no_top5_curve_with_five_classes_or_fewer(tmp_path):
     from types import SimpleNamespace
 
-    from natzoo.callbacks import CurvePlot
-    from natzoo.tasks import get_task
+    from natzoo.run.callbacks import CurvePlot
+    from natzoo.run.tasks import get_task
 
     metrics = {"val/acc1": torch.tensor(0.5), "val/acc5": torch.tensor(1.0), "val/loss": torch.tensor(1.0)}
     trainer = SimpleNamespace(callback_metrics=metrics, current_epoch=0, sanity_checking=False, is_global_zero=False)
@@ -369,7 +369,7 @@ def test_no_top5_curve_with_five_classes_or_fewer(tmp_path):
 
 
 def test_eval_summary_names_every_file_it_wrote():
-    from natzoo.evaluation import _summary_line
+    from natzoo.run.evaluation import _summary_line
 
     line = _summary_line({"top1": 50.0, "output": "/r/eval.json", "confusion_matrix_png": "/r/confusion_matrix.png"})
     assert line.endswith("Results written to /r/eval.json, /r/confusion_matrix.png")

@@ -335,7 +335,7 @@ def test_interrupt_prints_resume_command_that_continues_in_the_same_run_director
 
 
 def test_cpu_threads_apply_while_computing_on_the_cpu_and_are_restored(tmp_path):
-    from natzoo.training import cpu_threads
+    from natzoo.run.training import cpu_threads
 
     before = torch.get_num_threads()
     try:

@@ -203,7 +203,7 @@ def _lightning_checkpoint(path: Path, state: dict, epoch: int) -> Path:
 
 
 def test_average_checkpoints_is_the_elementwise_mean(tmp_path):
-    from natzoo.averaging import average_checkpoints
+    from natzoo.tools.averaging import average_checkpoints
 
     states = [{"w": torch.randn(3, 4), "h": torch.randn(2).half(), "count": torch.tensor(k)} for k in range(3)]
     paths = [_lightning_checkpoint(tmp_path / f"e{k}.ckpt", s, k) for k, s in enumerate(states)]
@@ -219,7 +219,7 @@ def test_average_checkpoints_is_the_elementwise_mean(tmp_path):
 
 
 def test_average_checkpoints_refuses_different_models_and_overwriting_an_input(tmp_path):
-    from natzoo.averaging import average_checkpoints
+    from natzoo.tools.averaging import average_checkpoints
 
     a = _lightning_checkpoint(tmp_path / "a.ckpt", {"w": torch.zeros(3)}, 0)
     b = _lightning_checkpoint(tmp_path / "b.ckpt", {"w": torch.zeros(4)}, 1)
@@ -231,7 +231,7 @@ def test_average_checkpoints_refuses_different_models_and_overwriting_an_input(t
 
 
 def test_timm_layout_rebuilds_the_model_with_its_head_and_preprocessing(tmp_path):
-    from natzoo.timm_export import save_timm_model
+    from natzoo.tools.timm_export import save_timm_model
 
     model = _tiny_nat(num_classes=5).eval()
     data = {"input_size": (3, 48, 48), "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.2, 0.2), "crop_pct": 1.0,

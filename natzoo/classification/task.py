@@ -21,7 +21,7 @@ from natzoo.datasets.demo import ensure_demo_dataset
 from natzoo.datasets.folder import ImageFolderDataModule, check_image_folder_layout
 from natzoo.datasets.readers import READER_DATAMODULES, check_reader_source
 from natzoo.models import load_weights
-from natzoo.tasks import Task, register_task
+from natzoo.run.tasks import Task, register_task
 
 __all__ = [
     "build_datamodule",

@@ -16,7 +16,7 @@ from natzoo.datasets.coco_shapes import SyntheticCocoSpec
 from natzoo.detection.backbone import NATBackbone, load_backbone_checkpoint, model_family
 from natzoo.detection.module import DetectionModule
 from natzoo.models import load_weights
-from natzoo.tasks import Task, register_task
+from natzoo.run.tasks import Task, register_task
 
 __all__ = ["build_datamodule", "build_module", "load_module_for_eval", "summarize_eval", "validate_config"]
 

@@ -4,7 +4,7 @@ weights into one checkpoint, which evaluates and fine-tunes like any other (``ev
 During training, the ``average_checkpoints`` callback (``configs/callbacks/default.yaml``, ``top_k: 0`` = off) keeps
 the best ``top_k`` checkpoints by the task's metric in ``checkpoints/top/`` and writes ``checkpoints/averaged.ckpt``
 when training ends. After training, :func:`average_checkpoints` averages any list of Lightning checkpoints of the
-same model (``python -m natzoo.averaging OUT.ckpt IN1.ckpt IN2.ckpt ...``).
+same model (``python -m natzoo.tools.averaging OUT.ckpt IN1.ckpt IN2.ckpt ...``).
 """
 
 from __future__ import annotations
@@ -140,8 +140,8 @@ class AverageBestCheckpoints(ModelCheckpoint):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m natzoo.averaging OUT.ckpt IN.ckpt [IN.ckpt ...]``."""
-    parser = argparse.ArgumentParser(prog="python -m natzoo.averaging", description=__doc__.split("\n\n")[0])
+    """``python -m natzoo.tools.averaging OUT.ckpt IN.ckpt [IN.ckpt ...]``."""
+    parser = argparse.ArgumentParser(prog="python -m natzoo.tools.averaging", description=__doc__.split("\n\n")[0])
     parser.add_argument("output", help="the averaged checkpoint to write")
     parser.add_argument("inputs", nargs="+", help="Lightning checkpoints of one model (e.g. checkpoints/top/*.ckpt)")
     args = parser.parse_args(argv)

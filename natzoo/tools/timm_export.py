@@ -7,7 +7,7 @@ nothing here touches the network.
 
 During training the ``timm_model`` callback (``configs/callbacks/default.yaml``, ``enabled: false`` = off) writes
 the best checkpoint's model to ``<run dir>/timm_model/`` with the run's preprocessing and class names. After
-training, :func:`export_checkpoint` (``python -m natzoo.timm_export CKPT FOLDER``) does the same from a checkpoint.
+training, :func:`export_checkpoint` (``python -m natzoo.tools.timm_export CKPT FOLDER``) does the same from a checkpoint.
 """
 
 from __future__ import annotations
@@ -143,8 +143,8 @@ class SaveTimmModel(pl.Callback):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m natzoo.timm_export CKPT FOLDER [--use-ema] [--img-size N]``."""
-    parser = argparse.ArgumentParser(prog="python -m natzoo.timm_export", description=__doc__.split("\n\n")[0])
+    """``python -m natzoo.tools.timm_export CKPT FOLDER [--use-ema] [--img-size N]``."""
+    parser = argparse.ArgumentParser(prog="python -m natzoo.tools.timm_export", description=__doc__.split("\n\n")[0])
     parser.add_argument("ckpt_path", help="a Lightning checkpoint written by train.py (best.ckpt, averaged.ckpt)")
     parser.add_argument("folder", help="the output folder (new, or one this command wrote)")
     parser.add_argument("--use-ema", action="store_true", help="export the EMA weights")

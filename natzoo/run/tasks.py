@@ -1,6 +1,6 @@
 """Task registry: maps a task name (the ``task`` config key) to the functions that build its pieces.
 
-`natzoo.training.train` and `natzoo.evaluation.evaluate` are task-agnostic drivers: they validate the config, build
+`natzoo.run.training.run_training` and `natzoo.run.evaluation.run_evaluation` are task-agnostic drivers: they validate the config, build
 the LightningModule, LightningDataModule and extra callbacks through the task's builders, and run Lightning. A new
 task (e.g. detection) registers a :class:`Task` in its own module and lists that module in ``_BUILTIN_TASKS`` (or
 calls :func:`register_task` before ``train``), without touching the drivers. See docs/training.md, "Adding a task".
@@ -83,7 +83,7 @@ _BUILTIN_TASKS = {
 def register_task(task: Task) -> Task:
     """Adds ``task`` to the registry (replacing a task of the same name) and returns it."""
     if not isinstance(task, Task):
-        raise TypeError(f"register_task expects a natzoo.tasks.Task, got {type(task).__name__}")
+        raise TypeError(f"register_task expects a natzoo.run.tasks.Task, got {type(task).__name__}")
     _REGISTRY[task.name] = task
     return task
 

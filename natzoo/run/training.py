@@ -18,19 +18,18 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from lightning_utilities.core.imports import RequirementCache
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from natzoo.callbacks import CurvePlot, ModelSummary, RNGState
+from natzoo.run.callbacks import CurvePlot, ModelSummary, RNGState
 from natzoo.checkpoints import AtomicCheckpointIO, CheckpointInfo, find_last_checkpoint
 from natzoo.checkpoints import resolve_ckpt_path as read_ckpt_path
 from natzoo.cli import command
 from natzoo.config import COMMON_RULES, check_config, check_weights_source
-from natzoo.console import configure_console
-from natzoo.loggers import drop_rows_after
-from natzoo.rundir import RunDirectoryBusy, RunDirLock, discard_unused
+from natzoo.run.console import configure_console
+from natzoo.run.loggers import check_logger_packages, drop_rows_after
+from natzoo.run.rundir import RunDirectoryBusy, RunDirLock, discard_unused
 from natzoo.strategies import enable_grad_checkpointing
-from natzoo.tasks import Task, get_task, task_of_checkpoint
+from natzoo.run.tasks import Task, get_task, task_of_checkpoint
 
 __all__ = [
     "SIGTERM_EXIT_CODE",
@@ -40,12 +39,10 @@ __all__ = [
     "check_run_config",
     "cpu_threads",
     "resolve_ckpt_path",
-    "train",
+    "run_training",
 ]
 
 log = logging.getLogger(__name__)
-
-_TENSORBOARD = RequirementCache("tensorboard") or RequirementCache("tensorboardX")
 
 # Exit status of a run stopped by SIGTERM (128 + the signal number, the shell's convention).
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
@@ -73,6 +70,7 @@ def check_run_config(cfg: DictConfig, stage: str) -> tuple[Task, CheckpointInfo 
     try:
         task = get_task(str(cfg.get("task", "classification")))
         check_config(cfg, {**COMMON_RULES, **task.config_rules})
+        check_logger_packages(cfg.get("logger"))
         if stage == "eval":
             check_weights_source(cfg)
             _check_output_file(cfg.get("output"))
@@ -82,7 +80,7 @@ def check_run_config(cfg: DictConfig, stage: str) -> tuple[Task, CheckpointInfo 
                 cfg.ckpt_path = resolved.path
         task.validate_config(cfg, stage)
     except (ValueError, TypeError) as err:
-        setattr(err, "natzoo_config_error", True)  # noqa: B010  (read by natzoo.console.exit_on_config_error)
+        setattr(err, "natzoo_config_error", True)  # noqa: B010  (read by natzoo.run.console.exit_on_config_error)
         raise
     return task, resolved
 
@@ -139,17 +137,8 @@ def build_callbacks(cfg: DictConfig, task: Task) -> list[pl.Callback]:
 
 
 def build_loggers(cfg: DictConfig) -> list:
-    """Loggers from ``cfg.logger``; TensorBoard entries are dropped (with a note) when tensorboard is not installed."""
-    loggers = []
-    for name, spec in (cfg.get("logger") or {}).items():
-        if spec is None or "_target_" not in spec:
-            continue
-        if "TensorBoard" in spec._target_ and not _TENSORBOARD:
-            rank_zero_info(f"logger.{name}: TensorBoard logging is off (tensorboard is not installed; "
-                           "pip install tensorboard turns it on); metrics go to metrics.csv")
-            continue
-        loggers.append(instantiate(spec))
-    return loggers
+    """Loggers from ``cfg.logger`` (their packages were checked by :func:`check_run_config`)."""
+    return [instantiate(spec) for spec in (cfg.get("logger") or {}).values() if spec is not None and "_target_" in spec]
 
 
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: Any, **overrides: Any) -> pl.Trainer:
@@ -203,8 +192,8 @@ def _hydra_output_subdir() -> str | None:
 def run_directory(cfg: DictConfig, stage: str, lock: bool) -> Iterator[tuple[Task, CheckpointInfo | None, Path]]:
     """Checks the config (:func:`check_run_config`), then holds the run directory for the run.
 
-    A run that fails a check leaves nothing behind (:func:`natzoo.rundir.discard_unused`); with ``lock`` the global
-    rank zero holds the directory's lock (:class:`natzoo.rundir.RunDirLock`), so a second run into the same directory
+    A run that fails a check leaves nothing behind (:func:`natzoo.run.rundir.discard_unused`); with ``lock`` the global
+    rank zero holds the directory's lock (:class:`natzoo.run.rundir.RunDirLock`), so a second run into the same directory
     is refused before anything is written.
 
     Yields:
@@ -232,7 +221,7 @@ def run_directory(cfg: DictConfig, stage: str, lock: bool) -> Iterator[tuple[Tas
             holder.release()
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def run_training(cfg: DictConfig) -> dict[str, Any]:
     """Trains ``cfg.task`` as configured and returns paths and final metrics.
 
     Order: config checks (fail fast, leaving nothing behind), the run directory's lock (one writer), seeding, data
@@ -244,7 +233,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     error says so and raises it.
 
     Raises:
-        natzoo.rundir.RunDirectoryBusy: another run is writing into the same run directory.
+        natzoo.run.rundir.RunDirectoryBusy: another run is writing into the same run directory.
     """
     configure_console()
     with run_directory(cfg, "fit", lock=True) as (task, info, output_dir):

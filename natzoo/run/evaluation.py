@@ -10,20 +10,20 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import DictConfig
 
-from natzoo.callbacks import Stopwatch
-from natzoo.console import configure_console
-from natzoo.rundir import write_atomically
-from natzoo.tasks import Task
-from natzoo.training import build_trainer, cpu_threads, run_directory
+from natzoo.run.callbacks import Stopwatch
+from natzoo.run.console import configure_console
+from natzoo.run.rundir import write_atomically
+from natzoo.run.tasks import Task
+from natzoo.run.training import build_trainer, cpu_threads, run_directory
 
-__all__ = ["evaluate"]
+__all__ = ["run_evaluation"]
 
 
 def _write_json(result: dict[str, Any], path: Path) -> None:
     write_atomically(path, lambda handle: handle.write(json.dumps(result, indent=2) + "\n"))
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
+def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     """Evaluates ``cfg.task`` on the validation split of ``cfg.data`` and writes ``cfg.output`` (JSON).
 
     The model comes from ``ckpt_path`` (a Lightning checkpoint), or from ``model`` plus ``checkpoint`` (official,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 
 from natzoo.checkpoints import run_dir_of_checkpoint
-from natzoo.rundir import claim_fresh_dir
+from natzoo.run.rundir import claim_fresh_dir
 
 __all__ = ["register_with_hydra"]
 
@@ -37,7 +37,7 @@ def register_with_hydra() -> None:
       the config overrides only what the user changes.
     * The resolvers ``natzoo_run_dir`` and ``natzoo_output_subdir`` of ``configs/hydra/train.yaml``: a run resumed
       with ``ckpt_path=`` continues in the run directory that wrote the checkpoint; a fresh run gets a directory of
-      its own (``natzoo_fresh_dir``, also in ``configs/hydra/default.yaml``; see :mod:`natzoo.rundir`).
+      its own (``natzoo_fresh_dir``, also in ``configs/hydra/default.yaml``; see :mod:`natzoo.run.rundir`).
     """
     from hydra.core.config_store import ConfigStore
 
