@@ -283,7 +283,8 @@ def tuned(kernel, kind: str, rank: int, mode: str, head_dim: int, reset: tuple[s
     """`kernel` wrapped in a ``triton.autotune`` over :func:`config_entries`; one wrapper per distinct config list.
 
     Checks the torch and Triton versions first (:func:`.compat.check_versions` warns once outside the tested range);
-    in the interpreter, lets Triton 3.6 take the kernels' runtime loop bounds (:func:`.compat.patch_interpreter_scalars`).
+    in the interpreter, lets Triton 3.6 take the kernels' runtime loop bounds
+    (:func:`.compat.patch_interpreter_scalars`).
     """
     check_versions()
     if interpreting():
