@@ -6,6 +6,7 @@ release that moves one of the internals fails here, naming it.
 
 from __future__ import annotations
 
+import importlib.metadata
 import warnings
 
 import pytest
@@ -164,7 +165,7 @@ def _count_trips(OUT, n):
 @needs_interpreter
 def test_interpreter_takes_a_runtime_loop_bound():
     """Triton 3.6's interpreter needs the patch (NumPy >= 2.4 refuses its one-element scalars as range bounds)."""
-    assert compat.patch_interpreter_scalars() is (compat.release(triton.__version__) < (3, 7))
+    assert compat.patch_interpreter_scalars() is (compat.release(importlib.metadata.version("triton")) < (3, 7))
     out = torch.zeros(1, dtype=torch.int32)
     _count_trips[(1,)](out, 5)
     assert out.item() == 5

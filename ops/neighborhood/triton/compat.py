@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import importlib.metadata
 import inspect
 import re
 import types
@@ -100,7 +101,8 @@ def patch_interpreter_scalars() -> bool:
     Returns:
         Whether the patch was installed (Triton older than 3.7 with the interpreter hook present).
     """
-    if release(triton.__version__) >= (3, 7):
+    # The installed distribution's version, not `triton.__version__` (which tests may replace for the range check).
+    if release(importlib.metadata.version("triton")) >= (3, 7):
         return False
     from triton.runtime import interpreter
 
