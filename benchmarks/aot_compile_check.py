@@ -12,6 +12,7 @@ Usage::
     python benchmarks/aot_compile_check.py            # the first config of every launch (NATZOO_NA_AUTOTUNE=off)
     python benchmarks/aot_compile_check.py --all      # every config of the full search space
     python benchmarks/aot_compile_check.py --arch 80  # another compute capability
+    python benchmarks/aot_compile_check.py --only 1d --only 3d   # the cases whose name contains either text
 """
 
 from __future__ import annotations
@@ -118,12 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--all", action="store_true", help="every config of the full search space")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80 or 90")
-    parser.add_argument("--only", default="", help="only the cases whose name contains this text")
+    parser.add_argument("--only", action="append", default=[],
+                        help="only the cases whose name contains this text (repeatable: any of them)")
     args = parser.parse_args(argv)
     os.environ["NATZOO_NA_AUTOTUNE"] = "full" if args.all else "off"
     failures, compiled, seen = 0, 0, set()
     for case in CASES:
-        if args.only not in case.name:
+        if args.only and not any(text in case.name for text in args.only):
             continue
         for launch in launches_of(case):
             for config in launch.configs or [None]:

@@ -386,13 +386,9 @@ class Kit:
 @contextlib.contextmanager
 def counting_compiles(sink: list[dict[str, Any]]) -> Iterator[None]:
     """Appends to `sink` every Triton compilation of an NA kernel in this process that missed the on-disk cache."""
-    from triton import knobs
-
-    previous = knobs.compilation.listener
+    from natzoo.ops.neighborhood.triton import compat
 
     def listener(**event: Any) -> None:
-        if previous is not None:
-            previous(**event)
         if event.get("cache_hit", True):
             return
         try:  # other compilations (Inductor's kernels, IR sources) are not ours to count
@@ -402,11 +398,8 @@ def counting_compiles(sink: list[dict[str, Any]]) -> Iterator[None]:
         if key.startswith(NA_KERNELS):
             sink.append({"kernel": key.rsplit(":", 1)[-1], "seconds": _total_seconds(event.get("times"))})
 
-    knobs.compilation.listener = listener
-    try:
+    with compat.compilation_listener(listener):
         yield
-    finally:
-        knobs.compilation.listener = previous
 
 
 def _total_seconds(times: Any) -> float:
@@ -547,72 +540,27 @@ def recording(sink: list[CompileSpec], source: str) -> Iterator[None]:
     Autotuned launches record every config the autotuner would benchmark (after its pruning; a single config is
     launched unpruned, as Triton does). Works on compiled and interpreted kernels alike.
     """
-    from triton.runtime.autotuner import Autotuner
-    from triton.runtime.jit import JITFunction
+    from natzoo.ops.neighborhood.triton import compat
 
-    patched: list[tuple[Any, Callable[..., Any]]] = [(Autotuner, Autotuner.run), (JITFunction, JITFunction.run)]
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        patched.append((InterpretedFunction, InterpretedFunction.run))
-    except ImportError:  # pragma: no cover - every supported Triton has it
-        pass
-
-    def record(kernel: Any, args: tuple[Any, ...], kwargs: dict[str, Any], configs: list[Any]) -> None:
+    def record(kernel: Any, args: tuple[Any, ...], kwargs: dict[str, Any], configs: list[Any] | None,
+               grid: Any) -> None:
         key = _kernel_key(kernel)
         plain_args = tuple(_plain(a) for a in args)
         plain_kwargs = tuple(sorted((k, _plain(v)) for k, v in kwargs.items()))
-        for config in configs:
+        for config in configs if configs is not None else [None]:
             cfg = tuple(sorted(config.all_kwargs().items())) if config is not None else ()
             sink.append(CompileSpec(key, _python_fn(kernel).__name__, plain_args, plain_kwargs, cfg, source))
 
-    def tuner_run(self: Any, *args: Any, **kwargs: Any) -> None:
-        kwargs.pop("grid", None)
-        kwargs.pop("warmup", None)
-        if len(self.configs) > 1:
-            self.nargs = dict(zip(self.arg_names, args))
-            configs = list(self.prune_configs(kwargs))
-            self.nargs = None
-        else:
-            configs = list(self.configs)
-        record(self.fn, args, kwargs, configs)
-
-    def jit_run(self: Any, *args: Any, grid: Any = None, warmup: bool = False, **kwargs: Any) -> None:
-        record(self, args, kwargs, [None])
-
-    Autotuner.run = tuner_run  # type: ignore[method-assign]
-    for cls, _ in patched[1:]:
-        cls.run = jit_run
-    try:
+    with compat.intercepted_launches(record):
         yield
-    finally:
-        for cls, original in patched:
-            cls.run = original
-
-
-class _CompileOnlyDriver:
-    """Stands in for Triton's active driver in a compile worker: the parent's target, no device touched."""
-
-    def __init__(self, target: Any) -> None:
-        self.target = target
-
-    def get_current_target(self) -> Any:
-        return self.target
-
-    def get_current_device(self) -> int:
-        return 0
-
-    def get_current_stream(self, device: int | None = None) -> int:
-        return 0
 
 
 def _compile_worker_init(target: tuple[str, Any, int], paths: list[str]) -> None:
     os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compiled kernels, never the interpreter
     _add_paths(paths)
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime import driver
+    from natzoo.ops.neighborhood.triton import compat
 
-    driver.set_active(_CompileOnlyDriver(GPUTarget(*target)))  # type: ignore[arg-type]
+    compat.use_compile_only_target(target)  # the parent's target, no device touched
 
 
 def compile_spec(spec: CompileSpec) -> dict[str, Any]:
@@ -621,37 +569,24 @@ def compile_spec(spec: CompileSpec) -> dict[str, Any]:
     Runs in a worker set up by `_compile_worker_init`; the binary lands in the Triton cache shared with the parent.
     """
     import torch
-    from triton import knobs
-    from triton.runtime.jit import MockTensor, _triton_jit_function_registry
 
-    class Arg(MockTensor):
-        def __init__(self, dtype: torch.dtype, ptr: int) -> None:
-            super().__init__(dtype)
-            self.ptr = ptr
-
-        def data_ptr(self) -> int:  # type: ignore[override]
-            return self.ptr
+    from natzoo.ops.neighborhood.triton import compat
 
     def real(value: Any) -> Any:
         if isinstance(value, tuple) and value[:1] == ("tensor",):
-            return Arg(getattr(torch, value[1]), value[2])
+            return compat.mock_tensor(getattr(torch, value[1]), value[2])
         return value
 
-    module, _ = spec.kernel.split(":")
-    importlib.import_module(module)
-    kernel = _triton_jit_function_registry[spec.kernel]
     hits: list[bool] = []
-    previous = knobs.compilation.listener
-    knobs.compilation.listener = lambda **kw: hits.append(kw["cache_hit"])
     start, cpu = time.perf_counter(), _cpu_seconds()
     try:
-        kernel.run(*(real(a) for a in spec.args), grid=None, warmup=True,
-                   **{k: real(v) for k, v in spec.kwargs}, **dict(spec.config))
+        kernel = compat.jit_function(spec.kernel)  # through the kernel's module: no registry in Triton 3.6
+        with compat.compilation_listener(lambda **kw: hits.append(kw["cache_hit"])):
+            compat.warm_up(kernel, tuple(real(a) for a in spec.args),
+                           {**{k: real(v) for k, v in spec.kwargs}, **dict(spec.config)})
         error = None
     except Exception as exc:  # noqa: BLE001 - reported per binary; the launch then fails the same way in its step
         error = f"{type(exc).__name__}: {str(exc)[:300]}"
-    finally:
-        knobs.compilation.listener = previous
     return {"kernel": spec.name, "seconds": time.perf_counter() - start, "cpu_s": _cpu_seconds() - cpu,
             "cache_hit": bool(hits) and all(hits), "error": error}
 
@@ -685,10 +620,9 @@ def compile_target(device: str) -> tuple[str, Any, int]:
     """The parent's Triton target (backend, arch, warp size); sm_90 for the dry run, which has no GPU."""
     if device != "cuda":
         return ("cuda", 90, 32)
-    from triton.runtime import driver
+    from natzoo.ops.neighborhood.triton import compat
 
-    target = driver.active.get_current_target()
-    return (target.backend, target.arch, target.warp_size)
+    return compat.current_target()
 
 
 def capture_workloads(kit: Kit, steps: list[str]) -> Iterator[list[CompileSpec]]:
@@ -1744,37 +1678,6 @@ def step_profile(kit: Kit, step: dict[str, Any], top: int = 12) -> None:
                           f"{100 * sdpa / whole:.1f} %")
 
 
-# ---- private Triton API: the only place the kit reads the autotuner's internals ----------------------------------
-# ``Autotuner.cache`` (per-key best config) and ``Autotuner.configs_timings`` (the last benchmark's times, a list of
-# quantiles or a float per config) are attributes of Triton 3.2 to 3.9 without a public accessor.
-@contextlib.contextmanager
-def autotuner_timings(sink: list[dict[str, Any]]) -> Iterator[None]:
-    """Inside the block every autotuned launch is benchmarked afresh (its key's cached choice dropped) and the
-    autotuner's own time per config is appended to `sink` as ``{"kernel", "config", "ms"}``."""
-    from triton.runtime.autotuner import Autotuner
-
-    original = Autotuner.run
-
-    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
-        self.cache.clear()
-        before = getattr(self, "configs_timings", None)
-        result = original(self, *args, **kwargs)
-        timings = getattr(self, "configs_timings", None)
-        if timings is not None and timings is not before:
-            for config, value in timings.items():
-                ms = value[0] if isinstance(value, (list, tuple)) else value
-                sink.append({"kernel": _python_fn(self).__name__.lstrip("_").removesuffix("_kernel"),
-                             "config": config, "ms": float(ms)})
-        return result
-
-    # Replacing a method of a library class for the block (mypy forbids assigning to methods).
-    Autotuner.run = run  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        # Restoring it.
-        Autotuner.run = original  # type: ignore[method-assign]
-# ---- end of private Triton API -----------------------------------------------------------------------------------
 
 
 def static_estimates(layer: Layer, batch: int, kernels: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -1807,6 +1710,7 @@ def step_autotune(kit: Kit, step: dict[str, Any]) -> None:
     import torch
 
     from natzoo import ops
+    from natzoo.ops.neighborhood.triton import compat
 
     plan = kit.plan
     layers = list(plan.autotune_layers)
@@ -1822,7 +1726,7 @@ def step_autotune(kit: Kit, step: dict[str, Any]) -> None:
             leaves = [t.detach().requires_grad_() for t in (q, k, v)] + ([rpb.requires_grad_()] if rpb is not None
                                                                          else [])
             sink: list[dict[str, Any]] = []
-            with autotuner_timings(sink):
+            with compat.autotuner_timings(sink):
                 out = getattr(ops, f"na{len(layer.spatial)}d")(*leaves[:3], layer.kernel, dilation=layer.dilation,
                                                                rpb=leaves[3] if rpb is not None else None,
                                                                backend="triton")

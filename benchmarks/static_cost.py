@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from natzoo.ops.neighborhood.indexing import group_length, inverse_window, window
+from natzoo.ops.neighborhood.triton import compat
 from natzoo.ops.neighborhood.triton.backward import na_backward
 from natzoo.ops.neighborhood.triton.forward import na_forward
 from natzoo.ops.neighborhood.validation import Problem
@@ -289,7 +290,7 @@ def analyse(layer: str, launch: Launch, config, useful: int, cache: dict) -> Row
 def compile_key(launch: Launch, config) -> dict:
     """What determines the compiled code: constexpr values, the JIT's int/pointer specialisation and the config."""
     named = launch.named_args(config)
-    constexpr = {p.name for p in launch.kernel.params if p.is_constexpr}
+    constexpr = set(compat.constexpr_names(launch.kernel))
     key = {}
     for name, value in named.items():
         if name in constexpr or isinstance(value, (bool, str)):

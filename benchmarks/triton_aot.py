@@ -17,20 +17,19 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource, make_backend
-from triton.runtime.autotuner import Autotuner
-from triton.runtime.jit import JITFunction, create_function_from_signature
+
+from natzoo.ops.neighborhood.triton import compat
 
 
 @dataclasses.dataclass
 class Launch:
-    """One captured kernel launch: the kernel, its autotuning configs after the autotuner's pruning (None: a plain
-    launch) and its arguments."""
+    """One captured kernel launch: the kernel (a ``JITFunction``), its autotuning configs after the autotuner's
+    pruning (None: a plain launch) and its arguments."""
 
-    kernel: JITFunction
+    kernel: Any
     configs: list[triton.Config] | None
     args: tuple
     kwargs: dict
@@ -38,10 +37,10 @@ class Launch:
 
     @property
     def name(self) -> str:
-        return self.kernel.__name__
+        return compat.python_function(self.kernel).__name__
 
     def named_args(self, config: triton.Config | None) -> dict:
-        named = dict(zip(self.kernel.arg_names, self.args))
+        named = dict(zip(compat.arg_names(self.kernel), self.args))
         named.update(self.kwargs)
         if config is not None:
             named.update(config.kwargs)
@@ -66,41 +65,20 @@ class Launch:
 def capture_launches() -> Iterator[list[Launch]]:
     """Records (instead of running) every ``kernel[grid](...)`` launch made inside the block."""
     launches: list[Launch] = []
-    jit_run, tuner_run = JITFunction.run, Autotuner.run
 
-    def fake_jit_run(self, *args, grid, warmup, **kwargs):
-        launches.append(Launch(self, None, args, kwargs, grid))
+    def record(kernel: Any, args: tuple, kwargs: dict, configs: list[Any] | None, grid: Any) -> None:
+        launches.append(Launch(compat.unwrap(kernel), configs, args, kwargs, grid))
 
-    def fake_tuner_run(self, *args, **kwargs):
-        grid = kwargs.pop("grid")
-        kwargs.pop("warmup", None)
-        fn = self.fn
-        while not isinstance(fn, JITFunction):
-            fn = fn.fn
-        self.nargs = dict(zip(self.arg_names, args))
-        launches.append(Launch(fn, list(self.prune_configs(kwargs)), args, kwargs, grid))
-
-    # patched on purpose while the launches are captured
-    JITFunction.run, Autotuner.run = fake_jit_run, fake_tuner_run  # type: ignore[method-assign]
-    try:
+    with compat.intercepted_launches(record):
         yield launches
-    finally:
-        # patched on purpose while the launches are captured
-        JITFunction.run, Autotuner.run = jit_run, tuner_run  # type: ignore[method-assign]
 
 
 def compile_launch(launch: Launch, config: triton.Config | None, arch: int = 90):
     """Compiles one launch (with one of its configs) for ``sm_<arch>`` with the JIT's specialisation."""
-    target = GPUTarget("cuda", arch, 32)
-    backend = make_backend(target)
-    binder = create_function_from_signature(launch.kernel.signature, launch.kernel.params, backend)
     kwargs = dict(launch.kwargs)
     if config is not None:
         kwargs.update(config.all_kwargs())
-    bound, specialization, options = binder(*launch.args, **kwargs)
-    options, signature, constexprs, attrs = launch.kernel._pack_args(backend, kwargs, bound, specialization, options)
-    source = ASTSource(launch.kernel, signature, constexprs, attrs)
-    return triton.compile(source, target=target, options=options.__dict__)
+    return compat.compile_for(launch.kernel, launch.args, kwargs, arch)
 
 
 def _tool(name: str) -> str:

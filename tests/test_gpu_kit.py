@@ -140,8 +140,8 @@ def test_precompiled_binary_is_the_one_the_launch_finds(tmp_path):
         import torch, gpu_kit
         from natzoo.ops.neighborhood.triton.forward import na_forward
         from natzoo.ops.neighborhood.validation import Problem
+        from natzoo.ops.neighborhood.triton import compat
         from triton import knobs
-        from triton.runtime.jit import _triton_jit_function_registry
 
         layer = gpu_kit.Layer("t", (9, 10), 2, 32, (3, 3), (2, 1))
         q, k, v, rpb, _, _ = gpu_kit.layer_inputs(layer, 2, torch.bfloat16, "cpu")
@@ -154,7 +154,7 @@ def test_precompiled_binary_is_the_one_the_launch_finds(tmp_path):
         gpu_kit._compile_worker_init(("cuda", 90, 32), [])
         built = gpu_kit.compile_spec(sink[0])
         assert built["error"] is None and not built["cache_hit"], built
-        _triton_jit_function_registry[sink[0].kernel].device_caches.clear()
+        compat.jit_function(sink[0].kernel).device_caches.clear()
         hits = []
         knobs.compilation.listener = lambda **kw: hits.append(kw["cache_hit"])
         try:
@@ -342,13 +342,15 @@ def test_kit_imports_nothing_the_gpu_machines_lack(tmp_path):
 
 
 def test_autotuner_timings_reads_the_autotuners_own_benchmark(monkeypatch):
-    """The kit's one use of private Triton API: each autotuned launch re-benchmarked (its key's cached choice
-    dropped) and the autotuner's time per config recorded; the real ``Autotuner.run`` restored afterwards."""
+    """The kit's autotune step (private Triton API, in the compat module): each autotuned launch re-benchmarked (its
+    key's cached choice dropped) and the autotuner's time per config recorded; the real ``Autotuner.run`` restored
+    afterwards."""
     import types
 
     from triton.runtime.autotuner import Autotuner
 
-    kit_module = _load_kit()
+    from natzoo.ops.neighborhood.triton import compat
+
     config = object()
 
     def benchmarked(self, *args, **kwargs):
@@ -363,7 +365,7 @@ def test_autotuner_timings_reads_the_autotuners_own_benchmark(monkeypatch):
     tuner = types.SimpleNamespace(cache={"key": config}, configs_timings=None,
                                   fn=types.SimpleNamespace(fn=_na_fwd_kernel))
     sink = []
-    with kit_module.autotuner_timings(sink):
+    with compat.autotuner_timings(sink):
         assert Autotuner.run(tuner) == "launched"
     assert sink == [{"kernel": "na_fwd", "config": config, "ms": 0.5}]
     assert Autotuner.run is benchmarked

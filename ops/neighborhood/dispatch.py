@@ -91,9 +91,13 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=1)
+# Looked up once at import: torch.compile of torch 2.11 cannot trace `find_spec` inside a compiled region.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """Whether the ``triton`` package is installed."""
+    return _TRITON_FOUND
 
 
 def _debug(msg: str, *args) -> None:

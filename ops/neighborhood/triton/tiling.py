@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from ..dispatch import interpreter_enabled as interpreting
+from .compat import arg_names, check_versions, patch_interpreter_scalars
 
 Tile = tuple[int, int, int]
 Entry = tuple  # (query tile, key tile, warps, stages[, register cap])
@@ -134,9 +135,16 @@ _INTERPRETER_CONFIGS: dict[str, dict[int, list[Entry]]] = {
 }
 
 # Autotuning key: everything that changes the best config (and so, through the accumulation order, the result bits).
+# Each kernel is keyed on the names it takes (`autotune_key`): Triton 3.9 rejects a key naming other arguments.
 AUTOTUNE_KEY = ["B", "H", "L0", "L1", "L2", "DIL0", "DIL1", "DIL2", "HEAD_DIM", "K0", "K1", "K2", "S0", "S1", "S2",
                 "C0", "C1", "C2", "HAS_RPB", "COMPUTE_DQ", "COMPUTE_DRPB", "COMPUTE_DK", "COMPUTE_DV", "HAS_DLSE",
                 "DETERMINISTIC", "PRECISION"]
+
+
+def autotune_key(kernel) -> list[str]:
+    """The names of :data:`AUTOTUNE_KEY` that are arguments of `kernel`, in the key's order."""
+    names = set(arg_names(kernel))
+    return [name for name in AUTOTUNE_KEY if name in names]
 
 
 def autotune_mode() -> str:
@@ -272,13 +280,21 @@ def launching(kernel: str, kind: str, problem, mode: str) -> Iterator[None]:
 
 
 def tuned(kernel, kind: str, rank: int, mode: str, head_dim: int, reset: tuple[str, ...] = ()):
-    """`kernel` wrapped in a ``triton.autotune`` over :func:`config_entries`; one wrapper per distinct config list."""
+    """`kernel` wrapped in a ``triton.autotune`` over :func:`config_entries`; one wrapper per distinct config list.
+
+    Checks the torch and Triton versions first (:func:`.compat.check_versions` warns once outside the tested range);
+    in the interpreter, lets Triton 3.6 take the kernels' runtime loop bounds
+    (:func:`.compat.patch_interpreter_scalars`).
+    """
+    check_versions()
+    if interpreting():
+        patch_interpreter_scalars()
     return _autotuned(kernel, kind, rank, tuple(config_entries(kind, rank, mode, head_dim)), reset)
 
 
 @functools.cache
 def _autotuned(kernel, kind: str, rank: int, entries: tuple[Entry, ...], reset: tuple[str, ...]):
-    return triton.autotune(configs=[_cfg(kind, rank, *e) for e in entries], key=AUTOTUNE_KEY,
+    return triton.autotune(configs=[_cfg(kind, rank, *e) for e in entries], key=autotune_key(kernel),
                            reset_to_zero=list(reset) or None,
                            prune_configs_by={"early_config_prune": _prune})(kernel)
 
