@@ -243,6 +243,8 @@ class CheckpointInfo:
         epoch: Epochs completed when it was saved, minus one (Lightning's count).
         global_step: Optimizer steps taken when it was saved.
         run_dir: The natzoo run directory that wrote it (None for a checkpoint from elsewhere).
+        label_names: The class names the model was trained on, in output order (None when the checkpoint records
+            none: written before natzoo recorded them, or by a run without named classes).
     """
 
     path: str
@@ -250,6 +252,7 @@ class CheckpointInfo:
     epoch: int = 0
     global_step: int = 0
     run_dir: Path | None = None
+    label_names: tuple[str, ...] | None = None
 
 
 def resolve_ckpt_path(value: Any, resume_dir: str | os.PathLike | None = None) -> CheckpointInfo | None:
@@ -276,7 +279,15 @@ def resolve_ckpt_path(value: Any, resume_dir: str | os.PathLike | None = None) -
     checkpoint = read_lightning_checkpoint(path)
     return CheckpointInfo(path=str(path), hyper_parameters=dict(checkpoint.get("hyper_parameters") or {}),
                           epoch=int(checkpoint.get("epoch", 0)), global_step=int(checkpoint.get("global_step", 0)),
-                          run_dir=run_dir_of_checkpoint(str(path), None))
+                          run_dir=run_dir_of_checkpoint(str(path), None),
+                          label_names=_recorded_label_names(checkpoint))
+
+
+def _recorded_label_names(checkpoint: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The class names in a checkpoint's ``natzoo_model`` record (:mod:`natzoo.tools.model_info`), if any."""
+    record = checkpoint.get("natzoo_model")
+    names = record.get("label_names") if isinstance(record, Mapping) else None
+    return tuple(str(n) for n in names) if isinstance(names, (list, tuple)) else None
 
 
 def differences(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:

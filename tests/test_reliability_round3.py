@@ -398,7 +398,8 @@ def test_a_run_that_trained_zero_steps_does_not_report_success(tmp_path):
 
 
 def test_ckpt_path_last_refuses_the_newest_run_of_another_seed(demo_root, tmp_path):
-    from natzoo.run.training import resolve_ckpt_path
+    from natzoo.run.tasks import get_task
+    from natzoo.run.training import _checkpoint_of
 
     runs = tmp_path / "logs" / "demo-nat_mini" / "runs"
     written = {}
@@ -412,9 +413,14 @@ def test_ckpt_path_last_refuses_the_newest_run_of_another_seed(demo_root, tmp_pa
     cfg = compose_config("train", tiny_overrides(demo_root, tmp_path / "logs") + ["ckpt_path=last", "seed=3"])
     with pytest.raises(ValueError, match=rf"written by a run with seed=1, but this command has seed=3: pass seed=1 .*"
                                          rf"ckpt_path={written[3]} continues this seed's newest run"):
-        resolve_ckpt_path(cfg)
+        _checkpoint_of(cfg, get_task("classification"))
     same_seed = compose_config("train", tiny_overrides(demo_root, tmp_path / "logs") + ["ckpt_path=last", "seed=1"])
-    assert resolve_ckpt_path(same_seed).path == str(written[1])
+    from natzoo.checkpoints import resolve_ckpt_path
+    from natzoo.run.training import _check_last_is_this_seeds
+
+    found = resolve_ckpt_path("last", str(same_seed.paths.resume_dir))
+    assert found is not None and found.path == str(written[1])
+    _check_last_is_this_seeds(found.path, 1, same_seed.paths.resume_dir)  # this seed's own newest run: accepted
 
 
 def test_a_fresh_run_into_a_directory_holding_another_run_is_refused(demo_root, tmp_path, monkeypatch):
@@ -449,13 +455,38 @@ def test_settings_that_failed_after_training_are_refused_by_the_config_check(dem
 
 
 def test_resume_with_another_layer_decay_is_refused(demo_root, tmp_path):
-    from natzoo.classification.task import _module_kwargs, check_resume
+    from natzoo.checkpoints import CheckpointInfo
+    from natzoo.classification.task import _module_kwargs, resume_differences
+    from natzoo.run.tasks import check_resume
 
     saved = _module_kwargs(compose_config("train", tiny_overrides(demo_root, tmp_path / "logs")), 8)
     cfg = compose_config("train", tiny_overrides(demo_root, tmp_path / "logs") + ["ckpt_path=x.ckpt",
                                                                                 "optim.layer_decay=0.75"])
+    info = CheckpointInfo("x.ckpt", saved)
     with pytest.raises(ValueError, match=r"optim\.layer_decay: checkpoint None, config 0\.75"):
-        check_resume(cfg, saved, 8)
+        check_resume(cfg, info, resume_differences(cfg, info))
+
+
+def test_resume_onto_renamed_class_folders_is_refused(tmp_path):
+    """Same class count, another class name: resuming would train every output on another class without a word.
+    The checkpoint records its class names (natzoo_model), so the resume is refused, naming both lists."""
+    from natzoo.checkpoints import CheckpointInfo
+    from natzoo.classification.task import _module_kwargs, resume_differences
+    from natzoo.run.tasks import check_resume
+
+    for split in ("train", "val"):
+        for name in ("cat", "dog"):
+            (tmp_path / "mine" / split / name).mkdir(parents=True)
+            Image.new("RGB", (16, 16)).save(tmp_path / "mine" / split / name / "0.png")
+    overrides = ["debug=tiny", "data=folder", f"data.root={tmp_path / 'mine'}", f"paths.log_dir={tmp_path / 'logs'}"]
+    saved = _module_kwargs(compose_config("train", overrides), 2)
+    same = CheckpointInfo("x.ckpt", saved, label_names=("cat", "dog"))
+    cfg = compose_config("train", overrides + ["ckpt_path=x.ckpt"], tmp_path / "run")
+    check_resume(cfg, same, resume_differences(cfg, same))  # the classes it was trained on: resumes
+    (tmp_path / "mine" / "train" / "dog").rename(tmp_path / "mine" / "train" / "wolf")
+    (tmp_path / "mine" / "val" / "dog").rename(tmp_path / "mine" / "val" / "wolf")
+    with pytest.raises(ValueError, match=r"classes: checkpoint \['cat', 'dog'\], config \['cat', 'wolf'\]"):
+        check_resume(cfg, same, resume_differences(cfg, same))
 
 
 def test_debug_tiny_with_data_folder_trains_on_the_users_folder(tmp_path):

@@ -101,8 +101,10 @@ def _explicit_model() -> bool:
 def resume_differences(cfg: DictConfig, ckpt: CheckpointInfo) -> list[Difference]:
     """Where the composed config differs from the hyper-parameters of the checkpoint a run resumes from: refused for
     the model, its architecture, the class count, the frozen parameters, EMA on/off and the optimizer's parameter
-    grouping; restored (from the saved state) for the optimizer's hyper-parameters; applied for the rest."""
-    current = _module_kwargs(cfg, len(_prepare_data(cfg, "fit")))
+    grouping, and the class names the checkpoint records (a renamed class folder would shift every label); restored
+    (from the saved state) for the optimizer's hyper-parameters; applied for the rest."""
+    classes = _prepare_data(cfg, "fit")
+    current = _module_kwargs(cfg, len(classes))
     found = [(key, old, new) for key, old, new in differences(ckpt.hyper_parameters, current)
              if key.split(".")[0] in current and not (key.startswith("model_kwargs.") and old is None and new is None)]
     result = []
@@ -113,6 +115,9 @@ def resume_differences(cfg: DictConfig, ckpt: CheckpointInfo) -> list[Difference
             result.append(Difference(_config_key(key), old, new, "restored"))
         else:
             result.append(Difference(_config_key(key), old, new, "applied"))
+    if ckpt.label_names is not None and classes and list(ckpt.label_names) != list(classes):
+        # Same count, other names or order (a renamed or added class folder): the outputs would mean other classes.
+        result.append(Difference("data.root classes", list(ckpt.label_names), list(classes), "refused"))
     return result
 
 

@@ -183,12 +183,12 @@ def _checkpoint_of(cfg: DictConfig, task: Task) -> CheckpointInfo | None:
     """
     resume_dir = cfg.get("paths", {}).get("resume_dir")
     info = resolve_ckpt_path(cfg.get("ckpt_path"), str(resume_dir) if resume_dir else None)
+    if info is not None and str(cfg.get("ckpt_path")) == "last" and "seed" in cfg:
+        _check_last_is_this_seeds(info.path, int(cfg.seed), resume_dir)  # which run `last` found, before its kind
     if info is not None and not task.owns_checkpoint(info.hyper_parameters):
         owner = task_of_checkpoint(info.hyper_parameters)
         hint = f"; it is a {owner} checkpoint: add task={owner}" if owner else ""
         raise ValueError(f"ckpt_path={info.path!r} was not written by the {task.name} task's module{hint}")
-    if info is not None and str(cfg.get("ckpt_path")) == "last" and "seed" in cfg:
-        _check_last_is_this_seeds(info.path, int(cfg.seed), resume_dir)
     return info
 
 
