@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import argparse
 import functools
-import platform
+import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -25,6 +26,9 @@ import torch
 
 from natzoo import ops
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # machine.py beside this script
+from machine import cpu_model  # noqa: E402
+
 # (name, resolution, heads, dilation) of NAT-Tiny / DiNAT-Tiny at 224x224: embed 64, head_dim 32, kernel 7.
 LAYERS = [
     ("56x56", 56, 2, 1), ("28x28", 28, 4, 1), ("14x14", 14, 8, 1), ("7x7", 7, 16, 1),
@@ -32,17 +36,6 @@ LAYERS = [
 ]
 NAT_T_DEPTHS = {56: 3, 28: 4, 14: 18, 7: 5}  # NAT-Tiny's blocks per resolution
 KERNEL, HEAD_DIM = 7, 32
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, float]:

@@ -40,6 +40,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from natzoo import models  # noqa: F401  (registers the NAT family with timm)
 from natzoo.tools.export import export_onnx, native_input_size
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # machine.py beside this script
+from machine import cpu_model  # noqa: E402
+
 
 def _paired_medians(steps: list[Callable[[], object]], warmup: int, iters: int) -> list[float]:
     """Median seconds of each step; the steps alternate within every iteration, so a load that comes and goes on a
@@ -54,17 +57,6 @@ def _paired_medians(steps: list[Callable[[], object]], warmup: int, iters: int) 
             step()
             record.append(time.perf_counter() - start)
     return [statistics.median(t) for t in times]
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def bench_model(name: str, batches: list[int], warmup: int, iters: int, threads: int, folder: Path) -> list[dict]:
@@ -179,7 +171,7 @@ def main() -> None:
             else:
                 rows += bench_model(name, args.batches, args.warmup, args.iters, args.threads, Path(folder))
 
-    print(f"{datetime.date.today()}, {_cpu_name()}, {os.cpu_count()} logical CPUs, {args.threads} threads for torch "
+    print(f"{datetime.date.today()}, {cpu_model()}, {os.cpu_count()} logical CPUs, {args.threads} threads for torch "
           f"and onnxruntime, load average {load:.2f} at the start; Python {platform.python_version()}, "
           f"torch {torch.__version__}, onnxruntime {ort.__version__}, onnx {onnx.__version__}, timm {timm.__version__}")
     print(f"Command: python benchmarks/bench_export.py {' '.join(sys.argv[1:])}".rstrip())

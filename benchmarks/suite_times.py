@@ -23,21 +23,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # machine.py beside this script
+from machine import cpu_model  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 PAGE = REPO / "docs" / "development.md"
 
 _SUMMARY = re.compile(r"^=*\s*(?P<counts>(?:\d+ \w+(?:, )?)+) in (?P<seconds>[\d.]+)s", re.M)
 _DURATION = re.compile(r"^(?P<seconds>[\d.]+)s (?P<phase>call|setup|teardown)\s+(?P<test>\S+)", re.M)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _versions() -> str:
@@ -74,7 +67,7 @@ def table(name: str, command: str, log: str, load: str, slowest: int) -> str:
         "| Subset | Command | Tests | Wall time | Machine | Date | Versions |",
         "|---|---|---|---|---|---|---|",
         f"| {name} | `{command}` | {', '.join(f'{n} {w}' for w, n in counts.items())} | {minutes} min {rest:02d} s "
-        f"| {_cpu_model()}, {os.cpu_count()} cores, load {load} at the start | {datetime.date.today().isoformat()} "
+        f"| {cpu_model()}, {os.cpu_count()} cores, load {load} at the start | {datetime.date.today().isoformat()} "
         f"| Python {platform.python_version()}, {_versions()} |",
     ]
     if durations and slowest > 0:
