@@ -159,8 +159,10 @@ def _module(demo_root: Path, tmp_path: Path, *extra: str, caplog=None):
 
 def test_each_training_feature_switched_on_is_confirmed_once(demo_root, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="natzoo"):
+        # repeated augmentation spreads an image's copies over processes: refused on one, so two CPU processes here
         _module(demo_root, tmp_path, "optim.layer_decay=0.7", "loss.name=bce", "data.aug_repeats=2",
-                "ema.enabled=true", "data.mixup.mixup_alpha=0.8")
+                "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "ema.enabled=true",
+                "data.mixup.mixup_alpha=0.8")
     for text in ("layer-wise lr decay 0.7", "loss: binary cross-entropy", "repeated augmentation: each training "
                  "image 2 times", "EMA of the weights: decay", "mixup/cutmix: mixup_alpha 0.8"):
         assert len(_messages(caplog, text)) == 1, text
