@@ -72,6 +72,6 @@ def test_a_new_family_in_one_file_and_its_config_appears_everywhere(tmp_path):
     assert found["hub"] == [2, 3]
     assert found["test_lists"] == {"test_models_zoo": True, "test_models_timm": True}
     assert found["model_config"] == {"name": "toy_tiny", "kwargs": {}, "drop_path_rate": None, "freeze": [],
-                                     "grad_checkpointing": False}
+                                     "grad_checkpointing": False, "pretrained": False, "pretrained_cfg_overlay": {}}
     # Trained through the toy's own config: its variant, its width, and a head for the 8 demo classes.
     assert found["trained"] == {"model_name": "toy_tiny", "embed_dim": 4, "head": [8, 4]}
