@@ -58,7 +58,7 @@ import traceback
 import types
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.dirname(os.path.abspath(__file__))
@@ -1638,7 +1638,9 @@ def step_profile(kit: Kit, step: dict[str, Any], top: int = 12) -> None:
     x = torch.randn(plan.e2e_batch, 3, plan.e2e_img, plan.e2e_img, device=plan.device)
     target = torch.randint(0, 1000, (plan.e2e_batch,), device=plan.device)
     if cuda:
-        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        # Module.to(memory_format=) works at run time in every supported torch; torch 2.11's stubs lack the keyword
+        model = cast(Any, model).to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def train() -> None:

@@ -11,7 +11,7 @@ built in Python: :func:`tile_tables` then computes them as tensor expressions of
 from __future__ import annotations
 
 from functools import lru_cache
-
+from typing import cast
 
 import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
@@ -191,7 +191,9 @@ def symbolic_axis_windows(
         ``keys [L, k]`` global key coordinate of each window slot and ``bias [L, k]`` its RPB offset
         ``k - 1 + key - query`` (in-group), in ``[0, 2k - 2]``.
     """
-    x = torch.arange(length, device=device)  # [L] global coordinate of each query
+    # [L] global coordinate of each query; `length` may be a SymInt (torch.export), which arange takes at run time
+    # (the cast only tells torch 2.11's stubs, which type arange's end as a plain number)
+    x = torch.arange(cast(int, length), device=device)
     group, i = x % dilation, x // dilation
     glen = (group.neg() + length + dilation - 1) // dilation  # [L] length of each query's dilation group
     leader = torch.minimum((i // stride) * stride + stride // 2, glen - 1)
@@ -227,7 +229,7 @@ def symbolic_window_tables(
     for length, k, s, d in zip(spatial, kernel_size, stride, dilation):
         axis_keys, axis_bias = symbolic_axis_windows(length, k, s, d, device)
         # [..., L_a, k_a] appended: row-major flat key index and flat rpb index over the axes seen so far.
-        keys = axis_keys + keys[..., None, None] * length
+        keys = axis_keys + keys[..., None, None] * cast(int, length)
         bias = bias[..., None, None] * (2 * k - 1) + axis_bias
     n = len(spatial)
     # [L_0, k_0, L_1, k_1, ...] -> [L_0, L_1, ..., k_0, k_1, ...] -> [N, K]
