@@ -1716,8 +1716,16 @@ def step_autotune(kit: Kit, step: dict[str, Any]) -> None:
 
     plan = kit.plan
     layers = list(plan.autotune_layers)
-    estimates = BackgroundJobs(_static_job, [(layer, plan.timing_batch, plan.autotune_kernels) for layer in layers],
-                               min(len(layers), max(1, usable_cpus() // 2)), sys.path[:])
+    # The static model compiles for sm_90: its spawned workers must import the kernels compiled, not interpreted, and
+    # Triton 3.6 decides that when a kernel module is imported (at unpickling, before the worker runs), so the dry
+    # run's TRITON_INTERPRET is left out of the environment the workers start with.
+    interpret = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        estimates = BackgroundJobs(_static_job, [(layer, plan.timing_batch, plan.autotune_kernels) for layer in layers],
+                                   min(len(layers), max(1, usable_cpus() // 2)), sys.path[:])
+    finally:
+        if interpret is not None:
+            os.environ["TRITON_INTERPRET"] = interpret
     measured: dict[str, list[dict[str, Any]]] = {}
     try:
         for layer in layers:
