@@ -84,7 +84,7 @@ TRAIN_CASES = [
     ("trainer.gradient_clip_val=-5", ValueError, "trainer.gradient_clip_val=-5: expected a finite number >= 0 or null"),
     ("trainer.gradient_clip_algorithm=l2", ValueError, "trainer.gradient_clip_algorithm='l2': expected one of"),
     ("trainer.accumulate_grad_batches=0", ValueError, "trainer.accumulate_grad_batches=0: expected an integer >= 1"),
-    ("trainer.limit_train_batches=1.5", ValueError, "trainer.limit_train_batches=1.5: expected an integer >= 0 or"),
+    ("trainer.limit_train_batches=1.5", ValueError, "trainer.limit_train_batches=1.5: expected an integer >= 1 or"),
     ("cpu_threads=0", ValueError, "cpu_threads=0: expected an integer in [1, "),
     ("compile=maybe", TypeError, "compile='maybe': expected true or false or a mapping"),
     ("channels_last=2", TypeError, "channels_last=2: expected true or false"),
