@@ -296,17 +296,23 @@ def onnx_size_range(path: str | os.PathLike) -> tuple[tuple[int, int], ...] | No
     the file at `path`, or None for a file without them (a static export, or not written by natzoo)."""
     import onnx
 
-    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    if not all(key in props for key in RANGE_KEYS):
+    return size_range_of({p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props})
+
+
+def size_range_of(metadata: dict[str, str]) -> tuple[tuple[int, int], ...] | None:
+    """:func:`onnx_size_range` from a file's metadata already read (e.g. an ONNX Runtime session's
+    ``custom_metadata_map``), without loading the file again."""
+    if not all(key in metadata for key in RANGE_KEYS):
         return None
-    return tuple((int(props[key].split("-")[0]), int(props[key].split("-")[1])) for key in RANGE_KEYS)
+    return tuple((int(metadata[key].split("-")[0]), int(metadata[key].split("-")[1])) for key in RANGE_KEYS)
 
 
-def check_onnx_input_size(path: str | os.PathLike, height: int, width: int) -> None:
+def check_onnx_input_size(path: str | os.PathLike, height: int, width: int,
+                          metadata: dict[str, str] | None = None) -> None:
     """Raises ValueError naming the size and the range when ``(height, width)`` lies outside the dynamic range of
-    the ONNX file at `path` (see :func:`onnx_size_range`); files without a recorded range are not checked here
-    (onnxruntime checks static sizes itself)."""
-    ranges = onnx_size_range(path)
+    the ONNX file at `path` (see :func:`onnx_size_range`; from `metadata` when the caller has read it already);
+    files without a recorded range are not checked here (onnxruntime checks static sizes itself)."""
+    ranges = size_range_of(metadata) if metadata is not None else onnx_size_range(path)
     if ranges is None:
         return
     for axis, side, (low, high) in zip(("height", "width"), (height, width), ranges):

@@ -211,10 +211,10 @@ class OnnxClassifier:
         else:
             self.info = self._assumed_info(shape, outputs[0].shape)
         # A dynamic-resolution file records its size range; ONNX Runtime does not check it (an image below the range
-        # fails deep in a gather), so the size this file will be fed is checked here, by name.
+        # fails deep in a gather), so the size this file will be fed is checked here, from the metadata already read.
         from natzoo.tools.export import check_onnx_input_size
 
-        check_onnx_input_size(self.path, self.info.input_size[1], self.info.input_size[2])
+        check_onnx_input_size(self.path, self.info.input_size[1], self.info.input_size[2], dict(metadata))
 
     def _assumed_info(self, shape: list[Any], output: list[Any]) -> ModelInfo:
         from timm.data import resolve_data_config
