@@ -5,37 +5,60 @@
 // Python side computes float16/bfloat16 in float32). Inputs are contiguous [B, N, H, D] (N = flattened spatial
 // tokens, row-major), rpb [H, 2k_0-1, 2k_1-1, 2k_2-1] in the compute dtype, lse [B, N, H].
 // No Python or torch headers: plain C ABI, so one build serves every Python and torch version.
-// Threads: the caller passes torch.get_num_threads(); each call starts that many std::threads over disjoint work
-// (forward: ranges of (batch, head, query); backward: whole (batch, head) pairs, so dk/dv writes never race) and
-// joins them before returning, while torch's own pool waits for the call: no second pool stays alive.
-// NaN/inf follow the reference: a non-finite key or value row makes exactly the queries whose window holds it
+//
+// Work unit: one (batch, head, dilation group). A dilation group is a plain (undilated) neighborhood problem on a
+// sub-map, so every unit is solved by the same vector path:
+//   * the unit's q (pre-scaled), k, v (and in the backward dO, lse) are packed transposed, [row][d][column], where a
+//     row is a position of the leading axes and the column runs along the last axis; k and v rows carry zero pads;
+//   * W consecutive queries of one row sit in the vector lanes (W = 16 floats / 8 doubles with AVX-512, half that
+//     without). For a shift u, lane x meets key column x + u, so the keys of all lanes are one unaligned load: no
+//     horizontal reductions and no gathers. A tile uses the shifts [umin, umax] its lanes need (kernel_size of them
+//     inside the map, more at borders and with stride); a lane outside its own window is masked by a -inf bias;
+//   * QB query rows are blocked together: each key row loaded once serves every query row of the block that uses it
+//     (a row of the block that does not gets a scratch slot), so one loaded key vector feeds QB x NB FMAs.
+// A unit whose inputs hold a NaN or an infinity is solved by the scalar path instead (one query at a time), which
+// keeps the reference's semantics: a non-finite key or value row makes exactly the queries whose window holds it
 // non-finite (a NaN logit or a non-finite output component turns the whole output row and its lse into NaN).
+// Threads: the caller passes torch.get_num_threads(); each call starts that many std::threads over disjoint units and
+// joins them before returning, while torch's own pool waits for the call: no second pool stays alive. Units own
+// disjoint query and key tokens, so dk/dv writes never race; d_rpb gets one private copy per thread.
 // Tested: tests/test_ops_reference.py (float64 oracle: outputs, lse, all gradients, gradcheck, low precision, NaN/inf
-// against the reference) and tests/test_ops_cpu.py (dispatch, build fallback, threads, torch.compile, export), with
-// g++ 12.2 on x86-64 (AVX-512), 2 shared cores. Not tried: clang, MSVC (the build needs a g++-compatible driver),
-// ARM.
-// Known limits: no attention dropout, no second-order gradients (the reference has both); one query at a time
-// (no reuse of a loaded key across the queries sharing it: a few percent of the FMA rate, docs/benchmarks.md); the
-// backward parallelises over (batch, head) pairs only, so batch * heads below the thread count leaves threads idle.
+// against the reference) and tests/test_ops_cpu.py (fp32 layer shapes against the oracle, dispatch, build fallback,
+// threads, torch.compile, export), with g++ 12.2 on x86-64 (AVX-512 and an AVX2 build), 2 cores. Not tried: clang,
+// MSVC (the build needs a g++-compatible driver), ARM.
+// Known limits: no attention dropout, no second-order gradients (the reference has both); a unit is one thread's
+// work, so batch * heads * groups below the thread count leaves threads idle; maps whose last axis is shorter than
+// the lane count waste lanes (a 7-wide map uses 7 of 16).
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace {
+
+// ----------------------------------------------------------------------------------------------------------------
+// Geometry shared by both paths.
 
 struct Axis {
     // Per coordinate i of one axis: first key (global coordinate), key count, and rpb index of that first key.
     std::vector<int64_t> start, count, rbase;
-    int64_t length, dil, rdim;
+    int64_t length, kernel, dil, rdim;
 };
 
 Axis make_axis(int64_t length, int64_t kernel, int64_t stride, int64_t dil, bool causal) {
     Axis a;
     a.length = length;
+    a.kernel = kernel;
     a.dil = dil;
     a.rdim = 2 * kernel - 1;
     a.start.resize(length);
@@ -64,8 +87,17 @@ Axis make_axis(int64_t length, int64_t kernel, int64_t stride, int64_t dil, bool
 struct Geometry {
     Axis ax[3];
     int64_t B, H, D, N, window;
-    const int64_t* spatial;
+    // Element strides (batch, axis 0, axis 1, axis 2, head) of the inputs q, k, v and dO; head_dim is contiguous.
+    // Outputs (out, lse, dq, dk, dv) and the lse inputs are contiguous [B, N, H, (D)].
+    int64_t sq[5], sk[5], sv[5], sg[5];
 };
+
+// Element offset of (b, flat token, h) in an input of strides st.
+inline int64_t in_off(const Geometry& g, const int64_t* st, int64_t b, int64_t tok, int64_t h) {
+    int64_t x2 = tok % g.ax[2].length, x1 = (tok / g.ax[2].length) % g.ax[1].length;
+    int64_t x0 = tok / (g.ax[2].length * g.ax[1].length);
+    return b * st[0] + x0 * st[1] + x1 * st[2] + x2 * st[3] + h * st[4];
+}
 
 template <typename F>
 void parallel(int64_t total, int nthreads, F fn) {
@@ -82,6 +114,9 @@ void parallel(int64_t total, int nthreads, F fn) {
     }
     for (auto& th : pool) th.join();
 }
+
+// ----------------------------------------------------------------------------------------------------------------
+// Scalar path: one query at a time (units with non-finite inputs).
 
 template <typename T>
 inline T dot(const T* __restrict a, const T* __restrict b, int64_t D) {
@@ -104,7 +139,7 @@ int64_t logits(const Geometry& g, const T* q, const T* k, const T* rpb, T scale,
                T* s, int64_t* kt, int64_t* rix) {
     const Axis &a0 = g.ax[0], &a1 = g.ax[1], &a2 = g.ax[2];
     int64_t i2 = i % a2.length, i1 = (i / a2.length) % a1.length, i0 = i / (a2.length * a1.length);
-    const T* qp = q + ((b * g.N + i) * g.H + h) * g.D;
+    const T* qp = q + in_off(g, g.sq, b, i, h);
     const T* rp = rpb ? rpb + h * a0.rdim * a1.rdim * a2.rdim : nullptr;
     int64_t n = 0;
     for (int64_t m0 = 0; m0 < a0.count[i0]; ++m0) {
@@ -116,7 +151,7 @@ int64_t logits(const Geometry& g, const T* q, const T* k, const T* rpb, T scale,
             for (int64_t m2 = 0; m2 < a2.count[i2]; ++m2) {
                 int64_t tok = row + a2.start[i2] + m2 * a2.dil;
                 int64_t r = rrow + a2.rbase[i2] + m2;
-                T v = dot(qp, k + ((b * g.N + tok) * g.H + h) * g.D, g.D) * scale;
+                T v = dot(qp, k + in_off(g, g.sk, b, tok, h), g.D) * scale;
                 if (rp) v += rp[r];
                 s[n] = v;
                 kt[n] = tok;
@@ -129,37 +164,774 @@ int64_t logits(const Geometry& g, const T* q, const T* k, const T* rpb, T scale,
 }
 
 template <typename T>
+struct ScalarScratch {
+    std::vector<T> s, dp, acc, qs;
+    std::vector<int64_t> kt, rix;
+    explicit ScalarScratch(const Geometry& g)
+        : s(g.window), dp(g.window), acc(g.D), qs(g.D), kt(g.window), rix(g.window) {}
+};
+
+template <typename T>
+void forward_query(const Geometry& g, const T* q, const T* k, const T* v, const T* rpb, T scale, T* out, T* lse,
+                   int64_t b, int64_t h, int64_t i, ScalarScratch<T>& w) {
+    const T nan = std::numeric_limits<T>::quiet_NaN();
+    T* s = w.s.data();
+    int64_t n = logits(g, q, k, rpb, scale, b, h, i, s, w.kt.data(), w.rix.data());
+    T mx = -std::numeric_limits<T>::infinity();
+    bool bad = false;
+    for (int64_t j = 0; j < n; ++j) {
+        bad |= std::isnan(s[j]);
+        mx = std::max(mx, s[j]);
+    }
+    T sum = 0;
+    for (int64_t j = 0; j < n; ++j) {
+        s[j] = std::exp(s[j] - mx);
+        sum += s[j];
+    }
+    std::fill(w.acc.begin(), w.acc.end(), T(0));
+    T inv = T(1) / sum;
+    for (int64_t j = 0; j < n; ++j) axpy(s[j] * inv, v + in_off(g, g.sv, b, w.kt[j], h), w.acc.data(), g.D);
+    T* op = out + ((b * g.N + i) * g.H + h) * g.D;
+    T check = 0;
+    for (int64_t d = 0; d < g.D; ++d) check += w.acc[d] * T(0);  // NaN when any component is not finite
+    bad |= std::isnan(check) || std::isnan(mx) || std::isnan(sum);
+    for (int64_t d = 0; d < g.D; ++d) op[d] = bad ? nan : w.acc[d];
+    lse[(b * g.N + i) * g.H + h] = bad ? nan : mx + std::log(sum);
+}
+
+template <typename T>
+void backward_query(const Geometry& g, const T* q, const T* k, const T* v, const T* rpb, T scale, const T* lse,
+                    const T* gout, const T* glse, T* dq, T* dk, T* dv, T* dri, int64_t b, int64_t h, int64_t i,
+                    ScalarScratch<T>& w) {
+    // dk, dv and dri (this thread's d_rpb) are accumulated; dq[row] is written.
+    int64_t rsize = g.ax[0].rdim * g.ax[1].rdim * g.ax[2].rdim;
+    int64_t row = (b * g.N + i) * g.H + h;
+    T *s = w.s.data(), *dp = w.dp.data();
+    int64_t n = logits(g, q, k, rpb, scale, b, h, i, s, w.kt.data(), w.rix.data());
+    const T* gp = gout + in_off(g, g.sg, b, i, h);
+    T l = lse[row], gl = glse ? glse[row] : T(0), delta = 0;
+    for (int64_t j = 0; j < n; ++j) {
+        s[j] = std::exp(s[j] - l);  // probabilities
+        dp[j] = dot(gp, v + in_off(g, g.sv, b, w.kt[j], h), g.D);
+        delta += s[j] * dp[j];
+    }
+    std::fill(w.acc.begin(), w.acc.end(), T(0));
+    const T* qp = q + in_off(g, g.sq, b, i, h);
+    for (int64_t d = 0; d < g.D; ++d) w.qs[d] = qp[d] * scale;
+    for (int64_t j = 0; j < n; ++j) {
+        int64_t kr = ((b * g.N + w.kt[j]) * g.H + h) * g.D;
+        T ds = s[j] * (dp[j] - delta + gl);  // d loss / d logit
+        axpy(ds, k + in_off(g, g.sk, b, w.kt[j], h), w.acc.data(), g.D);
+        axpy(ds, w.qs.data(), dk + kr, g.D);
+        axpy(s[j], gp, dv + kr, g.D);
+        if (dri) dri[h * rsize + w.rix[j]] += ds;
+    }
+    T* dqp = dq + row * g.D;
+    for (int64_t d = 0; d < g.D; ++d) dqp[d] = w.acc[d] * scale;
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// Vector path.
+
+#if defined(__AVX512F__)
+constexpr int VBYTES = 64;
+constexpr int QB = 3, NB = 8, DB = 8;  // 24 accumulators + 3 queries + 1 key of the 32 vector registers
+#else
+constexpr int VBYTES = 32;
+constexpr int QB = 2, NB = 5, DB = 5;  // 10 accumulators + 2 queries + 1 key of 16 (AVX2) vector registers
+#endif
+
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+    typedef float V __attribute__((vector_size(VBYTES)));
+    typedef int32_t I __attribute__((vector_size(VBYTES)));
+};
+template <>
+struct Vec<double> {
+    typedef double V __attribute__((vector_size(VBYTES)));
+    typedef int64_t I __attribute__((vector_size(VBYTES)));
+};
+
+template <typename V>
+inline V loadv(const void* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));  // one unaligned vector load
+    return v;
+}
+
+template <typename V>
+inline void storev(void* p, V v) {
+    std::memcpy(p, &v, sizeof(V));
+}
+
+// exp(x) for x <= 0, 0 below -87 (float: a Cephes-style polynomial, about 1 ulp; the exact value there is < 2e-38,
+// under the resolution of a softmax sum >= 1).
+inline Vec<float>::V vexp(Vec<float>::V x) {
+    using V = Vec<float>::V;
+    using I = Vec<float>::I;
+    V xc = x < -87.0f ? V{} - 87.0f : x;
+    V t = xc * 1.44269504088896341f - 0.5f;  // xc <= 0: truncation of t rounds xc / ln2 to nearest
+    I n = __builtin_convertvector(t, I);
+    V nf = __builtin_convertvector(n, V);
+    V r = xc - nf * 0.693359375f + nf * 2.12194440e-4f;
+    V p = V{} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    I bits = (n + 127) << 23;  // 2^n, n >= -126
+    V scale;
+    std::memcpy(&scale, &bits, sizeof(V));
+    V res = p * scale;
+    return x < -87.0f ? V{} : res;
+}
+
+// float64: the library exp per lane (the float64 path serves accuracy: tests, gradcheck).
+inline Vec<double>::V vexp(Vec<double>::V x) {
+    Vec<double>::V r;
+    for (int l = 0; l < int(sizeof(r) / sizeof(double)); ++l) r[l] = std::exp(x[l]);
+    return r;
+}
+
+// One axis of one dilation group, in group coordinates.
+struct Sub {
+    int64_t n, k, rdim;
+    std::vector<int64_t> start, count, rbase;
+};
+
+Sub sub_axis(const Axis& a, int64_t grp) {
+    Sub s;
+    s.n = (a.length - grp + a.dil - 1) / a.dil;
+    s.k = a.kernel;
+    s.rdim = a.rdim;
+    s.start.resize(s.n);
+    s.count.resize(s.n);
+    s.rbase.resize(s.n);
+    for (int64_t ii = 0; ii < s.n; ++ii) {
+        int64_t i = grp + a.dil * ii;
+        s.start[ii] = (a.start[i] - grp) / a.dil;
+        s.count[ii] = a.count[i];
+        s.rbase[ii] = a.rbase[i];
+    }
+    return s;
+}
+
+// A 64-byte aligned, zero-initialised scratch array, kept by a thread across units.
+template <typename T>
+struct Buf {
+    std::vector<T> raw;
+    T* p = nullptr;
+    size_t n = 0;
+    T* get(size_t count, bool zero) {
+        if (count > n || raw.empty()) {
+            raw.assign(count + 64 / sizeof(T), T(0));
+            uintptr_t a = reinterpret_cast<uintptr_t>(raw.data());
+            p = reinterpret_cast<T*>((a + 63) & ~uintptr_t(63));
+            n = count;
+        } else if (zero) {
+            std::fill(p, p + count, T(0));
+        }
+        return p;
+    }
+};
+
+// The packed layout of one unit.
+template <typename T>
+struct Layout {
+    static constexpr int W = VBYTES / sizeof(T);
+    Sub s[3];
+    int64_t grp[3];
+    int64_t rows, tiles, lpad, pad, lp, dp;
+    std::vector<int64_t> umin, nu, bias_off;  // per tile
+    int64_t nu_max, nrb, slots;
+
+    Layout(const Geometry& g, const int64_t* group, bool has_rpb) {
+        for (int a = 0; a < 3; ++a) {
+            grp[a] = group[a];
+            s[a] = sub_axis(g.ax[a], group[a]);
+        }
+        rows = s[0].n * s[1].n;
+        tiles = (s[2].n + W - 1) / W;
+        lpad = tiles * W;
+        pad = ((W + NB + W - 1) / W) * W;  // >= W - 1 columns left of a tile, W + NB - 1 right of the map
+        lp = lpad + 2 * pad;
+        dp = ((g.D + DB - 1) / DB) * DB;  // head_dim padded with zeros to whole d-blocks
+        nrb = has_rpb ? s[0].rdim * s[1].rdim : 1;
+        slots = s[0].k * s[1].k;
+        nu_max = 0;
+        int64_t off = 0;
+        for (int64_t t = 0; t < tiles; ++t) {
+            int64_t lo = std::numeric_limits<int64_t>::max(), hi = std::numeric_limits<int64_t>::min();
+            for (int64_t x = t * W; x < std::min<int64_t>((t + 1) * W, s[2].n); ++x) {
+                lo = std::min(lo, s[2].start[x] - x);
+                hi = std::max(hi, s[2].start[x] + s[2].count[x] - 1 - x);
+            }
+            umin.push_back(lo);
+            nu.push_back(hi - lo + 1);
+            bias_off.push_back(off);
+            off += nrb * (hi - lo + 1) * W;
+            nu_max = std::max(nu_max, hi - lo + 1);
+        }
+        bias_off.push_back(off);
+    }
+    // Global flat token of group coordinates (i0, i1, i2).
+    int64_t token(const Geometry& g, int64_t i0, int64_t i1, int64_t i2) const {
+        int64_t x0 = grp[0] + g.ax[0].dil * i0, x1 = grp[1] + g.ax[1].dil * i1, x2 = grp[2] + g.ax[2].dil * i2;
+        return (x0 * g.ax[1].length + x1) * g.ax[2].length + x2;
+    }
+};
+
+// W values p[l * stride] for lanes l < n, zero in the others. AVX-512 gathers them in one instruction; the index
+// vector is 32-bit, so a stride beyond that range takes the lane loop.
+inline Vec<float>::V gather(const float* p, int64_t stride, int n) {
+#if defined(__AVX512F__)
+    if (stride * 16 < (int64_t(1) << 31)) {
+        __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(int32_t(stride)));
+        __m512 r = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), __mmask16((1u << n) - 1), idx, p, 4);
+        Vec<float>::V v;
+        std::memcpy(&v, &r, sizeof(v));
+        return v;
+    }
+#endif
+    Vec<float>::V v = {};
+    for (int l = 0; l < n; ++l) v[l] = p[l * stride];
+    return v;
+}
+
+inline Vec<double>::V gather(const double* p, int64_t stride, int n) {
+#if defined(__AVX512F__)
+    if (stride * 8 < (int64_t(1) << 31)) {
+        __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(int32_t(stride)));
+        __m512d r = _mm512_mask_i32gather_pd(_mm512_setzero_pd(), __mmask8((1u << n) - 1), idx, p, 8);
+        Vec<double>::V v;
+        std::memcpy(&v, &r, sizeof(v));
+        return v;
+    }
+#endif
+    Vec<double>::V v = {};
+    for (int l = 0; l < n; ++l) v[l] = p[l * stride];
+    return v;
+}
+
+// Stores the first n lanes of v to p (n < W: only those, the memory past them belongs to others).
+template <typename T, typename V>
+inline void store_first(T* p, V v, int64_t n) {
+    if (n == int64_t(sizeof(V) / sizeof(T)))
+        storev(p, v);
+    else
+        std::memcpy(p, &v, size_t(n) * sizeof(T));
+}
+
+// Packs [B, N, H, D] rows of (b, h) into dst[row][d][pad + column] (times `mul`), lanes past the map as zeros;
+// returns false when a value is not finite. Pads and d >= D are not written (zero since allocation).
+template <typename T>
+bool pack(const Geometry& g, const Layout<T>& L, const T* src, const int64_t* st, int64_t b, int64_t h, T mul, T* dst,
+          int64_t width, int64_t pad) {
+    using V = typename Vec<T>::V;
+    constexpr int W = Layout<T>::W;
+    V check = V{};
+    const int64_t lane_stride = g.ax[2].dil * st[3];  // between neighbouring columns of the group
+    for (int64_t i0 = 0; i0 < L.s[0].n; ++i0)
+        for (int64_t i1 = 0; i1 < L.s[1].n; ++i1) {
+            T* row = dst + (i0 * L.s[1].n + i1) * L.dp * width + pad;
+            for (int64_t x0 = 0; x0 < L.s[2].n; x0 += W) {
+                int n = int(std::min<int64_t>(W, L.s[2].n - x0));
+                const T* sp = src + in_off(g, st, b, L.token(g, i0, i1, x0), h);
+                for (int64_t d = 0; d < g.D; ++d) {
+                    V v = gather(sp + d, lane_stride, n);
+                    check += v * T(0);  // NaN once any value is NaN or infinite
+                    storev(row + d * width + x0, v * mul);
+                }
+            }
+        }
+    for (int l = 0; l < W; ++l)
+        if (std::isnan(check[l])) return false;
+    return true;
+}
+
+// One value per (b, token, h) packed to dst[row][column]; false when a value is not finite.
+template <typename T>
+bool pack_lanes(const Geometry& g, const Layout<T>& L, const T* src, int64_t b, int64_t h, T* dst) {
+    using V = typename Vec<T>::V;
+    constexpr int W = Layout<T>::W;
+    V check = V{};
+    for (int64_t i0 = 0; i0 < L.s[0].n; ++i0)
+        for (int64_t i1 = 0; i1 < L.s[1].n; ++i1)
+            for (int64_t x0 = 0; x0 < L.s[2].n; x0 += W) {
+                int n = int(std::min<int64_t>(W, L.s[2].n - x0));
+                V v = gather(src + (b * g.N + L.token(g, i0, i1, x0)) * g.H + h, g.ax[2].dil * g.H, n);
+                check += v * T(0);
+                storev(dst + (i0 * L.s[1].n + i1) * L.lpad + x0, v);
+            }
+    for (int l = 0; l < W; ++l)
+        if (std::isnan(check[l])) return false;
+    return true;
+}
+
+// Writes rows [d][lanes] of a packed buffer (d stride `dstride`, lanes from `col`) times `mul[lane]` to the [B, N, H,
+// D] rows of the first n lanes (tokens `tok0` + l * dilation of the last axis).
+template <typename T>
+void unpack_lanes(const Geometry& g, const T* buf, int64_t dstride, typename Vec<T>::V mul, T* dst, int64_t b,
+                  int64_t h, int64_t tok0, int n) {
+    using V = typename Vec<T>::V;
+    constexpr int W = VBYTES / sizeof(T);
+    for (int l = 0; l < n; ++l) {
+        T* op = dst + ((b * g.N + tok0 + l * g.ax[2].dil) * g.H + h) * g.D;
+        for (int64_t d = 0; d < g.D; d += W) {
+            V v = gather(buf + d * dstride + l, dstride, int(std::min<int64_t>(W, g.D - d)));
+            store_first(op + d, v * mul[l], std::min<int64_t>(W, g.D - d));
+        }
+    }
+}
+
+// Bias of every tile: bias[R][u][lane] = rpb[h][R][column] inside lane's window, -inf outside it and on lanes past
+// the map (R = row-axes rpb index, or 0 without rpb).
+template <typename T>
+bool build_bias(const Layout<T>& L, const T* rpb, int64_t h, T* bias) {
+    constexpr int W = Layout<T>::W;
+    const T ninf = -std::numeric_limits<T>::infinity();
+    const Sub& s2 = L.s[2];
+    T check = 0;
+    for (int64_t t = 0; t < L.tiles; ++t) {
+        T* bt = bias + L.bias_off[t];
+        for (int64_t R = 0; R < L.nrb; ++R)
+            for (int64_t u = 0; u < L.nu[t]; ++u)
+                for (int l = 0; l < W; ++l) {
+                    int64_t x = t * W + l, key = x + L.umin[t] + u;
+                    T val = ninf;
+                    if (x < s2.n && key >= s2.start[x] && key < s2.start[x] + s2.count[x]) {
+                        val = rpb ? rpb[(h * L.nrb + R) * s2.rdim + s2.rbase[x] + key - s2.start[x]] : T(0);
+                        check += val * T(0);
+                    }
+                    bt[(R * L.nu[t] + u) * W + l] = val;
+                }
+    }
+    return !std::isnan(check);
+}
+
+// acc[j][c] = sum_d q_j[d] . k[d][c + lanes] for QB query rows and NB shifts; stores the first `nvalid` shifts to
+// out[j] + c * W. q_j: [d][lpad] (aligned), k: [d][lp] at the first shift's column.
+template <typename T>
+inline void qk_block(const T* const* qrow, int64_t qstride, const T* krow, int64_t kstride, int64_t dp,
+                     T* const* out, int64_t nvalid) {
+    using V = typename Vec<T>::V;
+    constexpr int W = VBYTES / sizeof(T);
+    V acc[QB][NB];
+    for (int j = 0; j < QB; ++j)
+        for (int c = 0; c < NB; ++c) acc[j][c] = V{};
+    for (int64_t d = 0; d < dp; ++d) {
+        V qv[QB];
+        for (int j = 0; j < QB; ++j) qv[j] = loadv<V>(qrow[j] + d * qstride);
+        const T* kp = krow + d * kstride;
+        for (int c = 0; c < NB; ++c) {
+            V kv = loadv<V>(kp + c);
+            for (int j = 0; j < QB; ++j) acc[j][c] += qv[j] * kv;
+        }
+    }
+    for (int j = 0; j < QB; ++j)
+        for (int c = 0; c < NB; ++c)
+            if (c < nvalid) storev(out[j] + c * W, acc[j][c]);
+}
+
+// acc[j][e] += sum_u p_j[u] * v[e][u + lanes] over nu shifts for QB rows and DB consecutive d of one key row.
+template <typename T>
+inline void pv_block(const T* const* prow, const T* vrow, int64_t vstride, int64_t nu,
+                     typename Vec<T>::V (&acc)[QB][DB]) {
+    using V = typename Vec<T>::V;
+    constexpr int W = VBYTES / sizeof(T);
+    for (int64_t u = 0; u < nu; ++u) {
+        V pv[QB];
+        for (int j = 0; j < QB; ++j) pv[j] = loadv<V>(prow[j] + u * W);
+        for (int e = 0; e < DB; ++e) {
+            V vv = loadv<V>(vrow + e * vstride + u);
+            for (int j = 0; j < QB; ++j) acc[j][e] += pv[j] * vv;
+        }
+    }
+}
+
+// dst[d][u + lanes] += sum_j g_j[u] * x_j[d] over nu shifts and dp rows of d (the dk / dv scatter of one key row).
+template <typename T>
+inline void scatter_block(const T* const* grow, const T* const* xrow, int64_t xstride, T* dst, int64_t dstride,
+                          int64_t dp, int64_t nu) {
+    using V = typename Vec<T>::V;
+    constexpr int W = VBYTES / sizeof(T);
+    for (int64_t u = 0; u < nu; ++u) {
+        V gv[QB];
+        for (int j = 0; j < QB; ++j) gv[j] = loadv<V>(grow[j] + u * W);
+        for (int64_t d = 0; d < dp; ++d) {
+            T* p = dst + d * dstride + u;
+            V acc = loadv<V>(p);
+            for (int j = 0; j < QB; ++j) acc += gv[j] * loadv<V>(xrow[j] + d * xstride);
+            storev(p, acc);
+        }
+    }
+}
+
+// Per-thread scratch of the vector path.
+template <typename T>
+struct Work {
+    std::vector<int64_t> layout;  // of the last unit: the packed buffers' zeros stay valid while it is unchanged
+    Buf<T> qt, kt, vt, gt, lse, glse, dqt, dkt, dvt, bias, dbias, s, dps, o, zero, trash;
+    bool fresh(const Layout<T>& L) {
+        std::vector<int64_t> key = {L.rows, L.dp, L.lpad, L.lp, L.pad};
+        bool changed = key != layout;
+        layout = key;
+        return changed;
+    }
+};
+
+// Scratch kept between calls (at most 8 idle sets; each is as large as the largest unit its thread met, about 2 MB
+// for a 56x56 head of head_dim 32): fresh buffers every call would cost page faults and zeroing.
+template <typename T>
+struct WorkCache {
+    std::mutex lock;
+    std::vector<std::unique_ptr<Work<T>>> idle;
+    std::unique_ptr<Work<T>> take() {
+        std::lock_guard<std::mutex> guard(lock);
+        if (idle.empty()) return std::unique_ptr<Work<T>>(new Work<T>());
+        std::unique_ptr<Work<T>> w = std::move(idle.back());
+        idle.pop_back();
+        return w;
+    }
+    void give(std::unique_ptr<Work<T>> w) {
+        std::lock_guard<std::mutex> guard(lock);
+        if (idle.size() < 8) idle.push_back(std::move(w));
+    }
+};
+
+template <typename T>
+WorkCache<T>& work_cache() {
+    static WorkCache<T> cache;
+    return cache;
+}
+
+// A block of up to QB query rows (i0, i1..i1+QB-1) of a unit: which rows are real and the key-row union.
+struct Block {
+    int64_t i0, i1[QB], nreal, x1lo, x1hi;
+    bool real[QB];
+};
+
+template <typename T>
+Block make_block(const Layout<T>& L, int64_t i0, int64_t i1b) {
+    Block blk;
+    blk.i0 = i0;
+    blk.nreal = 0;
+    const Sub& s1 = L.s[1];
+    blk.x1lo = s1.start[i1b];
+    blk.x1hi = blk.x1lo;
+    for (int j = 0; j < QB; ++j) {
+        blk.i1[j] = i1b + j;
+        blk.real[j] = i1b + j < s1.n;
+        if (blk.real[j]) {
+            ++blk.nreal;
+            blk.x1hi = std::max(blk.x1hi, s1.start[i1b + j] + s1.count[i1b + j]);
+        }
+    }
+    return blk;
+}
+
+// Slot (window position m0 * k1 + m1) of key row (x0 = start0 + m0, x1) for block row j, or -1 when j does not use it.
+template <typename T>
+inline int64_t slot_of(const Layout<T>& L, const Block& blk, int j, int64_t m0, int64_t x1) {
+    if (!blk.real[j]) return -1;
+    int64_t m1 = x1 - L.s[1].start[blk.i1[j]];
+    if (m1 < 0 || m1 >= L.s[1].count[blk.i1[j]]) return -1;
+    return m0 * L.s[1].k + m1;
+}
+
+// S[j][slot][u][lanes] = q_j . k over every key row of the block, tile t. Rows of the block that do not use a key
+// row write to scratch.
+template <typename T>
+void block_logits(const Layout<T>& L, const Block& blk, int64_t t, const T* qt, const T* kt, T* sbuf, T* trash) {
+    constexpr int W = Layout<T>::W;
+    const Sub &s0 = L.s[0], &s1 = L.s[1];
+    int64_t x0 = t * W, nu = L.nu[t], slot_size = L.nu_max * W;
+    const T* qrow[QB];
+    for (int j = 0; j < QB; ++j)
+        qrow[j] = qt + ((blk.real[j] ? blk.i0 * s1.n + blk.i1[j] : L.rows) * L.dp) * L.lpad + x0;
+    for (int64_t m0 = 0; m0 < s0.count[blk.i0]; ++m0) {
+        int64_t kx0 = s0.start[blk.i0] + m0;
+        for (int64_t x1 = blk.x1lo; x1 < blk.x1hi; ++x1) {
+            const T* krow = kt + (kx0 * s1.n + x1) * L.dp * L.lp + L.pad + x0 + L.umin[t];
+            T* out[QB];
+            for (int j = 0; j < QB; ++j) {
+                int64_t slot = slot_of(L, blk, j, m0, x1);
+                out[j] = slot < 0 ? trash : sbuf + (j * L.slots + slot) * slot_size;
+            }
+            for (int64_t uc = 0; uc < nu; uc += NB) {
+                T* o2[QB];
+                for (int j = 0; j < QB; ++j) o2[j] = out[j] == trash ? trash : out[j] + uc * W;
+                qk_block<T>(qrow, L.lpad, krow + uc, L.lp, L.dp, o2, std::min<int64_t>(NB, nu - uc));
+            }
+        }
+    }
+}
+
+// out_j[d][lanes] = sum over key rows, shifts of p_j * x (x = v for the output, k for dq), for block rows, tile t.
+template <typename T>
+void block_weighted_sum(const Layout<T>& L, const Block& blk, int64_t t, const T* pbuf, const T* zero, const T* xt,
+                        T* obuf) {
+    using V = typename Vec<T>::V;
+    constexpr int W = Layout<T>::W;
+    const Sub &s0 = L.s[0], &s1 = L.s[1];
+    int64_t x0 = t * W, nu = L.nu[t], slot_size = L.nu_max * W;
+    for (int64_t db = 0; db < L.dp; db += DB) {
+        V acc[QB][DB];
+        for (int j = 0; j < QB; ++j)
+            for (int e = 0; e < DB; ++e) acc[j][e] = V{};
+        for (int64_t m0 = 0; m0 < s0.count[blk.i0]; ++m0) {
+            int64_t kx0 = s0.start[blk.i0] + m0;
+            for (int64_t x1 = blk.x1lo; x1 < blk.x1hi; ++x1) {
+                const T* prow[QB];
+                for (int j = 0; j < QB; ++j) {
+                    int64_t slot = slot_of(L, blk, j, m0, x1);
+                    prow[j] = slot < 0 ? zero : pbuf + (j * L.slots + slot) * slot_size;
+                }
+                pv_block<T>(prow, xt + ((kx0 * s1.n + x1) * L.dp + db) * L.lp + L.pad + x0 + L.umin[t], L.lp, nu, acc);
+            }
+        }
+        for (int j = 0; j < QB; ++j)
+            for (int e = 0; e < DB; ++e) storev(obuf + (j * L.dp + db + e) * W, acc[j][e]);
+    }
+}
+
+// dst[key row][d][columns] += sum_j g_j * x_j over the block's key rows (dk: g = ds, x = q; dv: g = p, x = dO).
+template <typename T>
+void block_scatter(const Layout<T>& L, const Block& blk, int64_t t, const T* gbuf, const T* zero, const T* xt,
+                   T* dst) {
+    constexpr int W = Layout<T>::W;
+    const Sub &s0 = L.s[0], &s1 = L.s[1];
+    int64_t x0 = t * W, nu = L.nu[t], slot_size = L.nu_max * W;
+    const T* xrow[QB];
+    for (int j = 0; j < QB; ++j)
+        xrow[j] = xt + ((blk.real[j] ? blk.i0 * s1.n + blk.i1[j] : L.rows) * L.dp) * L.lpad + x0;
+    for (int64_t m0 = 0; m0 < s0.count[blk.i0]; ++m0) {
+        int64_t kx0 = s0.start[blk.i0] + m0;
+        for (int64_t x1 = blk.x1lo; x1 < blk.x1hi; ++x1) {
+            const T* grow[QB];
+            for (int j = 0; j < QB; ++j) {
+                int64_t slot = slot_of(L, blk, j, m0, x1);
+                grow[j] = slot < 0 ? zero : gbuf + (j * L.slots + slot) * slot_size;
+            }
+            scatter_block<T>(grow, xrow, L.lpad, dst + (kx0 * s1.n + x1) * L.dp * L.lp + L.pad + x0 + L.umin[t], L.lp,
+                             L.dp, nu);
+        }
+    }
+}
+
+// Calls fn(slot_ptr, bias_ptr) for every real window slot of block row j, tile t (bias: that slot's [u][lanes]).
+template <typename T, typename F>
+inline void for_slots(const Layout<T>& L, const Block& blk, int j, int64_t t, T* sbuf, const T* bias, F fn) {
+    constexpr int W = Layout<T>::W;
+    const Sub &s0 = L.s[0], &s1 = L.s[1];
+    int64_t i0 = blk.i0, i1 = blk.i1[j], slot_size = L.nu_max * W;
+    const T* bt = bias + L.bias_off[t];
+    for (int64_t m0 = 0; m0 < s0.count[i0]; ++m0)
+        for (int64_t m1 = 0; m1 < s1.count[i1]; ++m1) {
+            int64_t R = L.nrb == 1 ? 0 : (s0.rbase[i0] + m0) * s1.rdim + s1.rbase[i1] + m1;
+            fn(sbuf + (j * L.slots + m0 * s1.k + m1) * slot_size, bt + R * L.nu[t] * W, R);
+        }
+}
+
+template <typename T>
+bool forward_unit(const Geometry& g, const T* q, const T* k, const T* v, const T* rpb, T scale, T* out, T* lse,
+                  int64_t b, int64_t h, const int64_t* group, Work<T>& w) {
+    using V = typename Vec<T>::V;
+    constexpr int W = Layout<T>::W;
+    Layout<T> L(g, group, rpb != nullptr);
+    // Pads, d >= D and one row past the last (queries of block rows past the map) are read as zeros, never as another
+    // unit's values: zeroed when the layout changes (packing writes the rest).
+    bool fresh = w.fresh(L);
+    T* qt = w.qt.get((L.rows + 1) * L.dp * L.lpad, fresh);
+    T* kt = w.kt.get(L.rows * L.dp * L.lp, fresh);
+    T* vt = w.vt.get(L.rows * L.dp * L.lp, fresh);
+    T* bias = w.bias.get(L.bias_off[L.tiles], false);
+    bool finite = pack(g, L, q, g.sq, b, h, scale, qt, L.lpad, 0) && pack(g, L, k, g.sk, b, h, T(1), kt, L.lp, L.pad) &&
+                  pack(g, L, v, g.sv, b, h, T(1), vt, L.lp, L.pad) && build_bias(L, rpb, h, bias);
+    if (!finite) return false;
+    int64_t slot_size = L.nu_max * W;
+    T* sbuf = w.s.get(QB * L.slots * slot_size, false);
+    T* obuf = w.o.get(QB * L.dp * W, false);
+    T* zero = w.zero.get(slot_size, false);
+    T* trash = w.trash.get(NB * W, false);
+    const T lowest = std::numeric_limits<T>::lowest();
+    for (int64_t i0 = 0; i0 < L.s[0].n; ++i0)
+        for (int64_t i1b = 0; i1b < L.s[1].n; i1b += QB) {
+            Block blk = make_block(L, i0, i1b);
+            for (int64_t t = 0; t < L.tiles; ++t) {
+                int64_t nu = L.nu[t];
+                block_logits(L, blk, t, qt, kt, sbuf, trash);
+                V inv[QB], lsev[QB];
+                for (int j = 0; j < QB; ++j) {
+                    if (!blk.real[j]) continue;
+                    // Lanes past the map see only -inf: starting from `lowest` keeps their max finite.
+                    V mx = V{} + lowest;
+                    for_slots(L, blk, j, t, sbuf, bias, [&](T* sp, const T* bp, int64_t) {
+                        for (int64_t u = 0; u < nu; ++u) {
+                            V sv = loadv<V>(sp + u * W) + loadv<V>(bp + u * W);
+                            storev(sp + u * W, sv);
+                            mx = mx > sv ? mx : sv;
+                        }
+                    });
+                    V sum = V{};
+                    for_slots(L, blk, j, t, sbuf, bias, [&](T* sp, const T*, int64_t) {
+                        for (int64_t u = 0; u < nu; ++u) {
+                            V pv = vexp(loadv<V>(sp + u * W) - mx);
+                            storev(sp + u * W, pv);
+                            sum += pv;
+                        }
+                    });
+                    inv[j] = T(1) / sum;
+                    for (int l = 0; l < W; ++l) lsev[j][l] = mx[l] + std::log(sum[l]);
+                }
+                block_weighted_sum(L, blk, t, sbuf, zero, vt, obuf);
+                for (int j = 0; j < QB; ++j) {
+                    if (!blk.real[j]) continue;
+                    int64_t tok0 = L.token(g, i0, blk.i1[j], t * W);
+                    int n = int(std::min<int64_t>(W, L.s[2].n - t * W));
+                    unpack_lanes(g, obuf + j * L.dp * W, W, inv[j], out, b, h, tok0, n);
+                    for (int l = 0; l < n; ++l) lse[(b * g.N + tok0 + l * g.ax[2].dil) * g.H + h] = lsev[j][l];
+                }
+            }
+        }
+    return true;
+}
+
+template <typename T>
+bool backward_unit(const Geometry& g, const T* q, const T* k, const T* v, const T* rpb, T scale, const T* lse,
+                   const T* gout, const T* glse, T* dq, T* dk, T* dv, T* dri, int64_t b, int64_t h,
+                   const int64_t* group, Work<T>& w) {
+    using V = typename Vec<T>::V;
+    constexpr int W = Layout<T>::W;
+    Layout<T> L(g, group, rpb != nullptr);
+    bool fresh = w.fresh(L);  // as in forward_unit
+    T* qt = w.qt.get((L.rows + 1) * L.dp * L.lpad, fresh);
+    T* gt = w.gt.get((L.rows + 1) * L.dp * L.lpad, fresh);
+    T* kt = w.kt.get(L.rows * L.dp * L.lp, fresh);
+    T* vt = w.vt.get(L.rows * L.dp * L.lp, fresh);
+    T* lt = w.lse.get(L.rows * L.lpad, fresh);
+    T* glt = w.glse.get(L.rows * L.lpad, fresh);
+    T* bias = w.bias.get(L.bias_off[L.tiles], false);
+    bool finite = pack(g, L, q, g.sq, b, h, scale, qt, L.lpad, 0) && pack(g, L, k, g.sk, b, h, T(1), kt, L.lp, L.pad) &&
+                  pack(g, L, v, g.sv, b, h, T(1), vt, L.lp, L.pad) && pack(g, L, gout, g.sg, b, h, T(1), gt, L.lpad, 0) &&
+                  pack_lanes(g, L, lse, b, h, lt) && (!glse || pack_lanes(g, L, glse, b, h, glt)) &&
+                  build_bias(L, rpb, h, bias);
+    if (!finite) return false;
+    T* dqt = w.dqt.get(QB * L.dp * W, false);
+    T* dkt = w.dkt.get(L.rows * L.dp * L.lp, true);
+    T* dvt = w.dvt.get(L.rows * L.dp * L.lp, true);
+    T* dbias = rpb ? w.dbias.get(L.bias_off[L.tiles], true) : nullptr;
+    int64_t slot_size = L.nu_max * W;
+    T* sbuf = w.s.get(QB * L.slots * slot_size, false);
+    T* dpbuf = w.dps.get(QB * L.slots * slot_size, false);
+    T* zero = w.zero.get(slot_size, false);
+    T* trash = w.trash.get(NB * W, false);
+    for (int64_t i0 = 0; i0 < L.s[0].n; ++i0)
+        for (int64_t i1b = 0; i1b < L.s[1].n; i1b += QB) {
+            Block blk = make_block(L, i0, i1b);
+            for (int64_t t = 0; t < L.tiles; ++t) {
+                int64_t nu = L.nu[t];
+                block_logits(L, blk, t, qt, kt, sbuf, trash);   // logits
+                block_logits(L, blk, t, gt, vt, dpbuf, trash);  // dP = dO . v
+                for (int j = 0; j < QB; ++j) {
+                    if (!blk.real[j]) continue;
+                    int64_t row = blk.i0 * L.s[1].n + blk.i1[j];
+                    V lv = loadv<V>(lt + row * L.lpad + t * W);
+                    V gl = glse ? loadv<V>(glt + row * L.lpad + t * W) : V{};
+                    V delta = V{};
+                    for_slots(L, blk, j, t, sbuf, bias, [&](T* sp, const T* bp, int64_t) {
+                        T* dpp = dpbuf + (sp - sbuf);
+                        for (int64_t u = 0; u < nu; ++u) {
+                            V pv = vexp(loadv<V>(sp + u * W) + loadv<V>(bp + u * W) - lv);  // probabilities
+                            storev(sp + u * W, pv);
+                            delta += pv * loadv<V>(dpp + u * W);
+                        }
+                    });
+                    for_slots(L, blk, j, t, sbuf, bias, [&](T* sp, const T*, int64_t R) {
+                        T* dpp = dpbuf + (sp - sbuf);
+                        T* db = dbias ? dbias + L.bias_off[t] + R * nu * W : nullptr;
+                        for (int64_t u = 0; u < nu; ++u) {
+                            V ds = loadv<V>(sp + u * W) * (loadv<V>(dpp + u * W) - delta + gl);  // d loss / d logit
+                            storev(dpp + u * W, ds);
+                            if (db) storev(db + u * W, loadv<V>(db + u * W) + ds);
+                        }
+                    });
+                }
+                block_weighted_sum(L, blk, t, dpbuf, zero, kt, dqt);  // dq / scale
+                block_scatter(L, blk, t, dpbuf, zero, qt, dkt);       // dk (q carries the scale)
+                block_scatter(L, blk, t, sbuf, zero, gt, dvt);        // dv
+                for (int j = 0; j < QB; ++j)
+                    if (blk.real[j])
+                        unpack_lanes(g, dqt + j * L.dp * W, W, V{} + scale, dq, b, h, L.token(g, i0, blk.i1[j], t * W),
+                                     int(std::min<int64_t>(W, L.s[2].n - t * W)));
+            }
+        }
+    // Unpack dk, dv (the unit owns these key tokens) and add d_rpb.
+    for (int64_t i0 = 0; i0 < L.s[0].n; ++i0)
+        for (int64_t i1 = 0; i1 < L.s[1].n; ++i1) {
+            int64_t off = (i0 * L.s[1].n + i1) * L.dp * L.lp + L.pad;
+            for (int64_t x0 = 0; x0 < L.s[2].n; x0 += W) {
+                int n = int(std::min<int64_t>(W, L.s[2].n - x0));
+                unpack_lanes(g, dkt + off + x0, L.lp, V{} + T(1), dk, b, h, L.token(g, i0, i1, x0), n);
+                unpack_lanes(g, dvt + off + x0, L.lp, V{} + T(1), dv, b, h, L.token(g, i0, i1, x0), n);
+            }
+        }
+    if (dbias) {
+        const Sub& s2 = L.s[2];
+        for (int64_t t = 0; t < L.tiles; ++t)
+            for (int64_t R = 0; R < L.nrb; ++R)
+                for (int64_t u = 0; u < L.nu[t]; ++u)
+                    for (int l = 0; l < W; ++l) {
+                        int64_t x = t * W + l, key = x + L.umin[t] + u;
+                        if (x < s2.n && key >= s2.start[x] && key < s2.start[x] + s2.count[x])
+                            dri[(h * L.nrb + R) * s2.rdim + s2.rbase[x] + key - s2.start[x]] +=
+                                dbias[L.bias_off[t] + (R * L.nu[t] + u) * W + l];
+                    }
+    }
+    return true;
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// Drivers: units over threads, the scalar path for units the vector path refuses.
+
+inline int64_t groups(const Geometry& g) { return g.ax[0].dil * g.ax[1].dil * g.ax[2].dil; }
+
+inline void unit_coords(const Geometry& g, int64_t unit, int64_t* b, int64_t* h, int64_t* group) {
+    int64_t gi = unit % groups(g), bh = unit / groups(g);
+    *h = bh % g.H;
+    *b = bh / g.H;
+    group[2] = gi % g.ax[2].dil;
+    group[1] = (gi / g.ax[2].dil) % g.ax[1].dil;
+    group[0] = gi / (g.ax[2].dil * g.ax[1].dil);
+}
+
+// Calls fn(token) for every global token of a unit's dilation group.
+template <typename F>
+void unit_tokens(const Geometry& g, const int64_t* group, F fn) {
+    for (int64_t x0 = group[0]; x0 < g.ax[0].length; x0 += g.ax[0].dil)
+        for (int64_t x1 = group[1]; x1 < g.ax[1].length; x1 += g.ax[1].dil)
+            for (int64_t x2 = group[2]; x2 < g.ax[2].length; x2 += g.ax[2].dil)
+                fn((x0 * g.ax[1].length + x1) * g.ax[2].length + x2);
+}
+
+template <typename T>
 void forward(const Geometry& g, const T* q, const T* k, const T* v, const T* rpb, T scale, T* out, T* lse,
              int nthreads) {
-    const T nan = std::numeric_limits<T>::quiet_NaN();
-    parallel(g.B * g.H * g.N, nthreads, [&](int64_t lo, int64_t hi, int) {
-        std::vector<T> s(g.window), acc(g.D);
-        std::vector<int64_t> kt(g.window), rix(g.window);
-        for (int64_t t = lo; t < hi; ++t) {
-            // t runs over (b, h, i) with i fastest: neighbouring queries reuse the same keys from cache.
-            int64_t i = t % g.N, bh = t / g.N, h = bh % g.H, b = bh / g.H;
-            int64_t n = logits(g, q, k, rpb, scale, b, h, i, s.data(), kt.data(), rix.data());
-            T mx = -std::numeric_limits<T>::infinity();
-            bool bad = false;
-            for (int64_t j = 0; j < n; ++j) {
-                bad |= std::isnan(s[j]);
-                mx = std::max(mx, s[j]);
-            }
-            T sum = 0;
-            for (int64_t j = 0; j < n; ++j) {
-                s[j] = std::exp(s[j] - mx);
-                sum += s[j];
-            }
-            std::fill(acc.begin(), acc.end(), T(0));
-            T inv = T(1) / sum;
-            for (int64_t j = 0; j < n; ++j) axpy(s[j] * inv, v + ((b * g.N + kt[j]) * g.H + h) * g.D, acc.data(), g.D);
-            T* op = out + ((b * g.N + i) * g.H + h) * g.D;
-            T check = 0;
-            for (int64_t d = 0; d < g.D; ++d) check += acc[d] * T(0);  // NaN when any component is not finite
-            bad |= std::isnan(check) || std::isnan(mx) || std::isnan(sum);
-            for (int64_t d = 0; d < g.D; ++d) op[d] = bad ? nan : acc[d];
-            lse[(b * g.N + i) * g.H + h] = bad ? nan : mx + std::log(sum);
+    parallel(g.B * g.H * groups(g), nthreads, [&](int64_t lo, int64_t hi, int) {
+        std::unique_ptr<Work<T>> w = work_cache<T>().take();
+        ScalarScratch<T> sw(g);
+        for (int64_t unit = lo; unit < hi; ++unit) {
+            int64_t b, h, group[3];
+            unit_coords(g, unit, &b, &h, group);
+            if (!forward_unit(g, q, k, v, rpb, scale, out, lse, b, h, group, *w))
+                unit_tokens(g, group, [&](int64_t i) { forward_query(g, q, k, v, rpb, scale, out, lse, b, h, i, sw); });
         }
+        work_cache<T>().give(std::move(w));
     });
 }
 
@@ -168,39 +940,22 @@ void backward(const Geometry& g, const T* q, const T* k, const T* v, const T* rp
               const T* gout, const T* glse, T* dq, T* dk, T* dv, T* drpb, int nthreads) {
     // dq, dk, dv and drpb arrive zeroed. drpb gets one private copy per thread, summed at the end.
     int64_t rsize = g.H * g.ax[0].rdim * g.ax[1].rdim * g.ax[2].rdim;
-    int64_t nt = std::max<int64_t>(1, std::min<int64_t>(nthreads, g.B * g.H));
+    int64_t units = g.B * g.H * groups(g);
+    int64_t nt = std::max<int64_t>(1, std::min<int64_t>(nthreads, units));
     std::vector<std::vector<T>> dr(drpb ? nt : 0, std::vector<T>(rsize, T(0)));
-    parallel(g.B * g.H, int(nt), [&](int64_t lo, int64_t hi, int thread) {
-        std::vector<T> s(g.window), dp(g.window), acc(g.D), qs(g.D);
-        std::vector<int64_t> kt(g.window), rix(g.window);
+    parallel(units, int(nt), [&](int64_t lo, int64_t hi, int thread) {
+        std::unique_ptr<Work<T>> w = work_cache<T>().take();
+        ScalarScratch<T> sw(g);
         T* dri = drpb ? dr[thread].data() : nullptr;
-        for (int64_t bh = lo; bh < hi; ++bh) {
-            int64_t h = bh % g.H, b = bh / g.H;
-            for (int64_t i = 0; i < g.N; ++i) {
-                int64_t row = (b * g.N + i) * g.H + h;
-                int64_t n = logits(g, q, k, rpb, scale, b, h, i, s.data(), kt.data(), rix.data());
-                const T* gp = gout + row * g.D;
-                T l = lse[row], gl = glse ? glse[row] : T(0), delta = 0;
-                for (int64_t j = 0; j < n; ++j) {
-                    s[j] = std::exp(s[j] - l);  // probabilities
-                    dp[j] = dot(gp, v + ((b * g.N + kt[j]) * g.H + h) * g.D, g.D);
-                    delta += s[j] * dp[j];
-                }
-                std::fill(acc.begin(), acc.end(), T(0));
-                const T* qp = q + row * g.D;
-                for (int64_t d = 0; d < g.D; ++d) qs[d] = qp[d] * scale;
-                for (int64_t j = 0; j < n; ++j) {
-                    int64_t kr = ((b * g.N + kt[j]) * g.H + h) * g.D;
-                    T ds = s[j] * (dp[j] - delta + gl);  // d loss / d logit
-                    axpy(ds, k + kr, acc.data(), g.D);
-                    axpy(ds, qs.data(), dk + kr, g.D);
-                    axpy(s[j], gp, dv + kr, g.D);
-                    if (dri) dri[h * (rsize / g.H) + rix[j]] += ds;
-                }
-                T* dqp = dq + row * g.D;
-                for (int64_t d = 0; d < g.D; ++d) dqp[d] = acc[d] * scale;
-            }
+        for (int64_t unit = lo; unit < hi; ++unit) {
+            int64_t b, h, group[3];
+            unit_coords(g, unit, &b, &h, group);
+            if (!backward_unit(g, q, k, v, rpb, scale, lse, gout, glse, dq, dk, dv, dri, b, h, group, *w))
+                unit_tokens(g, group, [&](int64_t i) {
+                    backward_query(g, q, k, v, rpb, scale, lse, gout, glse, dq, dk, dv, dri, b, h, i, sw);
+                });
         }
+        work_cache<T>().give(std::move(w));
     });
     if (drpb)
         for (auto& part : dr)
@@ -208,8 +963,17 @@ void backward(const Geometry& g, const T* q, const T* k, const T* v, const T* rp
 }
 
 Geometry geometry(int64_t B, int64_t H, int64_t D, int n, const int64_t* spatial, const int64_t* kernel,
-                  const int64_t* stride, const int64_t* dilation, const int64_t* causal) {
+                  const int64_t* stride, const int64_t* dilation, const int64_t* causal, const int64_t* strides,
+                  int ninputs) {
+    // strides: per input (q, k, v[, dO]) its n + 3 element strides [batch, *spatial, head, head_dim].
     Geometry g;
+    int64_t* dst[4] = {g.sq, g.sk, g.sv, g.sg};
+    for (int t = 0; t < 4; ++t) {
+        const int64_t* st = strides + (t < ninputs ? t : 0) * (n + 3);
+        dst[t][0] = st[0];
+        for (int a = 0; a < 3; ++a) dst[t][1 + a] = a < 3 - n ? 0 : st[1 + a - (3 - n)];
+        dst[t][4] = st[n + 1];
+    }
     g.B = B;
     g.H = H;
     g.D = D;
@@ -232,21 +996,22 @@ Geometry geometry(int64_t B, int64_t H, int64_t D, int n, const int64_t* spatial
 
 extern "C" {
 
-int natzoo_na_cpu_version() { return 1; }
+int natzoo_na_cpu_version() { return 3; }
 
 #define NATZOO_DEFINE(T, SUFFIX)                                                                                    \
     void natzoo_na_forward_##SUFFIX(const T* q, const T* k, const T* v, const T* rpb, T* out, T* lse, int64_t B,     \
                                     int64_t H, int64_t D, int n, const int64_t* spatial, const int64_t* kernel,      \
                                     const int64_t* stride, const int64_t* dilation, const int64_t* causal,           \
-                                    double scale, int nthreads) {                                                    \
-        Geometry g = geometry(B, H, D, n, spatial, kernel, stride, dilation, causal);                               \
+                                    const int64_t* strides, double scale, int nthreads) {                            \
+        Geometry g = geometry(B, H, D, n, spatial, kernel, stride, dilation, causal, strides, 3);                   \
         forward<T>(g, q, k, v, rpb, T(scale), out, lse, nthreads);                                                  \
     }                                                                                                                \
     void natzoo_na_backward_##SUFFIX(const T* q, const T* k, const T* v, const T* rpb, const T* lse, const T* gout,  \
                                      const T* glse, T* dq, T* dk, T* dv, T* drpb, int64_t B, int64_t H, int64_t D,   \
                                      int n, const int64_t* spatial, const int64_t* kernel, const int64_t* stride,    \
-                                     const int64_t* dilation, const int64_t* causal, double scale, int nthreads) {   \
-        Geometry g = geometry(B, H, D, n, spatial, kernel, stride, dilation, causal);                               \
+                                     const int64_t* dilation, const int64_t* causal, const int64_t* strides,         \
+                                     double scale, int nthreads) {                                                   \
+        Geometry g = geometry(B, H, D, n, spatial, kernel, stride, dilation, causal, strides, 4);                   \
         backward<T>(g, q, k, v, rpb, T(scale), lse, gout, glse, dq, dk, dv, drpb, nthreads);                        \
     }
 

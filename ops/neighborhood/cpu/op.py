@@ -22,16 +22,23 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself when its head_dim is contiguous (the kernels take any other strides), else a contiguous copy."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
 def _geometry(query: torch.Tensor, kernel_size: list[int], stride: list[int], dilation: list[int],
-              is_causal: list[bool], scale: float) -> list:
+              is_causal: list[bool], scale: float, inputs: tuple[torch.Tensor, ...]) -> list:
+    """The kernels' shape arguments; `inputs` (q, k, v[, dO]) give their element strides."""
     batch, *spatial, heads, head_dim = query.shape
     n = len(spatial)
 
     def arr(values) -> ctypes.Array:
-        return (ctypes.c_int64 * n)(*(int(v) for v in values))
+        return (ctypes.c_int64 * len(values))(*values)
 
-    return [batch, heads, head_dim, n, arr(spatial), arr(kernel_size), arr(stride), arr(dilation), arr(is_causal),
-            float(scale), max(1, torch.get_num_threads())]
+    strides = [s for t in inputs for s in t.stride()]
+    return [batch, heads, head_dim, n, arr(spatial), arr(kernel_size), arr(stride), arr(dilation),
+            arr([int(c) for c in is_causal]), arr(strides), float(scale), max(1, torch.get_num_threads())]
 
 
 def _library():
@@ -46,12 +53,12 @@ def _forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rpb: t
              kernel_size: list[int], stride: list[int], dilation: list[int], is_causal: list[bool],
              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``out [B, *S, H, D]`` and ``lse [B, *S, H]``, both in the dtype of `query` (float32 or float64)."""
-    q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
+    q, k, v = _rows(query), _rows(key), _rows(value)  # e.g. views into a packed qkv projection: no copies
     r = None if rpb is None else rpb.to(query.dtype).contiguous()
-    out, lse = torch.empty_like(q), q.new_empty(q.shape[:-1])
+    out, lse = q.new_empty(q.shape), q.new_empty(q.shape[:-1])
     fn = getattr(_library(), f"natzoo_na_forward_{_NATIVE[query.dtype]}")
     fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(r), out.data_ptr(), lse.data_ptr(),
-       *_geometry(q, kernel_size, stride, dilation, is_causal, scale))
+       *_geometry(q, kernel_size, stride, dilation, is_causal, scale, (q, k, v)))
     return out, lse
 
 
@@ -66,15 +73,16 @@ def _backward(grad_out: torch.Tensor, grad_lse: torch.Tensor | None, query: torc
               stride: list[int], dilation: list[int], is_causal: list[bool], scale: float
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``dq, dk, dv`` (shapes and dtype of `query`) and ``d_rpb`` (rpb's shape and dtype; empty without rpb)."""
-    q, k, v, lse, g = (t.contiguous() for t in (query, key, value, lse, grad_out))
+    q, k, v, g = (_rows(t) for t in (query, key, value, grad_out))
+    lse = lse.contiguous()
     gl = None if grad_lse is None else grad_lse.to(q.dtype).contiguous()
     r = None if rpb is None else rpb.to(query.dtype).contiguous()
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(q), torch.zeros_like(q)
+    dq, dk, dv = (q.new_zeros(q.shape) for _ in range(3))
     d_rpb = q.new_empty(0) if r is None else torch.zeros_like(r)
     fn = getattr(_library(), f"natzoo_na_backward_{_NATIVE[query.dtype]}")
     fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(r), lse.data_ptr(), g.data_ptr(), _ptr(gl), dq.data_ptr(),
        dk.data_ptr(), dv.data_ptr(), None if r is None else d_rpb.data_ptr(),
-       *_geometry(q, kernel_size, stride, dilation, is_causal, scale))
+       *_geometry(q, kernel_size, stride, dilation, is_causal, scale, (q, k, v, g)))
     return dq, dk, dv, d_rpb if rpb is None else d_rpb.to(rpb.dtype)
 
 
