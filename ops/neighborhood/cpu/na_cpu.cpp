@@ -577,6 +577,8 @@ template <typename T>
 struct Work {
     std::vector<int64_t> layout;  // of the last unit: the packed buffers' zeros stay valid while it is unchanged
     Buf<T> qt, kt, vt, gt, lse, glse, dqt, dkt, dvt, bias, dbias, s, dps, o, zero, trash;
+    Buf<T> wq, wkt, wv, wbias, ws;  // whole-window units (forward_whole)
+    std::vector<int64_t> wbias_key;  // (head, sub-map) of the bias table in wbias
     bool fresh(const Layout<T>& L) {
         std::vector<int64_t> key = {L.rows, L.dp, L.lpad, L.lp, L.pad};
         bool changed = key != layout;
@@ -738,12 +740,177 @@ inline void for_slots(const Layout<T>& L, const Block& blk, int j, int64_t t, T*
         }
 }
 
+// ----------------------------------------------------------------------------------------------------------------
+// Whole-window units: every query of the unit attends to every key of it (kernel_size equals the sub-map on every
+// axis, not causal; e.g. a 7x7 map with kernel 7, or DiNAT's dilated layers whose groups are 7x7 at 224 px). Lanes run
+// over keys for the logits and over head_dim for the output, as dense attention: a 7x7 unit uses 49 of 64 lanes,
+// where the row-segment path uses 7 of 16 lanes for 7 of its 13 shifts.
+
+constexpr int RB = 6;  // query rows per block: 6 x 4 logit accumulators, 6 x 2 output accumulators
+
+template <typename T>
+bool whole_window(const Layout<T>& L) {
+    for (int a = 0; a < 3; ++a)
+        for (int64_t i = 0; i < L.s[a].n; ++i)
+            if (L.s[a].start[i] != 0 || L.s[a].count[i] != L.s[a].n) return false;
+    return true;
+}
+
+// acc[r][c] = sum_d q[r][d] * kt[d][c-th key vector] for RB rows, KB key vectors; stored to s[r][c].
+template <typename T, int KB>
+inline void whole_logits(const T* q, int64_t qstride, const T* kt, int64_t kstride, int64_t D, T* s,
+                         int64_t sstride) {
+    using V = typename Vec<T>::V;
+    constexpr int W = VBYTES / sizeof(T);
+    V acc[RB][KB];
+    for (int r = 0; r < RB; ++r)
+        for (int c = 0; c < KB; ++c) acc[r][c] = V{};
+    for (int64_t d = 0; d < D; ++d) {
+        V kv[KB];
+        for (int c = 0; c < KB; ++c) kv[c] = loadv<V>(kt + d * kstride + c * W);
+        for (int r = 0; r < RB; ++r) {
+            V qv = V{} + q[r * qstride + d];  // broadcast
+            for (int c = 0; c < KB; ++c) acc[r][c] += qv * kv[c];
+        }
+    }
+    for (int r = 0; r < RB; ++r)
+        for (int c = 0; c < KB; ++c) storev(s + r * sstride + c * W, acc[r][c]);
+}
+
+// acc[r][c] = sum_key p[r][key] * v[key][c-th d vector] for RB rows, DVB d vectors; stored to o[r][c].
+template <typename T, int DVB>
+inline void whole_values(const T* p, int64_t pstride, const T* v, int64_t vstride, int64_t keys, T* o,
+                         int64_t ostride) {
+    using V = typename Vec<T>::V;
+    constexpr int W = VBYTES / sizeof(T);
+    V acc[RB][DVB];
+    for (int r = 0; r < RB; ++r)
+        for (int c = 0; c < DVB; ++c) acc[r][c] = V{};
+    for (int64_t key = 0; key < keys; ++key) {
+        V vv[DVB];
+        for (int c = 0; c < DVB; ++c) vv[c] = loadv<V>(v + key * vstride + c * W);
+        for (int r = 0; r < RB; ++r) {
+            V pv = V{} + p[r * pstride + key];
+            for (int c = 0; c < DVB; ++c) acc[r][c] += pv * vv[c];
+        }
+    }
+    for (int r = 0; r < RB; ++r)
+        for (int c = 0; c < DVB; ++c) storev(o + r * ostride + c * W, acc[r][c]);
+}
+
+template <typename T>
+bool forward_whole(const Geometry& g, const Layout<T>& L, const T* q, const T* k, const T* v, const T* rpb, T scale,
+                   T* out, T* lse, int64_t b, int64_t h, Work<T>& w) {
+    using V = typename Vec<T>::V;
+    constexpr int W = Layout<T>::W;
+    const int64_t n0 = L.s[0].n, n1 = L.s[1].n, n2 = L.s[2].n, nt = n0 * n1 * n2;
+    const int64_t kp = (nt + W - 1) / W * W;              // keys, padded to whole vectors
+    const int64_t rows = (nt + RB - 1) / RB * RB;          // queries, padded to whole blocks
+    const int64_t dv = (g.D + W - 1) / W * W;              // head_dim of the value rows, padded to whole vectors
+    T* qb = w.wq.get(rows * g.D, true);                    // [query][d], times scale
+    T* kt = w.wkt.get(g.D * kp, true);                     // [d][key]
+    T* vb = w.wv.get(kp * dv, true);                       // [key][d]
+    T* sb = w.ws.get(rows * kp, false);                    // [query][key]
+    T* ob = w.o.get(rows * dv, false);                     // [query][d]
+    T check = 0;
+    std::vector<int64_t> toks(nt);
+    for (int64_t i0 = 0, t = 0; i0 < n0; ++i0)
+        for (int64_t i1 = 0; i1 < n1; ++i1)
+            for (int64_t i2 = 0; i2 < n2; ++i2, ++t) toks[t] = L.token(g, i0, i1, i2);
+    for (int64_t t = 0; t < nt; ++t) {
+        const T* qp = q + in_off(g, g.sq, b, toks[t], h);
+        const T* kp_ = k + in_off(g, g.sk, b, toks[t], h);
+        const T* vp = v + in_off(g, g.sv, b, toks[t], h);
+        for (int64_t d = 0; d < g.D; ++d) {
+            qb[t * g.D + d] = qp[d] * scale;
+            kt[d * kp + t] = kp_[d];
+            vb[t * dv + d] = vp[d];
+            check += (qp[d] + kp_[d] + vp[d]) * T(0);  // NaN once any value is NaN or infinite
+        }
+    }
+    if (std::isnan(check)) return false;
+    // bias[query][key]: rpb at (rbase(query) + key coordinate) per axis, -inf on the padded keys. Consecutive units
+    // of one head (its dilation groups) share it.
+    std::vector<int64_t> key = {h, n0, n1, n2, rpb != nullptr};
+    T* bias = w.wbias.get(rows * kp, false);
+    if (key != w.wbias_key) {
+        const T ninf = -std::numeric_limits<T>::infinity();
+        T bcheck = 0;
+        for (int64_t i = 0; i < rows; ++i)
+            for (int64_t c = 0; c < kp; ++c) bias[i * kp + c] = c < nt ? T(0) : ninf;
+        if (rpb)
+            for (int64_t i0 = 0, i = 0; i0 < n0; ++i0)
+                for (int64_t i1 = 0; i1 < n1; ++i1)
+                    for (int64_t i2 = 0; i2 < n2; ++i2, ++i)
+                        for (int64_t c0 = 0; c0 < n0; ++c0)
+                            for (int64_t c1 = 0; c1 < n1; ++c1) {
+                                // keys (c0, c1, 0..n2-1) read one contiguous run of rpb
+                                const T* rp = rpb + ((h * L.s[0].rdim + L.s[0].rbase[i0] + c0) * L.s[1].rdim +
+                                                     L.s[1].rbase[i1] + c1) * L.s[2].rdim + L.s[2].rbase[i2];
+                                T* bp = bias + i * kp + (c0 * n1 + c1) * n2;
+                                for (int64_t c2 = 0; c2 < n2; ++c2) {
+                                    bp[c2] = rp[c2];
+                                    bcheck += rp[c2] * T(0);
+                                }
+                            }
+        if (std::isnan(bcheck)) return false;
+        w.wbias_key = key;
+    }
+    for (int64_t r = 0; r < rows; r += RB) {
+        for (int64_t c = 0; c < kp; c += 4 * W) {
+            switch (std::min<int64_t>(4, (kp - c) / W)) {
+                case 4: whole_logits<T, 4>(qb + r * g.D, g.D, kt + c, kp, g.D, sb + r * kp + c, kp); break;
+                case 3: whole_logits<T, 3>(qb + r * g.D, g.D, kt + c, kp, g.D, sb + r * kp + c, kp); break;
+                case 2: whole_logits<T, 2>(qb + r * g.D, g.D, kt + c, kp, g.D, sb + r * kp + c, kp); break;
+                default: whole_logits<T, 1>(qb + r * g.D, g.D, kt + c, kp, g.D, sb + r * kp + c, kp); break;
+            }
+        }
+    }
+    std::vector<T> inv(rows, T(0));
+    for (int64_t i = 0; i < nt; ++i) {
+        T* sp = sb + i * kp;
+        const T* bp = bias + i * kp;
+        V mx = V{} + std::numeric_limits<T>::lowest();
+        for (int64_t c = 0; c < kp; c += W) {
+            V sv = loadv<V>(sp + c) + loadv<V>(bp + c);
+            storev(sp + c, sv);
+            mx = mx > sv ? mx : sv;
+        }
+        T m = mx[0];
+        for (int l = 1; l < W; ++l) m = std::max(m, mx[l]);
+        V sum = V{};
+        for (int64_t c = 0; c < kp; c += W) {
+            V pv = vexp(loadv<V>(sp + c) - m);
+            storev(sp + c, pv);
+            sum += pv;
+        }
+        T total = 0;
+        for (int l = 0; l < W; ++l) total += sum[l];
+        inv[i] = T(1) / total;
+        lse[(b * g.N + toks[i]) * g.H + h] = m + std::log(total);
+    }
+    for (int64_t r = 0; r < rows; r += RB) {
+        for (int64_t c = 0; c < dv; c += 2 * W) {
+            if (dv - c >= 2 * W)
+                whole_values<T, 2>(sb + r * kp, kp, vb + c, dv, nt, ob + r * dv + c, dv);
+            else
+                whole_values<T, 1>(sb + r * kp, kp, vb + c, dv, nt, ob + r * dv + c, dv);
+        }
+    }
+    for (int64_t i = 0; i < nt; ++i) {
+        T* op = out + ((b * g.N + toks[i]) * g.H + h) * g.D;
+        for (int64_t d = 0; d < g.D; ++d) op[d] = ob[i * dv + d] * inv[i];
+    }
+    return true;
+}
+
 template <typename T>
 bool forward_unit(const Geometry& g, const T* q, const T* k, const T* v, const T* rpb, T scale, T* out, T* lse,
                   int64_t b, int64_t h, const int64_t* group, Work<T>& w) {
     using V = typename Vec<T>::V;
     constexpr int W = Layout<T>::W;
     Layout<T> L(g, group, rpb != nullptr);
+    if (whole_window(L)) return forward_whole(g, L, q, k, v, rpb, scale, out, lse, b, h, w);
     // Pads, d >= D and one row past the last (queries of block rows past the map) are read as zeros, never as another
     // unit's values: zeroed when the layout changes (packing writes the rest).
     bool fresh = w.fresh(L);
@@ -924,6 +1091,7 @@ void forward(const Geometry& g, const T* q, const T* k, const T* v, const T* rpb
              int nthreads) {
     parallel(g.B * g.H * groups(g), nthreads, [&](int64_t lo, int64_t hi, int) {
         std::unique_ptr<Work<T>> w = work_cache<T>().take();
+        w->wbias_key.clear();  // the bias table holds this call's rpb values only
         ScalarScratch<T> sw(g);
         for (int64_t unit = lo; unit < hi; ++unit) {
             int64_t b, h, group[3];
