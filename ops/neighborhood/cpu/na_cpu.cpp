@@ -514,70 +514,132 @@ bool build_bias(const Layout<T>& L, const T* rpb, int64_t h, T* bias) {
     return !std::isnan(check);
 }
 
-// acc[j][c] = sum_d q_j[d] . k[d][c + lanes] for QB query rows and NB shifts; stores the first `nvalid` shifts to
-// out[j] + c * W. q_j: [d][lpad] (aligned), k: [d][lp] at the first shift's column.
-template <typename T>
+// The kernels below take the NQ query rows of a block that use one key row (a contiguous range of the block, as
+// windows only move forward): rows that do not use it cost nothing.
+
+// acc[j][c] = sum_d q_j[d] . k[d][c + lanes] for NQ query rows and NS shifts, stored to out[j] + c * W.
+// q_j: [d][lpad] (aligned), k: [d][lp] at the first shift's column.
+template <typename T, int NQ, int NS>
 inline void qk_block(const T* const* qrow, int64_t qstride, const T* krow, int64_t kstride, int64_t dp,
-                     T* const* out, int64_t nvalid) {
+                     T* const* out) {
     using V = typename Vec<T>::V;
     constexpr int W = VBYTES / sizeof(T);
-    V acc[QB][NB];
-    for (int j = 0; j < QB; ++j)
-        for (int c = 0; c < NB; ++c) acc[j][c] = V{};
+    V acc[NQ][NS];
+    for (int j = 0; j < NQ; ++j)
+        for (int c = 0; c < NS; ++c) acc[j][c] = V{};
     for (int64_t d = 0; d < dp; ++d) {
-        V qv[QB];
-        for (int j = 0; j < QB; ++j) qv[j] = loadv<V>(qrow[j] + d * qstride);
+        V qv[NQ];
+        for (int j = 0; j < NQ; ++j) qv[j] = loadv<V>(qrow[j] + d * qstride);
         const T* kp = krow + d * kstride;
-        for (int c = 0; c < NB; ++c) {
+        for (int c = 0; c < NS; ++c) {
             V kv = loadv<V>(kp + c);
-            for (int j = 0; j < QB; ++j) acc[j][c] += qv[j] * kv;
+            for (int j = 0; j < NQ; ++j) acc[j][c] += qv[j] * kv;
         }
     }
-    for (int j = 0; j < QB; ++j)
-        for (int c = 0; c < NB; ++c)
-            if (c < nvalid) storev(out[j] + c * W, acc[j][c]);
+    for (int j = 0; j < NQ; ++j)
+        for (int c = 0; c < NS; ++c) storev(out[j] + c * W, acc[j][c]);
 }
 
-// acc[j][e] += sum_u p_j[u] * v[e][u + lanes] over nu shifts for QB rows and DB consecutive d of one key row.
+template <typename T, int NQ>
+inline void qk_shifts(const T* const* qrow, int64_t qstride, const T* krow, int64_t kstride, int64_t dp,
+                      T* const* out, int64_t ns) {
+    switch (ns) {
+        case 1: qk_block<T, NQ, 1>(qrow, qstride, krow, kstride, dp, out); break;
+        case 2: qk_block<T, NQ, 2>(qrow, qstride, krow, kstride, dp, out); break;
+        case 3: qk_block<T, NQ, 3>(qrow, qstride, krow, kstride, dp, out); break;
+        case 4: qk_block<T, NQ, 4>(qrow, qstride, krow, kstride, dp, out); break;
+        case 5: qk_block<T, NQ, 5>(qrow, qstride, krow, kstride, dp, out); break;
+        case 6: qk_block<T, NQ, 6>(qrow, qstride, krow, kstride, dp, out); break;
+        case 7: if constexpr (NB >= 7) qk_block<T, NQ, 7>(qrow, qstride, krow, kstride, dp, out); break;
+        default: if constexpr (NB >= 8) qk_block<T, NQ, 8>(qrow, qstride, krow, kstride, dp, out); break;
+    }
+}
+
+// Logits of nq query rows (1..QB) for `nu` shifts, in chunks of at most NB shifts of near-equal size (13 = 7 + 6).
 template <typename T>
+inline void qk_rows(int nq, const T* const* qrow, int64_t qstride, const T* krow, int64_t kstride, int64_t dp,
+                    T* const* out, int64_t nu) {
+    constexpr int W = VBYTES / sizeof(T);
+    int64_t chunks = (nu + NB - 1) / NB;
+    for (int64_t c = 0, u0 = 0; c < chunks; ++c) {
+        int64_t ns = (nu - u0) / (chunks - c);
+        T* o[QB];
+        for (int j = 0; j < nq; ++j) o[j] = out[j] + u0 * W;
+        const T* kp = krow + u0;
+        if (nq == 1) qk_shifts<T, 1>(qrow, qstride, kp, kstride, dp, o, ns);
+        else if (nq == 2) qk_shifts<T, 2>(qrow, qstride, kp, kstride, dp, o, ns);
+        else if constexpr (QB >= 3) qk_shifts<T, 3>(qrow, qstride, kp, kstride, dp, o, ns);
+        u0 += ns;
+    }
+}
+
+// acc[j][e] += sum_u p_j[u] * v[e][u + lanes] over nu shifts for rows [J0, J0 + NQ) of the block and DB consecutive
+// d of one key row.
+template <typename T, int J0, int NQ>
 inline void pv_block(const T* const* prow, const T* vrow, int64_t vstride, int64_t nu,
                      typename Vec<T>::V (&acc)[QB][DB]) {
     using V = typename Vec<T>::V;
     constexpr int W = VBYTES / sizeof(T);
     for (int64_t u = 0; u < nu; ++u) {
-        V pv[QB];
-        for (int j = 0; j < QB; ++j) pv[j] = loadv<V>(prow[j] + u * W);
+        V pv[NQ];
+        for (int j = 0; j < NQ; ++j) pv[j] = loadv<V>(prow[J0 + j] + u * W);
         for (int e = 0; e < DB; ++e) {
             V vv = loadv<V>(vrow + e * vstride + u);
-            for (int j = 0; j < QB; ++j) acc[j][e] += pv[j] * vv;
+            for (int j = 0; j < NQ; ++j) acc[J0 + j][e] += pv[j] * vv;
         }
     }
 }
 
-// dst[d][u + lanes] += sum_j g_j[u] * x_j[d] over nu shifts and dp rows of d (the dk / dv scatter of one key row).
 template <typename T>
+inline void pv_rows(int j0, int nq, const T* const* prow, const T* vrow, int64_t vstride, int64_t nu,
+                    typename Vec<T>::V (&acc)[QB][DB]) {
+    switch (j0 * 4 + nq) {
+        case 1: pv_block<T, 0, 1>(prow, vrow, vstride, nu, acc); break;
+        case 2: pv_block<T, 0, 2>(prow, vrow, vstride, nu, acc); break;
+        case 5: pv_block<T, 1, 1>(prow, vrow, vstride, nu, acc); break;
+        default:
+            if constexpr (QB >= 3) {
+                if (j0 * 4 + nq == 3) pv_block<T, 0, 3>(prow, vrow, vstride, nu, acc);
+                else if (j0 * 4 + nq == 6) pv_block<T, 1, 2>(prow, vrow, vstride, nu, acc);
+                else pv_block<T, 2, 1>(prow, vrow, vstride, nu, acc);
+            }
+            break;
+    }
+}
+
+// dst[d][u + lanes] += sum_j g_j[u] * x_j[d] over nu shifts and dp rows of d, NQ rows (the dk / dv scatter of one key
+// row).
+template <typename T, int NQ>
 inline void scatter_block(const T* const* grow, const T* const* xrow, int64_t xstride, T* dst, int64_t dstride,
                           int64_t dp, int64_t nu) {
     using V = typename Vec<T>::V;
     constexpr int W = VBYTES / sizeof(T);
     for (int64_t u = 0; u < nu; ++u) {
-        V gv[QB];
-        for (int j = 0; j < QB; ++j) gv[j] = loadv<V>(grow[j] + u * W);
+        V gv[NQ];
+        for (int j = 0; j < NQ; ++j) gv[j] = loadv<V>(grow[j] + u * W);
         for (int64_t d = 0; d < dp; ++d) {
             T* p = dst + d * dstride + u;
             V acc = loadv<V>(p);
-            for (int j = 0; j < QB; ++j) acc += gv[j] * loadv<V>(xrow[j] + d * xstride);
+            for (int j = 0; j < NQ; ++j) acc += gv[j] * loadv<V>(xrow[j] + d * xstride);
             storev(p, acc);
         }
     }
+}
+
+template <typename T>
+inline void scatter_rows(int nq, const T* const* grow, const T* const* xrow, int64_t xstride, T* dst,
+                         int64_t dstride, int64_t dp, int64_t nu) {
+    if (nq == 1) scatter_block<T, 1>(grow, xrow, xstride, dst, dstride, dp, nu);
+    else if (nq == 2) scatter_block<T, 2>(grow, xrow, xstride, dst, dstride, dp, nu);
+    else if constexpr (QB >= 3) scatter_block<T, 3>(grow, xrow, xstride, dst, dstride, dp, nu);
 }
 
 // Per-thread scratch of the vector path.
 template <typename T>
 struct Work {
     std::vector<int64_t> layout;  // of the last unit: the packed buffers' zeros stay valid while it is unchanged
-    Buf<T> qt, kt, vt, gt, lse, glse, dqt, dkt, dvt, bias, dbias, s, dps, o, zero, trash;
-    Buf<T> wq, wkt, wv, wbias, ws;  // whole-window units (forward_whole)
+    Buf<T> qt, kt, vt, gt, lse, glse, dqt, dkt, dvt, bias, dbias, s, dps, o, zero;
+    Buf<T> wq, wkt, wv, wbias, ws, wg, wvt, wds, wtr;  // whole-window units (forward_whole, backward_whole)
     std::vector<int64_t> wbias_key;  // (head, sub-map) of the bias table in wbias
     bool fresh(const Layout<T>& L) {
         std::vector<int64_t> key = {L.rows, L.dp, L.lpad, L.lp, L.pad};
@@ -649,7 +711,7 @@ inline int64_t slot_of(const Layout<T>& L, const Block& blk, int j, int64_t m0, 
 // S[j][slot][u][lanes] = q_j . k over every key row of the block, tile t. Rows of the block that do not use a key
 // row write to scratch.
 template <typename T>
-void block_logits(const Layout<T>& L, const Block& blk, int64_t t, const T* qt, const T* kt, T* sbuf, T* trash) {
+void block_logits(const Layout<T>& L, const Block& blk, int64_t t, const T* qt, const T* kt, T* sbuf) {
     constexpr int W = Layout<T>::W;
     const Sub &s0 = L.s[0], &s1 = L.s[1];
     int64_t x0 = t * W, nu = L.nu[t], slot_size = L.nu_max * W;
@@ -660,16 +722,15 @@ void block_logits(const Layout<T>& L, const Block& blk, int64_t t, const T* qt, 
         int64_t kx0 = s0.start[blk.i0] + m0;
         for (int64_t x1 = blk.x1lo; x1 < blk.x1hi; ++x1) {
             const T* krow = kt + (kx0 * s1.n + x1) * L.dp * L.lp + L.pad + x0 + L.umin[t];
+            int j0 = -1, nq = 0;  // the block rows using this key row
             T* out[QB];
             for (int j = 0; j < QB; ++j) {
                 int64_t slot = slot_of(L, blk, j, m0, x1);
-                out[j] = slot < 0 ? trash : sbuf + (j * L.slots + slot) * slot_size;
+                if (slot < 0) continue;
+                if (j0 < 0) j0 = j;
+                out[nq++] = sbuf + (j * L.slots + slot) * slot_size;
             }
-            for (int64_t uc = 0; uc < nu; uc += NB) {
-                T* o2[QB];
-                for (int j = 0; j < QB; ++j) o2[j] = out[j] == trash ? trash : out[j] + uc * W;
-                qk_block<T>(qrow, L.lpad, krow + uc, L.lp, L.dp, o2, std::min<int64_t>(NB, nu - uc));
-            }
+            if (nq) qk_rows(nq, qrow + j0, L.lpad, krow, L.lp, L.dp, out, nu);
         }
     }
 }
@@ -690,11 +751,16 @@ void block_weighted_sum(const Layout<T>& L, const Block& blk, int64_t t, const T
             int64_t kx0 = s0.start[blk.i0] + m0;
             for (int64_t x1 = blk.x1lo; x1 < blk.x1hi; ++x1) {
                 const T* prow[QB];
+                int j0 = -1, nq = 0;  // the block rows using this key row
                 for (int j = 0; j < QB; ++j) {
                     int64_t slot = slot_of(L, blk, j, m0, x1);
                     prow[j] = slot < 0 ? zero : pbuf + (j * L.slots + slot) * slot_size;
+                    if (slot >= 0 && j0 < 0) j0 = j;
+                    nq += slot >= 0;
                 }
-                pv_block<T>(prow, xt + ((kx0 * s1.n + x1) * L.dp + db) * L.lp + L.pad + x0 + L.umin[t], L.lp, nu, acc);
+                if (nq)
+                    pv_rows<T>(j0, nq, prow, xt + ((kx0 * s1.n + x1) * L.dp + db) * L.lp + L.pad + x0 + L.umin[t], L.lp,
+                               nu, acc);
             }
         }
         for (int j = 0; j < QB; ++j)
@@ -704,7 +770,7 @@ void block_weighted_sum(const Layout<T>& L, const Block& blk, int64_t t, const T
 
 // dst[key row][d][columns] += sum_j g_j * x_j over the block's key rows (dk: g = ds, x = q; dv: g = p, x = dO).
 template <typename T>
-void block_scatter(const Layout<T>& L, const Block& blk, int64_t t, const T* gbuf, const T* zero, const T* xt,
+void block_scatter(const Layout<T>& L, const Block& blk, int64_t t, const T* gbuf, const T* xt,
                    T* dst) {
     constexpr int W = Layout<T>::W;
     const Sub &s0 = L.s[0], &s1 = L.s[1];
@@ -716,12 +782,16 @@ void block_scatter(const Layout<T>& L, const Block& blk, int64_t t, const T* gbu
         int64_t kx0 = s0.start[blk.i0] + m0;
         for (int64_t x1 = blk.x1lo; x1 < blk.x1hi; ++x1) {
             const T* grow[QB];
+            int j0 = -1, nq = 0;  // the block rows using this key row
             for (int j = 0; j < QB; ++j) {
                 int64_t slot = slot_of(L, blk, j, m0, x1);
-                grow[j] = slot < 0 ? zero : gbuf + (j * L.slots + slot) * slot_size;
+                if (slot < 0) continue;
+                if (j0 < 0) j0 = j;
+                grow[nq++] = gbuf + (j * L.slots + slot) * slot_size;
             }
-            scatter_block<T>(grow, xrow, L.lpad, dst + (kx0 * s1.n + x1) * L.dp * L.lp + L.pad + x0 + L.umin[t], L.lp,
-                             L.dp, nu);
+            if (nq)
+                scatter_rows<T>(nq, grow, xrow + j0, L.lpad, dst + (kx0 * s1.n + x1) * L.dp * L.lp + L.pad + x0 + L.umin[t],
+                                L.lp, L.dp, nu);
         }
     }
 }
@@ -798,6 +868,66 @@ inline void whole_values(const T* p, int64_t pstride, const T* v, int64_t vstrid
         for (int c = 0; c < DVB; ++c) storev(o + r * ostride + c * W, acc[r][c]);
 }
 
+// bias[query][key] of a whole-window unit: rpb at (rbase(query) + key coordinate) per axis, 0 without rpb, -inf on the
+// padded keys; nullptr when rpb holds a non-finite value. Consecutive units of one head (its dilation groups) share
+// it, within one call.
+template <typename T>
+const T* whole_bias(const Layout<T>& L, const T* rpb, int64_t h, int64_t rows, int64_t kp, Work<T>& w) {
+    const int64_t n0 = L.s[0].n, n1 = L.s[1].n, n2 = L.s[2].n, nt = n0 * n1 * n2;
+    std::vector<int64_t> key = {h, n0, n1, n2, rpb != nullptr};
+    T* bias = w.wbias.get(rows * kp, false);
+    if (key != w.wbias_key) {
+        const T ninf = -std::numeric_limits<T>::infinity();
+        T bcheck = 0;
+        for (int64_t i = 0; i < rows; ++i)
+            for (int64_t c = 0; c < kp; ++c) bias[i * kp + c] = c < nt ? T(0) : ninf;
+        if (rpb)
+            for (int64_t i0 = 0, i = 0; i0 < n0; ++i0)
+                for (int64_t i1 = 0; i1 < n1; ++i1)
+                    for (int64_t i2 = 0; i2 < n2; ++i2, ++i)
+                        for (int64_t c0 = 0; c0 < n0; ++c0)
+                            for (int64_t c1 = 0; c1 < n1; ++c1) {
+                                // keys (c0, c1, 0..n2-1) read one contiguous run of rpb
+                                const T* rp = rpb + ((h * L.s[0].rdim + L.s[0].rbase[i0] + c0) * L.s[1].rdim +
+                                                     L.s[1].rbase[i1] + c1) * L.s[2].rdim + L.s[2].rbase[i2];
+                                T* bp = bias + i * kp + (c0 * n1 + c1) * n2;
+                                for (int64_t c2 = 0; c2 < n2; ++c2) {
+                                    bp[c2] = rp[c2];
+                                    bcheck += rp[c2] * T(0);
+                                }
+                            }
+        if (std::isnan(bcheck)) return nullptr;
+        w.wbias_key = key;
+    }
+    return bias;
+}
+
+// s[r][c] for rows [0, rows) and key vectors [0, kp / W): q rows (stride qs) against kt [d][key] (stride kp).
+template <typename T>
+void whole_logits_all(const T* q, int64_t qs, const T* kt, int64_t kp, int64_t D, T* s, int64_t rows) {
+    constexpr int W = VBYTES / sizeof(T);
+    for (int64_t r = 0; r < rows; r += RB)
+        for (int64_t c = 0; c < kp; c += 4 * W) switch (std::min<int64_t>(4, (kp - c) / W)) {
+                case 4: whole_logits<T, 4>(q + r * qs, qs, kt + c, kp, D, s + r * kp + c, kp); break;
+                case 3: whole_logits<T, 3>(q + r * qs, qs, kt + c, kp, D, s + r * kp + c, kp); break;
+                case 2: whole_logits<T, 2>(q + r * qs, qs, kt + c, kp, D, s + r * kp + c, kp); break;
+                default: whole_logits<T, 1>(q + r * qs, qs, kt + c, kp, D, s + r * kp + c, kp); break;
+            }
+}
+
+// o[r][0..dv) = sum_key p[r][key] * x[key][0..dv) for rows [0, rows) (p stride ps, x and o stride dv).
+template <typename T>
+void whole_values_all(const T* p, int64_t ps, const T* x, int64_t dv, int64_t keys, T* o, int64_t rows) {
+    constexpr int W = VBYTES / sizeof(T);
+    for (int64_t r = 0; r < rows; r += RB)
+        for (int64_t c = 0; c < dv; c += 2 * W) {
+            if (dv - c >= 2 * W)
+                whole_values<T, 2>(p + r * ps, ps, x + c, dv, keys, o + r * dv + c, dv);
+            else
+                whole_values<T, 1>(p + r * ps, ps, x + c, dv, keys, o + r * dv + c, dv);
+        }
+}
+
 template <typename T>
 bool forward_whole(const Geometry& g, const Layout<T>& L, const T* q, const T* k, const T* v, const T* rpb, T scale,
                    T* out, T* lse, int64_t b, int64_t h, Work<T>& w) {
@@ -829,43 +959,9 @@ bool forward_whole(const Geometry& g, const Layout<T>& L, const T* q, const T* k
         }
     }
     if (std::isnan(check)) return false;
-    // bias[query][key]: rpb at (rbase(query) + key coordinate) per axis, -inf on the padded keys. Consecutive units
-    // of one head (its dilation groups) share it.
-    std::vector<int64_t> key = {h, n0, n1, n2, rpb != nullptr};
-    T* bias = w.wbias.get(rows * kp, false);
-    if (key != w.wbias_key) {
-        const T ninf = -std::numeric_limits<T>::infinity();
-        T bcheck = 0;
-        for (int64_t i = 0; i < rows; ++i)
-            for (int64_t c = 0; c < kp; ++c) bias[i * kp + c] = c < nt ? T(0) : ninf;
-        if (rpb)
-            for (int64_t i0 = 0, i = 0; i0 < n0; ++i0)
-                for (int64_t i1 = 0; i1 < n1; ++i1)
-                    for (int64_t i2 = 0; i2 < n2; ++i2, ++i)
-                        for (int64_t c0 = 0; c0 < n0; ++c0)
-                            for (int64_t c1 = 0; c1 < n1; ++c1) {
-                                // keys (c0, c1, 0..n2-1) read one contiguous run of rpb
-                                const T* rp = rpb + ((h * L.s[0].rdim + L.s[0].rbase[i0] + c0) * L.s[1].rdim +
-                                                     L.s[1].rbase[i1] + c1) * L.s[2].rdim + L.s[2].rbase[i2];
-                                T* bp = bias + i * kp + (c0 * n1 + c1) * n2;
-                                for (int64_t c2 = 0; c2 < n2; ++c2) {
-                                    bp[c2] = rp[c2];
-                                    bcheck += rp[c2] * T(0);
-                                }
-                            }
-        if (std::isnan(bcheck)) return false;
-        w.wbias_key = key;
-    }
-    for (int64_t r = 0; r < rows; r += RB) {
-        for (int64_t c = 0; c < kp; c += 4 * W) {
-            switch (std::min<int64_t>(4, (kp - c) / W)) {
-                case 4: whole_logits<T, 4>(qb + r * g.D, g.D, kt + c, kp, g.D, sb + r * kp + c, kp); break;
-                case 3: whole_logits<T, 3>(qb + r * g.D, g.D, kt + c, kp, g.D, sb + r * kp + c, kp); break;
-                case 2: whole_logits<T, 2>(qb + r * g.D, g.D, kt + c, kp, g.D, sb + r * kp + c, kp); break;
-                default: whole_logits<T, 1>(qb + r * g.D, g.D, kt + c, kp, g.D, sb + r * kp + c, kp); break;
-            }
-        }
-    }
+    const T* bias = whole_bias(L, rpb, h, rows, kp, w);
+    if (!bias) return false;
+    whole_logits_all(qb, g.D, kt, kp, g.D, sb, rows);
     std::vector<T> inv(rows, T(0));
     for (int64_t i = 0; i < nt; ++i) {
         T* sp = sb + i * kp;
@@ -889,14 +985,7 @@ bool forward_whole(const Geometry& g, const Layout<T>& L, const T* q, const T* k
         inv[i] = T(1) / total;
         lse[(b * g.N + toks[i]) * g.H + h] = m + std::log(total);
     }
-    for (int64_t r = 0; r < rows; r += RB) {
-        for (int64_t c = 0; c < dv; c += 2 * W) {
-            if (dv - c >= 2 * W)
-                whole_values<T, 2>(sb + r * kp, kp, vb + c, dv, nt, ob + r * dv + c, dv);
-            else
-                whole_values<T, 1>(sb + r * kp, kp, vb + c, dv, nt, ob + r * dv + c, dv);
-        }
-    }
+    whole_values_all(sb, kp, vb, dv, nt, ob, rows);
     for (int64_t i = 0; i < nt; ++i) {
         T* op = out + ((b * g.N + toks[i]) * g.H + h) * g.D;
         for (int64_t d = 0; d < g.D; ++d) op[d] = ob[i * dv + d] * inv[i];
@@ -925,14 +1014,13 @@ bool forward_unit(const Geometry& g, const T* q, const T* k, const T* v, const T
     T* sbuf = w.s.get(QB * L.slots * slot_size, false);
     T* obuf = w.o.get(QB * L.dp * W, false);
     T* zero = w.zero.get(slot_size, false);
-    T* trash = w.trash.get(NB * W, false);
     const T lowest = std::numeric_limits<T>::lowest();
     for (int64_t i0 = 0; i0 < L.s[0].n; ++i0)
         for (int64_t i1b = 0; i1b < L.s[1].n; i1b += QB) {
             Block blk = make_block(L, i0, i1b);
             for (int64_t t = 0; t < L.tiles; ++t) {
                 int64_t nu = L.nu[t];
-                block_logits(L, blk, t, qt, kt, sbuf, trash);
+                block_logits(L, blk, t, qt, kt, sbuf);
                 V inv[QB], lsev[QB];
                 for (int j = 0; j < QB; ++j) {
                     if (!blk.real[j]) continue;
@@ -969,6 +1057,104 @@ bool forward_unit(const Geometry& g, const T* q, const T* k, const T* v, const T
     return true;
 }
 
+// The backward of a whole-window unit: P from the saved lse, dP = dO v^T, dS = P (dP - delta + dlse), then
+// dq = dS k, dk = dS^T q, dv = P^T dO as dense products (the same two kernels as the forward).
+template <typename T>
+bool backward_whole(const Geometry& g, const Layout<T>& L, const T* q, const T* k, const T* v, const T* rpb, T scale,
+                    const T* lse, const T* gout, const T* glse, T* dq, T* dk, T* dv, T* dri, int64_t b, int64_t h,
+                    Work<T>& w) {
+    using V = typename Vec<T>::V;
+    constexpr int W = Layout<T>::W;
+    const int64_t n1 = L.s[1].n, n2 = L.s[2].n, nt = L.s[0].n * n1 * n2;
+    const int64_t kp = (nt + W - 1) / W * W;              // keys (and queries as columns), padded to whole vectors
+    const int64_t rows = (nt + RB - 1) / RB * RB;          // rows of every [token][...] operand
+    const int64_t dw = (g.D + W - 1) / W * W;              // head_dim, padded to whole vectors
+    T* qb = w.wq.get(rows * dw, true);                     // [query][d], times scale
+    T* gb = w.wg.get(rows * dw, true);                     // [query][d] of dO
+    T* kb = w.wv.get(rows * dw, true);                     // [key][d]
+    T* kt = w.wkt.get(g.D * kp, true);                     // [d][key]
+    T* vt = w.wvt.get(g.D * kp, true);                     // [d][key]
+    T* pb = w.ws.get(rows * kp, false);                    // [query][key]: P
+    T* db = w.wds.get(rows * kp, false);                   // [query][key]: dP, then dS
+    T* tb = w.wtr.get(rows * kp, true);                    // [key][query]: dS^T, then P^T
+    T* ob = w.o.get(rows * dw, false);                     // [row][d] results
+    T check = 0;
+    std::vector<int64_t> toks(nt);
+    for (int64_t i0 = 0, t = 0; i0 < L.s[0].n; ++i0)
+        for (int64_t i1 = 0; i1 < n1; ++i1)
+            for (int64_t i2 = 0; i2 < n2; ++i2, ++t) toks[t] = L.token(g, i0, i1, i2);
+    std::vector<T> lv(rows, T(0)), glv(rows, T(0));
+    for (int64_t t = 0; t < nt; ++t) {
+        const T* qp = q + in_off(g, g.sq, b, toks[t], h);
+        const T* kq = k + in_off(g, g.sk, b, toks[t], h);
+        const T* vp = v + in_off(g, g.sv, b, toks[t], h);
+        const T* gp = gout + in_off(g, g.sg, b, toks[t], h);
+        for (int64_t d = 0; d < g.D; ++d) {
+            qb[t * dw + d] = qp[d] * scale;
+            gb[t * dw + d] = gp[d];
+            kb[t * dw + d] = kq[d];
+            kt[d * kp + t] = kq[d];
+            vt[d * kp + t] = vp[d];
+            check += (qp[d] + kq[d] + vp[d] + gp[d]) * T(0);  // NaN once any value is NaN or infinite
+        }
+        lv[t] = lse[(b * g.N + toks[t]) * g.H + h];
+        glv[t] = glse ? glse[(b * g.N + toks[t]) * g.H + h] : T(0);
+        check += (lv[t] + glv[t]) * T(0);
+    }
+    if (std::isnan(check)) return false;
+    const T* bias = whole_bias(L, rpb, h, rows, kp, w);
+    if (!bias) return false;
+    whole_logits_all(qb, dw, kt, kp, g.D, pb, rows);  // logits
+    whole_logits_all(gb, dw, vt, kp, g.D, db, rows);  // dP
+    for (int64_t i = 0; i < nt; ++i) {
+        T *pp = pb + i * kp, *dp = db + i * kp;
+        const T* bp = bias + i * kp;
+        V delta = V{};
+        for (int64_t c = 0; c < kp; c += W) {
+            V pv = vexp(loadv<V>(pp + c) + loadv<V>(bp + c) - lv[i]);  // probabilities (0 on padded keys)
+            storev(pp + c, pv);
+            delta += pv * loadv<V>(dp + c);
+        }
+        T dsum = 0;
+        for (int l = 0; l < W; ++l) dsum += delta[l];
+        for (int64_t c = 0; c < kp; c += W) storev(dp + c, loadv<V>(pp + c) * (loadv<V>(dp + c) - dsum + glv[i]));
+    }
+    // dq = scale * dS k
+    whole_values_all(db, kp, kb, dw, nt, ob, rows);
+    for (int64_t i = 0; i < nt; ++i) {
+        T* op = dq + ((b * g.N + toks[i]) * g.H + h) * g.D;
+        for (int64_t d = 0; d < g.D; ++d) op[d] = ob[i * dw + d] * scale;
+    }
+    // dk = dS^T (scale q); rows of tb past nt stay zero
+    for (int64_t i = 0; i < nt; ++i)
+        for (int64_t c = 0; c < nt; ++c) tb[c * kp + i] = db[i * kp + c];
+    whole_values_all(tb, kp, qb, dw, nt, ob, rows);
+    for (int64_t c = 0; c < nt; ++c) {
+        T* op = dk + ((b * g.N + toks[c]) * g.H + h) * g.D;
+        for (int64_t d = 0; d < g.D; ++d) op[d] = ob[c * dw + d];
+    }
+    // dv = P^T dO
+    for (int64_t i = 0; i < nt; ++i)
+        for (int64_t c = 0; c < nt; ++c) tb[c * kp + i] = pb[i * kp + c];
+    whole_values_all(tb, kp, gb, dw, nt, ob, rows);
+    for (int64_t c = 0; c < nt; ++c) {
+        T* op = dv + ((b * g.N + toks[c]) * g.H + h) * g.D;
+        for (int64_t d = 0; d < g.D; ++d) op[d] = ob[c * dw + d];
+    }
+    if (rpb && dri)
+        for (int64_t i0 = 0, i = 0; i0 < L.s[0].n; ++i0)
+            for (int64_t i1 = 0; i1 < n1; ++i1)
+                for (int64_t i2 = 0; i2 < n2; ++i2, ++i)
+                    for (int64_t c0 = 0; c0 < L.s[0].n; ++c0)
+                        for (int64_t c1 = 0; c1 < n1; ++c1) {
+                            T* rp = dri + ((h * L.s[0].rdim + L.s[0].rbase[i0] + c0) * L.s[1].rdim + L.s[1].rbase[i1] +
+                                           c1) * L.s[2].rdim + L.s[2].rbase[i2];
+                            const T* dsp = db + i * kp + (c0 * n1 + c1) * n2;
+                            for (int64_t c2 = 0; c2 < n2; ++c2) rp[c2] += dsp[c2];
+                        }
+    return true;
+}
+
 template <typename T>
 bool backward_unit(const Geometry& g, const T* q, const T* k, const T* v, const T* rpb, T scale, const T* lse,
                    const T* gout, const T* glse, T* dq, T* dk, T* dv, T* dri, int64_t b, int64_t h,
@@ -976,6 +1162,7 @@ bool backward_unit(const Geometry& g, const T* q, const T* k, const T* v, const 
     using V = typename Vec<T>::V;
     constexpr int W = Layout<T>::W;
     Layout<T> L(g, group, rpb != nullptr);
+    if (whole_window(L)) return backward_whole(g, L, q, k, v, rpb, scale, lse, gout, glse, dq, dk, dv, dri, b, h, w);
     bool fresh = w.fresh(L);  // as in forward_unit
     T* qt = w.qt.get((L.rows + 1) * L.dp * L.lpad, fresh);
     T* gt = w.gt.get((L.rows + 1) * L.dp * L.lpad, fresh);
@@ -997,14 +1184,13 @@ bool backward_unit(const Geometry& g, const T* q, const T* k, const T* v, const 
     T* sbuf = w.s.get(QB * L.slots * slot_size, false);
     T* dpbuf = w.dps.get(QB * L.slots * slot_size, false);
     T* zero = w.zero.get(slot_size, false);
-    T* trash = w.trash.get(NB * W, false);
     for (int64_t i0 = 0; i0 < L.s[0].n; ++i0)
         for (int64_t i1b = 0; i1b < L.s[1].n; i1b += QB) {
             Block blk = make_block(L, i0, i1b);
             for (int64_t t = 0; t < L.tiles; ++t) {
                 int64_t nu = L.nu[t];
-                block_logits(L, blk, t, qt, kt, sbuf, trash);   // logits
-                block_logits(L, blk, t, gt, vt, dpbuf, trash);  // dP = dO . v
+                block_logits(L, blk, t, qt, kt, sbuf);   // logits
+                block_logits(L, blk, t, gt, vt, dpbuf);  // dP = dO . v
                 for (int j = 0; j < QB; ++j) {
                     if (!blk.real[j]) continue;
                     int64_t row = blk.i0 * L.s[1].n + blk.i1[j];
@@ -1030,8 +1216,8 @@ bool backward_unit(const Geometry& g, const T* q, const T* k, const T* v, const 
                     });
                 }
                 block_weighted_sum(L, blk, t, dpbuf, zero, kt, dqt);  // dq / scale
-                block_scatter(L, blk, t, dpbuf, zero, qt, dkt);       // dk (q carries the scale)
-                block_scatter(L, blk, t, sbuf, zero, gt, dvt);        // dv
+                block_scatter(L, blk, t, dpbuf, qt, dkt);       // dk (q carries the scale)
+                block_scatter(L, blk, t, sbuf, gt, dvt);        // dv
                 for (int j = 0; j < QB; ++j)
                     if (blk.real[j])
                         unpack_lanes(g, dqt + j * L.dp * W, W, V{} + scale, dq, b, h, L.token(g, i0, blk.i1[j], t * W),
@@ -1113,6 +1299,7 @@ void backward(const Geometry& g, const T* q, const T* k, const T* v, const T* rp
     std::vector<std::vector<T>> dr(drpb ? nt : 0, std::vector<T>(rsize, T(0)));
     parallel(units, int(nt), [&](int64_t lo, int64_t hi, int thread) {
         std::unique_ptr<Work<T>> w = work_cache<T>().take();
+        w->wbias_key.clear();  // the bias table holds this call's rpb values only
         ScalarScratch<T> sw(g);
         T* dri = drpb ? dr[thread].data() : nullptr;
         for (int64_t unit = lo; unit < hi; ++unit) {
