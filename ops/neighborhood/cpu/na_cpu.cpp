@@ -38,6 +38,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -427,28 +428,102 @@ inline void store_first(T* p, V v, int64_t n) {
         std::memcpy(p, &v, size_t(n) * sizeof(T));
 }
 
-// Packs [B, N, H, D] rows of (b, h) into dst[row][d][pad + column] (times `mul`), lanes past the map as zeros;
-// returns false when a value is not finite. Pads and d >= D are not written (zero since allocation).
+#if defined(__AVX512F__)
+// In-register transpose of 16 rows of 16 floats (r[i][j] -> r[j][i]): 32-bit, then 64-bit unpacks inside 128-bit
+// lanes, then two rounds of 128-bit lane shuffles. 64 shuffles for 256 values, where 16 gathers touch 16 cache lines
+// each.
+inline void transpose16(__m512 (&r)[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);      // lane k: r_i[4k], r_i+1[4k], r_i[4k+1], r_i+1[4k+1]
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);  // lane k: the same for 4k+2, 4k+3
+    }
+    for (int i = 0; i < 16; i += 4) {  // r[i + e] lane k: element 4k + e of rows i..i+3
+        __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 2]);
+        __m512d c = _mm512_castps_pd(t[i + 1]), d = _mm512_castps_pd(t[i + 3]);
+        r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+        r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+        r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+        r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+    }
+    for (int e = 0; e < 4; ++e) {  // t[2e], t[2e+1]: elements (e, e+8) and (e+4, e+12) of rows 0..7; t[8 + ...] rows 8..15
+        t[2 * e] = _mm512_shuffle_f32x4(r[e], r[4 + e], 0x88);
+        t[2 * e + 1] = _mm512_shuffle_f32x4(r[e], r[4 + e], 0xdd);
+        t[8 + 2 * e] = _mm512_shuffle_f32x4(r[8 + e], r[12 + e], 0x88);
+        t[8 + 2 * e + 1] = _mm512_shuffle_f32x4(r[8 + e], r[12 + e], 0xdd);
+    }
+    for (int e = 0; e < 4; ++e) {
+        r[e] = _mm512_shuffle_f32x4(t[2 * e], t[8 + 2 * e], 0x88);
+        r[e + 8] = _mm512_shuffle_f32x4(t[2 * e], t[8 + 2 * e], 0xdd);
+        r[e + 4] = _mm512_shuffle_f32x4(t[2 * e + 1], t[8 + 2 * e + 1], 0x88);
+        r[e + 12] = _mm512_shuffle_f32x4(t[2 * e + 1], t[8 + 2 * e + 1], 0xdd);
+    }
+}
+
+// pack() of one tile of n <= 16 tokens (rows of D floats, `lane_stride` apart) into dst[d][16 columns].
+inline void pack_tile(const float* sp, int64_t lane_stride, int n, int64_t D, float mul, float* dst, int64_t width,
+                      Vec<float>::V& check) {
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+        int nd = int(std::min<int64_t>(16, D - d0));
+        __mmask16 m = __mmask16((1u << nd) - 1);
+        __m512 r[16], chk = _mm512_setzero_ps();
+        for (int l = 0; l < 16; ++l) {
+            r[l] = l < n ? _mm512_maskz_loadu_ps(m, sp + l * lane_stride + d0) : _mm512_setzero_ps();
+            chk = _mm512_add_ps(chk, _mm512_mul_ps(r[l], _mm512_setzero_ps()));
+        }
+        Vec<float>::V c;
+        std::memcpy(&c, &chk, sizeof(c));
+        check += c;
+        transpose16(r);
+        __m512 mv = _mm512_set1_ps(mul);
+        for (int e = 0; e < nd; ++e) _mm512_storeu_ps(dst + (d0 + e) * width, _mm512_mul_ps(r[e], mv));
+    }
+}
+
+// unpack_lanes() of one tile: buf[d][16 lanes] (d stride dstride) times mul[lane] to n token rows `row_stride` apart.
+inline void unpack_tile(const float* buf, int64_t dstride, Vec<float>::V mul, int64_t D, float* dst, int64_t row_stride,
+                        int n) {
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+        int nd = int(std::min<int64_t>(16, D - d0));
+        __m512 r[16];
+        for (int e = 0; e < 16; ++e) r[e] = e < nd ? _mm512_loadu_ps(buf + (d0 + e) * dstride) : _mm512_setzero_ps();
+        transpose16(r);
+        __mmask16 m = __mmask16((1u << nd) - 1);
+        for (int l = 0; l < n; ++l)
+            _mm512_mask_storeu_ps(dst + l * row_stride + d0, m, _mm512_mul_ps(r[l], _mm512_set1_ps(mul[l])));
+    }
+}
+#endif
+
+// Packs rows [first, first + count) (row = i0 * n1 + i1) of (b, h) of a [B, *S, H, D] input into
+// dst[row - first][d][pad + column] (times `mul`), lanes past the map as zeros; returns false when a value is not
+// finite. Pads and d >= D are not written (zero since allocation).
 template <typename T>
 bool pack(const Geometry& g, const Layout<T>& L, const T* src, const int64_t* st, int64_t b, int64_t h, T mul, T* dst,
-          int64_t width, int64_t pad) {
+          int64_t width, int64_t pad, int64_t first, int64_t count) {
     using V = typename Vec<T>::V;
     constexpr int W = Layout<T>::W;
     V check = V{};
     const int64_t lane_stride = g.ax[2].dil * st[3];  // between neighbouring columns of the group
-    for (int64_t i0 = 0; i0 < L.s[0].n; ++i0)
-        for (int64_t i1 = 0; i1 < L.s[1].n; ++i1) {
-            T* row = dst + (i0 * L.s[1].n + i1) * L.dp * width + pad;
-            for (int64_t x0 = 0; x0 < L.s[2].n; x0 += W) {
-                int n = int(std::min<int64_t>(W, L.s[2].n - x0));
-                const T* sp = src + in_off(g, st, b, L.token(g, i0, i1, x0), h);
-                for (int64_t d = 0; d < g.D; ++d) {
-                    V v = gather(sp + d, lane_stride, n);
-                    check += v * T(0);  // NaN once any value is NaN or infinite
-                    storev(row + d * width + x0, v * mul);
-                }
+    for (int64_t r = first; r < first + count; ++r) {
+        int64_t i0 = r / L.s[1].n, i1 = r % L.s[1].n;
+        T* row = dst + (r - first) * L.dp * width + pad;
+        for (int64_t x0 = 0; x0 < L.s[2].n; x0 += W) {
+            int n = int(std::min<int64_t>(W, L.s[2].n - x0));
+            const T* sp = src + in_off(g, st, b, L.token(g, i0, i1, x0), h);
+#if defined(__AVX512F__)
+            if constexpr (std::is_same<T, float>::value) {
+                pack_tile(sp, lane_stride, n, g.D, mul, row + x0, width, check);
+                continue;
+            }
+#endif
+            for (int64_t d = 0; d < g.D; ++d) {
+                V v = gather(sp + d, lane_stride, n);
+                check += v * T(0);  // NaN once any value is NaN or infinite
+                storev(row + d * width + x0, v * mul);
             }
         }
+    }
     for (int l = 0; l < W; ++l)
         if (std::isnan(check[l])) return false;
     return true;
@@ -480,6 +555,12 @@ void unpack_lanes(const Geometry& g, const T* buf, int64_t dstride, typename Vec
                   int64_t h, int64_t tok0, int n) {
     using V = typename Vec<T>::V;
     constexpr int W = VBYTES / sizeof(T);
+#if defined(__AVX512F__)
+    if constexpr (std::is_same<T, float>::value) {
+        unpack_tile(buf, dstride, mul, g.D, dst + ((b * g.N + tok0) * g.H + h) * g.D, g.ax[2].dil * g.H * g.D, n);
+        return;
+    }
+#endif
     for (int l = 0; l < n; ++l) {
         T* op = dst + ((b * g.N + tok0 + l * g.ax[2].dil) * g.H + h) * g.D;
         for (int64_t d = 0; d < g.D; d += W) {
@@ -717,7 +798,7 @@ void block_logits(const Layout<T>& L, const Block& blk, int64_t t, const T* qt, 
     int64_t x0 = t * W, nu = L.nu[t], slot_size = L.nu_max * W;
     const T* qrow[QB];
     for (int j = 0; j < QB; ++j)
-        qrow[j] = qt + ((blk.real[j] ? blk.i0 * s1.n + blk.i1[j] : L.rows) * L.dp) * L.lpad + x0;
+        qrow[j] = qt + j * L.dp * L.lpad + x0;  // the block's own packed rows
     for (int64_t m0 = 0; m0 < s0.count[blk.i0]; ++m0) {
         int64_t kx0 = s0.start[blk.i0] + m0;
         for (int64_t x1 = blk.x1lo; x1 < blk.x1hi; ++x1) {
@@ -777,7 +858,7 @@ void block_scatter(const Layout<T>& L, const Block& blk, int64_t t, const T* gbu
     int64_t x0 = t * W, nu = L.nu[t], slot_size = L.nu_max * W;
     const T* xrow[QB];
     for (int j = 0; j < QB; ++j)
-        xrow[j] = xt + ((blk.real[j] ? blk.i0 * s1.n + blk.i1[j] : L.rows) * L.dp) * L.lpad + x0;
+        xrow[j] = xt + j * L.dp * L.lpad + x0;  // the block's own packed rows
     for (int64_t m0 = 0; m0 < s0.count[blk.i0]; ++m0) {
         int64_t kx0 = s0.start[blk.i0] + m0;
         for (int64_t x1 = blk.x1lo; x1 < blk.x1hi; ++x1) {
@@ -1003,12 +1084,12 @@ bool forward_unit(const Geometry& g, const T* q, const T* k, const T* v, const T
     // Pads, d >= D and one row past the last (queries of block rows past the map) are read as zeros, never as another
     // unit's values: zeroed when the layout changes (packing writes the rest).
     bool fresh = w.fresh(L);
-    T* qt = w.qt.get((L.rows + 1) * L.dp * L.lpad, fresh);
+    T* qt = w.qt.get(QB * L.dp * L.lpad, fresh);  // the current block's query rows (packed per block: stays in cache)
     T* kt = w.kt.get(L.rows * L.dp * L.lp, fresh);
     T* vt = w.vt.get(L.rows * L.dp * L.lp, fresh);
     T* bias = w.bias.get(L.bias_off[L.tiles], false);
-    bool finite = pack(g, L, q, g.sq, b, h, scale, qt, L.lpad, 0) && pack(g, L, k, g.sk, b, h, T(1), kt, L.lp, L.pad) &&
-                  pack(g, L, v, g.sv, b, h, T(1), vt, L.lp, L.pad) && build_bias(L, rpb, h, bias);
+    bool finite = pack(g, L, k, g.sk, b, h, T(1), kt, L.lp, L.pad, 0, L.rows) &&
+                  pack(g, L, v, g.sv, b, h, T(1), vt, L.lp, L.pad, 0, L.rows) && build_bias(L, rpb, h, bias);
     if (!finite) return false;
     int64_t slot_size = L.nu_max * W;
     T* sbuf = w.s.get(QB * L.slots * slot_size, false);
@@ -1018,6 +1099,8 @@ bool forward_unit(const Geometry& g, const T* q, const T* k, const T* v, const T
     for (int64_t i0 = 0; i0 < L.s[0].n; ++i0)
         for (int64_t i1b = 0; i1b < L.s[1].n; i1b += QB) {
             Block blk = make_block(L, i0, i1b);
+            // A non-finite query: the scalar path redoes the unit (no output of it has been accumulated elsewhere).
+            if (!pack(g, L, q, g.sq, b, h, scale, qt, L.lpad, 0, i0 * L.s[1].n + i1b, blk.nreal)) return false;
             for (int64_t t = 0; t < L.tiles; ++t) {
                 int64_t nu = L.nu[t];
                 block_logits(L, blk, t, qt, kt, sbuf);
@@ -1164,17 +1247,16 @@ bool backward_unit(const Geometry& g, const T* q, const T* k, const T* v, const 
     Layout<T> L(g, group, rpb != nullptr);
     if (whole_window(L)) return backward_whole(g, L, q, k, v, rpb, scale, lse, gout, glse, dq, dk, dv, dri, b, h, w);
     bool fresh = w.fresh(L);  // as in forward_unit
-    T* qt = w.qt.get((L.rows + 1) * L.dp * L.lpad, fresh);
-    T* gt = w.gt.get((L.rows + 1) * L.dp * L.lpad, fresh);
+    T* qt = w.qt.get(QB * L.dp * L.lpad, fresh);  // the current block's rows of q and dO
+    T* gt = w.gt.get(QB * L.dp * L.lpad, fresh);
     T* kt = w.kt.get(L.rows * L.dp * L.lp, fresh);
     T* vt = w.vt.get(L.rows * L.dp * L.lp, fresh);
     T* lt = w.lse.get(L.rows * L.lpad, fresh);
     T* glt = w.glse.get(L.rows * L.lpad, fresh);
     T* bias = w.bias.get(L.bias_off[L.tiles], false);
-    bool finite = pack(g, L, q, g.sq, b, h, scale, qt, L.lpad, 0) && pack(g, L, k, g.sk, b, h, T(1), kt, L.lp, L.pad) &&
-                  pack(g, L, v, g.sv, b, h, T(1), vt, L.lp, L.pad) && pack(g, L, gout, g.sg, b, h, T(1), gt, L.lpad, 0) &&
-                  pack_lanes(g, L, lse, b, h, lt) && (!glse || pack_lanes(g, L, glse, b, h, glt)) &&
-                  build_bias(L, rpb, h, bias);
+    bool finite = pack(g, L, k, g.sk, b, h, T(1), kt, L.lp, L.pad, 0, L.rows) &&
+                  pack(g, L, v, g.sv, b, h, T(1), vt, L.lp, L.pad, 0, L.rows) && pack_lanes(g, L, lse, b, h, lt) &&
+                  (!glse || pack_lanes(g, L, glse, b, h, glt)) && build_bias(L, rpb, h, bias);
     if (!finite) return false;
     T* dqt = w.dqt.get(QB * L.dp * W, false);
     T* dkt = w.dkt.get(L.rows * L.dp * L.lp, true);
@@ -1187,6 +1269,11 @@ bool backward_unit(const Geometry& g, const T* q, const T* k, const T* v, const 
     for (int64_t i0 = 0; i0 < L.s[0].n; ++i0)
         for (int64_t i1b = 0; i1b < L.s[1].n; i1b += QB) {
             Block blk = make_block(L, i0, i1b);
+            // A non-finite value: the scalar path redoes the unit (dk, dv and d_rpb are only written at its end).
+            int64_t r0 = i0 * L.s[1].n + i1b;
+            if (!pack(g, L, q, g.sq, b, h, scale, qt, L.lpad, 0, r0, blk.nreal) ||
+                !pack(g, L, gout, g.sg, b, h, T(1), gt, L.lpad, 0, r0, blk.nreal))
+                return false;
             for (int64_t t = 0; t < L.tiles; ++t) {
                 int64_t nu = L.nu[t];
                 block_logits(L, blk, t, qt, kt, sbuf);   // logits
