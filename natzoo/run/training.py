@@ -151,13 +151,22 @@ def _unread_key_problem(override: str, key: str, rules: dict[str, Any], stage: s
 
 def _keys_before_force_adds(overrides: list[str]) -> Callable[[str], bool]:
     """Whether a key is in the config this command composes without its ``++`` overrides (composed once, when first
-    asked: :func:`natzoo.run.hydra_setup.compose_before_overrides`); outside a Hydra run no key is."""
+    asked: :func:`natzoo.run.hydra_setup.compose_before_overrides`); outside a Hydra run no key is. When that
+    composition fails (an override that needs a ``++`` one), every key counts as present: ``++`` is then not checked,
+    as before round four."""
     composed: list[Any] = []
 
     def existing(key: str) -> bool:
         if not composed:
-            cfg = compose_before_overrides([o for o in overrides if o.startswith("++")])
-            composed.append(OmegaConf.to_container(cfg, resolve=False) if cfg is not None else {})
+            try:
+                cfg = compose_before_overrides([o for o in overrides if o.startswith("++")])
+            except Exception as err:  # noqa: BLE001  (Hydra's composition errors have no common base)
+                log.debug("the config without the ++ overrides cannot be composed (%s); ++ keys are not checked", err)
+                composed.append(None)
+            else:
+                composed.append(OmegaConf.to_container(cfg, resolve=False) if cfg is not None else {})
+        if composed[0] is None:
+            return True
         node: Any = composed[0]
         for part in key.split("."):
             if isinstance(node, dict) and part in node:
