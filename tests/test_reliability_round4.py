@@ -274,3 +274,22 @@ def test_whole_weights_files_are_not_called_damaged(tmp_path):
     assert damaged_weights(folder / "model.safetensors") is None
     torch.save({"w": torch.zeros(4)}, tmp_path / "whole.bin")
     assert damaged_weights(tmp_path / "whole.bin") is None
+
+
+# --- Found on the way: a refused run left empty parent folders when the clock's second turned ------------------------
+
+def test_a_refused_run_leaves_no_parent_folders_when_the_second_turned_between_claims(tmp_path, monkeypatch):
+    # Hydra's early resolution claimed logs/<name>/runs/<T> (creating logs/<name>/runs), the job's own claim came a
+    # second later (<T+1>, parents already there); the refused run removed both directories but left the parents.
+    from natzoo.run import rundir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(rundir, "_CLAIMED", {})
+    early = Path(rundir.claim_fresh_dir("logs/demo-nat_mini/runs/2026-01-01_00-00-00"))
+    own = Path(rundir.claim_fresh_dir(str(tmp_path / "logs" / "demo-nat_mini" / "runs" / "2026-01-01_00-00-01")))
+    (own / ".hydra").mkdir()
+    (own / ".hydra" / "config.yaml").write_text("seed: 1\n")
+    rundir.release_other_claims(own)
+    assert not early.exists() and own.is_dir()
+    assert rundir.discard_unused(own)
+    assert list(tmp_path.iterdir()) == []
