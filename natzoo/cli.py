@@ -50,8 +50,8 @@ def train_main(style: str = "console") -> None:
     from natzoo.run.hydra_setup import register_with_hydra, user_configs_first
 
     set_program(style)
-    register_with_hydra()
-    sys.argv = [sys.argv[0], *user_configs_first(sys.argv[1:], CONFIG_DIR)]  # `model=<variant>` configs for every registered NAT-family variant, resolvers
+    register_with_hydra()  # `model=<variant>` configs for every registered NAT-family variant, resolvers
+    sys.argv = [sys.argv[0], *user_configs_first(sys.argv[1:], CONFIG_DIR)]  # a user's --config-dir before natzoo's
     _train()
 
 
@@ -63,7 +63,7 @@ def eval_main(style: str = "console") -> None:
 
     set_program(style)
     register_with_hydra()
-    sys.argv = [sys.argv[0], *user_configs_first(sys.argv[1:], CONFIG_DIR)]
+    sys.argv = [sys.argv[0], *user_configs_first(sys.argv[1:], CONFIG_DIR)]  # a user's --config-dir before natzoo's
     _eval()
 
 

@@ -3,7 +3,9 @@
 * a user's ``--config-dir`` folder wins over natzoo's own configs for files of the same name, on every entry point;
 * ``++key=value`` adding a key nothing reads is refused like ``+key=value`` (setting an existing key is accepted);
 * a damaged file in a timm folder (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``) is named, with
-  what is wrong with it, on every route that loads such a folder.
+  what is wrong with it, on every route that loads such a folder;
+* found on the way: a refused run no longer leaves empty ``logs/<name>/runs`` folders when the clock's second turned
+  between Hydra's early claim of a run directory and the job's own.
 
 Each test failed on the code before its fix. Everything is composed or read in-process (no training run).
 """
@@ -133,7 +135,7 @@ def test_commands_a_run_prints_repeat_the_users_config_dir(user_configs, tmp_pat
     assert seen["demo"].resolve() == (NATZOO_CONFIGS / "data" / "demo.yaml").resolve()
 
 
-# --- 2. ++key=value that nothing reads ---------------------------------------------------------------------------------
+# --- 2. ++key=value that nothing reads --------------------------------------------------------------------------------
 
 @contextlib.contextmanager
 def _command_line(config_name: str, overrides: list[str]) -> Iterator:
@@ -187,8 +189,8 @@ def test_plus_plus_setting_an_existing_key_or_a_table_handed_on_is_accepted(tmp_
     # paths.log_dir and eval.py's checkpoint are keys of the composed config without a value rule; the others are
     # entries of tables handed on as they are, or a rule.
     for stage, config_name, added in [
-        ("fit", "train", ["++paths.log_dir=" + str(tmp_path), "++model.kwargs.mlp_ratio=2.0", "++trainer.fast_dev_run=1",
-                          "++callbacks.extra._target_=a.B", "++optim.lr=0.01"]),
+        ("fit", "train", ["++paths.log_dir=" + str(tmp_path), "++model.kwargs.mlp_ratio=2.0",
+                          "++trainer.fast_dev_run=1", "++callbacks.extra._target_=a.B", "++optim.lr=0.01"]),
         ("eval", "eval", ["++checkpoint=" + str(tmp_path / "w.pth"), "++data.root=" + str(tmp_path)]),
     ]:
         with _command_line(config_name, added):
