@@ -64,6 +64,51 @@ def test_non_contiguous_inputs_and_threads(dtype):
     torch.testing.assert_close(one.double(), want, atol=tol, rtol=tol)
 
 
+# Shapes that reach every branch of the vector kernels in float32 (the float64 oracle suite has small maps): rows
+# wider than one lane tile (16 floats) with a partial last tile, row blocks of 3 with one or two rows left over,
+# border tiles with up to 2k-1 shifts, whole-window units (kernel = map: 7x7; 28x28 with dilation 4; uneven dilation
+# groups of which some are whole), stride, causal, 1-D and 3-D, head_dim not a multiple of 8.
+LAYER_CASES = [  # spatial, kernel, stride, dilation, causal, rpb, head_dim
+    ((23, 37), 7, 1, 1, False, True, 32),
+    ((28, 28), 7, 1, 4, False, True, 32),
+    ((7, 7), 7, 1, 1, False, True, 32),
+    ((17, 22), (5, 3), (2, 3), (3, 2), (True, False), False, 20),
+    ((10, 41), 5, 1, (2, 1), (False, True), False, 16),
+    ((6, 12, 19), 3, 1, (1, 4, 6), False, True, 12),
+    ((200,), 13, 1, 3, False, True, 24),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", LAYER_CASES, ids=[f"{c[0]}-k{c[1]}-s{c[2]}-d{c[3]}" for c in LAYER_CASES])
+def test_layer_shapes_float32_against_the_oracle(case):
+    spatial, ks, st, dil, causal, use_rpb, head_dim = case
+    n, heads = len(spatial), 2
+    fn = getattr(ops, f"na{n}d")
+    kernel = ks if isinstance(ks, tuple) else (ks,) * n
+    gen = torch.Generator().manual_seed(len(spatial) * 1000 + sum(spatial))
+    base = torch.randn(2, *spatial, 3, heads, head_dim, generator=gen, dtype=torch.float64)
+    rpb = torch.randn(heads, *(2 * k - 1 for k in kernel), generator=gen, dtype=torch.float64) if use_rpb else None
+    d_out = torch.randn(2, *spatial, heads, head_dim, generator=gen, dtype=torch.float64)
+    d_lse = torch.randn(2, *spatial, heads, generator=gen, dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in (base.clone(), *([rpb.clone()] if use_rpb else []))]
+    q, k, v = inputs[0].unbind(-3)
+    want = dense_na(q, k, v, ks, st, dil, causal, rpb=inputs[1] if use_rpb else None)
+    want_grads = torch.autograd.grad((want[0] * d_out).sum() + (want[1] * d_lse).sum(), inputs)
+    # float32 views of one packed [B, *S, 3, H, D] tensor, as a qkv projection gives them (read in place)
+    got_inputs = [t.detach().float().requires_grad_() for t in inputs]
+    q32, k32, v32 = got_inputs[0].unbind(-3)
+    assert not q32.is_contiguous()
+    out, lse = fn(q32, k32, v32, ks, stride=st, dilation=dil, is_causal=causal,
+                  rpb=got_inputs[1] if use_rpb else None, return_lse=True, backend="cpu")
+    grads = torch.autograd.grad((out.double() * d_out).sum() + (lse.double() * d_lse).sum(), got_inputs)
+    torch.testing.assert_close(out.double(), want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), want[1], atol=1e-5, rtol=1e-5)
+    for name, g, r in zip(("dqkv", "d_rpb"), grads, want_grads):
+        scale = float(r.abs().max())
+        torch.testing.assert_close(g.double() / scale, r / scale, atol=2e-5, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
+
+
 @needs_kernels
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_empty_batch(n):

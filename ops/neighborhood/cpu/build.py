@@ -103,7 +103,7 @@ def build(source: str, compiler: str | None, folder: Path) -> Path:
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, i64p = ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64)
-    geometry = [i64, i64, i64, ctypes.c_int, i64p, i64p, i64p, i64p, i64p, ctypes.c_double, ctypes.c_int]
+    geometry = [i64, i64, i64, ctypes.c_int, i64p, i64p, i64p, i64p, i64p, i64p, ctypes.c_double, ctypes.c_int]
     for suffix in ("f32", "f64"):
         fwd = getattr(lib, f"natzoo_na_forward_{suffix}")
         fwd.argtypes, fwd.restype = [p] * 6 + geometry, None

@@ -5,37 +5,60 @@
 // Python side computes float16/bfloat16 in float32). Inputs are contiguous [B, N, H, D] (N = flattened spatial
 // tokens, row-major), rpb [H, 2k_0-1, 2k_1-1, 2k_2-1] in the compute dtype, lse [B, N, H].
 // No Python or torch headers: plain C ABI, so one build serves every Python and torch version.
-// Threads: the caller passes torch.get_num_threads(); each call starts that many std::threads over disjoint work
-// (forward: ranges of (batch, head, query); backward: whole (batch, head) pairs, so dk/dv writes never race) and
-// joins them before returning, while torch's own pool waits for the call: no second pool stays alive.
-// NaN/inf follow the reference: a non-finite key or value row makes exactly the queries whose window holds it
+//
+// Work unit: one (batch, head, dilation group). A dilation group is a plain (undilated) neighborhood problem on a
+// sub-map, so every unit is solved by the same vector path:
+//   * the unit's q (pre-scaled), k, v (and in the backward dO, lse) are packed transposed, [row][d][column], where a
+//     row is a position of the leading axes and the column runs along the last axis; k and v rows carry zero pads;
+//   * W consecutive queries of one row sit in the vector lanes (W = 16 floats / 8 doubles with AVX-512, half that
+//     without). For a shift u, lane x meets key column x + u, so the keys of all lanes are one unaligned load: no
+//     horizontal reductions and no gathers. A tile uses the shifts [umin, umax] its lanes need (kernel_size of them
+//     inside the map, more at borders and with stride); a lane outside its own window is masked by a -inf bias;
+//   * QB query rows are blocked together: each key row loaded once serves every query row of the block that uses it
+//     (a row of the block that does not gets a scratch slot), so one loaded key vector feeds QB x NB FMAs.
+// A unit whose inputs hold a NaN or an infinity is solved by the scalar path instead (one query at a time), which
+// keeps the reference's semantics: a non-finite key or value row makes exactly the queries whose window holds it
 // non-finite (a NaN logit or a non-finite output component turns the whole output row and its lse into NaN).
+// Threads: the caller passes torch.get_num_threads(); each call starts that many std::threads over disjoint units and
+// joins them before returning, while torch's own pool waits for the call: no second pool stays alive. Units own
+// disjoint query and key tokens, so dk/dv writes never race; d_rpb gets one private copy per thread.
 // Tested: tests/test_ops_reference.py (float64 oracle: outputs, lse, all gradients, gradcheck, low precision, NaN/inf
-// against the reference) and tests/test_ops_cpu.py (dispatch, build fallback, threads, torch.compile, export), with
-// g++ 12.2 on x86-64 (AVX-512), 2 shared cores. Not tried: clang, MSVC (the build needs a g++-compatible driver),
-// ARM.
-// Known limits: no attention dropout, no second-order gradients (the reference has both); one query at a time
-// (no reuse of a loaded key across the queries sharing it: a few percent of the FMA rate, docs/benchmarks.md); the
-// backward parallelises over (batch, head) pairs only, so batch * heads below the thread count leaves threads idle.
+// against the reference) and tests/test_ops_cpu.py (fp32 layer shapes against the oracle, dispatch, build fallback,
+// threads, torch.compile, export), with g++ 12.2 on x86-64 (AVX-512 and an AVX2 build), 2 cores. Not tried: clang,
+// MSVC (the build needs a g++-compatible driver), ARM.
+// Known limits: no attention dropout, no second-order gradients (the reference has both); a unit is one thread's
+// work, so batch * heads * groups below the thread count leaves threads idle; maps whose last axis is shorter than
+// the lane count waste lanes (a 7-wide map uses 7 of 16).
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace {
+
+// ----------------------------------------------------------------------------------------------------------------
+// Geometry shared by both paths.
 
 struct Axis {
     // Per coordinate i of one axis: first key (global coordinate), key count, and rpb index of that first key.
     std::vector<int64_t> start, count, rbase;
-    int64_t length, dil, rdim;
+    int64_t length, kernel, dil, rdim;
 };
 
 Axis make_axis(int64_t length, int64_t kernel, int64_t stride, int64_t dil, bool causal) {
     Axis a;
     a.length = length;
+    a.kernel = kernel;
     a.dil = dil;
     a.rdim = 2 * kernel - 1;
     a.start.resize(length);
@@ -64,8 +87,17 @@ Axis make_axis(int64_t length, int64_t kernel, int64_t stride, int64_t dil, bool
 struct Geometry {
     Axis ax[3];
     int64_t B, H, D, N, window;
-    const int64_t* spatial;
+    // Element strides (batch, axis 0, axis 1, axis 2, head) of the inputs q, k, v and dO; head_dim is contiguous.
+    // Outputs (out, lse, dq, dk, dv) and the lse inputs are contiguous [B, N, H, (D)].
+    int64_t sq[5], sk[5], sv[5], sg[5];
 };
+
+// Element offset of (b, flat token, h) in an input of strides st.
+inline int64_t in_off(const Geometry& g, const int64_t* st, int64_t b, int64_t tok, int64_t h) {
+    int64_t x2 = tok % g.ax[2].length, x1 = (tok / g.ax[2].length) % g.ax[1].length;
+    int64_t x0 = tok / (g.ax[2].length * g.ax[1].length);
+    return b * st[0] + x0 * st[1] + x1 * st[2] + x2 * st[3] + h * st[4];
+}
 
 template <typename F>
 void parallel(int64_t total, int nthreads, F fn) {
@@ -82,6 +114,9 @@ void parallel(int64_t total, int nthreads, F fn) {
     }
     for (auto& th : pool) th.join();
 }
+
+// ----------------------------------------------------------------------------------------------------------------
+// Scalar path: one query at a time (units with non-finite inputs).
 
 template <typename T>
 inline T dot(const T* __restrict a, const T* __restrict b, int64_t D) {
@@ -104,7 +139,7 @@ int64_t logits(const Geometry& g, const T* q, const T* k, const T* rpb, T scale,
                T* s, int64_t* kt, int64_t* rix) {
     const Axis &a0 = g.ax[0], &a1 = g.ax[1], &a2 = g.ax[2];
     int64_t i2 = i % a2.length, i1 = (i / a2.length) % a1.length, i0 = i / (a2.length * a1.length);
-    const T* qp = q + ((b * g.N + i) * g.H + h) * g.D;
+    const T* qp = q + in_off(g, g.sq, b, i, h);
     const T* rp = rpb ? rpb + h * a0.rdim * a1.rdim * a2.rdim : nullptr;
     int64_t n = 0;
     for (int64_t m0 = 0; m0 < a0.count[i0]; ++m0) {
@@ -116,7 +151,7 @@ int64_t logits(const Geometry& g, const T* q, const T* k, const T* rpb, T scale,
             for (int64_t m2 = 0; m2 < a2.count[i2]; ++m2) {
                 int64_t tok = row + a2.start[i2] + m2 * a2.dil;
                 int64_t r = rrow + a2.rbase[i2] + m2;
-                T v = dot(qp, k + ((b * g.N + tok) * g.H + h) * g.D, g.D) * scale;
+                T v = dot(qp, k + in_off(g, g.sk, b, tok, h), g.D) * scale;
                 if (rp) v += rp[r];
                 s[n] = v;
                 kt[n] = tok;
@@ -129,37 +164,1128 @@ int64_t logits(const Geometry& g, const T* q, const T* k, const T* rpb, T scale,
 }
 
 template <typename T>
+struct ScalarScratch {
+    std::vector<T> s, dp, acc, qs;
+    std::vector<int64_t> kt, rix;
+    explicit ScalarScratch(const Geometry& g)
+        : s(g.window), dp(g.window), acc(g.D), qs(g.D), kt(g.window), rix(g.window) {}
+};
+
+template <typename T>
+void forward_query(const Geometry& g, const T* q, const T* k, const T* v, const T* rpb, T scale, T* out, T* lse,
+                   int64_t b, int64_t h, int64_t i, ScalarScratch<T>& w) {
+    const T nan = std::numeric_limits<T>::quiet_NaN();
+    T* s = w.s.data();
+    int64_t n = logits(g, q, k, rpb, scale, b, h, i, s, w.kt.data(), w.rix.data());
+    T mx = -std::numeric_limits<T>::infinity();
+    bool bad = false;
+    for (int64_t j = 0; j < n; ++j) {
+        bad |= std::isnan(s[j]);
+        mx = std::max(mx, s[j]);
+    }
+    T sum = 0;
+    for (int64_t j = 0; j < n; ++j) {
+        s[j] = std::exp(s[j] - mx);
+        sum += s[j];
+    }
+    std::fill(w.acc.begin(), w.acc.end(), T(0));
+    T inv = T(1) / sum;
+    for (int64_t j = 0; j < n; ++j) axpy(s[j] * inv, v + in_off(g, g.sv, b, w.kt[j], h), w.acc.data(), g.D);
+    T* op = out + ((b * g.N + i) * g.H + h) * g.D;
+    T check = 0;
+    for (int64_t d = 0; d < g.D; ++d) check += w.acc[d] * T(0);  // NaN when any component is not finite
+    bad |= std::isnan(check) || std::isnan(mx) || std::isnan(sum);
+    for (int64_t d = 0; d < g.D; ++d) op[d] = bad ? nan : w.acc[d];
+    lse[(b * g.N + i) * g.H + h] = bad ? nan : mx + std::log(sum);
+}
+
+template <typename T>
+void backward_query(const Geometry& g, const T* q, const T* k, const T* v, const T* rpb, T scale, const T* lse,
+                    const T* gout, const T* glse, T* dq, T* dk, T* dv, T* dri, int64_t b, int64_t h, int64_t i,
+                    ScalarScratch<T>& w) {
+    // dk, dv and dri (this thread's d_rpb) are accumulated; dq[row] is written.
+    int64_t rsize = g.ax[0].rdim * g.ax[1].rdim * g.ax[2].rdim;
+    int64_t row = (b * g.N + i) * g.H + h;
+    T *s = w.s.data(), *dp = w.dp.data();
+    int64_t n = logits(g, q, k, rpb, scale, b, h, i, s, w.kt.data(), w.rix.data());
+    const T* gp = gout + in_off(g, g.sg, b, i, h);
+    T l = lse[row], gl = glse ? glse[row] : T(0), delta = 0;
+    for (int64_t j = 0; j < n; ++j) {
+        s[j] = std::exp(s[j] - l);  // probabilities
+        dp[j] = dot(gp, v + in_off(g, g.sv, b, w.kt[j], h), g.D);
+        delta += s[j] * dp[j];
+    }
+    std::fill(w.acc.begin(), w.acc.end(), T(0));
+    const T* qp = q + in_off(g, g.sq, b, i, h);
+    for (int64_t d = 0; d < g.D; ++d) w.qs[d] = qp[d] * scale;
+    for (int64_t j = 0; j < n; ++j) {
+        int64_t kr = ((b * g.N + w.kt[j]) * g.H + h) * g.D;
+        T ds = s[j] * (dp[j] - delta + gl);  // d loss / d logit
+        axpy(ds, k + in_off(g, g.sk, b, w.kt[j], h), w.acc.data(), g.D);
+        axpy(ds, w.qs.data(), dk + kr, g.D);
+        axpy(s[j], gp, dv + kr, g.D);
+        if (dri) dri[h * rsize + w.rix[j]] += ds;
+    }
+    T* dqp = dq + row * g.D;
+    for (int64_t d = 0; d < g.D; ++d) dqp[d] = w.acc[d] * scale;
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// Vector path.
+
+#if defined(__AVX512F__)
+constexpr int VBYTES = 64;
+constexpr int QB = 3, NB = 8, DB = 8;  // 24 accumulators + 3 queries + 1 key of the 32 vector registers
+#else
+constexpr int VBYTES = 32;
+constexpr int QB = 2, NB = 5, DB = 5;  // 10 accumulators + 2 queries + 1 key of 16 (AVX2) vector registers
+#endif
+
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+    typedef float V __attribute__((vector_size(VBYTES)));
+    typedef int32_t I __attribute__((vector_size(VBYTES)));
+};
+template <>
+struct Vec<double> {
+    typedef double V __attribute__((vector_size(VBYTES)));
+    typedef int64_t I __attribute__((vector_size(VBYTES)));
+};
+
+template <typename V>
+inline V loadv(const void* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));  // one unaligned vector load
+    return v;
+}
+
+template <typename V>
+inline void storev(void* p, V v) {
+    std::memcpy(p, &v, sizeof(V));
+}
+
+// exp(x) for x <= 0, 0 below -87 (float: a Cephes-style polynomial, about 1 ulp; the exact value there is < 2e-38,
+// under the resolution of a softmax sum >= 1).
+inline Vec<float>::V vexp(Vec<float>::V x) {
+    using V = Vec<float>::V;
+    using I = Vec<float>::I;
+    V xc = x < -87.0f ? V{} - 87.0f : x;
+    V t = xc * 1.44269504088896341f - 0.5f;  // xc <= 0: truncation of t rounds xc / ln2 to nearest
+    I n = __builtin_convertvector(t, I);
+    V nf = __builtin_convertvector(n, V);
+    V r = xc - nf * 0.693359375f + nf * 2.12194440e-4f;
+    V p = V{} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    I bits = (n + 127) << 23;  // 2^n, n >= -126
+    V scale;
+    std::memcpy(&scale, &bits, sizeof(V));
+    V res = p * scale;
+    return x < -87.0f ? V{} : res;
+}
+
+// float64: the library exp per lane (the float64 path serves accuracy: tests, gradcheck).
+inline Vec<double>::V vexp(Vec<double>::V x) {
+    Vec<double>::V r;
+    for (int l = 0; l < int(sizeof(r) / sizeof(double)); ++l) r[l] = std::exp(x[l]);
+    return r;
+}
+
+// One axis of one dilation group, in group coordinates.
+struct Sub {
+    int64_t n, k, rdim;
+    std::vector<int64_t> start, count, rbase;
+};
+
+Sub sub_axis(const Axis& a, int64_t grp) {
+    Sub s;
+    s.n = (a.length - grp + a.dil - 1) / a.dil;
+    s.k = a.kernel;
+    s.rdim = a.rdim;
+    s.start.resize(s.n);
+    s.count.resize(s.n);
+    s.rbase.resize(s.n);
+    for (int64_t ii = 0; ii < s.n; ++ii) {
+        int64_t i = grp + a.dil * ii;
+        s.start[ii] = (a.start[i] - grp) / a.dil;
+        s.count[ii] = a.count[i];
+        s.rbase[ii] = a.rbase[i];
+    }
+    return s;
+}
+
+// A 64-byte aligned, zero-initialised scratch array, kept by a thread across units.
+template <typename T>
+struct Buf {
+    std::vector<T> raw;
+    T* p = nullptr;
+    size_t n = 0;
+    T* get(size_t count, bool zero) {
+        if (count > n || raw.empty()) {
+            raw.assign(count + 64 / sizeof(T), T(0));
+            uintptr_t a = reinterpret_cast<uintptr_t>(raw.data());
+            p = reinterpret_cast<T*>((a + 63) & ~uintptr_t(63));
+            n = count;
+        } else if (zero) {
+            std::fill(p, p + count, T(0));
+        }
+        return p;
+    }
+};
+
+// The packed layout of one unit.
+template <typename T>
+struct Layout {
+    static constexpr int W = VBYTES / sizeof(T);
+    Sub s[3];
+    int64_t grp[3];
+    int64_t rows, tiles, lpad, pad, lp, dp;
+    std::vector<int64_t> umin, nu, bias_off;  // per tile
+    int64_t nu_max, nrb, slots;
+
+    Layout(const Geometry& g, const int64_t* group, bool has_rpb) {
+        for (int a = 0; a < 3; ++a) {
+            grp[a] = group[a];
+            s[a] = sub_axis(g.ax[a], group[a]);
+        }
+        rows = s[0].n * s[1].n;
+        tiles = (s[2].n + W - 1) / W;
+        lpad = tiles * W;
+        pad = ((W + NB + W - 1) / W) * W;  // >= W - 1 columns left of a tile, W + NB - 1 right of the map
+        lp = lpad + 2 * pad;
+        dp = ((g.D + DB - 1) / DB) * DB;  // head_dim padded with zeros to whole d-blocks
+        nrb = has_rpb ? s[0].rdim * s[1].rdim : 1;
+        slots = s[0].k * s[1].k;
+        nu_max = 0;
+        int64_t off = 0;
+        for (int64_t t = 0; t < tiles; ++t) {
+            int64_t lo = std::numeric_limits<int64_t>::max(), hi = std::numeric_limits<int64_t>::min();
+            for (int64_t x = t * W; x < std::min<int64_t>((t + 1) * W, s[2].n); ++x) {
+                lo = std::min(lo, s[2].start[x] - x);
+                hi = std::max(hi, s[2].start[x] + s[2].count[x] - 1 - x);
+            }
+            umin.push_back(lo);
+            nu.push_back(hi - lo + 1);
+            bias_off.push_back(off);
+            off += nrb * (hi - lo + 1) * W;
+            nu_max = std::max(nu_max, hi - lo + 1);
+        }
+        bias_off.push_back(off);
+    }
+    // Global flat token of group coordinates (i0, i1, i2).
+    int64_t token(const Geometry& g, int64_t i0, int64_t i1, int64_t i2) const {
+        int64_t x0 = grp[0] + g.ax[0].dil * i0, x1 = grp[1] + g.ax[1].dil * i1, x2 = grp[2] + g.ax[2].dil * i2;
+        return (x0 * g.ax[1].length + x1) * g.ax[2].length + x2;
+    }
+};
+
+// W values p[l * stride] for lanes l < n, zero in the others. AVX-512 gathers them in one instruction; the index
+// vector is 32-bit, so a stride beyond that range takes the lane loop.
+inline Vec<float>::V gather(const float* p, int64_t stride, int n) {
+#if defined(__AVX512F__)
+    if (stride * 16 < (int64_t(1) << 31)) {
+        __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32(int32_t(stride)));
+        __m512 r = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), __mmask16((1u << n) - 1), idx, p, 4);
+        Vec<float>::V v;
+        std::memcpy(&v, &r, sizeof(v));
+        return v;
+    }
+#endif
+    Vec<float>::V v = {};
+    for (int l = 0; l < n; ++l) v[l] = p[l * stride];
+    return v;
+}
+
+inline Vec<double>::V gather(const double* p, int64_t stride, int n) {
+#if defined(__AVX512F__)
+    if (stride * 8 < (int64_t(1) << 31)) {
+        __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(int32_t(stride)));
+        __m512d r = _mm512_mask_i32gather_pd(_mm512_setzero_pd(), __mmask8((1u << n) - 1), idx, p, 8);
+        Vec<double>::V v;
+        std::memcpy(&v, &r, sizeof(v));
+        return v;
+    }
+#endif
+    Vec<double>::V v = {};
+    for (int l = 0; l < n; ++l) v[l] = p[l * stride];
+    return v;
+}
+
+// Stores the first n lanes of v to p (n < W: only those, the memory past them belongs to others).
+template <typename T, typename V>
+inline void store_first(T* p, V v, int64_t n) {
+    if (n == int64_t(sizeof(V) / sizeof(T)))
+        storev(p, v);
+    else
+        std::memcpy(p, &v, size_t(n) * sizeof(T));
+}
+
+// Packs [B, N, H, D] rows of (b, h) into dst[row][d][pad + column] (times `mul`), lanes past the map as zeros;
+// returns false when a value is not finite. Pads and d >= D are not written (zero since allocation).
+template <typename T>
+bool pack(const Geometry& g, const Layout<T>& L, const T* src, const int64_t* st, int64_t b, int64_t h, T mul, T* dst,
+          int64_t width, int64_t pad) {
+    using V = typename Vec<T>::V;
+    constexpr int W = Layout<T>::W;
+    V check = V{};
+    const int64_t lane_stride = g.ax[2].dil * st[3];  // between neighbouring columns of the group
+    for (int64_t i0 = 0; i0 < L.s[0].n; ++i0)
+        for (int64_t i1 = 0; i1 < L.s[1].n; ++i1) {
+            T* row = dst + (i0 * L.s[1].n + i1) * L.dp * width + pad;
+            for (int64_t x0 = 0; x0 < L.s[2].n; x0 += W) {
+                int n = int(std::min<int64_t>(W, L.s[2].n - x0));
+                const T* sp = src + in_off(g, st, b, L.token(g, i0, i1, x0), h);
+                for (int64_t d = 0; d < g.D; ++d) {
+                    V v = gather(sp + d, lane_stride, n);
+                    check += v * T(0);  // NaN once any value is NaN or infinite
+                    storev(row + d * width + x0, v * mul);
+                }
+            }
+        }
+    for (int l = 0; l < W; ++l)
+        if (std::isnan(check[l])) return false;
+    return true;
+}
+
+// One value per (b, token, h) packed to dst[row][column]; false when a value is not finite.
+template <typename T>
+bool pack_lanes(const Geometry& g, const Layout<T>& L, const T* src, int64_t b, int64_t h, T* dst) {
+    using V = typename Vec<T>::V;
+    constexpr int W = Layout<T>::W;
+    V check = V{};
+    for (int64_t i0 = 0; i0 < L.s[0].n; ++i0)
+        for (int64_t i1 = 0; i1 < L.s[1].n; ++i1)
+            for (int64_t x0 = 0; x0 < L.s[2].n; x0 += W) {
+                int n = int(std::min<int64_t>(W, L.s[2].n - x0));
+                V v = gather(src + (b * g.N + L.token(g, i0, i1, x0)) * g.H + h, g.ax[2].dil * g.H, n);
+                check += v * T(0);
+                storev(dst + (i0 * L.s[1].n + i1) * L.lpad + x0, v);
+            }
+    for (int l = 0; l < W; ++l)
+        if (std::isnan(check[l])) return false;
+    return true;
+}
+
+// Writes rows [d][lanes] of a packed buffer (d stride `dstride`, lanes from `col`) times `mul[lane]` to the [B, N, H,
+// D] rows of the first n lanes (tokens `tok0` + l * dilation of the last axis).
+template <typename T>
+void unpack_lanes(const Geometry& g, const T* buf, int64_t dstride, typename Vec<T>::V mul, T* dst, int64_t b,
+                  int64_t h, int64_t tok0, int n) {
+    using V = typename Vec<T>::V;
+    constexpr int W = VBYTES / sizeof(T);
+    for (int l = 0; l < n; ++l) {
+        T* op = dst + ((b * g.N + tok0 + l * g.ax[2].dil) * g.H + h) * g.D;
+        for (int64_t d = 0; d < g.D; d += W) {
+            V v = gather(buf + d * dstride + l, dstride, int(std::min<int64_t>(W, g.D - d)));
+            store_first(op + d, v * mul[l], std::min<int64_t>(W, g.D - d));
+        }
+    }
+}
+
+// Bias of every tile: bias[R][u][lane] = rpb[h][R][column] inside lane's window, -inf outside it and on lanes past
+// the map (R = row-axes rpb index, or 0 without rpb).
+template <typename T>
+bool build_bias(const Layout<T>& L, const T* rpb, int64_t h, T* bias) {
+    constexpr int W = Layout<T>::W;
+    const T ninf = -std::numeric_limits<T>::infinity();
+    const Sub& s2 = L.s[2];
+    T check = 0;
+    for (int64_t t = 0; t < L.tiles; ++t) {
+        T* bt = bias + L.bias_off[t];
+        for (int64_t R = 0; R < L.nrb; ++R)
+            for (int64_t u = 0; u < L.nu[t]; ++u)
+                for (int l = 0; l < W; ++l) {
+                    int64_t x = t * W + l, key = x + L.umin[t] + u;
+                    T val = ninf;
+                    if (x < s2.n && key >= s2.start[x] && key < s2.start[x] + s2.count[x]) {
+                        val = rpb ? rpb[(h * L.nrb + R) * s2.rdim + s2.rbase[x] + key - s2.start[x]] : T(0);
+                        check += val * T(0);
+                    }
+                    bt[(R * L.nu[t] + u) * W + l] = val;
+                }
+    }
+    return !std::isnan(check);
+}
+
+// The kernels below take the NQ query rows of a block that use one key row (a contiguous range of the block, as
+// windows only move forward): rows that do not use it cost nothing.
+
+// acc[j][c] = sum_d q_j[d] . k[d][c + lanes] for NQ query rows and NS shifts, stored to out[j] + c * W.
+// q_j: [d][lpad] (aligned), k: [d][lp] at the first shift's column.
+template <typename T, int NQ, int NS>
+inline void qk_block(const T* const* qrow, int64_t qstride, const T* krow, int64_t kstride, int64_t dp,
+                     T* const* out) {
+    using V = typename Vec<T>::V;
+    constexpr int W = VBYTES / sizeof(T);
+    V acc[NQ][NS];
+    for (int j = 0; j < NQ; ++j)
+        for (int c = 0; c < NS; ++c) acc[j][c] = V{};
+    for (int64_t d = 0; d < dp; ++d) {
+        V qv[NQ];
+        for (int j = 0; j < NQ; ++j) qv[j] = loadv<V>(qrow[j] + d * qstride);
+        const T* kp = krow + d * kstride;
+        for (int c = 0; c < NS; ++c) {
+            V kv = loadv<V>(kp + c);
+            for (int j = 0; j < NQ; ++j) acc[j][c] += qv[j] * kv;
+        }
+    }
+    for (int j = 0; j < NQ; ++j)
+        for (int c = 0; c < NS; ++c) storev(out[j] + c * W, acc[j][c]);
+}
+
+template <typename T, int NQ>
+inline void qk_shifts(const T* const* qrow, int64_t qstride, const T* krow, int64_t kstride, int64_t dp,
+                      T* const* out, int64_t ns) {
+    switch (ns) {
+        case 1: qk_block<T, NQ, 1>(qrow, qstride, krow, kstride, dp, out); break;
+        case 2: qk_block<T, NQ, 2>(qrow, qstride, krow, kstride, dp, out); break;
+        case 3: qk_block<T, NQ, 3>(qrow, qstride, krow, kstride, dp, out); break;
+        case 4: qk_block<T, NQ, 4>(qrow, qstride, krow, kstride, dp, out); break;
+        case 5: qk_block<T, NQ, 5>(qrow, qstride, krow, kstride, dp, out); break;
+        case 6: qk_block<T, NQ, 6>(qrow, qstride, krow, kstride, dp, out); break;
+        case 7: if constexpr (NB >= 7) qk_block<T, NQ, 7>(qrow, qstride, krow, kstride, dp, out); break;
+        default: if constexpr (NB >= 8) qk_block<T, NQ, 8>(qrow, qstride, krow, kstride, dp, out); break;
+    }
+}
+
+// Logits of nq query rows (1..QB) for `nu` shifts, in chunks of at most NB shifts of near-equal size (13 = 7 + 6).
+template <typename T>
+inline void qk_rows(int nq, const T* const* qrow, int64_t qstride, const T* krow, int64_t kstride, int64_t dp,
+                    T* const* out, int64_t nu) {
+    constexpr int W = VBYTES / sizeof(T);
+    int64_t chunks = (nu + NB - 1) / NB;
+    for (int64_t c = 0, u0 = 0; c < chunks; ++c) {
+        int64_t ns = (nu - u0) / (chunks - c);
+        T* o[QB];
+        for (int j = 0; j < nq; ++j) o[j] = out[j] + u0 * W;
+        const T* kp = krow + u0;
+        if (nq == 1) qk_shifts<T, 1>(qrow, qstride, kp, kstride, dp, o, ns);
+        else if (nq == 2) qk_shifts<T, 2>(qrow, qstride, kp, kstride, dp, o, ns);
+        else if constexpr (QB >= 3) qk_shifts<T, 3>(qrow, qstride, kp, kstride, dp, o, ns);
+        u0 += ns;
+    }
+}
+
+// acc[j][e] += sum_u p_j[u] * v[e][u + lanes] over nu shifts for rows [J0, J0 + NQ) of the block and DB consecutive
+// d of one key row.
+template <typename T, int J0, int NQ>
+inline void pv_block(const T* const* prow, const T* vrow, int64_t vstride, int64_t nu,
+                     typename Vec<T>::V (&acc)[QB][DB]) {
+    using V = typename Vec<T>::V;
+    constexpr int W = VBYTES / sizeof(T);
+    for (int64_t u = 0; u < nu; ++u) {
+        V pv[NQ];
+        for (int j = 0; j < NQ; ++j) pv[j] = loadv<V>(prow[J0 + j] + u * W);
+        for (int e = 0; e < DB; ++e) {
+            V vv = loadv<V>(vrow + e * vstride + u);
+            for (int j = 0; j < NQ; ++j) acc[J0 + j][e] += pv[j] * vv;
+        }
+    }
+}
+
+template <typename T>
+inline void pv_rows(int j0, int nq, const T* const* prow, const T* vrow, int64_t vstride, int64_t nu,
+                    typename Vec<T>::V (&acc)[QB][DB]) {
+    switch (j0 * 4 + nq) {
+        case 1: pv_block<T, 0, 1>(prow, vrow, vstride, nu, acc); break;
+        case 2: pv_block<T, 0, 2>(prow, vrow, vstride, nu, acc); break;
+        case 5: pv_block<T, 1, 1>(prow, vrow, vstride, nu, acc); break;
+        default:
+            if constexpr (QB >= 3) {
+                if (j0 * 4 + nq == 3) pv_block<T, 0, 3>(prow, vrow, vstride, nu, acc);
+                else if (j0 * 4 + nq == 6) pv_block<T, 1, 2>(prow, vrow, vstride, nu, acc);
+                else pv_block<T, 2, 1>(prow, vrow, vstride, nu, acc);
+            }
+            break;
+    }
+}
+
+// dst[d][u + lanes] += sum_j g_j[u] * x_j[d] over nu shifts and dp rows of d, NQ rows (the dk / dv scatter of one key
+// row).
+template <typename T, int NQ>
+inline void scatter_block(const T* const* grow, const T* const* xrow, int64_t xstride, T* dst, int64_t dstride,
+                          int64_t dp, int64_t nu) {
+    using V = typename Vec<T>::V;
+    constexpr int W = VBYTES / sizeof(T);
+    for (int64_t u = 0; u < nu; ++u) {
+        V gv[NQ];
+        for (int j = 0; j < NQ; ++j) gv[j] = loadv<V>(grow[j] + u * W);
+        for (int64_t d = 0; d < dp; ++d) {
+            T* p = dst + d * dstride + u;
+            V acc = loadv<V>(p);
+            for (int j = 0; j < NQ; ++j) acc += gv[j] * loadv<V>(xrow[j] + d * xstride);
+            storev(p, acc);
+        }
+    }
+}
+
+template <typename T>
+inline void scatter_rows(int nq, const T* const* grow, const T* const* xrow, int64_t xstride, T* dst,
+                         int64_t dstride, int64_t dp, int64_t nu) {
+    if (nq == 1) scatter_block<T, 1>(grow, xrow, xstride, dst, dstride, dp, nu);
+    else if (nq == 2) scatter_block<T, 2>(grow, xrow, xstride, dst, dstride, dp, nu);
+    else if constexpr (QB >= 3) scatter_block<T, 3>(grow, xrow, xstride, dst, dstride, dp, nu);
+}
+
+// Per-thread scratch of the vector path.
+template <typename T>
+struct Work {
+    std::vector<int64_t> layout;  // of the last unit: the packed buffers' zeros stay valid while it is unchanged
+    Buf<T> qt, kt, vt, gt, lse, glse, dqt, dkt, dvt, bias, dbias, s, dps, o, zero;
+    Buf<T> wq, wkt, wv, wbias, ws, wg, wvt, wds, wtr;  // whole-window units (forward_whole, backward_whole)
+    std::vector<int64_t> wbias_key;  // (head, sub-map) of the bias table in wbias
+    bool fresh(const Layout<T>& L) {
+        std::vector<int64_t> key = {L.rows, L.dp, L.lpad, L.lp, L.pad};
+        bool changed = key != layout;
+        layout = key;
+        return changed;
+    }
+};
+
+// Scratch kept between calls (at most 8 idle sets; each is as large as the largest unit its thread met, about 2 MB
+// for a 56x56 head of head_dim 32): fresh buffers every call would cost page faults and zeroing.
+template <typename T>
+struct WorkCache {
+    std::mutex lock;
+    std::vector<std::unique_ptr<Work<T>>> idle;
+    std::unique_ptr<Work<T>> take() {
+        std::lock_guard<std::mutex> guard(lock);
+        if (idle.empty()) return std::unique_ptr<Work<T>>(new Work<T>());
+        std::unique_ptr<Work<T>> w = std::move(idle.back());
+        idle.pop_back();
+        return w;
+    }
+    void give(std::unique_ptr<Work<T>> w) {
+        std::lock_guard<std::mutex> guard(lock);
+        if (idle.size() < 8) idle.push_back(std::move(w));
+    }
+};
+
+template <typename T>
+WorkCache<T>& work_cache() {
+    static WorkCache<T> cache;
+    return cache;
+}
+
+// A block of up to QB query rows (i0, i1..i1+QB-1) of a unit: which rows are real and the key-row union.
+struct Block {
+    int64_t i0, i1[QB], nreal, x1lo, x1hi;
+    bool real[QB];
+};
+
+template <typename T>
+Block make_block(const Layout<T>& L, int64_t i0, int64_t i1b) {
+    Block blk;
+    blk.i0 = i0;
+    blk.nreal = 0;
+    const Sub& s1 = L.s[1];
+    blk.x1lo = s1.start[i1b];
+    blk.x1hi = blk.x1lo;
+    for (int j = 0; j < QB; ++j) {
+        blk.i1[j] = i1b + j;
+        blk.real[j] = i1b + j < s1.n;
+        if (blk.real[j]) {
+            ++blk.nreal;
+            blk.x1hi = std::max(blk.x1hi, s1.start[i1b + j] + s1.count[i1b + j]);
+        }
+    }
+    return blk;
+}
+
+// Slot (window position m0 * k1 + m1) of key row (x0 = start0 + m0, x1) for block row j, or -1 when j does not use it.
+template <typename T>
+inline int64_t slot_of(const Layout<T>& L, const Block& blk, int j, int64_t m0, int64_t x1) {
+    if (!blk.real[j]) return -1;
+    int64_t m1 = x1 - L.s[1].start[blk.i1[j]];
+    if (m1 < 0 || m1 >= L.s[1].count[blk.i1[j]]) return -1;
+    return m0 * L.s[1].k + m1;
+}
+
+// S[j][slot][u][lanes] = q_j . k over every key row of the block, tile t. Rows of the block that do not use a key
+// row write to scratch.
+template <typename T>
+void block_logits(const Layout<T>& L, const Block& blk, int64_t t, const T* qt, const T* kt, T* sbuf) {
+    constexpr int W = Layout<T>::W;
+    const Sub &s0 = L.s[0], &s1 = L.s[1];
+    int64_t x0 = t * W, nu = L.nu[t], slot_size = L.nu_max * W;
+    const T* qrow[QB];
+    for (int j = 0; j < QB; ++j)
+        qrow[j] = qt + ((blk.real[j] ? blk.i0 * s1.n + blk.i1[j] : L.rows) * L.dp) * L.lpad + x0;
+    for (int64_t m0 = 0; m0 < s0.count[blk.i0]; ++m0) {
+        int64_t kx0 = s0.start[blk.i0] + m0;
+        for (int64_t x1 = blk.x1lo; x1 < blk.x1hi; ++x1) {
+            const T* krow = kt + (kx0 * s1.n + x1) * L.dp * L.lp + L.pad + x0 + L.umin[t];
+            int j0 = -1, nq = 0;  // the block rows using this key row
+            T* out[QB];
+            for (int j = 0; j < QB; ++j) {
+                int64_t slot = slot_of(L, blk, j, m0, x1);
+                if (slot < 0) continue;
+                if (j0 < 0) j0 = j;
+                out[nq++] = sbuf + (j * L.slots + slot) * slot_size;
+            }
+            if (nq) qk_rows(nq, qrow + j0, L.lpad, krow, L.lp, L.dp, out, nu);
+        }
+    }
+}
+
+// out_j[d][lanes] = sum over key rows, shifts of p_j * x (x = v for the output, k for dq), for block rows, tile t.
+template <typename T>
+void block_weighted_sum(const Layout<T>& L, const Block& blk, int64_t t, const T* pbuf, const T* zero, const T* xt,
+                        T* obuf) {
+    using V = typename Vec<T>::V;
+    constexpr int W = Layout<T>::W;
+    const Sub &s0 = L.s[0], &s1 = L.s[1];
+    int64_t x0 = t * W, nu = L.nu[t], slot_size = L.nu_max * W;
+    for (int64_t db = 0; db < L.dp; db += DB) {
+        V acc[QB][DB];
+        for (int j = 0; j < QB; ++j)
+            for (int e = 0; e < DB; ++e) acc[j][e] = V{};
+        for (int64_t m0 = 0; m0 < s0.count[blk.i0]; ++m0) {
+            int64_t kx0 = s0.start[blk.i0] + m0;
+            for (int64_t x1 = blk.x1lo; x1 < blk.x1hi; ++x1) {
+                const T* prow[QB];
+                int j0 = -1, nq = 0;  // the block rows using this key row
+                for (int j = 0; j < QB; ++j) {
+                    int64_t slot = slot_of(L, blk, j, m0, x1);
+                    prow[j] = slot < 0 ? zero : pbuf + (j * L.slots + slot) * slot_size;
+                    if (slot >= 0 && j0 < 0) j0 = j;
+                    nq += slot >= 0;
+                }
+                if (nq)
+                    pv_rows<T>(j0, nq, prow, xt + ((kx0 * s1.n + x1) * L.dp + db) * L.lp + L.pad + x0 + L.umin[t], L.lp,
+                               nu, acc);
+            }
+        }
+        for (int j = 0; j < QB; ++j)
+            for (int e = 0; e < DB; ++e) storev(obuf + (j * L.dp + db + e) * W, acc[j][e]);
+    }
+}
+
+// dst[key row][d][columns] += sum_j g_j * x_j over the block's key rows (dk: g = ds, x = q; dv: g = p, x = dO).
+template <typename T>
+void block_scatter(const Layout<T>& L, const Block& blk, int64_t t, const T* gbuf, const T* xt,
+                   T* dst) {
+    constexpr int W = Layout<T>::W;
+    const Sub &s0 = L.s[0], &s1 = L.s[1];
+    int64_t x0 = t * W, nu = L.nu[t], slot_size = L.nu_max * W;
+    const T* xrow[QB];
+    for (int j = 0; j < QB; ++j)
+        xrow[j] = xt + ((blk.real[j] ? blk.i0 * s1.n + blk.i1[j] : L.rows) * L.dp) * L.lpad + x0;
+    for (int64_t m0 = 0; m0 < s0.count[blk.i0]; ++m0) {
+        int64_t kx0 = s0.start[blk.i0] + m0;
+        for (int64_t x1 = blk.x1lo; x1 < blk.x1hi; ++x1) {
+            const T* grow[QB];
+            int j0 = -1, nq = 0;  // the block rows using this key row
+            for (int j = 0; j < QB; ++j) {
+                int64_t slot = slot_of(L, blk, j, m0, x1);
+                if (slot < 0) continue;
+                if (j0 < 0) j0 = j;
+                grow[nq++] = gbuf + (j * L.slots + slot) * slot_size;
+            }
+            if (nq)
+                scatter_rows<T>(nq, grow, xrow + j0, L.lpad, dst + (kx0 * s1.n + x1) * L.dp * L.lp + L.pad + x0 + L.umin[t],
+                                L.lp, L.dp, nu);
+        }
+    }
+}
+
+// Calls fn(slot_ptr, bias_ptr) for every real window slot of block row j, tile t (bias: that slot's [u][lanes]).
+template <typename T, typename F>
+inline void for_slots(const Layout<T>& L, const Block& blk, int j, int64_t t, T* sbuf, const T* bias, F fn) {
+    constexpr int W = Layout<T>::W;
+    const Sub &s0 = L.s[0], &s1 = L.s[1];
+    int64_t i0 = blk.i0, i1 = blk.i1[j], slot_size = L.nu_max * W;
+    const T* bt = bias + L.bias_off[t];
+    for (int64_t m0 = 0; m0 < s0.count[i0]; ++m0)
+        for (int64_t m1 = 0; m1 < s1.count[i1]; ++m1) {
+            int64_t R = L.nrb == 1 ? 0 : (s0.rbase[i0] + m0) * s1.rdim + s1.rbase[i1] + m1;
+            fn(sbuf + (j * L.slots + m0 * s1.k + m1) * slot_size, bt + R * L.nu[t] * W, R);
+        }
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// Whole-window units: every query of the unit attends to every key of it (kernel_size equals the sub-map on every
+// axis, not causal; e.g. a 7x7 map with kernel 7, or DiNAT's dilated layers whose groups are 7x7 at 224 px). Lanes run
+// over keys for the logits and over head_dim for the output, as dense attention: a 7x7 unit uses 49 of 64 lanes,
+// where the row-segment path uses 7 of 16 lanes for 7 of its 13 shifts.
+
+constexpr int RB = 6;  // query rows per block: 6 x 4 logit accumulators, 6 x 2 output accumulators
+
+template <typename T>
+bool whole_window(const Layout<T>& L) {
+    for (int a = 0; a < 3; ++a)
+        for (int64_t i = 0; i < L.s[a].n; ++i)
+            if (L.s[a].start[i] != 0 || L.s[a].count[i] != L.s[a].n) return false;
+    return true;
+}
+
+// acc[r][c] = sum_d q[r][d] * kt[d][c-th key vector] for RB rows, KB key vectors; stored to s[r][c].
+template <typename T, int KB>
+inline void whole_logits(const T* q, int64_t qstride, const T* kt, int64_t kstride, int64_t D, T* s,
+                         int64_t sstride) {
+    using V = typename Vec<T>::V;
+    constexpr int W = VBYTES / sizeof(T);
+    V acc[RB][KB];
+    for (int r = 0; r < RB; ++r)
+        for (int c = 0; c < KB; ++c) acc[r][c] = V{};
+    for (int64_t d = 0; d < D; ++d) {
+        V kv[KB];
+        for (int c = 0; c < KB; ++c) kv[c] = loadv<V>(kt + d * kstride + c * W);
+        for (int r = 0; r < RB; ++r) {
+            V qv = V{} + q[r * qstride + d];  // broadcast
+            for (int c = 0; c < KB; ++c) acc[r][c] += qv * kv[c];
+        }
+    }
+    for (int r = 0; r < RB; ++r)
+        for (int c = 0; c < KB; ++c) storev(s + r * sstride + c * W, acc[r][c]);
+}
+
+// acc[r][c] = sum_key p[r][key] * v[key][c-th d vector] for RB rows, DVB d vectors; stored to o[r][c].
+template <typename T, int DVB>
+inline void whole_values(const T* p, int64_t pstride, const T* v, int64_t vstride, int64_t keys, T* o,
+                         int64_t ostride) {
+    using V = typename Vec<T>::V;
+    constexpr int W = VBYTES / sizeof(T);
+    V acc[RB][DVB];
+    for (int r = 0; r < RB; ++r)
+        for (int c = 0; c < DVB; ++c) acc[r][c] = V{};
+    for (int64_t key = 0; key < keys; ++key) {
+        V vv[DVB];
+        for (int c = 0; c < DVB; ++c) vv[c] = loadv<V>(v + key * vstride + c * W);
+        for (int r = 0; r < RB; ++r) {
+            V pv = V{} + p[r * pstride + key];
+            for (int c = 0; c < DVB; ++c) acc[r][c] += pv * vv[c];
+        }
+    }
+    for (int r = 0; r < RB; ++r)
+        for (int c = 0; c < DVB; ++c) storev(o + r * ostride + c * W, acc[r][c]);
+}
+
+// bias[query][key] of a whole-window unit: rpb at (rbase(query) + key coordinate) per axis, 0 without rpb, -inf on the
+// padded keys; nullptr when rpb holds a non-finite value. Consecutive units of one head (its dilation groups) share
+// it, within one call.
+template <typename T>
+const T* whole_bias(const Layout<T>& L, const T* rpb, int64_t h, int64_t rows, int64_t kp, Work<T>& w) {
+    const int64_t n0 = L.s[0].n, n1 = L.s[1].n, n2 = L.s[2].n, nt = n0 * n1 * n2;
+    std::vector<int64_t> key = {h, n0, n1, n2, rpb != nullptr};
+    T* bias = w.wbias.get(rows * kp, false);
+    if (key != w.wbias_key) {
+        const T ninf = -std::numeric_limits<T>::infinity();
+        T bcheck = 0;
+        for (int64_t i = 0; i < rows; ++i)
+            for (int64_t c = 0; c < kp; ++c) bias[i * kp + c] = c < nt ? T(0) : ninf;
+        if (rpb)
+            for (int64_t i0 = 0, i = 0; i0 < n0; ++i0)
+                for (int64_t i1 = 0; i1 < n1; ++i1)
+                    for (int64_t i2 = 0; i2 < n2; ++i2, ++i)
+                        for (int64_t c0 = 0; c0 < n0; ++c0)
+                            for (int64_t c1 = 0; c1 < n1; ++c1) {
+                                // keys (c0, c1, 0..n2-1) read one contiguous run of rpb
+                                const T* rp = rpb + ((h * L.s[0].rdim + L.s[0].rbase[i0] + c0) * L.s[1].rdim +
+                                                     L.s[1].rbase[i1] + c1) * L.s[2].rdim + L.s[2].rbase[i2];
+                                T* bp = bias + i * kp + (c0 * n1 + c1) * n2;
+                                for (int64_t c2 = 0; c2 < n2; ++c2) {
+                                    bp[c2] = rp[c2];
+                                    bcheck += rp[c2] * T(0);
+                                }
+                            }
+        if (std::isnan(bcheck)) return nullptr;
+        w.wbias_key = key;
+    }
+    return bias;
+}
+
+// s[r][c] for rows [0, rows) and key vectors [0, kp / W): q rows (stride qs) against kt [d][key] (stride kp).
+template <typename T>
+void whole_logits_all(const T* q, int64_t qs, const T* kt, int64_t kp, int64_t D, T* s, int64_t rows) {
+    constexpr int W = VBYTES / sizeof(T);
+    for (int64_t r = 0; r < rows; r += RB)
+        for (int64_t c = 0; c < kp; c += 4 * W) switch (std::min<int64_t>(4, (kp - c) / W)) {
+                case 4: whole_logits<T, 4>(q + r * qs, qs, kt + c, kp, D, s + r * kp + c, kp); break;
+                case 3: whole_logits<T, 3>(q + r * qs, qs, kt + c, kp, D, s + r * kp + c, kp); break;
+                case 2: whole_logits<T, 2>(q + r * qs, qs, kt + c, kp, D, s + r * kp + c, kp); break;
+                default: whole_logits<T, 1>(q + r * qs, qs, kt + c, kp, D, s + r * kp + c, kp); break;
+            }
+}
+
+// o[r][0..dv) = sum_key p[r][key] * x[key][0..dv) for rows [0, rows) (p stride ps, x and o stride dv).
+template <typename T>
+void whole_values_all(const T* p, int64_t ps, const T* x, int64_t dv, int64_t keys, T* o, int64_t rows) {
+    constexpr int W = VBYTES / sizeof(T);
+    for (int64_t r = 0; r < rows; r += RB)
+        for (int64_t c = 0; c < dv; c += 2 * W) {
+            if (dv - c >= 2 * W)
+                whole_values<T, 2>(p + r * ps, ps, x + c, dv, keys, o + r * dv + c, dv);
+            else
+                whole_values<T, 1>(p + r * ps, ps, x + c, dv, keys, o + r * dv + c, dv);
+        }
+}
+
+template <typename T>
+bool forward_whole(const Geometry& g, const Layout<T>& L, const T* q, const T* k, const T* v, const T* rpb, T scale,
+                   T* out, T* lse, int64_t b, int64_t h, Work<T>& w) {
+    using V = typename Vec<T>::V;
+    constexpr int W = Layout<T>::W;
+    const int64_t n0 = L.s[0].n, n1 = L.s[1].n, n2 = L.s[2].n, nt = n0 * n1 * n2;
+    const int64_t kp = (nt + W - 1) / W * W;              // keys, padded to whole vectors
+    const int64_t rows = (nt + RB - 1) / RB * RB;          // queries, padded to whole blocks
+    const int64_t dv = (g.D + W - 1) / W * W;              // head_dim of the value rows, padded to whole vectors
+    T* qb = w.wq.get(rows * g.D, true);                    // [query][d], times scale
+    T* kt = w.wkt.get(g.D * kp, true);                     // [d][key]
+    T* vb = w.wv.get(kp * dv, true);                       // [key][d]
+    T* sb = w.ws.get(rows * kp, false);                    // [query][key]
+    T* ob = w.o.get(rows * dv, false);                     // [query][d]
+    T check = 0;
+    std::vector<int64_t> toks(nt);
+    for (int64_t i0 = 0, t = 0; i0 < n0; ++i0)
+        for (int64_t i1 = 0; i1 < n1; ++i1)
+            for (int64_t i2 = 0; i2 < n2; ++i2, ++t) toks[t] = L.token(g, i0, i1, i2);
+    for (int64_t t = 0; t < nt; ++t) {
+        const T* qp = q + in_off(g, g.sq, b, toks[t], h);
+        const T* kp_ = k + in_off(g, g.sk, b, toks[t], h);
+        const T* vp = v + in_off(g, g.sv, b, toks[t], h);
+        for (int64_t d = 0; d < g.D; ++d) {
+            qb[t * g.D + d] = qp[d] * scale;
+            kt[d * kp + t] = kp_[d];
+            vb[t * dv + d] = vp[d];
+            check += (qp[d] + kp_[d] + vp[d]) * T(0);  // NaN once any value is NaN or infinite
+        }
+    }
+    if (std::isnan(check)) return false;
+    const T* bias = whole_bias(L, rpb, h, rows, kp, w);
+    if (!bias) return false;
+    whole_logits_all(qb, g.D, kt, kp, g.D, sb, rows);
+    std::vector<T> inv(rows, T(0));
+    for (int64_t i = 0; i < nt; ++i) {
+        T* sp = sb + i * kp;
+        const T* bp = bias + i * kp;
+        V mx = V{} + std::numeric_limits<T>::lowest();
+        for (int64_t c = 0; c < kp; c += W) {
+            V sv = loadv<V>(sp + c) + loadv<V>(bp + c);
+            storev(sp + c, sv);
+            mx = mx > sv ? mx : sv;
+        }
+        T m = mx[0];
+        for (int l = 1; l < W; ++l) m = std::max(m, mx[l]);
+        V sum = V{};
+        for (int64_t c = 0; c < kp; c += W) {
+            V pv = vexp(loadv<V>(sp + c) - m);
+            storev(sp + c, pv);
+            sum += pv;
+        }
+        T total = 0;
+        for (int l = 0; l < W; ++l) total += sum[l];
+        inv[i] = T(1) / total;
+        lse[(b * g.N + toks[i]) * g.H + h] = m + std::log(total);
+    }
+    whole_values_all(sb, kp, vb, dv, nt, ob, rows);
+    for (int64_t i = 0; i < nt; ++i) {
+        T* op = out + ((b * g.N + toks[i]) * g.H + h) * g.D;
+        for (int64_t d = 0; d < g.D; ++d) op[d] = ob[i * dv + d] * inv[i];
+    }
+    return true;
+}
+
+template <typename T>
+bool forward_unit(const Geometry& g, const T* q, const T* k, const T* v, const T* rpb, T scale, T* out, T* lse,
+                  int64_t b, int64_t h, const int64_t* group, Work<T>& w) {
+    using V = typename Vec<T>::V;
+    constexpr int W = Layout<T>::W;
+    Layout<T> L(g, group, rpb != nullptr);
+    if (whole_window(L)) return forward_whole(g, L, q, k, v, rpb, scale, out, lse, b, h, w);
+    // Pads, d >= D and one row past the last (queries of block rows past the map) are read as zeros, never as another
+    // unit's values: zeroed when the layout changes (packing writes the rest).
+    bool fresh = w.fresh(L);
+    T* qt = w.qt.get((L.rows + 1) * L.dp * L.lpad, fresh);
+    T* kt = w.kt.get(L.rows * L.dp * L.lp, fresh);
+    T* vt = w.vt.get(L.rows * L.dp * L.lp, fresh);
+    T* bias = w.bias.get(L.bias_off[L.tiles], false);
+    bool finite = pack(g, L, q, g.sq, b, h, scale, qt, L.lpad, 0) && pack(g, L, k, g.sk, b, h, T(1), kt, L.lp, L.pad) &&
+                  pack(g, L, v, g.sv, b, h, T(1), vt, L.lp, L.pad) && build_bias(L, rpb, h, bias);
+    if (!finite) return false;
+    int64_t slot_size = L.nu_max * W;
+    T* sbuf = w.s.get(QB * L.slots * slot_size, false);
+    T* obuf = w.o.get(QB * L.dp * W, false);
+    T* zero = w.zero.get(slot_size, false);
+    const T lowest = std::numeric_limits<T>::lowest();
+    for (int64_t i0 = 0; i0 < L.s[0].n; ++i0)
+        for (int64_t i1b = 0; i1b < L.s[1].n; i1b += QB) {
+            Block blk = make_block(L, i0, i1b);
+            for (int64_t t = 0; t < L.tiles; ++t) {
+                int64_t nu = L.nu[t];
+                block_logits(L, blk, t, qt, kt, sbuf);
+                V inv[QB], lsev[QB];
+                for (int j = 0; j < QB; ++j) {
+                    if (!blk.real[j]) continue;
+                    // Lanes past the map see only -inf: starting from `lowest` keeps their max finite.
+                    V mx = V{} + lowest;
+                    for_slots(L, blk, j, t, sbuf, bias, [&](T* sp, const T* bp, int64_t) {
+                        for (int64_t u = 0; u < nu; ++u) {
+                            V sv = loadv<V>(sp + u * W) + loadv<V>(bp + u * W);
+                            storev(sp + u * W, sv);
+                            mx = mx > sv ? mx : sv;
+                        }
+                    });
+                    V sum = V{};
+                    for_slots(L, blk, j, t, sbuf, bias, [&](T* sp, const T*, int64_t) {
+                        for (int64_t u = 0; u < nu; ++u) {
+                            V pv = vexp(loadv<V>(sp + u * W) - mx);
+                            storev(sp + u * W, pv);
+                            sum += pv;
+                        }
+                    });
+                    inv[j] = T(1) / sum;
+                    for (int l = 0; l < W; ++l) lsev[j][l] = mx[l] + std::log(sum[l]);
+                }
+                block_weighted_sum(L, blk, t, sbuf, zero, vt, obuf);
+                for (int j = 0; j < QB; ++j) {
+                    if (!blk.real[j]) continue;
+                    int64_t tok0 = L.token(g, i0, blk.i1[j], t * W);
+                    int n = int(std::min<int64_t>(W, L.s[2].n - t * W));
+                    unpack_lanes(g, obuf + j * L.dp * W, W, inv[j], out, b, h, tok0, n);
+                    for (int l = 0; l < n; ++l) lse[(b * g.N + tok0 + l * g.ax[2].dil) * g.H + h] = lsev[j][l];
+                }
+            }
+        }
+    return true;
+}
+
+// The backward of a whole-window unit: P from the saved lse, dP = dO v^T, dS = P (dP - delta + dlse), then
+// dq = dS k, dk = dS^T q, dv = P^T dO as dense products (the same two kernels as the forward).
+template <typename T>
+bool backward_whole(const Geometry& g, const Layout<T>& L, const T* q, const T* k, const T* v, const T* rpb, T scale,
+                    const T* lse, const T* gout, const T* glse, T* dq, T* dk, T* dv, T* dri, int64_t b, int64_t h,
+                    Work<T>& w) {
+    using V = typename Vec<T>::V;
+    constexpr int W = Layout<T>::W;
+    const int64_t n1 = L.s[1].n, n2 = L.s[2].n, nt = L.s[0].n * n1 * n2;
+    const int64_t kp = (nt + W - 1) / W * W;              // keys (and queries as columns), padded to whole vectors
+    const int64_t rows = (nt + RB - 1) / RB * RB;          // rows of every [token][...] operand
+    const int64_t dw = (g.D + W - 1) / W * W;              // head_dim, padded to whole vectors
+    T* qb = w.wq.get(rows * dw, true);                     // [query][d], times scale
+    T* gb = w.wg.get(rows * dw, true);                     // [query][d] of dO
+    T* kb = w.wv.get(rows * dw, true);                     // [key][d]
+    T* kt = w.wkt.get(g.D * kp, true);                     // [d][key]
+    T* vt = w.wvt.get(g.D * kp, true);                     // [d][key]
+    T* pb = w.ws.get(rows * kp, false);                    // [query][key]: P
+    T* db = w.wds.get(rows * kp, false);                   // [query][key]: dP, then dS
+    T* tb = w.wtr.get(rows * kp, true);                    // [key][query]: dS^T, then P^T
+    T* ob = w.o.get(rows * dw, false);                     // [row][d] results
+    T check = 0;
+    std::vector<int64_t> toks(nt);
+    for (int64_t i0 = 0, t = 0; i0 < L.s[0].n; ++i0)
+        for (int64_t i1 = 0; i1 < n1; ++i1)
+            for (int64_t i2 = 0; i2 < n2; ++i2, ++t) toks[t] = L.token(g, i0, i1, i2);
+    std::vector<T> lv(rows, T(0)), glv(rows, T(0));
+    for (int64_t t = 0; t < nt; ++t) {
+        const T* qp = q + in_off(g, g.sq, b, toks[t], h);
+        const T* kq = k + in_off(g, g.sk, b, toks[t], h);
+        const T* vp = v + in_off(g, g.sv, b, toks[t], h);
+        const T* gp = gout + in_off(g, g.sg, b, toks[t], h);
+        for (int64_t d = 0; d < g.D; ++d) {
+            qb[t * dw + d] = qp[d] * scale;
+            gb[t * dw + d] = gp[d];
+            kb[t * dw + d] = kq[d];
+            kt[d * kp + t] = kq[d];
+            vt[d * kp + t] = vp[d];
+            check += (qp[d] + kq[d] + vp[d] + gp[d]) * T(0);  // NaN once any value is NaN or infinite
+        }
+        lv[t] = lse[(b * g.N + toks[t]) * g.H + h];
+        glv[t] = glse ? glse[(b * g.N + toks[t]) * g.H + h] : T(0);
+        check += (lv[t] + glv[t]) * T(0);
+    }
+    if (std::isnan(check)) return false;
+    const T* bias = whole_bias(L, rpb, h, rows, kp, w);
+    if (!bias) return false;
+    whole_logits_all(qb, dw, kt, kp, g.D, pb, rows);  // logits
+    whole_logits_all(gb, dw, vt, kp, g.D, db, rows);  // dP
+    for (int64_t i = 0; i < nt; ++i) {
+        T *pp = pb + i * kp, *dp = db + i * kp;
+        const T* bp = bias + i * kp;
+        V delta = V{};
+        for (int64_t c = 0; c < kp; c += W) {
+            V pv = vexp(loadv<V>(pp + c) + loadv<V>(bp + c) - lv[i]);  // probabilities (0 on padded keys)
+            storev(pp + c, pv);
+            delta += pv * loadv<V>(dp + c);
+        }
+        T dsum = 0;
+        for (int l = 0; l < W; ++l) dsum += delta[l];
+        for (int64_t c = 0; c < kp; c += W) storev(dp + c, loadv<V>(pp + c) * (loadv<V>(dp + c) - dsum + glv[i]));
+    }
+    // dq = scale * dS k
+    whole_values_all(db, kp, kb, dw, nt, ob, rows);
+    for (int64_t i = 0; i < nt; ++i) {
+        T* op = dq + ((b * g.N + toks[i]) * g.H + h) * g.D;
+        for (int64_t d = 0; d < g.D; ++d) op[d] = ob[i * dw + d] * scale;
+    }
+    // dk = dS^T (scale q); rows of tb past nt stay zero
+    for (int64_t i = 0; i < nt; ++i)
+        for (int64_t c = 0; c < nt; ++c) tb[c * kp + i] = db[i * kp + c];
+    whole_values_all(tb, kp, qb, dw, nt, ob, rows);
+    for (int64_t c = 0; c < nt; ++c) {
+        T* op = dk + ((b * g.N + toks[c]) * g.H + h) * g.D;
+        for (int64_t d = 0; d < g.D; ++d) op[d] = ob[c * dw + d];
+    }
+    // dv = P^T dO
+    for (int64_t i = 0; i < nt; ++i)
+        for (int64_t c = 0; c < nt; ++c) tb[c * kp + i] = pb[i * kp + c];
+    whole_values_all(tb, kp, gb, dw, nt, ob, rows);
+    for (int64_t c = 0; c < nt; ++c) {
+        T* op = dv + ((b * g.N + toks[c]) * g.H + h) * g.D;
+        for (int64_t d = 0; d < g.D; ++d) op[d] = ob[c * dw + d];
+    }
+    if (rpb && dri)
+        for (int64_t i0 = 0, i = 0; i0 < L.s[0].n; ++i0)
+            for (int64_t i1 = 0; i1 < n1; ++i1)
+                for (int64_t i2 = 0; i2 < n2; ++i2, ++i)
+                    for (int64_t c0 = 0; c0 < L.s[0].n; ++c0)
+                        for (int64_t c1 = 0; c1 < n1; ++c1) {
+                            T* rp = dri + ((h * L.s[0].rdim + L.s[0].rbase[i0] + c0) * L.s[1].rdim + L.s[1].rbase[i1] +
+                                           c1) * L.s[2].rdim + L.s[2].rbase[i2];
+                            const T* dsp = db + i * kp + (c0 * n1 + c1) * n2;
+                            for (int64_t c2 = 0; c2 < n2; ++c2) rp[c2] += dsp[c2];
+                        }
+    return true;
+}
+
+template <typename T>
+bool backward_unit(const Geometry& g, const T* q, const T* k, const T* v, const T* rpb, T scale, const T* lse,
+                   const T* gout, const T* glse, T* dq, T* dk, T* dv, T* dri, int64_t b, int64_t h,
+                   const int64_t* group, Work<T>& w) {
+    using V = typename Vec<T>::V;
+    constexpr int W = Layout<T>::W;
+    Layout<T> L(g, group, rpb != nullptr);
+    if (whole_window(L)) return backward_whole(g, L, q, k, v, rpb, scale, lse, gout, glse, dq, dk, dv, dri, b, h, w);
+    bool fresh = w.fresh(L);  // as in forward_unit
+    T* qt = w.qt.get((L.rows + 1) * L.dp * L.lpad, fresh);
+    T* gt = w.gt.get((L.rows + 1) * L.dp * L.lpad, fresh);
+    T* kt = w.kt.get(L.rows * L.dp * L.lp, fresh);
+    T* vt = w.vt.get(L.rows * L.dp * L.lp, fresh);
+    T* lt = w.lse.get(L.rows * L.lpad, fresh);
+    T* glt = w.glse.get(L.rows * L.lpad, fresh);
+    T* bias = w.bias.get(L.bias_off[L.tiles], false);
+    bool finite = pack(g, L, q, g.sq, b, h, scale, qt, L.lpad, 0) && pack(g, L, k, g.sk, b, h, T(1), kt, L.lp, L.pad) &&
+                  pack(g, L, v, g.sv, b, h, T(1), vt, L.lp, L.pad) && pack(g, L, gout, g.sg, b, h, T(1), gt, L.lpad, 0) &&
+                  pack_lanes(g, L, lse, b, h, lt) && (!glse || pack_lanes(g, L, glse, b, h, glt)) &&
+                  build_bias(L, rpb, h, bias);
+    if (!finite) return false;
+    T* dqt = w.dqt.get(QB * L.dp * W, false);
+    T* dkt = w.dkt.get(L.rows * L.dp * L.lp, true);
+    T* dvt = w.dvt.get(L.rows * L.dp * L.lp, true);
+    T* dbias = rpb ? w.dbias.get(L.bias_off[L.tiles], true) : nullptr;
+    int64_t slot_size = L.nu_max * W;
+    T* sbuf = w.s.get(QB * L.slots * slot_size, false);
+    T* dpbuf = w.dps.get(QB * L.slots * slot_size, false);
+    T* zero = w.zero.get(slot_size, false);
+    for (int64_t i0 = 0; i0 < L.s[0].n; ++i0)
+        for (int64_t i1b = 0; i1b < L.s[1].n; i1b += QB) {
+            Block blk = make_block(L, i0, i1b);
+            for (int64_t t = 0; t < L.tiles; ++t) {
+                int64_t nu = L.nu[t];
+                block_logits(L, blk, t, qt, kt, sbuf);   // logits
+                block_logits(L, blk, t, gt, vt, dpbuf);  // dP = dO . v
+                for (int j = 0; j < QB; ++j) {
+                    if (!blk.real[j]) continue;
+                    int64_t row = blk.i0 * L.s[1].n + blk.i1[j];
+                    V lv = loadv<V>(lt + row * L.lpad + t * W);
+                    V gl = glse ? loadv<V>(glt + row * L.lpad + t * W) : V{};
+                    V delta = V{};
+                    for_slots(L, blk, j, t, sbuf, bias, [&](T* sp, const T* bp, int64_t) {
+                        T* dpp = dpbuf + (sp - sbuf);
+                        for (int64_t u = 0; u < nu; ++u) {
+                            V pv = vexp(loadv<V>(sp + u * W) + loadv<V>(bp + u * W) - lv);  // probabilities
+                            storev(sp + u * W, pv);
+                            delta += pv * loadv<V>(dpp + u * W);
+                        }
+                    });
+                    for_slots(L, blk, j, t, sbuf, bias, [&](T* sp, const T*, int64_t R) {
+                        T* dpp = dpbuf + (sp - sbuf);
+                        T* db = dbias ? dbias + L.bias_off[t] + R * nu * W : nullptr;
+                        for (int64_t u = 0; u < nu; ++u) {
+                            V ds = loadv<V>(sp + u * W) * (loadv<V>(dpp + u * W) - delta + gl);  // d loss / d logit
+                            storev(dpp + u * W, ds);
+                            if (db) storev(db + u * W, loadv<V>(db + u * W) + ds);
+                        }
+                    });
+                }
+                block_weighted_sum(L, blk, t, dpbuf, zero, kt, dqt);  // dq / scale
+                block_scatter(L, blk, t, dpbuf, qt, dkt);       // dk (q carries the scale)
+                block_scatter(L, blk, t, sbuf, gt, dvt);        // dv
+                for (int j = 0; j < QB; ++j)
+                    if (blk.real[j])
+                        unpack_lanes(g, dqt + j * L.dp * W, W, V{} + scale, dq, b, h, L.token(g, i0, blk.i1[j], t * W),
+                                     int(std::min<int64_t>(W, L.s[2].n - t * W)));
+            }
+        }
+    // Unpack dk, dv (the unit owns these key tokens) and add d_rpb.
+    for (int64_t i0 = 0; i0 < L.s[0].n; ++i0)
+        for (int64_t i1 = 0; i1 < L.s[1].n; ++i1) {
+            int64_t off = (i0 * L.s[1].n + i1) * L.dp * L.lp + L.pad;
+            for (int64_t x0 = 0; x0 < L.s[2].n; x0 += W) {
+                int n = int(std::min<int64_t>(W, L.s[2].n - x0));
+                unpack_lanes(g, dkt + off + x0, L.lp, V{} + T(1), dk, b, h, L.token(g, i0, i1, x0), n);
+                unpack_lanes(g, dvt + off + x0, L.lp, V{} + T(1), dv, b, h, L.token(g, i0, i1, x0), n);
+            }
+        }
+    if (dbias) {
+        const Sub& s2 = L.s[2];
+        for (int64_t t = 0; t < L.tiles; ++t)
+            for (int64_t R = 0; R < L.nrb; ++R)
+                for (int64_t u = 0; u < L.nu[t]; ++u)
+                    for (int l = 0; l < W; ++l) {
+                        int64_t x = t * W + l, key = x + L.umin[t] + u;
+                        if (x < s2.n && key >= s2.start[x] && key < s2.start[x] + s2.count[x])
+                            dri[(h * L.nrb + R) * s2.rdim + s2.rbase[x] + key - s2.start[x]] +=
+                                dbias[L.bias_off[t] + (R * L.nu[t] + u) * W + l];
+                    }
+    }
+    return true;
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// Drivers: units over threads, the scalar path for units the vector path refuses.
+
+inline int64_t groups(const Geometry& g) { return g.ax[0].dil * g.ax[1].dil * g.ax[2].dil; }
+
+inline void unit_coords(const Geometry& g, int64_t unit, int64_t* b, int64_t* h, int64_t* group) {
+    int64_t gi = unit % groups(g), bh = unit / groups(g);
+    *h = bh % g.H;
+    *b = bh / g.H;
+    group[2] = gi % g.ax[2].dil;
+    group[1] = (gi / g.ax[2].dil) % g.ax[1].dil;
+    group[0] = gi / (g.ax[2].dil * g.ax[1].dil);
+}
+
+// Calls fn(token) for every global token of a unit's dilation group.
+template <typename F>
+void unit_tokens(const Geometry& g, const int64_t* group, F fn) {
+    for (int64_t x0 = group[0]; x0 < g.ax[0].length; x0 += g.ax[0].dil)
+        for (int64_t x1 = group[1]; x1 < g.ax[1].length; x1 += g.ax[1].dil)
+            for (int64_t x2 = group[2]; x2 < g.ax[2].length; x2 += g.ax[2].dil)
+                fn((x0 * g.ax[1].length + x1) * g.ax[2].length + x2);
+}
+
+template <typename T>
 void forward(const Geometry& g, const T* q, const T* k, const T* v, const T* rpb, T scale, T* out, T* lse,
              int nthreads) {
-    const T nan = std::numeric_limits<T>::quiet_NaN();
-    parallel(g.B * g.H * g.N, nthreads, [&](int64_t lo, int64_t hi, int) {
-        std::vector<T> s(g.window), acc(g.D);
-        std::vector<int64_t> kt(g.window), rix(g.window);
-        for (int64_t t = lo; t < hi; ++t) {
-            // t runs over (b, h, i) with i fastest: neighbouring queries reuse the same keys from cache.
-            int64_t i = t % g.N, bh = t / g.N, h = bh % g.H, b = bh / g.H;
-            int64_t n = logits(g, q, k, rpb, scale, b, h, i, s.data(), kt.data(), rix.data());
-            T mx = -std::numeric_limits<T>::infinity();
-            bool bad = false;
-            for (int64_t j = 0; j < n; ++j) {
-                bad |= std::isnan(s[j]);
-                mx = std::max(mx, s[j]);
-            }
-            T sum = 0;
-            for (int64_t j = 0; j < n; ++j) {
-                s[j] = std::exp(s[j] - mx);
-                sum += s[j];
-            }
-            std::fill(acc.begin(), acc.end(), T(0));
-            T inv = T(1) / sum;
-            for (int64_t j = 0; j < n; ++j) axpy(s[j] * inv, v + ((b * g.N + kt[j]) * g.H + h) * g.D, acc.data(), g.D);
-            T* op = out + ((b * g.N + i) * g.H + h) * g.D;
-            T check = 0;
-            for (int64_t d = 0; d < g.D; ++d) check += acc[d] * T(0);  // NaN when any component is not finite
-            bad |= std::isnan(check) || std::isnan(mx) || std::isnan(sum);
-            for (int64_t d = 0; d < g.D; ++d) op[d] = bad ? nan : acc[d];
-            lse[(b * g.N + i) * g.H + h] = bad ? nan : mx + std::log(sum);
+    parallel(g.B * g.H * groups(g), nthreads, [&](int64_t lo, int64_t hi, int) {
+        std::unique_ptr<Work<T>> w = work_cache<T>().take();
+        w->wbias_key.clear();  // the bias table holds this call's rpb values only
+        ScalarScratch<T> sw(g);
+        for (int64_t unit = lo; unit < hi; ++unit) {
+            int64_t b, h, group[3];
+            unit_coords(g, unit, &b, &h, group);
+            if (!forward_unit(g, q, k, v, rpb, scale, out, lse, b, h, group, *w))
+                unit_tokens(g, group, [&](int64_t i) { forward_query(g, q, k, v, rpb, scale, out, lse, b, h, i, sw); });
         }
+        work_cache<T>().give(std::move(w));
     });
 }
 
@@ -168,39 +1294,23 @@ void backward(const Geometry& g, const T* q, const T* k, const T* v, const T* rp
               const T* gout, const T* glse, T* dq, T* dk, T* dv, T* drpb, int nthreads) {
     // dq, dk, dv and drpb arrive zeroed. drpb gets one private copy per thread, summed at the end.
     int64_t rsize = g.H * g.ax[0].rdim * g.ax[1].rdim * g.ax[2].rdim;
-    int64_t nt = std::max<int64_t>(1, std::min<int64_t>(nthreads, g.B * g.H));
+    int64_t units = g.B * g.H * groups(g);
+    int64_t nt = std::max<int64_t>(1, std::min<int64_t>(nthreads, units));
     std::vector<std::vector<T>> dr(drpb ? nt : 0, std::vector<T>(rsize, T(0)));
-    parallel(g.B * g.H, int(nt), [&](int64_t lo, int64_t hi, int thread) {
-        std::vector<T> s(g.window), dp(g.window), acc(g.D), qs(g.D);
-        std::vector<int64_t> kt(g.window), rix(g.window);
+    parallel(units, int(nt), [&](int64_t lo, int64_t hi, int thread) {
+        std::unique_ptr<Work<T>> w = work_cache<T>().take();
+        w->wbias_key.clear();  // the bias table holds this call's rpb values only
+        ScalarScratch<T> sw(g);
         T* dri = drpb ? dr[thread].data() : nullptr;
-        for (int64_t bh = lo; bh < hi; ++bh) {
-            int64_t h = bh % g.H, b = bh / g.H;
-            for (int64_t i = 0; i < g.N; ++i) {
-                int64_t row = (b * g.N + i) * g.H + h;
-                int64_t n = logits(g, q, k, rpb, scale, b, h, i, s.data(), kt.data(), rix.data());
-                const T* gp = gout + row * g.D;
-                T l = lse[row], gl = glse ? glse[row] : T(0), delta = 0;
-                for (int64_t j = 0; j < n; ++j) {
-                    s[j] = std::exp(s[j] - l);  // probabilities
-                    dp[j] = dot(gp, v + ((b * g.N + kt[j]) * g.H + h) * g.D, g.D);
-                    delta += s[j] * dp[j];
-                }
-                std::fill(acc.begin(), acc.end(), T(0));
-                const T* qp = q + row * g.D;
-                for (int64_t d = 0; d < g.D; ++d) qs[d] = qp[d] * scale;
-                for (int64_t j = 0; j < n; ++j) {
-                    int64_t kr = ((b * g.N + kt[j]) * g.H + h) * g.D;
-                    T ds = s[j] * (dp[j] - delta + gl);  // d loss / d logit
-                    axpy(ds, k + kr, acc.data(), g.D);
-                    axpy(ds, qs.data(), dk + kr, g.D);
-                    axpy(s[j], gp, dv + kr, g.D);
-                    if (dri) dri[h * (rsize / g.H) + rix[j]] += ds;
-                }
-                T* dqp = dq + row * g.D;
-                for (int64_t d = 0; d < g.D; ++d) dqp[d] = acc[d] * scale;
-            }
+        for (int64_t unit = lo; unit < hi; ++unit) {
+            int64_t b, h, group[3];
+            unit_coords(g, unit, &b, &h, group);
+            if (!backward_unit(g, q, k, v, rpb, scale, lse, gout, glse, dq, dk, dv, dri, b, h, group, *w))
+                unit_tokens(g, group, [&](int64_t i) {
+                    backward_query(g, q, k, v, rpb, scale, lse, gout, glse, dq, dk, dv, dri, b, h, i, sw);
+                });
         }
+        work_cache<T>().give(std::move(w));
     });
     if (drpb)
         for (auto& part : dr)
@@ -208,8 +1318,17 @@ void backward(const Geometry& g, const T* q, const T* k, const T* v, const T* rp
 }
 
 Geometry geometry(int64_t B, int64_t H, int64_t D, int n, const int64_t* spatial, const int64_t* kernel,
-                  const int64_t* stride, const int64_t* dilation, const int64_t* causal) {
+                  const int64_t* stride, const int64_t* dilation, const int64_t* causal, const int64_t* strides,
+                  int ninputs) {
+    // strides: per input (q, k, v[, dO]) its n + 3 element strides [batch, *spatial, head, head_dim].
     Geometry g;
+    int64_t* dst[4] = {g.sq, g.sk, g.sv, g.sg};
+    for (int t = 0; t < 4; ++t) {
+        const int64_t* st = strides + (t < ninputs ? t : 0) * (n + 3);
+        dst[t][0] = st[0];
+        for (int a = 0; a < 3; ++a) dst[t][1 + a] = a < 3 - n ? 0 : st[1 + a - (3 - n)];
+        dst[t][4] = st[n + 1];
+    }
     g.B = B;
     g.H = H;
     g.D = D;
@@ -232,21 +1351,22 @@ Geometry geometry(int64_t B, int64_t H, int64_t D, int n, const int64_t* spatial
 
 extern "C" {
 
-int natzoo_na_cpu_version() { return 1; }
+int natzoo_na_cpu_version() { return 3; }
 
 #define NATZOO_DEFINE(T, SUFFIX)                                                                                    \
     void natzoo_na_forward_##SUFFIX(const T* q, const T* k, const T* v, const T* rpb, T* out, T* lse, int64_t B,     \
                                     int64_t H, int64_t D, int n, const int64_t* spatial, const int64_t* kernel,      \
                                     const int64_t* stride, const int64_t* dilation, const int64_t* causal,           \
-                                    double scale, int nthreads) {                                                    \
-        Geometry g = geometry(B, H, D, n, spatial, kernel, stride, dilation, causal);                               \
+                                    const int64_t* strides, double scale, int nthreads) {                            \
+        Geometry g = geometry(B, H, D, n, spatial, kernel, stride, dilation, causal, strides, 3);                   \
         forward<T>(g, q, k, v, rpb, T(scale), out, lse, nthreads);                                                  \
     }                                                                                                                \
     void natzoo_na_backward_##SUFFIX(const T* q, const T* k, const T* v, const T* rpb, const T* lse, const T* gout,  \
                                      const T* glse, T* dq, T* dk, T* dv, T* drpb, int64_t B, int64_t H, int64_t D,   \
                                      int n, const int64_t* spatial, const int64_t* kernel, const int64_t* stride,    \
-                                     const int64_t* dilation, const int64_t* causal, double scale, int nthreads) {   \
-        Geometry g = geometry(B, H, D, n, spatial, kernel, stride, dilation, causal);                               \
+                                     const int64_t* dilation, const int64_t* causal, const int64_t* strides,         \
+                                     double scale, int nthreads) {                                                   \
+        Geometry g = geometry(B, H, D, n, spatial, kernel, stride, dilation, causal, strides, 4);                   \
         backward<T>(g, q, k, v, rpb, T(scale), lse, gout, glse, dq, dk, dv, drpb, nthreads);                        \
     }
 

@@ -22,16 +22,23 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself when its head_dim is contiguous (the kernels take any other strides), else a contiguous copy."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
 def _geometry(query: torch.Tensor, kernel_size: list[int], stride: list[int], dilation: list[int],
-              is_causal: list[bool], scale: float) -> list:
+              is_causal: list[bool], scale: float, inputs: tuple[torch.Tensor, ...]) -> list:
+    """The kernels' shape arguments; `inputs` (q, k, v[, dO]) give their element strides."""
     batch, *spatial, heads, head_dim = query.shape
     n = len(spatial)
 
     def arr(values) -> ctypes.Array:
-        return (ctypes.c_int64 * n)(*(int(v) for v in values))
+        return (ctypes.c_int64 * len(values))(*values)
 
-    return [batch, heads, head_dim, n, arr(spatial), arr(kernel_size), arr(stride), arr(dilation), arr(is_causal),
-            float(scale), max(1, torch.get_num_threads())]
+    strides = [s for t in inputs for s in t.stride()]
+    return [batch, heads, head_dim, n, arr(spatial), arr(kernel_size), arr(stride), arr(dilation),
+            arr([int(c) for c in is_causal]), arr(strides), float(scale), max(1, torch.get_num_threads())]
 
 
 def _library():
@@ -41,18 +48,25 @@ def _library():
     return lib
 
 
+def _forward_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rpb: torch.Tensor | None,
+                    kernel_size: list[int], stride: list[int], dilation: list[int], is_causal: list[bool],
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``out [B, *S, H, D]`` and ``lse [B, *S, H]``, both in the dtype of `query` (float32 or float64)."""
+    q, k, v = _rows(query), _rows(key), _rows(value)  # e.g. views into a packed qkv projection: no copies
+    r = None if rpb is None else rpb.to(query.dtype).contiguous()
+    out, lse = q.new_empty(q.shape), q.new_empty(q.shape[:-1])
+    fn = getattr(_library(), f"natzoo_na_forward_{_NATIVE[query.dtype]}")
+    fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(r), out.data_ptr(), lse.data_ptr(),
+       *_geometry(q, kernel_size, stride, dilation, is_causal, scale, (q, k, v)))
+    return out, lse
+
+
 @torch.library.custom_op("natzoo::na_cpu", mutates_args=())
 def _forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rpb: torch.Tensor | None,
              kernel_size: list[int], stride: list[int], dilation: list[int], is_causal: list[bool],
              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``out [B, *S, H, D]`` and ``lse [B, *S, H]``, both in the dtype of `query` (float32 or float64)."""
-    q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
-    r = None if rpb is None else rpb.to(query.dtype).contiguous()
-    out, lse = torch.empty_like(q), q.new_empty(q.shape[:-1])
-    fn = getattr(_library(), f"natzoo_na_forward_{_NATIVE[query.dtype]}")
-    fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(r), out.data_ptr(), lse.data_ptr(),
-       *_geometry(q, kernel_size, stride, dilation, is_causal, scale))
-    return out, lse
+    """:func:`_forward_kernel` as an operator (autograd, ``torch.compile``)."""
+    return _forward_kernel(query, key, value, rpb, kernel_size, stride, dilation, is_causal, scale)
 
 
 @_forward.register_fake
@@ -66,15 +80,16 @@ def _backward(grad_out: torch.Tensor, grad_lse: torch.Tensor | None, query: torc
               stride: list[int], dilation: list[int], is_causal: list[bool], scale: float
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``dq, dk, dv`` (shapes and dtype of `query`) and ``d_rpb`` (rpb's shape and dtype; empty without rpb)."""
-    q, k, v, lse, g = (t.contiguous() for t in (query, key, value, lse, grad_out))
+    q, k, v, g = (_rows(t) for t in (query, key, value, grad_out))
+    lse = lse.contiguous()
     gl = None if grad_lse is None else grad_lse.to(q.dtype).contiguous()
     r = None if rpb is None else rpb.to(query.dtype).contiguous()
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(q), torch.zeros_like(q)
+    dq, dk, dv = (q.new_zeros(q.shape) for _ in range(3))
     d_rpb = q.new_empty(0) if r is None else torch.zeros_like(r)
     fn = getattr(_library(), f"natzoo_na_backward_{_NATIVE[query.dtype]}")
     fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(r), lse.data_ptr(), g.data_ptr(), _ptr(gl), dq.data_ptr(),
        dk.data_ptr(), dv.data_ptr(), None if r is None else d_rpb.data_ptr(),
-       *_geometry(q, kernel_size, stride, dilation, is_causal, scale))
+       *_geometry(q, kernel_size, stride, dilation, is_causal, scale, (q, k, v, g)))
     return dq, dk, dv, d_rpb if rpb is None else d_rpb.to(rpb.dtype)
 
 
@@ -110,6 +125,10 @@ def na_cpu(problem: Problem, query: torch.Tensor, key: torch.Tensor, value: torc
     """
     compute = torch.float64 if query.dtype == torch.float64 else torch.float32
     q, k, v = (t.to(compute) for t in (query, key, value))
-    out, lse = _forward(q, k, v, rpb, list(problem.kernel_size), list(problem.stride), list(problem.dilation),
+    tensors = (q, k, v) if rpb is None else (q, k, v, rpb)
+    # Eager calls that autograd does not record skip the operator's dispatch (about 0.1 ms a call): same kernel.
+    plain = not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    out, lse = (_forward_kernel if plain else _forward)(q, k, v, rpb, list(problem.kernel_size), list(problem.stride), list(problem.dilation),
                         list(problem.is_causal), float(problem.scale))
     return out.to(query.dtype), lse if need_lse else None
