@@ -18,6 +18,7 @@ from ._base import NATBase
 from ._weights import (
     CHECKPOINT_SHA256,
     LoadReport,
+    damaged_weights,
     load_weights,
     pretrained_file,
     read_state_dict,
@@ -57,6 +58,7 @@ __all__ = [
     "RelPosBlock",
     "convert_hf_state_dict",
     "count_macs",
+    "damaged_weights",
     "is_hf_state_dict",
     "load_weights",
     "pretrained_file",

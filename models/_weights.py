@@ -13,9 +13,11 @@ Files are read with ``torch.load(weights_only=True)`` or safetensors only: nothi
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
+import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +30,7 @@ from torch import nn
 __all__ = [
     "CHECKPOINT_SHA256",
     "LoadReport",
+    "damaged_weights",
     "load_state_dict_overlay",
     "load_weights",
     "local_weights",
@@ -127,9 +130,66 @@ def read_state_dict(path: str | os.PathLike[str], use_ema: bool = False) -> Stat
         else:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any reader failure is reported with the file and what was expected
+        damage = damaged_weights(path)
+        if damage is not None:
+            raise ValueError(f"{source} is {damage}; expected {EXPECTED_FILE}") from err
         raise ValueError(f"{source} could not be read as weights ({type(err).__name__}: {err}); expected "
                          f"{EXPECTED_FILE}") from err
     return unwrap_state_dict(checkpoint, use_ema=use_ema, source=source)
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # a zip archive's first local header: torch.save's format since PyTorch 1.6
+_CUT = "an interrupted copy or download?"
+
+
+def damaged_weights(path: str | os.PathLike[str]) -> str | None:
+    """What is wrong with a weights file, read from its structure alone (its header, its end), as a phrase for
+    ``f"{path} is {phrase}"``: ``.safetensors`` shorter than its header says (truncated) or without a safetensors
+    header (not a safetensors file); a zip archive (``torch.save``'s format) without its closing directory
+    (truncated). None when nothing of the kind is found (the file may still fail to load for another reason).
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as file:
+        head = file.read(8)
+        if path.endswith(".safetensors"):
+            return _safetensors_damage(file, head, size)
+    if head.startswith(_ZIP_MAGIC) and not zipfile.is_zipfile(path):
+        return (f"truncated: a zip archive (torch.save's format) of {size} bytes without its closing directory "
+                f"({_CUT})")
+    return None
+
+
+def _safetensors_damage(file: Any, head: bytes, size: int) -> str | None:
+    """The safetensors layout: an 8-byte little-endian header length N, N bytes of JSON header naming each tensor's
+    ``data_offsets`` [begin, end) in the data that follows."""
+    if size == 0:
+        return "empty (0 bytes)"
+    if len(head) < 8:
+        return f"truncated: {size} bytes, less than a safetensors file's 8-byte header length ({_CUT})"
+    length = int.from_bytes(head, "little")
+    if file.read(1) != b"{":
+        return "not a safetensors file: no JSON header follows its first 8 bytes"
+    if 8 + length > size:
+        return (f"truncated: {size} bytes, but its header alone takes {8 + length} (safetensors layout; "
+                f"{_CUT})")
+    file.seek(8)
+    try:
+        header = json.loads(file.read(length))
+    except ValueError:
+        return "not a safetensors file: its header is not JSON"
+    if not isinstance(header, dict):
+        return "not a safetensors file: its header is not a JSON object"
+    ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"
+            and isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list)
+            and len(entry["data_offsets"]) == 2 and isinstance(entry["data_offsets"][1], int)]
+    expected = 8 + length + max(ends, default=0)
+    if size < expected:
+        return f"truncated: {size} of the {expected} bytes its safetensors header describes ({_CUT})"
+    return None
 
 
 def resize_rpb(rpb: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -443,6 +503,8 @@ def local_weights(
         return dict(kwargs, pretrained_cfg_overlay=overlay)
     if cfg.get("file"):
         path = os.fspath(cfg["file"])
+        if os.path.isdir(path):  # timm's local-dir source: the folder's weights file is read by timm
+            _check_folder_weights(path)
     elif cfg.get("hf_hub_id"):
         path = _download_hf(cfg["hf_hub_id"], name)
     elif cfg.get("url"):
@@ -454,6 +516,18 @@ def local_weights(
         raise ValueError(f"{name}: file={path!r} does not have the recorded SHA-256 {expected}")
     # timm resets custom_load for an overlay source unless it is given: the file is still for load_pretrained.
     return dict(kwargs, pretrained_cfg_overlay=dict(overlay, file=path, custom_load=True))
+
+
+def _check_folder_weights(folder: str) -> None:
+    """A timm folder's weights file (``model.safetensors``, else ``pytorch_model.bin``: timm's preference) that is
+    truncated or of another kind is named before timm reads it (its reader's error names no file)."""
+    for name in _HF_FILES:
+        file = os.path.join(folder, name)
+        if os.path.isfile(file):
+            damage = damaged_weights(file)
+            if damage is not None:
+                raise ValueError(f"{file} is {damage}; the timm folder {folder} cannot be loaded")
+            return
 
 
 def pretrained_file(name: str, pretrained_cfg_overlay: Mapping[str, Any] | None = None) -> str:

@@ -5,8 +5,9 @@ command, on the configs installed with the package.
 The configs live in the repository's top-level ``configs/`` folder; ``natzoo/configs`` is a relative link to it in a
 source checkout and a copy of it in an installed wheel, so every entry point composes the same files. Runs write
 ``data/`` and ``logs/`` under the working directory (``configs/paths/default.yaml``), never next to the package. A
-user project adds its own config folder in front of natzoo's with Hydra's ``--config-dir <folder>``. The library
-functions behind the commands are ``natzoo.train(cfg)`` and ``natzoo.evaluate(cfg)``.
+user project adds its own config folder in front of natzoo's with Hydra's ``--config-dir <folder>``: its files win
+over natzoo's of the same name (:func:`natzoo.run.hydra_setup.user_configs_first`). The library functions behind the
+commands are ``natzoo.train(cfg)`` and ``natzoo.evaluate(cfg)``.
 
 The messages that print a command (the resume hint, the ``Evaluate with:`` line) name the program the user ran
 (:func:`natzoo.run.console.set_program`, :func:`natzoo.run.console.command`).
@@ -46,10 +47,11 @@ def train_main(style: str = "console") -> None:
     """``natzoo-train``: composes ``train.yaml`` with the command-line overrides and trains. ``style`` names how the
     user started it (:func:`natzoo.run.console.set_program`) for the commands the run prints."""
     from natzoo.run.console import set_program
-    from natzoo.run.hydra_setup import register_with_hydra
+    from natzoo.run.hydra_setup import register_with_hydra, user_configs_first
 
     set_program(style)
     register_with_hydra()  # `model=<variant>` configs for every registered NAT-family variant, resolvers
+    sys.argv = [sys.argv[0], *user_configs_first(sys.argv[1:], CONFIG_DIR)]  # a user's --config-dir before natzoo's
     _train()
 
 
@@ -57,10 +59,11 @@ def eval_main(style: str = "console") -> None:
     """``natzoo-eval``: composes ``eval.yaml`` with the command-line overrides, evaluates and writes the JSON result.
     ``style`` names how the user started it (:func:`natzoo.run.console.set_program`)."""
     from natzoo.run.console import set_program
-    from natzoo.run.hydra_setup import register_with_hydra
+    from natzoo.run.hydra_setup import register_with_hydra, user_configs_first
 
     set_program(style)
     register_with_hydra()
+    sys.argv = [sys.argv[0], *user_configs_first(sys.argv[1:], CONFIG_DIR)]  # a user's --config-dir before natzoo's
     _eval()
 
 

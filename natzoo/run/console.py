@@ -26,10 +26,12 @@ Lightning from adding, and announcing, its default (:func:`natzoo.run.training.b
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 _T = TypeVar("_T")
@@ -65,10 +67,20 @@ def command(kind: str) -> list[str]:
 
     words = list(_PROGRAMS[kind])
     if HydraConfig.initialized():
-        for source in HydraConfig.get().runtime.config_sources:
+        sources = HydraConfig.get().runtime.config_sources
+        main = next((s for s in sources if s.provider == "main" and s.schema == "file"), None)
+        for source in sources:
             if source.provider == "command-line" and source.schema == "file":
+                # natzoo's configs after a user folder made primary (natzoo.run.hydra_setup.user_configs_first):
+                # the user typed --config-dir <that folder>
+                if _is_natzoo_configs(source.path) and main is not None and not _is_natzoo_configs(main.path):
+                    source = main
                 words += ["--config-dir", shlex.quote(str(source.path))]
     return words
+
+
+def _is_natzoo_configs(path: str) -> bool:
+    return os.path.realpath(path) == os.path.realpath(Path(__file__).resolve().parents[1] / "configs")
 
 _LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
 _ADVERTISEMENT = "💡 Tip:"

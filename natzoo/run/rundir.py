@@ -101,8 +101,14 @@ def release_other_claims(keep: str | os.PathLike) -> None:
     kept = Path(keep).resolve()
     others = {key: claim for key, claim in _CLAIMED.items() if claim[0].resolve() != kept}
     _remove_if_empty(others.values())
-    for key, (path, _) in others.items():
+    own = next((created for path, created in _CLAIMED.values() if path.resolve() == kept), None)
+    for key, (path, created) in others.items():
         if not path.exists():
+            if own is not None:
+                # Parents created for that claim which now hold the run's own directory (the clock's second turned
+                # between the two claims): they go with the run's directory when it is discarded.
+                shared = [p for p in created if p.is_dir() and kept.is_relative_to(p.resolve())]
+                own[:] = sorted({*own, *shared}, key=lambda p: len(p.resolve().parts))
             del _CLAIMED[key]
 
 

@@ -9,7 +9,7 @@ import re
 import shlex
 import signal
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from natzoo.config import COMMON_RULES, check_weights_source
 from natzoo.rules import check_config
 from natzoo.run.callbacks import CurvePlot, EpochSummary, ModelSummary, RNGState
 from natzoo.run.console import command, configure_console
+from natzoo.run.hydra_setup import compose_before_overrides, config_file
 from natzoo.run.loggers import check_logger_packages, drop_rows_after
 from natzoo.run.rundir import RunDirectoryBusy, RunDirLock, discard_unused, release_other_claims
 from natzoo.run.tasks import Task, check_resume, get_task, task_of_checkpoint
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 
 # Exit status of a run stopped by SIGTERM (128 + the signal number, the shell's convention).
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
-_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # natzoo/configs (a link to configs/ in a checkout)
 
 
 def _is_rank_zero() -> bool:
@@ -71,7 +71,8 @@ def check_run_config(cfg: DictConfig, stage: str) -> tuple[Task, CheckpointInfo 
     """
     try:
         task = get_task(str(cfg.get("task", "classification")))
-        check_added_keys(_command_line_overrides(), {**COMMON_RULES, **task.config_rules}, stage)
+        overrides = _command_line_overrides()
+        check_added_keys(overrides, {**COMMON_RULES, **task.config_rules}, stage, _keys_before_force_adds(overrides))
         check_config(cfg, {**COMMON_RULES, **task.config_rules})
         check_logger_packages(cfg.get("logger"))
         if stage == "eval":
@@ -102,34 +103,81 @@ _FIT_ONLY = ("optim.", "sched.", "ema.", "loss.", "nonfinite_loss", "callbacks."
              "data.train_transform.", "data.aug_repeats", "checkpoint")
 
 
-def check_added_keys(overrides: list[str], rules: dict[str, Any], stage: str) -> None:
+def check_added_keys(overrides: list[str], rules: dict[str, Any], stage: str,
+                     existing: Callable[[str], bool] | None = None) -> None:
     """Refuses a command-line ``+key=value`` that adds a key no code of this stage reads (``+pretrained=true`` in
     training trained from random weights without a word). Hydra only lets ``+`` add a key the config lacks, so such a
     key is read only when it is an optional knob of this stage (a rule) or an entry of a table handed on as it is.
+    ``++key=value`` (add or override) sets a key the config has, which is accepted, or adds one, which is checked like
+    ``+key`` (``++optim.lrr=1`` is refused).
+
+    Args:
+        overrides: the command line's overrides.
+        rules: the value rules of this stage's config (its optional knobs).
+        stage: ``"fit"`` or ``"eval"``.
+        existing: whether a key is in the config composed without the command line's ``++`` overrides (None: every
+            ``++key`` is checked like ``+key``).
 
     Raises:
         ValueError: naming the override and where the settings are described.
     """
-    program = "train.py" if stage == "fit" else "eval.py"
     for override in overrides:
-        if not override.startswith("+") or override.startswith("++"):
-            continue  # `++key` may also set a key the config has; `~key` deletes one
+        if not override.startswith("+"):
+            continue  # `key=value` sets a key the config has; `~key` deletes one
         key = _override_key(override)
-        other_stage = _EVAL_ONLY if stage == "fit" else _FIT_ONLY
-        if any(key == k.rstrip(".") or key.startswith(k) for k in other_stage):
-            raise ValueError(f"{override}: {program} does not use {key!r} (it is a setting of "
-                             f"{'eval.py' if stage == 'fit' else 'train.py'}), so it would be ignored"
-                             + (": to start training from published or saved weights, pass checkpoint=<file>"
-                                if key == "pretrained" else ""))
-        if key.startswith("trainer.") and key.count(".") == 1 and key[len("trainer."):] not in _trainer_arguments():
-            raise ValueError(f"{override}: Lightning's Trainer has no argument {key[len('trainer.'):]!r} (the "
-                             "trainer config's keys are Trainer arguments)")
-        if key in rules or key.startswith(_OPEN_TABLES):
-            continue
-        raise ValueError(f"{override}: no setting {key!r} exists in {program}'s config, so nothing would read it "
-                         "(a misspelt or unsupported key); the settings are those of configs/"
-                         f"{'train' if stage == 'fit' else 'eval'}.yaml and its groups (python {program} --cfg job "
-                         "prints them all)")
+        problem = _unread_key_problem(override, key, rules, stage)
+        if problem is not None and not (override.startswith("++") and existing is not None and existing(key)):
+            raise ValueError(problem)
+
+
+def _unread_key_problem(override: str, key: str, rules: dict[str, Any], stage: str) -> str | None:
+    """Why nothing would read ``key`` added by ``override`` in this stage; None when something does."""
+    program = "train.py" if stage == "fit" else "eval.py"
+    other_stage = _EVAL_ONLY if stage == "fit" else _FIT_ONLY
+    if any(key == k.rstrip(".") or key.startswith(k) for k in other_stage):
+        return (f"{override}: {program} does not use {key!r} (it is a setting of "
+                f"{'eval.py' if stage == 'fit' else 'train.py'}), so it would be ignored"
+                + (": to start training from published or saved weights, pass checkpoint=<file>"
+                   if key == "pretrained" else ""))
+    if key.startswith("trainer.") and key.count(".") == 1 and key[len("trainer."):] not in _trainer_arguments():
+        return (f"{override}: Lightning's Trainer has no argument {key[len('trainer.'):]!r} (the trainer config's "
+                "keys are Trainer arguments)")
+    if key in rules or key.startswith(_OPEN_TABLES):
+        return None
+    return (f"{override}: no setting {key!r} exists in {program}'s config, so nothing would read it (a misspelt or "
+            f"unsupported key); the settings are those of configs/{'train' if stage == 'fit' else 'eval'}.yaml and "
+            f"its groups (python {program} --cfg job prints them all)")
+
+
+def _keys_before_force_adds(overrides: list[str]) -> Callable[[str], bool]:
+    """Whether a key is in the config this command composes without its ``++`` overrides (composed once, when first
+    asked: :func:`natzoo.run.hydra_setup.compose_before_overrides`); outside a Hydra run no key is. When that
+    composition fails (an override that needs a ``++`` one), every key counts as present: ``++`` is then not checked,
+    as before round four."""
+    composed: list[Any] = []
+
+    def existing(key: str) -> bool:
+        if not composed:
+            try:
+                cfg = compose_before_overrides([o for o in overrides if o.startswith("++")])
+            except Exception as err:  # noqa: BLE001  (Hydra's composition errors have no common base)
+                log.debug("the config without the ++ overrides cannot be composed (%s); ++ keys are not checked", err)
+                composed.append(None)
+            else:
+                composed.append(OmegaConf.to_container(cfg, resolve=False) if cfg is not None else {})
+        if composed[0] is None:
+            return True
+        node: Any = composed[0]
+        for part in key.split("."):
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                return False
+        return True
+
+    return existing
 
 
 # Lightning's loggers and the package each needs (TensorBoard is dropped with a note when missing: build_loggers).
@@ -535,10 +583,11 @@ def _eval_overrides(cfg: DictConfig) -> list[str]:
 def _generator_changes(cfg: DictConfig, choice: str) -> list[tuple[str, Any]]:
     """``data.generate.*`` values of a generated dataset that differ from its data config's own (``configs/data/
     <choice>.yaml``), e.g. set by ``debug=tiny``, which eval.yaml lacks: without them evaluation would generate and
-    score another dataset (and replace the one the run used)."""
+    score another dataset (and replace the one the run used). The data config is the file the run's config search
+    path found (a user's ``--config-dir`` folder first), the one the evaluation command composes too."""
     generate = cfg.data.get("generate")
-    file = _CONFIG_DIR / "data" / f"{choice}.yaml"
-    if not generate or not file.is_file():
+    file = config_file(f"data/{choice}.yaml")
+    if not generate or file is None:
         return []
     loaded = OmegaConf.load(file)
     defaults = (loaded.get("generate") if isinstance(loaded, DictConfig) else None) or {}

@@ -33,11 +33,13 @@ from typing import Any
 import lightning.pytorch as pl
 import timm
 from lightning.pytorch.utilities import rank_zero_info
+from safetensors import SafetensorError
 from timm.models import save_for_hf
 from torch import nn
 
 from natzoo import models  # noqa: F401  (registers the NAT families with timm)
 from natzoo.checkpoints import network_weights, read_lightning_checkpoint
+from natzoo.models import damaged_weights
 from natzoo.ownership import scratch_prefix
 from natzoo.tools.model_info import RECORD_KEY, ModelInfo, data_config_of, info_from_checkpoint, info_from_model
 
@@ -46,6 +48,8 @@ __all__ = ["SaveTimmModel", "export_checkpoint", "read_timm_folder", "save_timm_
 log = logging.getLogger(__name__)
 
 _FILES = ("config.json", "model.safetensors")
+# The weights files timm reads from a local folder, in its order of preference.
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # config.json's top-level entry (timm ignores it) that proves natzoo wrote the folder and holds its ModelInfo record.
 _MARK = "natzoo"
 _WRITER = "natzoo.tools.timm_export"
@@ -137,33 +141,60 @@ def save_timm_model(model: nn.Module, folder: str | os.PathLike, data_config: di
 
 
 def read_timm_folder(folder: str | os.PathLike) -> tuple[nn.Module, ModelInfo]:
-    """The model of a timm folder (``config.json`` + ``model.safetensors``, from natzoo or timm) and its description:
-    natzoo's record when natzoo wrote it, else timm's data config and label names.
+    """The model of a timm folder (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``, from natzoo or
+    timm) and its description: natzoo's record when natzoo wrote it, else timm's data config and label names.
+
+    Both files are checked before the model is built, so a damaged one is named with what is wrong with it: a
+    ``config.json`` that is empty, truncated or not JSON, a weights file that is truncated or not of its kind
+    (:func:`natzoo.models.damaged_weights`).
 
     Raises:
         ValueError: the folder lacks either file, or its config or weights cannot be read (naming the file).
     """
     out = Path(folder)
-    for name in _FILES:
-        if not (out / name).is_file():
-            raise ValueError(f"{out} is not a timm model folder: it has no {name} (a timm folder holds "
-                             f"{' and '.join(_FILES)})")
-    try:
-        config = json.loads((out / "config.json").read_text())
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{out / 'config.json'} cannot be read as JSON ({err})") from None
+    config_file = out / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{out} is not a timm model folder: it has no config.json (a timm folder holds config.json "
+                         f"and {' or '.join(_WEIGHT_FILES)})")
+    weights = next((out / name for name in _WEIGHT_FILES if (out / name).is_file()), None)
+    if weights is None:
+        raise ValueError(f"{out} is not a timm model folder: it has neither {' nor '.join(_WEIGHT_FILES)} (a timm "
+                         "folder holds config.json and one of them)")
+    config = _read_config_json(config_file)
     if not isinstance(config, dict) or not isinstance(config.get("architecture"), str):
-        raise ValueError(f"{out / 'config.json'} is not a timm model config (no 'architecture')")
+        raise ValueError(f"{config_file} is not a timm model config (no 'architecture')")
+    damage = damaged_weights(weights)
+    if damage is not None:
+        raise ValueError(f"{weights} is {damage}; the timm folder {out} cannot be loaded")
     mark = config.get(_MARK)
     info = ModelInfo.from_record(mark[RECORD_KEY], str(out)) if isinstance(mark, dict) and RECORD_KEY in mark \
         else None
     try:
         model = timm.create_model(f"local-dir:{out}", pretrained=True)
-    except (RuntimeError, ValueError, OSError, KeyError) as err:
-        raise ValueError(f"{out}: the timm model cannot be built from config.json and model.safetensors "
+    except (RuntimeError, ValueError, OSError, KeyError, SafetensorError) as err:
+        raise ValueError(f"{out}: the timm model cannot be built from config.json and {weights.name} "
                          f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
     return model.eval(), info if info is not None else info_from_model(model, config["architecture"],
                                                                        model_kwargs=config.get("model_args"))
+
+
+def _read_config_json(path: Path) -> Any:
+    """``config.json`` parsed; an empty, truncated (an object that is never closed) or non-JSON file is named."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} cannot be read as JSON ({type(err).__name__}: {err})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        if not text.strip():
+            what = "empty"
+        elif text.lstrip().startswith("{") and not text.rstrip().endswith("}"):
+            what = (f"truncated: its JSON object is not closed after {len(text)} characters (an interrupted copy or "
+                    "download?)")
+        else:
+            what = "not JSON"
+        raise ValueError(f"{path} is {what} ({err})") from None
 
 
 def _data_config(img_size: int, mean: Sequence[float], std: Sequence[float], evaluation: dict[str, Any]) -> dict:
