@@ -1379,7 +1379,8 @@ void forward(const Geometry& g, const T* q, const T* k, const T* v, const T* rpb
 template <typename T>
 void backward(const Geometry& g, const T* q, const T* k, const T* v, const T* rpb, T scale, const T* lse,
               const T* gout, const T* glse, T* dq, T* dk, T* dv, T* drpb, int nthreads) {
-    // dq, dk, dv and drpb arrive zeroed. drpb gets one private copy per thread, summed at the end.
+    // dq, dk, dv and drpb arrive uninitialised: every unit writes its own tokens' rows, the scalar path after zeroing
+    // its dk/dv rows (it accumulates). drpb gets one private copy per thread; their sum is written at the end.
     int64_t rsize = g.H * g.ax[0].rdim * g.ax[1].rdim * g.ax[2].rdim;
     int64_t units = g.B * g.H * groups(g);
     int64_t nt = std::max<int64_t>(1, std::min<int64_t>(nthreads, units));
@@ -1392,16 +1393,23 @@ void backward(const Geometry& g, const T* q, const T* k, const T* v, const T* rp
         for (int64_t unit = lo; unit < hi; ++unit) {
             int64_t b, h, group[3];
             unit_coords(g, unit, &b, &h, group);
-            if (!backward_unit(g, q, k, v, rpb, scale, lse, gout, glse, dq, dk, dv, dri, b, h, group, *w))
+            if (!backward_unit(g, q, k, v, rpb, scale, lse, gout, glse, dq, dk, dv, dri, b, h, group, *w)) {
+                unit_tokens(g, group, [&](int64_t i) {
+                    std::fill(dk + ((b * g.N + i) * g.H + h) * g.D, dk + ((b * g.N + i) * g.H + h + 1) * g.D, T(0));
+                    std::fill(dv + ((b * g.N + i) * g.H + h) * g.D, dv + ((b * g.N + i) * g.H + h + 1) * g.D, T(0));
+                });
                 unit_tokens(g, group, [&](int64_t i) {
                     backward_query(g, q, k, v, rpb, scale, lse, gout, glse, dq, dk, dv, dri, b, h, i, sw);
                 });
+            }
         }
         work_cache<T>().give(std::move(w));
     });
-    if (drpb)
+    if (drpb) {
+        std::fill(drpb, drpb + rsize, T(0));
         for (auto& part : dr)
             for (int64_t r = 0; r < rsize; ++r) drpb[r] += part[r];
+    }
 }
 
 Geometry geometry(int64_t B, int64_t H, int64_t D, int n, const int64_t* spatial, const int64_t* kernel,

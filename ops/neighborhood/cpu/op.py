@@ -74,23 +74,32 @@ def _forward_fake(query, key, value, rpb, kernel_size, stride, dilation, is_caus
     return query.new_empty(query.shape), query.new_empty(query.shape[:-1])
 
 
-@torch.library.custom_op("natzoo::na_cpu_backward", mutates_args=())
-def _backward(grad_out: torch.Tensor, grad_lse: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor,
-              value: torch.Tensor, rpb: torch.Tensor | None, lse: torch.Tensor, kernel_size: list[int],
-              stride: list[int], dilation: list[int], is_causal: list[bool], scale: float
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_kernel(grad_out: torch.Tensor, grad_lse: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor,
+                     value: torch.Tensor, rpb: torch.Tensor | None, lse: torch.Tensor, kernel_size: list[int],
+                     stride: list[int], dilation: list[int], is_causal: list[bool], scale: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``dq, dk, dv`` (shapes and dtype of `query`) and ``d_rpb`` (rpb's shape and dtype; empty without rpb)."""
     q, k, v, g = (_rows(t) for t in (query, key, value, grad_out))
     lse = lse.contiguous()
     gl = None if grad_lse is None else grad_lse.to(q.dtype).contiguous()
     r = None if rpb is None else rpb.to(query.dtype).contiguous()
-    dq, dk, dv = (q.new_zeros(q.shape) for _ in range(3))
-    d_rpb = q.new_empty(0) if r is None else torch.zeros_like(r)
+    dq, dk, dv = (q.new_empty(q.shape) for _ in range(3))  # every element is written by the kernels
+    d_rpb = q.new_empty(0) if r is None else torch.empty_like(r)
     fn = getattr(_library(), f"natzoo_na_backward_{_NATIVE[query.dtype]}")
     fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(r), lse.data_ptr(), g.data_ptr(), _ptr(gl), dq.data_ptr(),
        dk.data_ptr(), dv.data_ptr(), None if r is None else d_rpb.data_ptr(),
        *_geometry(q, kernel_size, stride, dilation, is_causal, scale, (q, k, v, g)))
     return dq, dk, dv, d_rpb if rpb is None else d_rpb.to(rpb.dtype)
+
+
+@torch.library.custom_op("natzoo::na_cpu_backward", mutates_args=())
+def _backward(grad_out: torch.Tensor, grad_lse: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor,
+              value: torch.Tensor, rpb: torch.Tensor | None, lse: torch.Tensor, kernel_size: list[int],
+              stride: list[int], dilation: list[int], is_causal: list[bool], scale: float
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_backward_kernel` as an operator."""
+    return _backward_kernel(grad_out, grad_lse, query, key, value, rpb, lse, kernel_size, stride, dilation, is_causal,
+                            scale)
 
 
 @_backward.register_fake
@@ -116,6 +125,26 @@ def _autograd_backward(ctx, grad_out, grad_lse):
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
+class _EagerFunction(torch.autograd.Function):
+    """The same forward and backward for eager autograd, without the operators' dispatch (about 0.3 ms and many Python
+    objects per training call, much of it garbage collection); `torch.compile` traces the operators instead."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, rpb, kernel_size, stride, dilation, is_causal, scale):
+        out, lse = _forward_kernel(query, key, value, rpb, kernel_size, stride, dilation, is_causal, scale)
+        _setup_context(ctx, (query, key, value, rpb, kernel_size, stride, dilation, is_causal, scale), (out, lse))
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # second order: RuntimeError, as the operator (not zeros)
+    def backward(ctx, grad_out, grad_lse):
+        query, key, value, rpb, lse = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(query)
+        dq, dk, dv, d_rpb = _backward_kernel(grad_out, grad_lse, query, key, value, rpb, lse, *ctx.window, ctx.scale)
+        return dq, dk, dv, d_rpb if ctx.has_rpb else None, None, None, None, None, None
+
+
 def na_cpu(problem: Problem, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rpb: torch.Tensor | None,
            need_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The fused op on the CPU kernels.
@@ -126,9 +155,14 @@ def na_cpu(problem: Problem, query: torch.Tensor, key: torch.Tensor, value: torc
     compute = torch.float64 if query.dtype == torch.float64 else torch.float32
     q, k, v = (t.to(compute) for t in (query, key, value))
     tensors = (q, k, v) if rpb is None else (q, k, v, rpb)
-    # Eager calls that autograd does not record skip the operator's dispatch (about 0.1 ms a call): same kernel.
-    plain = not torch.compiler.is_compiling() and not (
-        torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-    out, lse = (_forward_kernel if plain else _forward)(q, k, v, rpb, list(problem.kernel_size), list(problem.stride), list(problem.dilation),
+    # Eager calls skip the operators' dispatch (same kernels): plainly when autograd records nothing, else through an
+    # autograd.Function. Under torch.compile the operators are traced.
+    if torch.compiler.is_compiling():
+        fn = _forward
+    elif torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        fn = _EagerFunction.apply
+    else:
+        fn = _forward_kernel
+    out, lse = fn(q, k, v, rpb, list(problem.kernel_size), list(problem.stride), list(problem.dilation),
                         list(problem.is_causal), float(problem.scale))
     return out.to(query.dtype), lse if need_lse else None
