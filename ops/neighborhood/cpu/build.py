@@ -1,8 +1,8 @@
 """Builds the CPU kernels (``na_cpu.cpp``) with the system C++ compiler at first use and loads them with ctypes.
 
 * Compiler: ``$CXX``, else the first of ``g++``, ``c++``, ``clang++`` on ``PATH``; flags ``-O3 -march=native`` (the
-  instruction set of the machine that compiles, e.g. AVX-512) ``-fopenmp-simd`` (vector loops without an OpenMP
-  runtime) ``-shared -fPIC -pthread``.
+  instruction set of the machine that compiles, e.g. AVX-512; ``$NATZOO_CPU_ARCH`` names another, see :func:`flags`)
+  ``-fopenmp-simd`` (vector loops without an OpenMP runtime) ``-shared -fPIC -pthread``.
 * Cache: ``$NATZOO_CACHE_DIR``, else ``$XDG_CACHE_HOME/natzoo``, else ``~/.cache/natzoo``; the library is
   ``cpu-kernels/na_cpu-<key>.so`` with the key a hash of the source, the compiler's path and ``--version``, the flags
   and the CPU's feature flags, so a changed source, compiler or CPU builds anew. It is compiled to a temporary file
@@ -29,6 +29,13 @@ import torch
 
 SOURCE = Path(__file__).with_name("na_cpu.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-pthread")
+
+
+def flags() -> tuple[str, ...]:
+    """:data:`FLAGS`, with ``-march=$NATZOO_CPU_ARCH`` when that is set (e.g. ``x86-64-v3`` for an AVX2 build that
+    runs on other machines of a cluster, or to test the AVX2 code on an AVX-512 machine)."""
+    arch = os.environ.get("NATZOO_CPU_ARCH")
+    return tuple(f"-march={arch}" if arch and f == "-march=native" else f for f in FLAGS)
 COMPILE_TIMEOUT_S = 300
 
 
@@ -75,7 +82,7 @@ def build(source: str, compiler: str | None, folder: Path) -> Path:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         raise RuntimeError(f"the C++ compiler {compiler!r} cannot run ({type(exc).__name__}: {exc})") from None
-    key = hashlib.sha256("\0".join([source, compiler, version, *FLAGS, _cpu_flags()]).encode()).hexdigest()[:20]
+    key = hashlib.sha256("\0".join([source, compiler, version, *flags(), _cpu_flags()]).encode()).hexdigest()[:20]
     target = folder / f"na_cpu-{key}.so"
     if target.exists():
         return target
@@ -86,7 +93,7 @@ def build(source: str, compiler: str | None, folder: Path) -> Path:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(source)
         try:
-            done = subprocess.run([compiler, *FLAGS, "-o", tmp_lib, tmp_src], capture_output=True, text=True,
+            done = subprocess.run([compiler, *flags(), "-o", tmp_lib, tmp_src], capture_output=True, text=True,
                                   timeout=COMPILE_TIMEOUT_S)
         except (OSError, subprocess.SubprocessError) as exc:
             raise RuntimeError(f"the C++ compiler {compiler!r} cannot run ({type(exc).__name__}: {exc})") from None
