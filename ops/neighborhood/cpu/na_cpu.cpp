@@ -378,6 +378,15 @@ struct Layout {
             nu_max = std::max(nu_max, hi - lo + 1);
         }
         bias_off.push_back(off);
+        whole = true;  // every query attends to the whole sub-map: the dense path
+        for (int a = 0; a < 3; ++a)
+            for (int64_t i = 0; i < s[a].n; ++i) whole &= s[a].start[i] == 0 && s[a].count[i] == s[a].n;
+    }
+    bool whole;
+    // Element offset of group coordinates (i0, i1, i2) of (b, h) in an input of strides st.
+    int64_t off(const Geometry& g, const int64_t* st, int64_t b, int64_t h, int64_t i0, int64_t i1, int64_t i2) const {
+        return b * st[0] + (grp[0] + g.ax[0].dil * i0) * st[1] + (grp[1] + g.ax[1].dil * i1) * st[2] +
+               (grp[2] + g.ax[2].dil * i2) * st[3] + h * st[4];
     }
     // Global flat token of group coordinates (i0, i1, i2).
     int64_t token(const Geometry& g, int64_t i0, int64_t i1, int64_t i2) const {
@@ -510,7 +519,7 @@ bool pack(const Geometry& g, const Layout<T>& L, const T* src, const int64_t* st
         T* row = dst + (r - first) * L.dp * width + pad;
         for (int64_t x0 = 0; x0 < L.s[2].n; x0 += W) {
             int n = int(std::min<int64_t>(W, L.s[2].n - x0));
-            const T* sp = src + in_off(g, st, b, L.token(g, i0, i1, x0), h);
+            const T* sp = src + L.off(g, st, b, h, i0, i1, x0);
 #if defined(__AVX512F__)
             if constexpr (std::is_same<T, float>::value) {
                 pack_tile(sp, lane_stride, n, g.D, mul, row + x0, width, check);
@@ -571,13 +580,12 @@ void unpack_lanes(const Geometry& g, const T* buf, int64_t dstride, typename Vec
 }
 
 // Bias of every tile: bias[R][u][lane] = rpb[h][R][column] inside lane's window, -inf outside it and on lanes past
-// the map (R = row-axes rpb index, or 0 without rpb).
+// the map (R = row-axes rpb index, or 0 without rpb). rpb is finite (checked once per call).
 template <typename T>
-bool build_bias(const Layout<T>& L, const T* rpb, int64_t h, T* bias) {
+void build_bias(const Layout<T>& L, const T* rpb, int64_t h, T* bias) {
     constexpr int W = Layout<T>::W;
     const T ninf = -std::numeric_limits<T>::infinity();
     const Sub& s2 = L.s[2];
-    T check = 0;
     for (int64_t t = 0; t < L.tiles; ++t) {
         T* bt = bias + L.bias_off[t];
         for (int64_t R = 0; R < L.nrb; ++R)
@@ -585,14 +593,11 @@ bool build_bias(const Layout<T>& L, const T* rpb, int64_t h, T* bias) {
                 for (int l = 0; l < W; ++l) {
                     int64_t x = t * W + l, key = x + L.umin[t] + u;
                     T val = ninf;
-                    if (x < s2.n && key >= s2.start[x] && key < s2.start[x] + s2.count[x]) {
+                    if (x < s2.n && key >= s2.start[x] && key < s2.start[x] + s2.count[x])
                         val = rpb ? rpb[(h * L.nrb + R) * s2.rdim + s2.rbase[x] + key - s2.start[x]] : T(0);
-                        check += val * T(0);
-                    }
                     bt[(R * L.nu[t] + u) * W + l] = val;
                 }
     }
-    return !std::isnan(check);
 }
 
 // The kernels below take the NQ query rows of a block that use one key row (a contiguous range of the block, as
@@ -719,6 +724,7 @@ inline void scatter_rows(int nq, const T* const* grow, const T* const* xrow, int
 template <typename T>
 struct Work {
     std::vector<int64_t> layout;  // of the last unit: the packed buffers' zeros stay valid while it is unchanged
+    std::vector<int64_t> toks;    // whole-window units: their tokens
     Buf<T> qt, kt, vt, gt, lse, glse, dqt, dkt, dvt, bias, dbias, s, dps, o, zero;
     Buf<T> wq, wkt, wv, wbias, ws, wg, wvt, wds, wtr;  // whole-window units (forward_whole, backward_whole)
     std::vector<int64_t> wbias_key;  // (head, sub-map) of the bias table in wbias
@@ -899,14 +905,6 @@ inline void for_slots(const Layout<T>& L, const Block& blk, int j, int64_t t, T*
 
 constexpr int RB = 6;  // query rows per block: 6 x 4 logit accumulators, 6 x 2 output accumulators
 
-template <typename T>
-bool whole_window(const Layout<T>& L) {
-    for (int a = 0; a < 3; ++a)
-        for (int64_t i = 0; i < L.s[a].n; ++i)
-            if (L.s[a].start[i] != 0 || L.s[a].count[i] != L.s[a].n) return false;
-    return true;
-}
-
 // acc[r][c] = sum_d q[r][d] * kt[d][c-th key vector] for RB rows, KB key vectors; stored to s[r][c].
 template <typename T, int KB>
 inline void whole_logits(const T* q, int64_t qstride, const T* kt, int64_t kstride, int64_t D, T* s,
@@ -949,9 +947,18 @@ inline void whole_values(const T* p, int64_t pstride, const T* v, int64_t vstrid
         for (int c = 0; c < DVB; ++c) storev(o + r * ostride + c * W, acc[r][c]);
 }
 
+// NaN when any of x[0..n) is NaN or infinite, else 0 (a vectorised sum of x * 0).
+template <typename T>
+inline T finite_check(const T* x, int64_t n) {
+    T acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < n; ++i) acc += x[i] * T(0);
+    return acc;
+}
+
 // bias[query][key] of a whole-window unit: rpb at (rbase(query) + key coordinate) per axis, 0 without rpb, -inf on the
-// padded keys; nullptr when rpb holds a non-finite value. Consecutive units of one head (its dilation groups) share
-// it, within one call.
+// padded keys (rpb is known to be finite: checked once per call). Consecutive units of one head (its dilation groups)
+// share it, within one call.
 template <typename T>
 const T* whole_bias(const Layout<T>& L, const T* rpb, int64_t h, int64_t rows, int64_t kp, Work<T>& w) {
     const int64_t n0 = L.s[0].n, n1 = L.s[1].n, n2 = L.s[2].n, nt = n0 * n1 * n2;
@@ -959,7 +966,6 @@ const T* whole_bias(const Layout<T>& L, const T* rpb, int64_t h, int64_t rows, i
     T* bias = w.wbias.get(rows * kp, false);
     if (key != w.wbias_key) {
         const T ninf = -std::numeric_limits<T>::infinity();
-        T bcheck = 0;
         for (int64_t i = 0; i < rows; ++i)
             for (int64_t c = 0; c < kp; ++c) bias[i * kp + c] = c < nt ? T(0) : ninf;
         if (rpb)
@@ -971,13 +977,8 @@ const T* whole_bias(const Layout<T>& L, const T* rpb, int64_t h, int64_t rows, i
                                 // keys (c0, c1, 0..n2-1) read one contiguous run of rpb
                                 const T* rp = rpb + ((h * L.s[0].rdim + L.s[0].rbase[i0] + c0) * L.s[1].rdim +
                                                      L.s[1].rbase[i1] + c1) * L.s[2].rdim + L.s[2].rbase[i2];
-                                T* bp = bias + i * kp + (c0 * n1 + c1) * n2;
-                                for (int64_t c2 = 0; c2 < n2; ++c2) {
-                                    bp[c2] = rp[c2];
-                                    bcheck += rp[c2] * T(0);
-                                }
+                                std::memcpy(bias + i * kp + (c0 * n1 + c1) * n2, rp, size_t(n2) * sizeof(T));
                             }
-        if (std::isnan(bcheck)) return nullptr;
         w.wbias_key = key;
     }
     return bias;
@@ -1024,24 +1025,30 @@ bool forward_whole(const Geometry& g, const Layout<T>& L, const T* q, const T* k
     T* sb = w.ws.get(rows * kp, false);                    // [query][key]
     T* ob = w.o.get(rows * dv, false);                     // [query][d]
     T check = 0;
-    std::vector<int64_t> toks(nt);
+    std::vector<int64_t>& toks = w.toks;  // [token, x0, x1, x2] per query/key of the unit
+    toks.resize(4 * nt);
     for (int64_t i0 = 0, t = 0; i0 < n0; ++i0)
         for (int64_t i1 = 0; i1 < n1; ++i1)
-            for (int64_t i2 = 0; i2 < n2; ++i2, ++t) toks[t] = L.token(g, i0, i1, i2);
+            for (int64_t i2 = 0; i2 < n2; ++i2, ++t) {
+                toks[4 * t] = L.token(g, i0, i1, i2);
+                toks[4 * t + 1] = L.grp[0] + g.ax[0].dil * i0;
+                toks[4 * t + 2] = L.grp[1] + g.ax[1].dil * i1;
+                toks[4 * t + 3] = L.grp[2] + g.ax[2].dil * i2;
+            }
+    auto tok_off = [&](const int64_t* st, int64_t t) {
+        return b * st[0] + toks[4 * t + 1] * st[1] + toks[4 * t + 2] * st[2] + toks[4 * t + 3] * st[3] + h * st[4];
+    };
     for (int64_t t = 0; t < nt; ++t) {
-        const T* qp = q + in_off(g, g.sq, b, toks[t], h);
-        const T* kp_ = k + in_off(g, g.sk, b, toks[t], h);
-        const T* vp = v + in_off(g, g.sv, b, toks[t], h);
+        const T *qp = q + tok_off(g.sq, t), *kq = k + tok_off(g.sk, t), *vp = v + tok_off(g.sv, t);
+        check += finite_check(qp, g.D) + finite_check(kq, g.D) + finite_check(vp, g.D);
         for (int64_t d = 0; d < g.D; ++d) {
             qb[t * g.D + d] = qp[d] * scale;
-            kt[d * kp + t] = kp_[d];
             vb[t * dv + d] = vp[d];
-            check += (qp[d] + kp_[d] + vp[d]) * T(0);  // NaN once any value is NaN or infinite
         }
+        for (int64_t d = 0; d < g.D; ++d) kt[d * kp + t] = kq[d];
     }
     if (std::isnan(check)) return false;
     const T* bias = whole_bias(L, rpb, h, rows, kp, w);
-    if (!bias) return false;
     whole_logits_all(qb, g.D, kt, kp, g.D, sb, rows);
     std::vector<T> inv(rows, T(0));
     for (int64_t i = 0; i < nt; ++i) {
@@ -1064,11 +1071,11 @@ bool forward_whole(const Geometry& g, const Layout<T>& L, const T* q, const T* k
         T total = 0;
         for (int l = 0; l < W; ++l) total += sum[l];
         inv[i] = T(1) / total;
-        lse[(b * g.N + toks[i]) * g.H + h] = m + std::log(total);
+        lse[(b * g.N + toks[4 * i]) * g.H + h] = m + std::log(total);
     }
     whole_values_all(sb, kp, vb, dv, nt, ob, rows);
     for (int64_t i = 0; i < nt; ++i) {
-        T* op = out + ((b * g.N + toks[i]) * g.H + h) * g.D;
+        T* op = out + ((b * g.N + toks[4 * i]) * g.H + h) * g.D;
         for (int64_t d = 0; d < g.D; ++d) op[d] = ob[i * dv + d] * inv[i];
     }
     return true;
@@ -1076,11 +1083,10 @@ bool forward_whole(const Geometry& g, const Layout<T>& L, const T* q, const T* k
 
 template <typename T>
 bool forward_unit(const Geometry& g, const T* q, const T* k, const T* v, const T* rpb, T scale, T* out, T* lse,
-                  int64_t b, int64_t h, const int64_t* group, Work<T>& w) {
+                  int64_t b, int64_t h, const Layout<T>& L, Work<T>& w) {
     using V = typename Vec<T>::V;
     constexpr int W = Layout<T>::W;
-    Layout<T> L(g, group, rpb != nullptr);
-    if (whole_window(L)) return forward_whole(g, L, q, k, v, rpb, scale, out, lse, b, h, w);
+    if (L.whole) return forward_whole(g, L, q, k, v, rpb, scale, out, lse, b, h, w);
     // Pads, d >= D and one row past the last (queries of block rows past the map) are read as zeros, never as another
     // unit's values: zeroed when the layout changes (packing writes the rest).
     bool fresh = w.fresh(L);
@@ -1089,8 +1095,9 @@ bool forward_unit(const Geometry& g, const T* q, const T* k, const T* v, const T
     T* vt = w.vt.get(L.rows * L.dp * L.lp, fresh);
     T* bias = w.bias.get(L.bias_off[L.tiles], false);
     bool finite = pack(g, L, k, g.sk, b, h, T(1), kt, L.lp, L.pad, 0, L.rows) &&
-                  pack(g, L, v, g.sv, b, h, T(1), vt, L.lp, L.pad, 0, L.rows) && build_bias(L, rpb, h, bias);
+                  pack(g, L, v, g.sv, b, h, T(1), vt, L.lp, L.pad, 0, L.rows);
     if (!finite) return false;
+    build_bias(L, rpb, h, bias);
     int64_t slot_size = L.nu_max * W;
     T* sbuf = w.s.get(QB * L.slots * slot_size, false);
     T* obuf = w.o.get(QB * L.dp * W, false);
@@ -1162,31 +1169,39 @@ bool backward_whole(const Geometry& g, const Layout<T>& L, const T* q, const T* 
     T* tb = w.wtr.get(rows * kp, true);                    // [key][query]: dS^T, then P^T
     T* ob = w.o.get(rows * dw, false);                     // [row][d] results
     T check = 0;
-    std::vector<int64_t> toks(nt);
+    std::vector<int64_t>& toks = w.toks;  // [token, x0, x1, x2] per query/key of the unit
+    toks.resize(4 * nt);
     for (int64_t i0 = 0, t = 0; i0 < L.s[0].n; ++i0)
         for (int64_t i1 = 0; i1 < n1; ++i1)
-            for (int64_t i2 = 0; i2 < n2; ++i2, ++t) toks[t] = L.token(g, i0, i1, i2);
+            for (int64_t i2 = 0; i2 < n2; ++i2, ++t) {
+                toks[4 * t] = L.token(g, i0, i1, i2);
+                toks[4 * t + 1] = L.grp[0] + g.ax[0].dil * i0;
+                toks[4 * t + 2] = L.grp[1] + g.ax[1].dil * i1;
+                toks[4 * t + 3] = L.grp[2] + g.ax[2].dil * i2;
+            }
+    auto tok_off = [&](const int64_t* st, int64_t t) {
+        return b * st[0] + toks[4 * t + 1] * st[1] + toks[4 * t + 2] * st[2] + toks[4 * t + 3] * st[3] + h * st[4];
+    };
     std::vector<T> lv(rows, T(0)), glv(rows, T(0));
     for (int64_t t = 0; t < nt; ++t) {
-        const T* qp = q + in_off(g, g.sq, b, toks[t], h);
-        const T* kq = k + in_off(g, g.sk, b, toks[t], h);
-        const T* vp = v + in_off(g, g.sv, b, toks[t], h);
-        const T* gp = gout + in_off(g, g.sg, b, toks[t], h);
+        const T *qp = q + tok_off(g.sq, t), *kq = k + tok_off(g.sk, t), *vp = v + tok_off(g.sv, t);
+        const T* gp = gout + tok_off(g.sg, t);
+        check += finite_check(qp, g.D) + finite_check(kq, g.D) + finite_check(vp, g.D) + finite_check(gp, g.D);
         for (int64_t d = 0; d < g.D; ++d) {
             qb[t * dw + d] = qp[d] * scale;
             gb[t * dw + d] = gp[d];
             kb[t * dw + d] = kq[d];
+        }
+        for (int64_t d = 0; d < g.D; ++d) {
             kt[d * kp + t] = kq[d];
             vt[d * kp + t] = vp[d];
-            check += (qp[d] + kq[d] + vp[d] + gp[d]) * T(0);  // NaN once any value is NaN or infinite
         }
-        lv[t] = lse[(b * g.N + toks[t]) * g.H + h];
-        glv[t] = glse ? glse[(b * g.N + toks[t]) * g.H + h] : T(0);
+        lv[t] = lse[(b * g.N + toks[4 * t]) * g.H + h];
+        glv[t] = glse ? glse[(b * g.N + toks[4 * t]) * g.H + h] : T(0);
         check += (lv[t] + glv[t]) * T(0);
     }
     if (std::isnan(check)) return false;
     const T* bias = whole_bias(L, rpb, h, rows, kp, w);
-    if (!bias) return false;
     whole_logits_all(qb, dw, kt, kp, g.D, pb, rows);  // logits
     whole_logits_all(gb, dw, vt, kp, g.D, db, rows);  // dP
     for (int64_t i = 0; i < nt; ++i) {
@@ -1205,7 +1220,7 @@ bool backward_whole(const Geometry& g, const Layout<T>& L, const T* q, const T* 
     // dq = scale * dS k
     whole_values_all(db, kp, kb, dw, nt, ob, rows);
     for (int64_t i = 0; i < nt; ++i) {
-        T* op = dq + ((b * g.N + toks[i]) * g.H + h) * g.D;
+        T* op = dq + ((b * g.N + toks[4 * i]) * g.H + h) * g.D;
         for (int64_t d = 0; d < g.D; ++d) op[d] = ob[i * dw + d] * scale;
     }
     // dk = dS^T (scale q); rows of tb past nt stay zero
@@ -1213,7 +1228,7 @@ bool backward_whole(const Geometry& g, const Layout<T>& L, const T* q, const T* 
         for (int64_t c = 0; c < nt; ++c) tb[c * kp + i] = db[i * kp + c];
     whole_values_all(tb, kp, qb, dw, nt, ob, rows);
     for (int64_t c = 0; c < nt; ++c) {
-        T* op = dk + ((b * g.N + toks[c]) * g.H + h) * g.D;
+        T* op = dk + ((b * g.N + toks[4 * c]) * g.H + h) * g.D;
         for (int64_t d = 0; d < g.D; ++d) op[d] = ob[c * dw + d];
     }
     // dv = P^T dO
@@ -1221,7 +1236,7 @@ bool backward_whole(const Geometry& g, const Layout<T>& L, const T* q, const T* 
         for (int64_t c = 0; c < nt; ++c) tb[c * kp + i] = pb[i * kp + c];
     whole_values_all(tb, kp, gb, dw, nt, ob, rows);
     for (int64_t c = 0; c < nt; ++c) {
-        T* op = dv + ((b * g.N + toks[c]) * g.H + h) * g.D;
+        T* op = dv + ((b * g.N + toks[4 * c]) * g.H + h) * g.D;
         for (int64_t d = 0; d < g.D; ++d) op[d] = ob[c * dw + d];
     }
     if (rpb && dri)
@@ -1241,11 +1256,10 @@ bool backward_whole(const Geometry& g, const Layout<T>& L, const T* q, const T* 
 template <typename T>
 bool backward_unit(const Geometry& g, const T* q, const T* k, const T* v, const T* rpb, T scale, const T* lse,
                    const T* gout, const T* glse, T* dq, T* dk, T* dv, T* dri, int64_t b, int64_t h,
-                   const int64_t* group, Work<T>& w) {
+                   const Layout<T>& L, Work<T>& w) {
     using V = typename Vec<T>::V;
     constexpr int W = Layout<T>::W;
-    Layout<T> L(g, group, rpb != nullptr);
-    if (whole_window(L)) return backward_whole(g, L, q, k, v, rpb, scale, lse, gout, glse, dq, dk, dv, dri, b, h, w);
+    if (L.whole) return backward_whole(g, L, q, k, v, rpb, scale, lse, gout, glse, dq, dk, dv, dri, b, h, w);
     bool fresh = w.fresh(L);  // as in forward_unit
     T* qt = w.qt.get(QB * L.dp * L.lpad, fresh);  // the current block's rows of q and dO
     T* gt = w.gt.get(QB * L.dp * L.lpad, fresh);
@@ -1256,8 +1270,9 @@ bool backward_unit(const Geometry& g, const T* q, const T* k, const T* v, const 
     T* bias = w.bias.get(L.bias_off[L.tiles], false);
     bool finite = pack(g, L, k, g.sk, b, h, T(1), kt, L.lp, L.pad, 0, L.rows) &&
                   pack(g, L, v, g.sv, b, h, T(1), vt, L.lp, L.pad, 0, L.rows) && pack_lanes(g, L, lse, b, h, lt) &&
-                  (!glse || pack_lanes(g, L, glse, b, h, glt)) && build_bias(L, rpb, h, bias);
+                  (!glse || pack_lanes(g, L, glse, b, h, glt));
     if (!finite) return false;
+    build_bias(L, rpb, h, bias);
     T* dqt = w.dqt.get(QB * L.dp * W, false);
     T* dkt = w.dkt.get(L.rows * L.dp * L.lp, true);
     T* dvt = w.dvt.get(L.rows * L.dp * L.lp, true);
@@ -1341,13 +1356,30 @@ bool backward_unit(const Geometry& g, const T* q, const T* k, const T* v, const 
 
 inline int64_t groups(const Geometry& g) { return g.ax[0].dil * g.ax[1].dil * g.ax[2].dil; }
 
-inline void unit_coords(const Geometry& g, int64_t unit, int64_t* b, int64_t* h, int64_t* group) {
-    int64_t gi = unit % groups(g), bh = unit / groups(g);
+// True without rpb or when every rpb value is finite.
+template <typename T>
+bool rpb_finite(const Geometry& g, const T* rpb) {
+    return !rpb || !std::isnan(finite_check(rpb, g.H * g.ax[0].rdim * g.ax[1].rdim * g.ax[2].rdim));
+}
+
+// The layouts of the dilation groups, built once per call and shared (read-only) by the threads.
+template <typename T>
+std::vector<Layout<T>> group_layouts(const Geometry& g, bool has_rpb) {
+    std::vector<Layout<T>> layouts;
+    layouts.reserve(size_t(groups(g)));
+    for (int64_t gi = 0; gi < groups(g); ++gi) {
+        int64_t group[3] = {gi / (g.ax[2].dil * g.ax[1].dil), (gi / g.ax[2].dil) % g.ax[1].dil, gi % g.ax[2].dil};
+        layouts.emplace_back(g, group, has_rpb);
+    }
+    return layouts;
+}
+
+// Unit = (b * H + h) * groups + dilation group.
+inline void unit_coords(const Geometry& g, int64_t unit, int64_t* b, int64_t* h, int64_t* gi) {
+    int64_t bh = unit / groups(g);
+    *gi = unit % groups(g);
     *h = bh % g.H;
     *b = bh / g.H;
-    group[2] = gi % g.ax[2].dil;
-    group[1] = (gi / g.ax[2].dil) % g.ax[1].dil;
-    group[0] = gi / (g.ax[2].dil * g.ax[1].dil);
 }
 
 // Calls fn(token) for every global token of a unit's dilation group.
@@ -1362,15 +1394,18 @@ void unit_tokens(const Geometry& g, const int64_t* group, F fn) {
 template <typename T>
 void forward(const Geometry& g, const T* q, const T* k, const T* v, const T* rpb, T scale, T* out, T* lse,
              int nthreads) {
+    const std::vector<Layout<T>> layouts = group_layouts<T>(g, rpb != nullptr);
+    const bool vector_path = rpb_finite(g, rpb);  // else every unit takes the scalar path
     parallel(g.B * g.H * groups(g), nthreads, [&](int64_t lo, int64_t hi, int) {
         std::unique_ptr<Work<T>> w = work_cache<T>().take();
         w->wbias_key.clear();  // the bias table holds this call's rpb values only
         ScalarScratch<T> sw(g);
         for (int64_t unit = lo; unit < hi; ++unit) {
-            int64_t b, h, group[3];
-            unit_coords(g, unit, &b, &h, group);
-            if (!forward_unit(g, q, k, v, rpb, scale, out, lse, b, h, group, *w))
-                unit_tokens(g, group, [&](int64_t i) { forward_query(g, q, k, v, rpb, scale, out, lse, b, h, i, sw); });
+            int64_t b, h, gi;
+            unit_coords(g, unit, &b, &h, &gi);
+            const Layout<T>& L = layouts[size_t(gi)];
+            if (!vector_path || !forward_unit(g, q, k, v, rpb, scale, out, lse, b, h, L, *w))
+                unit_tokens(g, L.grp, [&](int64_t i) { forward_query(g, q, k, v, rpb, scale, out, lse, b, h, i, sw); });
         }
         work_cache<T>().give(std::move(w));
     });
@@ -1385,20 +1420,23 @@ void backward(const Geometry& g, const T* q, const T* k, const T* v, const T* rp
     int64_t units = g.B * g.H * groups(g);
     int64_t nt = std::max<int64_t>(1, std::min<int64_t>(nthreads, units));
     std::vector<std::vector<T>> dr(drpb ? nt : 0, std::vector<T>(rsize, T(0)));
+    const std::vector<Layout<T>> layouts = group_layouts<T>(g, rpb != nullptr);
+    const bool vector_path = rpb_finite(g, rpb);  // else every unit takes the scalar path
     parallel(units, int(nt), [&](int64_t lo, int64_t hi, int thread) {
         std::unique_ptr<Work<T>> w = work_cache<T>().take();
         w->wbias_key.clear();  // the bias table holds this call's rpb values only
         ScalarScratch<T> sw(g);
         T* dri = drpb ? dr[thread].data() : nullptr;
         for (int64_t unit = lo; unit < hi; ++unit) {
-            int64_t b, h, group[3];
-            unit_coords(g, unit, &b, &h, group);
-            if (!backward_unit(g, q, k, v, rpb, scale, lse, gout, glse, dq, dk, dv, dri, b, h, group, *w)) {
-                unit_tokens(g, group, [&](int64_t i) {
+            int64_t b, h, gi;
+            unit_coords(g, unit, &b, &h, &gi);
+            const Layout<T>& L = layouts[size_t(gi)];
+            if (!vector_path || !backward_unit(g, q, k, v, rpb, scale, lse, gout, glse, dq, dk, dv, dri, b, h, L, *w)) {
+                unit_tokens(g, L.grp, [&](int64_t i) {
                     std::fill(dk + ((b * g.N + i) * g.H + h) * g.D, dk + ((b * g.N + i) * g.H + h + 1) * g.D, T(0));
                     std::fill(dv + ((b * g.N + i) * g.H + h) * g.D, dv + ((b * g.N + i) * g.H + h + 1) * g.D, T(0));
                 });
-                unit_tokens(g, group, [&](int64_t i) {
+                unit_tokens(g, L.grp, [&](int64_t i) {
                     backward_query(g, q, k, v, rpb, scale, lse, gout, glse, dq, dk, dv, dri, b, h, i, sw);
                 });
             }
