@@ -947,13 +947,24 @@ inline void whole_values(const T* p, int64_t pstride, const T* v, int64_t vstrid
         for (int c = 0; c < DVB; ++c) storev(o + r * ostride + c * W, acc[r][c]);
 }
 
-// NaN when any of x[0..n) is NaN or infinite, else 0 (a vectorised sum of x * 0).
+// True when every x[0..n) is finite: four independent vector sums of x * 0 (NaN once a value is NaN or infinite).
 template <typename T>
-inline T finite_check(const T* x, int64_t n) {
-    T acc = 0;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t i = 0; i < n; ++i) acc += x[i] * T(0);
-    return acc;
+inline bool all_finite(const T* x, int64_t n) {
+    using V = typename Vec<T>::V;
+    constexpr int W = VBYTES / sizeof(T);
+    V a0 = V{}, a1 = V{}, a2 = V{}, a3 = V{};
+    int64_t i = 0;
+    for (; i + 4 * W <= n; i += 4 * W) {
+        a0 += loadv<V>(x + i) * T(0);
+        a1 += loadv<V>(x + i + W) * T(0);
+        a2 += loadv<V>(x + i + 2 * W) * T(0);
+        a3 += loadv<V>(x + i + 3 * W) * T(0);
+    }
+    T tail = 0;
+    for (; i < n; ++i) tail += x[i] * T(0);
+    V all = a0 + a1 + a2 + a3;
+    for (int l = 0; l < W; ++l) tail += all[l];
+    return !std::isnan(tail);
 }
 
 // bias[query][key] of a whole-window unit: rpb at (rbase(query) + key coordinate) per axis, 0 without rpb, -inf on the
@@ -1024,7 +1035,6 @@ bool forward_whole(const Geometry& g, const Layout<T>& L, const T* q, const T* k
     T* vb = w.wv.get(kp * dv, true);                       // [key][d]
     T* sb = w.ws.get(rows * kp, false);                    // [query][key]
     T* ob = w.o.get(rows * dv, false);                     // [query][d]
-    T check = 0;
     std::vector<int64_t>& toks = w.toks;  // [token, x0, x1, x2] per query/key of the unit
     toks.resize(4 * nt);
     for (int64_t i0 = 0, t = 0; i0 < n0; ++i0)
@@ -1040,14 +1050,14 @@ bool forward_whole(const Geometry& g, const Layout<T>& L, const T* q, const T* k
     };
     for (int64_t t = 0; t < nt; ++t) {
         const T *qp = q + tok_off(g.sq, t), *kq = k + tok_off(g.sk, t), *vp = v + tok_off(g.sv, t);
-        check += finite_check(qp, g.D) + finite_check(kq, g.D) + finite_check(vp, g.D);
         for (int64_t d = 0; d < g.D; ++d) {
-            qb[t * g.D + d] = qp[d] * scale;
+            qb[t * g.D + d] = qp[d];  // scaled below, once the check has seen the values as given
             vb[t * dv + d] = vp[d];
         }
         for (int64_t d = 0; d < g.D; ++d) kt[d * kp + t] = kq[d];
     }
-    if (std::isnan(check)) return false;
+    if (!all_finite(qb, nt * g.D) || !all_finite(kt, g.D * kp) || !all_finite(vb, kp * dv)) return false;
+    for (int64_t i = 0; i < nt * g.D; ++i) qb[i] *= scale;
     const T* bias = whole_bias(L, rpb, h, rows, kp, w);
     whole_logits_all(qb, g.D, kt, kp, g.D, sb, rows);
     std::vector<T> inv(rows, T(0));
@@ -1168,7 +1178,6 @@ bool backward_whole(const Geometry& g, const Layout<T>& L, const T* q, const T* 
     T* db = w.wds.get(rows * kp, false);                   // [query][key]: dP, then dS
     T* tb = w.wtr.get(rows * kp, true);                    // [key][query]: dS^T, then P^T
     T* ob = w.o.get(rows * dw, false);                     // [row][d] results
-    T check = 0;
     std::vector<int64_t>& toks = w.toks;  // [token, x0, x1, x2] per query/key of the unit
     toks.resize(4 * nt);
     for (int64_t i0 = 0, t = 0; i0 < L.s[0].n; ++i0)
@@ -1186,9 +1195,8 @@ bool backward_whole(const Geometry& g, const Layout<T>& L, const T* q, const T* 
     for (int64_t t = 0; t < nt; ++t) {
         const T *qp = q + tok_off(g.sq, t), *kq = k + tok_off(g.sk, t), *vp = v + tok_off(g.sv, t);
         const T* gp = gout + tok_off(g.sg, t);
-        check += finite_check(qp, g.D) + finite_check(kq, g.D) + finite_check(vp, g.D) + finite_check(gp, g.D);
         for (int64_t d = 0; d < g.D; ++d) {
-            qb[t * dw + d] = qp[d] * scale;
+            qb[t * dw + d] = qp[d];  // scaled below, once the check has seen the values as given
             gb[t * dw + d] = gp[d];
             kb[t * dw + d] = kq[d];
         }
@@ -1198,9 +1206,11 @@ bool backward_whole(const Geometry& g, const Layout<T>& L, const T* q, const T* 
         }
         lv[t] = lse[(b * g.N + toks[4 * t]) * g.H + h];
         glv[t] = glse ? glse[(b * g.N + toks[4 * t]) * g.H + h] : T(0);
-        check += (lv[t] + glv[t]) * T(0);
     }
-    if (std::isnan(check)) return false;
+    if (!all_finite(qb, rows * dw) || !all_finite(gb, rows * dw) || !all_finite(kb, rows * dw) ||
+        !all_finite(vt, g.D * kp) || !all_finite(lv.data(), rows) || !all_finite(glv.data(), rows))
+        return false;
+    for (int64_t i = 0; i < rows * dw; ++i) qb[i] *= scale;
     const T* bias = whole_bias(L, rpb, h, rows, kp, w);
     whole_logits_all(qb, dw, kt, kp, g.D, pb, rows);  // logits
     whole_logits_all(gb, dw, vt, kp, g.D, db, rows);  // dP
@@ -1359,7 +1369,7 @@ inline int64_t groups(const Geometry& g) { return g.ax[0].dil * g.ax[1].dil * g.
 // True without rpb or when every rpb value is finite.
 template <typename T>
 bool rpb_finite(const Geometry& g, const T* rpb) {
-    return !rpb || !std::isnan(finite_check(rpb, g.H * g.ax[0].rdim * g.ax[1].rdim * g.ax[2].rdim));
+    return !rpb || all_finite(rpb, g.H * g.ax[0].rdim * g.ax[1].rdim * g.ax[2].rdim);
 }
 
 // The layouts of the dilation groups, built once per call and shared (read-only) by the threads.
