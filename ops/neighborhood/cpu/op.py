@@ -9,6 +9,7 @@ outside the operator, which autograd differentiates.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 
 import torch
 
@@ -158,12 +159,11 @@ def na_cpu(problem: Problem, query: torch.Tensor, key: torch.Tensor, value: torc
     tensors = (q, k, v) if rpb is None else (q, k, v, rpb)
     # Eager calls skip the operators' dispatch (same kernels): plainly when autograd records nothing, else through an
     # autograd.Function. Under torch.compile the operators are traced.
+    fn: Callable[..., tuple[torch.Tensor, torch.Tensor]] = _forward_kernel
     if torch.compiler.is_compiling():
         fn = _forward
     elif torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         fn = _EagerFunction.apply
-    else:
-        fn = _forward_kernel
     out, lse = fn(q, k, v, rpb, list(problem.kernel_size), list(problem.stride), list(problem.dilation),
-                        list(problem.is_causal), float(problem.scale))
+                  list(problem.is_causal), float(problem.scale))
     return out.to(query.dtype), lse if need_lse else None
