@@ -26,11 +26,16 @@ import os
 import re
 import socket
 import stat
+import sys
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+
+if sys.platform != "win32":
+    import fcntl  # flock: the lock of GeneratedFolder.exclusive (without it, generated folders are made unlocked)
 
 __all__ = [
     "GeneratedFolder",
@@ -368,5 +373,79 @@ class GeneratedFolder:
             raise ValueError(f"{root} holds entries its record does not list ({', '.join(survey.foreign[:3])})")
         root = Path(root)
         stale = Path(tempfile.mkdtemp(prefix=scratch_prefix(root.name, "stale"), dir=root.parent))
-        os.replace(root, stale)
+        try:
+            os.replace(root, stale)
+        except FileNotFoundError:
+            # Another process removed it first (one without the lock of exclusive()): the job is done.
+            stale.rmdir()
+            return
         delete_scanned(stale, survey.files, last=self.record_name)
+
+    @contextmanager
+    def exclusive(self, root: Path) -> Iterator[None]:
+        """Holds the lock of ``root`` on this host: processes that check, replace or generate the same folder inside
+        this block take turns, so the second one finds (and reuses) what the first one made.
+
+        The lock is ``flock`` on an empty file ``.<name>.natzoo-lock`` beside ``root``. The process that created the
+        file deletes it before releasing the lock; a process that was waiting on a deleted file takes the lock on the
+        new one. Where the lock cannot be taken (no ``fcntl``, a file system without ``flock``, a lock path that is
+        not a regular file) the block runs without it (with a warning), as it did before the lock existed.
+        """
+        root = Path(root)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        path = root.parent / f".{root.name}.natzoo-lock"
+        try:
+            held = _lock_file(path, root)
+        except OSError as exc:
+            log.warning("working on %s without the lock %s: %s", root, path, exc)
+            held = None
+        try:
+            yield
+        finally:
+            if held is not None:
+                fd, created = held
+                try:
+                    if created:
+                        os.remove(path)  # before the unlock, so a waiter sees that the file it locked was deleted
+                finally:
+                    os.close(fd)
+
+
+def _lock_file(path: Path, root: Path) -> tuple[int, bool]:
+    """Opens (creating it if absent) and ``flock``s ``path``; returns its descriptor and whether this call created it.
+
+    Raises:
+        OSError: the lock cannot be taken.
+    """
+    if sys.platform == "win32":
+        raise OSError("flock is not available on Windows")
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+    while True:
+        created = True
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            created = False
+            try:
+                fd = os.open(path, flags)
+            except FileNotFoundError:
+                continue  # its creator deleted it between the two calls
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(f"{path} is not a regular file")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting for another process working on %s", root)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            mine = os.fstat(fd)
+            try:
+                now = os.stat(path, follow_symlinks=False)
+            except FileNotFoundError:
+                now = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if now is not None and (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino):
+            return fd, created
+        os.close(fd)  # the file we waited on was deleted by its creator: lock the current one
