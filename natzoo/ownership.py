@@ -386,50 +386,62 @@ class GeneratedFolder:
         """Holds the lock of ``root`` on this host: processes that check, replace or generate the same folder inside
         this block take turns, so the second one finds (and reuses) what the first one made.
 
-        The lock is ``flock`` on an empty file ``.<name>.natzoo-lock`` beside ``root``. The process that created the
-        file deletes it before releasing the lock; a process that was waiting on a deleted file takes the lock on the
-        new one. Where the lock cannot be taken (no ``fcntl``, a file system without ``flock``, a lock path that is
-        not a regular file) the block runs without it (with a warning), as it did before the lock existed.
+        The lock is ``flock`` on the file ``.<name>.natzoo-lock`` beside ``root``. natzoo creates it with a fixed
+        content by a hard link (so it never exists without that content) and the holder deletes it, when it still
+        holds that content, before releasing the lock (also one a killed holder left); a process that waited on a
+        deleted file takes the lock on the new one. Where the lock cannot be taken (no ``fcntl``, a file system
+        without ``flock``, a lock path that is not a regular file) the block runs without it, with a warning.
         """
         root = Path(root)
         root.parent.mkdir(parents=True, exist_ok=True)
         path = root.parent / f".{root.name}.natzoo-lock"
         try:
-            held = _lock_file(path, root)
+            fd = _lock_file(path, root)
         except OSError as exc:
             log.warning("working on %s without the lock %s: %s", root, path, exc)
-            held = None
+            fd = None
         try:
             yield
         finally:
-            if held is not None:
-                fd, created = held
+            if fd is not None:
                 try:
-                    if created:
+                    if os.pread(fd, len(_LOCK_TEXT) + 1, 0) == _LOCK_TEXT:
                         os.remove(path)  # before the unlock, so a waiter sees that the file it locked was deleted
                 finally:
                     os.close(fd)
 
 
-def _lock_file(path: Path, root: Path) -> tuple[int, bool]:
-    """Opens (creating it if absent) and ``flock``s ``path``; returns its descriptor and whether this call created it.
+_LOCK_TEXT = b"natzoo: lock of a generated folder\n"
+
+
+def _create_lock_file(path: Path) -> None:
+    """Creates ``path`` holding ``_LOCK_TEXT`` unless it exists (a hard link of a scratch file of kind ``tmp``)."""
+    sweep_abandoned(path.parent, "tmp", base=path.name)
+    fd, tmp = tempfile.mkstemp(prefix=scratch_prefix(path.name, "tmp"), suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(_LOCK_TEXT)
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        os.remove(tmp)
+
+
+def _lock_file(path: Path, root: Path) -> int:
+    """Opens (creating it if absent) and ``flock``s ``path``; returns its descriptor.
 
     Raises:
         OSError: the lock cannot be taken.
     """
     if sys.platform == "win32":
         raise OSError("flock is not available on Windows")
-    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
     while True:
-        created = True
+        _create_lock_file(path)
         try:
-            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            created = False
-            try:
-                fd = os.open(path, flags)
-            except FileNotFoundError:
-                continue  # its creator deleted it between the two calls
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue  # its holder deleted it between the two calls
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise OSError(f"{path} is not a regular file")
@@ -447,5 +459,5 @@ def _lock_file(path: Path, root: Path) -> tuple[int, bool]:
             os.close(fd)
             raise
         if now is not None and (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino):
-            return fd, created
-        os.close(fd)  # the file we waited on was deleted by its creator: lock the current one
+            return fd
+        os.close(fd)  # the file we waited on was deleted by its holder: lock the current one

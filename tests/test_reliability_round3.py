@@ -192,7 +192,7 @@ def test_two_sweeps_of_one_run_name_started_together_get_separate_directories(de
 def test_two_runs_replacing_one_outdated_demo_dataset_at_once_both_get_the_new_one(tmp_path, monkeypatch):
     # Both runs found the outdated dataset and replaced it at once: one crashed in ownership.remove
     # (FileNotFoundError: the other had already moved the folder away).
-    from natzoo.ownership import GeneratedFolder
+    from natzoo.ownership import GeneratedFolder, Survey
 
     root = tmp_path / "data" / "demo"
     ensure_demo_dataset(root, train_per_class=1, val_per_class=1, img_size=8, seed=0)
@@ -230,6 +230,12 @@ def test_two_runs_replacing_one_outdated_demo_dataset_at_once_both_get_the_new_o
     assert len(files) == 8 * 3 + 1
     assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) == files
     assert all((root / rel).read_bytes() == (reference / rel).read_bytes() for rel in files)
+    # Where the lock cannot be taken (a file system without flock), a folder that another run already moved away is
+    # left to that run: the job is done, and no empty scratch folder stays behind.
+    monkeypatch.setattr(GeneratedFolder, "survey", survey)
+    gone = tmp_path / "gone"
+    GeneratedFolder("tests", "RECORD.json", lambda rel: True).remove(gone, Survey({"RECORD.json": 2}, [], [], []))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "reference"]
 
 
 # --- Partly fixed: a refused concurrent resume deleted the running resume's record -----------------------------------
