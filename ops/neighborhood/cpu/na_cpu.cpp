@@ -905,55 +905,59 @@ inline void for_slots(const Layout<T>& L, const Block& blk, int j, int64_t t, T*
 
 constexpr int RB = 6;  // query rows per block: 6 x 4 logit accumulators, 6 x 2 output accumulators
 
-// acc[r][c] = sum_d q[r][d] * kt[d][c-th key vector] for RB rows, KB key vectors; stored to s[r][c].
-template <typename T, int KB>
-inline void whole_logits(const T* q, int64_t qstride, const T* kt, int64_t kstride, int64_t D, T* s,
-                         int64_t sstride) {
+// c[r][j-th vector] = sum_i a[r][i] * b[i][j-th vector] for RB rows of a (broadcast) and CB vectors of b's rows:
+// the logits (a = q, i = d, b = k^T) and the weighted sums (a = p, i = key, b = v) of whole-window units.
+template <typename T, int CB>
+inline void gemm_block(const T* a, int64_t astride, const T* b, int64_t bstride, int64_t inner, T* c, int64_t cstride) {
     using V = typename Vec<T>::V;
     constexpr int W = VBYTES / sizeof(T);
-    V acc[RB][KB];
+    V acc[RB][CB];
     for (int r = 0; r < RB; ++r)
-        for (int c = 0; c < KB; ++c) acc[r][c] = V{};
-    for (int64_t d = 0; d < D; ++d) {
-        V kv[KB];
-        for (int c = 0; c < KB; ++c) kv[c] = loadv<V>(kt + d * kstride + c * W);
+        for (int j = 0; j < CB; ++j) acc[r][j] = V{};
+    for (int64_t i = 0; i < inner; ++i) {
+        V bv[CB];
+        for (int j = 0; j < CB; ++j) bv[j] = loadv<V>(b + i * bstride + j * W);
         for (int r = 0; r < RB; ++r) {
-            V qv = V{} + q[r * qstride + d];  // broadcast
-            for (int c = 0; c < KB; ++c) acc[r][c] += qv * kv[c];
+            V av = V{} + a[r * astride + i];  // broadcast
+            for (int j = 0; j < CB; ++j) acc[r][j] += av * bv[j];
         }
     }
     for (int r = 0; r < RB; ++r)
-        for (int c = 0; c < KB; ++c) storev(s + r * sstride + c * W, acc[r][c]);
+        for (int j = 0; j < CB; ++j) storev(c + r * cstride + j * W, acc[r][j]);
 }
 
-// acc[r][c] = sum_key p[r][key] * v[key][c-th d vector] for RB rows, DVB d vectors; stored to o[r][c].
-template <typename T, int DVB>
-inline void whole_values(const T* p, int64_t pstride, const T* v, int64_t vstride, int64_t keys, T* o,
-                         int64_t ostride) {
-    using V = typename Vec<T>::V;
-    constexpr int W = VBYTES / sizeof(T);
-    V acc[RB][DVB];
-    for (int r = 0; r < RB; ++r)
-        for (int c = 0; c < DVB; ++c) acc[r][c] = V{};
-    for (int64_t key = 0; key < keys; ++key) {
-        V vv[DVB];
-        for (int c = 0; c < DVB; ++c) vv[c] = loadv<V>(v + key * vstride + c * W);
-        for (int r = 0; r < RB; ++r) {
-            V pv = V{} + p[r * pstride + key];
-            for (int c = 0; c < DVB; ++c) acc[r][c] += pv * vv[c];
-        }
-    }
-    for (int r = 0; r < RB; ++r)
-        for (int c = 0; c < DVB; ++c) storev(o + r * ostride + c * W, acc[r][c]);
-}
-
-// NaN when any of x[0..n) is NaN or infinite, else 0 (a vectorised sum of x * 0).
+// c[0..rows)[0..cols) = a[rows][inner] b[inner][cols] (rows a multiple of RB, cols of W; b and c of row stride cols),
+// in column blocks of up to 4 vectors.
 template <typename T>
-inline T finite_check(const T* x, int64_t n) {
-    T acc = 0;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t i = 0; i < n; ++i) acc += x[i] * T(0);
-    return acc;
+void gemm(const T* a, int64_t astride, const T* b, int64_t inner, int64_t cols, T* c, int64_t rows) {
+    constexpr int W = VBYTES / sizeof(T);
+    for (int64_t r = 0; r < rows; r += RB)
+        for (int64_t j = 0; j < cols; j += 4 * W) switch (std::min<int64_t>(4, (cols - j) / W)) {
+                case 4: gemm_block<T, 4>(a + r * astride, astride, b + j, cols, inner, c + r * cols + j, cols); break;
+                case 3: gemm_block<T, 3>(a + r * astride, astride, b + j, cols, inner, c + r * cols + j, cols); break;
+                case 2: gemm_block<T, 2>(a + r * astride, astride, b + j, cols, inner, c + r * cols + j, cols); break;
+                default: gemm_block<T, 1>(a + r * astride, astride, b + j, cols, inner, c + r * cols + j, cols); break;
+            }
+}
+
+// True when every x[0..n) is finite: four independent vector sums of x * 0 (NaN once a value is NaN or infinite).
+template <typename T>
+inline bool all_finite(const T* x, int64_t n) {
+    using V = typename Vec<T>::V;
+    constexpr int W = VBYTES / sizeof(T);
+    V a0 = V{}, a1 = V{}, a2 = V{}, a3 = V{};
+    int64_t i = 0;
+    for (; i + 4 * W <= n; i += 4 * W) {
+        a0 += loadv<V>(x + i) * T(0);
+        a1 += loadv<V>(x + i + W) * T(0);
+        a2 += loadv<V>(x + i + 2 * W) * T(0);
+        a3 += loadv<V>(x + i + 3 * W) * T(0);
+    }
+    T tail = 0;
+    for (; i < n; ++i) tail += x[i] * T(0);
+    V all = a0 + a1 + a2 + a3;
+    for (int l = 0; l < W; ++l) tail += all[l];
+    return !std::isnan(tail);
 }
 
 // bias[query][key] of a whole-window unit: rpb at (rbase(query) + key coordinate) per axis, 0 without rpb, -inf on the
@@ -984,32 +988,6 @@ const T* whole_bias(const Layout<T>& L, const T* rpb, int64_t h, int64_t rows, i
     return bias;
 }
 
-// s[r][c] for rows [0, rows) and key vectors [0, kp / W): q rows (stride qs) against kt [d][key] (stride kp).
-template <typename T>
-void whole_logits_all(const T* q, int64_t qs, const T* kt, int64_t kp, int64_t D, T* s, int64_t rows) {
-    constexpr int W = VBYTES / sizeof(T);
-    for (int64_t r = 0; r < rows; r += RB)
-        for (int64_t c = 0; c < kp; c += 4 * W) switch (std::min<int64_t>(4, (kp - c) / W)) {
-                case 4: whole_logits<T, 4>(q + r * qs, qs, kt + c, kp, D, s + r * kp + c, kp); break;
-                case 3: whole_logits<T, 3>(q + r * qs, qs, kt + c, kp, D, s + r * kp + c, kp); break;
-                case 2: whole_logits<T, 2>(q + r * qs, qs, kt + c, kp, D, s + r * kp + c, kp); break;
-                default: whole_logits<T, 1>(q + r * qs, qs, kt + c, kp, D, s + r * kp + c, kp); break;
-            }
-}
-
-// o[r][0..dv) = sum_key p[r][key] * x[key][0..dv) for rows [0, rows) (p stride ps, x and o stride dv).
-template <typename T>
-void whole_values_all(const T* p, int64_t ps, const T* x, int64_t dv, int64_t keys, T* o, int64_t rows) {
-    constexpr int W = VBYTES / sizeof(T);
-    for (int64_t r = 0; r < rows; r += RB)
-        for (int64_t c = 0; c < dv; c += 2 * W) {
-            if (dv - c >= 2 * W)
-                whole_values<T, 2>(p + r * ps, ps, x + c, dv, keys, o + r * dv + c, dv);
-            else
-                whole_values<T, 1>(p + r * ps, ps, x + c, dv, keys, o + r * dv + c, dv);
-        }
-}
-
 template <typename T>
 bool forward_whole(const Geometry& g, const Layout<T>& L, const T* q, const T* k, const T* v, const T* rpb, T scale,
                    T* out, T* lse, int64_t b, int64_t h, Work<T>& w) {
@@ -1024,7 +1002,6 @@ bool forward_whole(const Geometry& g, const Layout<T>& L, const T* q, const T* k
     T* vb = w.wv.get(kp * dv, true);                       // [key][d]
     T* sb = w.ws.get(rows * kp, false);                    // [query][key]
     T* ob = w.o.get(rows * dv, false);                     // [query][d]
-    T check = 0;
     std::vector<int64_t>& toks = w.toks;  // [token, x0, x1, x2] per query/key of the unit
     toks.resize(4 * nt);
     for (int64_t i0 = 0, t = 0; i0 < n0; ++i0)
@@ -1040,16 +1017,16 @@ bool forward_whole(const Geometry& g, const Layout<T>& L, const T* q, const T* k
     };
     for (int64_t t = 0; t < nt; ++t) {
         const T *qp = q + tok_off(g.sq, t), *kq = k + tok_off(g.sk, t), *vp = v + tok_off(g.sv, t);
-        check += finite_check(qp, g.D) + finite_check(kq, g.D) + finite_check(vp, g.D);
         for (int64_t d = 0; d < g.D; ++d) {
-            qb[t * g.D + d] = qp[d] * scale;
+            qb[t * g.D + d] = qp[d];  // scaled below, once the check has seen the values as given
             vb[t * dv + d] = vp[d];
         }
         for (int64_t d = 0; d < g.D; ++d) kt[d * kp + t] = kq[d];
     }
-    if (std::isnan(check)) return false;
+    if (!all_finite(qb, nt * g.D) || !all_finite(kt, g.D * kp) || !all_finite(vb, kp * dv)) return false;
+    for (int64_t i = 0; i < nt * g.D; ++i) qb[i] *= scale;
     const T* bias = whole_bias(L, rpb, h, rows, kp, w);
-    whole_logits_all(qb, g.D, kt, kp, g.D, sb, rows);
+    gemm(qb, g.D, kt, g.D, kp, sb, rows);  // logits
     std::vector<T> inv(rows, T(0));
     for (int64_t i = 0; i < nt; ++i) {
         T* sp = sb + i * kp;
@@ -1073,7 +1050,7 @@ bool forward_whole(const Geometry& g, const Layout<T>& L, const T* q, const T* k
         inv[i] = T(1) / total;
         lse[(b * g.N + toks[4 * i]) * g.H + h] = m + std::log(total);
     }
-    whole_values_all(sb, kp, vb, dv, nt, ob, rows);
+    gemm(sb, kp, vb, nt, dv, ob, rows);
     for (int64_t i = 0; i < nt; ++i) {
         T* op = out + ((b * g.N + toks[4 * i]) * g.H + h) * g.D;
         for (int64_t d = 0; d < g.D; ++d) op[d] = ob[i * dv + d] * inv[i];
@@ -1168,7 +1145,6 @@ bool backward_whole(const Geometry& g, const Layout<T>& L, const T* q, const T* 
     T* db = w.wds.get(rows * kp, false);                   // [query][key]: dP, then dS
     T* tb = w.wtr.get(rows * kp, true);                    // [key][query]: dS^T, then P^T
     T* ob = w.o.get(rows * dw, false);                     // [row][d] results
-    T check = 0;
     std::vector<int64_t>& toks = w.toks;  // [token, x0, x1, x2] per query/key of the unit
     toks.resize(4 * nt);
     for (int64_t i0 = 0, t = 0; i0 < L.s[0].n; ++i0)
@@ -1186,9 +1162,8 @@ bool backward_whole(const Geometry& g, const Layout<T>& L, const T* q, const T* 
     for (int64_t t = 0; t < nt; ++t) {
         const T *qp = q + tok_off(g.sq, t), *kq = k + tok_off(g.sk, t), *vp = v + tok_off(g.sv, t);
         const T* gp = gout + tok_off(g.sg, t);
-        check += finite_check(qp, g.D) + finite_check(kq, g.D) + finite_check(vp, g.D) + finite_check(gp, g.D);
         for (int64_t d = 0; d < g.D; ++d) {
-            qb[t * dw + d] = qp[d] * scale;
+            qb[t * dw + d] = qp[d];  // scaled below, once the check has seen the values as given
             gb[t * dw + d] = gp[d];
             kb[t * dw + d] = kq[d];
         }
@@ -1198,12 +1173,14 @@ bool backward_whole(const Geometry& g, const Layout<T>& L, const T* q, const T* 
         }
         lv[t] = lse[(b * g.N + toks[4 * t]) * g.H + h];
         glv[t] = glse ? glse[(b * g.N + toks[4 * t]) * g.H + h] : T(0);
-        check += (lv[t] + glv[t]) * T(0);
     }
-    if (std::isnan(check)) return false;
+    if (!all_finite(qb, rows * dw) || !all_finite(gb, rows * dw) || !all_finite(kb, rows * dw) ||
+        !all_finite(vt, g.D * kp) || !all_finite(lv.data(), rows) || !all_finite(glv.data(), rows))
+        return false;
+    for (int64_t i = 0; i < rows * dw; ++i) qb[i] *= scale;
     const T* bias = whole_bias(L, rpb, h, rows, kp, w);
-    whole_logits_all(qb, dw, kt, kp, g.D, pb, rows);  // logits
-    whole_logits_all(gb, dw, vt, kp, g.D, db, rows);  // dP
+    gemm(qb, dw, kt, g.D, kp, pb, rows);  // logits
+    gemm(gb, dw, vt, g.D, kp, db, rows);  // dP
     for (int64_t i = 0; i < nt; ++i) {
         T *pp = pb + i * kp, *dp = db + i * kp;
         const T* bp = bias + i * kp;
@@ -1218,7 +1195,7 @@ bool backward_whole(const Geometry& g, const Layout<T>& L, const T* q, const T* 
         for (int64_t c = 0; c < kp; c += W) storev(dp + c, loadv<V>(pp + c) * (loadv<V>(dp + c) - dsum + glv[i]));
     }
     // dq = scale * dS k
-    whole_values_all(db, kp, kb, dw, nt, ob, rows);
+    gemm(db, kp, kb, nt, dw, ob, rows);
     for (int64_t i = 0; i < nt; ++i) {
         T* op = dq + ((b * g.N + toks[4 * i]) * g.H + h) * g.D;
         for (int64_t d = 0; d < g.D; ++d) op[d] = ob[i * dw + d] * scale;
@@ -1226,7 +1203,7 @@ bool backward_whole(const Geometry& g, const Layout<T>& L, const T* q, const T* 
     // dk = dS^T (scale q); rows of tb past nt stay zero
     for (int64_t i = 0; i < nt; ++i)
         for (int64_t c = 0; c < nt; ++c) tb[c * kp + i] = db[i * kp + c];
-    whole_values_all(tb, kp, qb, dw, nt, ob, rows);
+    gemm(tb, kp, qb, nt, dw, ob, rows);
     for (int64_t c = 0; c < nt; ++c) {
         T* op = dk + ((b * g.N + toks[4 * c]) * g.H + h) * g.D;
         for (int64_t d = 0; d < g.D; ++d) op[d] = ob[c * dw + d];
@@ -1234,7 +1211,7 @@ bool backward_whole(const Geometry& g, const Layout<T>& L, const T* q, const T* 
     // dv = P^T dO
     for (int64_t i = 0; i < nt; ++i)
         for (int64_t c = 0; c < nt; ++c) tb[c * kp + i] = pb[i * kp + c];
-    whole_values_all(tb, kp, gb, dw, nt, ob, rows);
+    gemm(tb, kp, gb, nt, dw, ob, rows);
     for (int64_t c = 0; c < nt; ++c) {
         T* op = dv + ((b * g.N + toks[4 * c]) * g.H + h) * g.D;
         for (int64_t d = 0; d < g.D; ++d) op[d] = ob[c * dw + d];
@@ -1359,7 +1336,7 @@ inline int64_t groups(const Geometry& g) { return g.ax[0].dil * g.ax[1].dil * g.
 // True without rpb or when every rpb value is finite.
 template <typename T>
 bool rpb_finite(const Geometry& g, const T* rpb) {
-    return !rpb || !std::isnan(finite_check(rpb, g.H * g.ax[0].rdim * g.ax[1].rdim * g.ax[2].rdim));
+    return !rpb || all_finite(rpb, g.H * g.ax[0].rdim * g.ax[1].rdim * g.ax[2].rdim);
 }
 
 // The layouts of the dilation groups, built once per call and shared (read-only) by the threads.

@@ -114,12 +114,17 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(query, key, value, rpb, output[1])
 
 
-def _autograd_backward(ctx, grad_out, grad_lse):
+def _gradients(ctx, grad_out, grad_lse, backward) -> tuple:
+    """The gradients of both autograd routes; `backward` is the operator or the plain kernel call."""
     query, key, value, rpb, lse = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(query)
-    dq, dk, dv, d_rpb = _backward(grad_out, grad_lse, query, key, value, rpb, lse, *ctx.window, ctx.scale)
+    dq, dk, dv, d_rpb = backward(grad_out, grad_lse, query, key, value, rpb, lse, *ctx.window, ctx.scale)
     return dq, dk, dv, d_rpb if ctx.has_rpb else None, None, None, None, None, None
+
+
+def _autograd_backward(ctx, grad_out, grad_lse):
+    return _gradients(ctx, grad_out, grad_lse, _backward)
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -138,11 +143,7 @@ class _EagerFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable  # second order: RuntimeError, as the operator (not zeros)
     def backward(ctx, grad_out, grad_lse):
-        query, key, value, rpb, lse = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(query)
-        dq, dk, dv, d_rpb = _backward_kernel(grad_out, grad_lse, query, key, value, rpb, lse, *ctx.window, ctx.scale)
-        return dq, dk, dv, d_rpb if ctx.has_rpb else None, None, None, None, None, None
+        return _gradients(ctx, grad_out, grad_lse, _backward_kernel)
 
 
 def na_cpu(problem: Problem, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rpb: torch.Tensor | None,
