@@ -20,6 +20,7 @@ only a folder that holds nothing but the files its record lists.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -390,7 +391,8 @@ class GeneratedFolder:
         content by a hard link (so it never exists without that content) and the holder deletes it, when it still
         holds that content, before releasing the lock (also one a killed holder left); a process that waited on a
         deleted file takes the lock on the new one. Where the lock cannot be taken (no ``fcntl``, a file system
-        without ``flock``, a lock path that is not a regular file) the block runs without it, with a warning.
+        without ``flock``, a lock path that is not a regular file) the block runs without it, with a warning (none
+        where the folder cannot be written, which is then only read).
         """
         root = Path(root)
         root.parent.mkdir(parents=True, exist_ok=True)
@@ -398,7 +400,10 @@ class GeneratedFolder:
         try:
             fd = _lock_file(path, root)
         except OSError as exc:
-            log.warning("working on %s without the lock %s: %s", root, path, exc)
+            # A folder this process cannot write into is only read (nothing there can be replaced): no warning then.
+            quiet = exc.errno in (errno.EACCES, errno.EROFS)
+            log.log(logging.DEBUG if quiet else logging.WARNING, "working on %s without the lock %s: %s", root, path,
+                    exc)
             fd = None
         try:
             yield
