@@ -20,17 +20,23 @@ only a folder that holds nothing but the files its record lists.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import re
 import socket
 import stat
+import sys
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+
+if sys.platform != "win32":
+    import fcntl  # flock: the lock of GeneratedFolder.exclusive (without it, generated folders are made unlocked)
 
 __all__ = [
     "GeneratedFolder",
@@ -368,5 +374,95 @@ class GeneratedFolder:
             raise ValueError(f"{root} holds entries its record does not list ({', '.join(survey.foreign[:3])})")
         root = Path(root)
         stale = Path(tempfile.mkdtemp(prefix=scratch_prefix(root.name, "stale"), dir=root.parent))
-        os.replace(root, stale)
+        try:
+            os.replace(root, stale)
+        except FileNotFoundError:
+            # Another process removed it first (one without the lock of exclusive()): the job is done.
+            stale.rmdir()
+            return
         delete_scanned(stale, survey.files, last=self.record_name)
+
+    @contextmanager
+    def exclusive(self, root: Path) -> Iterator[None]:
+        """Holds the lock of ``root`` on this host: processes that check, replace or generate the same folder inside
+        this block take turns, so the second one finds (and reuses) what the first one made.
+
+        The lock is ``flock`` on the file ``.<name>.natzoo-lock`` beside ``root``. natzoo creates it with a fixed
+        content by a hard link (so it never exists without that content) and the holder deletes it, when it still
+        holds that content, before releasing the lock (also one a killed holder left); a process that waited on a
+        deleted file takes the lock on the new one. Where the lock cannot be taken (no ``fcntl``, a file system
+        without ``flock``, a lock path that is not a regular file) the block runs without it, with a warning (none
+        where the folder cannot be written, which is then only read).
+        """
+        root = Path(root)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        path = root.parent / f".{root.name}.natzoo-lock"
+        try:
+            fd = _lock_file(path, root)
+        except OSError as exc:
+            # A folder this process cannot write into is only read (nothing there can be replaced): no warning then.
+            quiet = exc.errno in (errno.EACCES, errno.EROFS)
+            log.log(logging.DEBUG if quiet else logging.WARNING, "working on %s without the lock %s: %s", root, path,
+                    exc)
+            fd = None
+        try:
+            yield
+        finally:
+            if fd is not None:
+                try:
+                    if os.pread(fd, len(_LOCK_TEXT) + 1, 0) == _LOCK_TEXT:
+                        os.remove(path)  # before the unlock, so a waiter sees that the file it locked was deleted
+                finally:
+                    os.close(fd)
+
+
+_LOCK_TEXT = b"natzoo: lock of a generated folder\n"
+
+
+def _create_lock_file(path: Path) -> None:
+    """Creates ``path`` holding ``_LOCK_TEXT`` unless it exists (a hard link of a scratch file of kind ``tmp``)."""
+    sweep_abandoned(path.parent, "tmp", base=path.name)
+    fd, tmp = tempfile.mkstemp(prefix=scratch_prefix(path.name, "tmp"), suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(_LOCK_TEXT)
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        os.remove(tmp)
+
+
+def _lock_file(path: Path, root: Path) -> int:
+    """Opens (creating it if absent) and ``flock``s ``path``; returns its descriptor.
+
+    Raises:
+        OSError: the lock cannot be taken.
+    """
+    if sys.platform == "win32":
+        raise OSError("flock is not available on Windows")
+    while True:
+        _create_lock_file(path)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue  # its holder deleted it between the two calls
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(f"{path} is not a regular file")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting for another process working on %s", root)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            mine = os.fstat(fd)
+            try:
+                now = os.stat(path, follow_symlinks=False)
+            except FileNotFoundError:
+                now = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if now is not None and (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino):
+            return fd
+        os.close(fd)  # the file we waited on was deleted by its holder: lock the current one

@@ -196,7 +196,9 @@ def test_killed_demo_generation_is_cleaned_up_by_the_next_run(tmp_path):
     root = tmp_path / "demo"
     _killed_child(lambda: (setattr(demo, "_draw_sample", _kill_after(5, demo._draw_sample)),
                            ensure_demo_dataset(root, **SMALL)))
-    assert not root.exists() and len(_scratch(tmp_path)) == 1 and "natzoo-partial" in _scratch(tmp_path)[0]
+    # It leaves its scratch folder and the lock it held (GeneratedFolder.exclusive); the next run removes both.
+    left = _scratch(tmp_path)
+    assert not root.exists() and len(left) == 2 and left[0] == ".demo.natzoo-lock" and "natzoo-partial" in left[1]
     ensure_demo_dataset(root, **SMALL)
     assert _scratch(tmp_path) == [] and len(list((root / "train" / "circle").iterdir())) == 2
 
@@ -207,7 +209,9 @@ def test_killed_demo_replacement_is_cleaned_up_by_the_next_run(tmp_path):
     # Killed while deleting the outdated dataset, after it was moved aside: half of its files are gone.
     _killed_child(lambda: (setattr(demo.os, "remove", _kill_after(10, os.remove)),
                            ensure_demo_dataset(root, **dict(SMALL, seed=3))))
-    assert not root.exists() and len(_scratch(tmp_path)) == 1 and "natzoo-stale" in _scratch(tmp_path)[0]
+    # It leaves its scratch folder and the lock it held (GeneratedFolder.exclusive); the next run removes both.
+    left = _scratch(tmp_path)
+    assert not root.exists() and len(left) == 2 and left[0] == ".demo.natzoo-lock" and "natzoo-stale" in left[1]
     ensure_demo_dataset(root, **dict(SMALL, seed=3))
     assert _scratch(tmp_path) == [] and json.loads((root / "MANIFEST.json").read_text())["seed"] == 3
 

@@ -9,6 +9,7 @@ import io
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,7 +18,7 @@ import torch
 from PIL import Image
 
 from natzoo import train
-from natzoo.datasets import ensure_demo_dataset
+from natzoo.datasets import ensure_demo_dataset, generate_demo_dataset
 from natzoo.testing import compose_config, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,7 +174,11 @@ train_main("script")
 @pytest.mark.slow
 def test_two_sweeps_of_one_run_name_started_together_get_separate_directories(demo_root, tmp_path):
     logs = tmp_path / "logs"
-    base = ["-c", _PINNED_NOW, "-m", *tiny_overrides(demo_root, logs, epochs=1), "run_name=same", "debug=fdr"]
+    # fast_dev_run without replacing the debug=tiny preset: "debug=fdr" after it dropped the tiny dataset's
+    # parameters, so both sweeps replaced the shared demo dataset at once (now they take turns, but the dataset of
+    # this module is what they are meant to reuse).
+    base = ["-c", _PINNED_NOW, "-m", *tiny_overrides(demo_root, logs, epochs=1), "run_name=same",
+            "+trainer.fast_dev_run=true"]
     procs = [subprocess.Popen([sys.executable, *base, f"seed={seed}"], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for seed in (1, 3)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
@@ -182,6 +187,55 @@ def test_two_sweeps_of_one_run_name_started_together_get_separate_directories(de
     assert [s.name for s in sweeps] == ["2026-01-01_00-00-00", "2026-01-01_00-00-00_2"]
     seeds = sorted((s / "0" / ".hydra" / "config.yaml").read_text().split("\nseed: ")[1].split()[0] for s in sweeps)
     assert seeds == ["1", "3"]
+
+
+def test_two_runs_replacing_one_outdated_demo_dataset_at_once_both_get_the_new_one(tmp_path, monkeypatch):
+    # Both runs found the outdated dataset and replaced it at once: one crashed in ownership.remove
+    # (FileNotFoundError: the other had already moved the folder away).
+    from natzoo.ownership import GeneratedFolder, Survey
+
+    root = tmp_path / "data" / "demo"
+    ensure_demo_dataset(root, train_per_class=1, val_per_class=1, img_size=8, seed=0)
+    # The worst interleaving of two processes: each has inspected the folder before either acts on it (where one run
+    # waits for the other, the wait ends after a second).
+    both_looked = threading.Barrier(2, timeout=1.0)
+    survey = GeneratedFolder.survey
+
+    def survey_then_wait(self, folder, listed):
+        found = survey(self, folder, listed)
+        try:
+            both_looked.wait()
+        except threading.BrokenBarrierError:
+            pass
+        return found
+
+    monkeypatch.setattr(GeneratedFolder, "survey", survey_then_wait)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            ensure_demo_dataset(root, train_per_class=2, val_per_class=1, img_size=8, seed=0)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    assert sorted(os.listdir(root.parent)) == ["demo"]  # no scratch folder, no lock file, nothing half-written
+    reference = generate_demo_dataset(tmp_path / "reference", train_per_class=2, val_per_class=1, img_size=8, seed=0)
+    files = sorted(p.relative_to(reference).as_posix() for p in reference.rglob("*") if p.is_file())
+    assert len(files) == 8 * 3 + 1
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) == files
+    assert all((root / rel).read_bytes() == (reference / rel).read_bytes() for rel in files)
+    # Where the lock cannot be taken (a file system without flock), a folder that another run already moved away is
+    # left to that run: the job is done, and no empty scratch folder stays behind.
+    monkeypatch.setattr(GeneratedFolder, "survey", survey)
+    gone = tmp_path / "gone"
+    GeneratedFolder("tests", "RECORD.json", lambda rel: True).remove(gone, Survey({"RECORD.json": 2}, [], [], []))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "reference"]
 
 
 # --- Partly fixed: a refused concurrent resume deleted the running resume's record -----------------------------------

@@ -190,24 +190,29 @@ def ensure_demo_dataset(
       a ``ValueError`` naming the folder; nothing is written or deleted.
 
     Scratch folders that an interrupted generation or replacement of this ``root`` left behind on this host are
-    removed first (see :mod:`natzoo.ownership`).
+    removed first (see :mod:`natzoo.ownership`). Processes of this host that ask for the same ``root`` at once take
+    turns (:meth:`natzoo.ownership.GeneratedFolder.exclusive`): a dataset the first one generated or replaced is
+    reused by the next.
     """
     wanted = _params(train_per_class, val_per_class, img_size, seed)
     root = Path(root)
     if root.is_symlink():
         root = root.resolve()
-    _FOLDER.sweep(root)
-    if root.exists() and not root.is_dir():
-        raise _not_ours(root, "is a file, not a folder")
-    if root.is_dir() and any(root.iterdir()):
-        _reuse_or_remove(root, wanted)
-        if root.exists():
-            return root
-    log.info("generating the demo dataset (%d classes, %d training + %d validation PNG images of %d px) in %s; later "
-             "runs with the same data.root reuse it", len(DEMO_CLASSES), train_per_class * len(DEMO_CLASSES),
-             val_per_class * len(DEMO_CLASSES), img_size, root.absolute())
-    # A rank of a multi-node job that finishes second uses the first one's copy (GeneratedFolder.generate).
-    return generate_demo_dataset(root, train_per_class, val_per_class, img_size, seed)
+    # Runs on this host that want this folder (a sweep, two terminals, the ranks of a node) take turns: the second
+    # one finds the dataset the first one made and reuses it instead of replacing it at the same time.
+    with _FOLDER.exclusive(root):
+        _FOLDER.sweep(root)
+        if root.exists() and not root.is_dir():
+            raise _not_ours(root, "is a file, not a folder")
+        if root.is_dir() and any(root.iterdir()):
+            _reuse_or_remove(root, wanted)
+            if root.exists():
+                return root
+        log.info("generating the demo dataset (%d classes, %d training + %d validation PNG images of %d px) in %s; "
+                 "later runs with the same data.root reuse it", len(DEMO_CLASSES), train_per_class * len(DEMO_CLASSES),
+                 val_per_class * len(DEMO_CLASSES), img_size, root.absolute())
+        # A rank of a multi-node job that finishes second uses the first one's copy (GeneratedFolder.generate).
+        return generate_demo_dataset(root, train_per_class, val_per_class, img_size, seed)
 
 
 def _reuse_or_remove(root: Path, wanted: dict) -> None:
