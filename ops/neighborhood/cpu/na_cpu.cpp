@@ -109,10 +109,11 @@ void parallel(int64_t total, int nthreads, F fn) {
         return;
     }
     std::vector<std::thread> pool;
-    for (int64_t t = 0; t < nt; ++t) {
+    for (int64_t t = 1; t < nt; ++t) {
         int64_t lo = total * t / nt, hi = total * (t + 1) / nt;
         pool.emplace_back([=, &fn] { fn(lo, hi, int(t)); });
     }
+    fn(int64_t(0), total / nt, 0);  // the calling thread takes the first range (one thread fewer to start)
     for (auto& th : pool) th.join();
 }
 
