@@ -31,11 +31,23 @@ SOURCE = Path(__file__).with_name("na_cpu.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-pthread")
 
 
+def torch_uses_libgomp() -> bool:
+    """Whether this process has GNU OpenMP's runtime loaded (torch's wheels bring theirs as ``libgomp.so.1``)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            return any(os.path.basename(line.split()[-1]).startswith("libgomp") for line in f if "/" in line)
+    except OSError:
+        return False
+
+
 def flags() -> tuple[str, ...]:
     """:data:`FLAGS`, with ``-march=$NATZOO_CPU_ARCH`` when that is set (e.g. ``x86-64-v3`` for an AVX2 build that
-    runs on other machines of a cluster, or to test the AVX2 code on an AVX-512 machine)."""
+    runs on other machines of a cluster, or to test the AVX2 code on an AVX-512 machine), and ``-fopenmp`` when torch
+    runs on GNU OpenMP: the library then needs ``libgomp.so.1``, which resolves to the runtime torch already loaded,
+    so the kernels' threads are torch's own OpenMP threads (elsewhere, e.g. Intel OpenMP, they are std::threads)."""
     arch = os.environ.get("NATZOO_CPU_ARCH")
-    return tuple(f"-march={arch}" if arch and f == "-march=native" else f for f in FLAGS)
+    base = tuple(f"-march={arch}" if arch and f == "-march=native" else f for f in FLAGS)
+    return base + (("-fopenmp",) if torch_uses_libgomp() else ())
 COMPILE_TIMEOUT_S = 300
 
 

@@ -44,6 +44,9 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 namespace {
 
@@ -102,12 +105,22 @@ inline int64_t in_off(const Geometry& g, const int64_t* st, int64_t b, int64_t t
 
 template <typename F>
 void parallel(int64_t total, int nthreads, F fn) {
-    // fn(lo, hi, thread) over `nthreads` contiguous ranges of [0, total).
+    // fn(lo, hi, thread) over up to `nthreads` contiguous ranges of [0, total). Built with OpenMP (the build does so
+    // when torch's own libgomp is loaded; ours then binds to that same runtime), the ranges run on torch's OpenMP
+    // threads, which are already awake after torch's last parallel op: threads of our own would compete with them
+    // for the cores while they spin. Otherwise std::threads, started and joined here.
     int64_t nt = std::max<int64_t>(1, std::min<int64_t>(nthreads, total));
     if (nt == 1) {
         fn(int64_t(0), total, 0);
         return;
     }
+#if defined(_OPENMP)
+#pragma omp parallel num_threads(int(nt))
+    {
+        int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
+        fn(total * t / n, total * (t + 1) / n, int(t));
+    }
+#else
     std::vector<std::thread> pool;
     for (int64_t t = 1; t < nt; ++t) {
         int64_t lo = total * t / nt, hi = total * (t + 1) / nt;
@@ -115,6 +128,7 @@ void parallel(int64_t total, int nthreads, F fn) {
     }
     fn(int64_t(0), total / nt, 0);  // the calling thread takes the first range (one thread fewer to start)
     for (auto& th : pool) th.join();
+#endif
 }
 
 // ----------------------------------------------------------------------------------------------------------------
