@@ -19,9 +19,10 @@
 // A unit whose inputs hold a NaN or an infinity is solved by the scalar path instead (one query at a time), which
 // keeps the reference's semantics: a non-finite key or value row makes exactly the queries whose window holds it
 // non-finite (a NaN logit or a non-finite output component turns the whole output row and its lse into NaN).
-// Threads: the caller passes torch.get_num_threads(); each call starts that many std::threads over disjoint units and
-// joins them before returning, while torch's own pool waits for the call: no second pool stays alive. Units own
-// disjoint query and key tokens, so dk/dv writes never race; d_rpb gets one private copy per thread.
+// Threads: the caller passes torch.get_num_threads(); units are split over that many threads: torch's own OpenMP
+// threads when the build has -fopenmp (build.py adds it when torch's libgomp is loaded; the same runtime is then
+// shared), else std::threads started and joined per call. Units own disjoint query and key tokens, so dk/dv writes
+// never race; d_rpb gets one private copy per thread.
 // Tested: tests/test_ops_reference.py (float64 oracle: outputs, lse, all gradients, gradcheck, low precision, NaN/inf
 // against the reference) and tests/test_ops_cpu.py (fp32 layer shapes against the oracle, dispatch, build fallback,
 // threads, torch.compile, export), with g++ 12.2 on x86-64 (AVX-512 and an AVX2 build), 2 cores. Not tried: clang,
