@@ -110,6 +110,17 @@ def test_layer_shapes_float32_against_the_oracle(case):
 
 
 @needs_kernels
+def test_scratch_kept_between_calls_never_leaks_into_the_next_call():
+    """The kernels keep their packed buffers between calls and zero them only when the layout changes: a call with
+    head_dim 4 after one with head_dim 8 (the same padded layout) must not see the earlier call's values."""
+    gen = torch.Generator().manual_seed(3)
+    for head_dim in (8, 4, 8, 3):
+        q, k, v = (torch.randn(1, 9, 21, 2, head_dim, generator=gen) * 4 for _ in range(3))
+        out = ops.na2d(q, k, v, 5, backend="cpu")
+        torch.testing.assert_close(out.double(), dense_na(q, k, v, 5)[0], atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_empty_batch(n):
     spatial, heads = (6, 5, 4)[:n], 2

@@ -362,7 +362,7 @@ struct Layout {
     static constexpr int W = VBYTES / sizeof(T);
     Sub s[3];
     int64_t grp[3];
-    int64_t rows, tiles, lpad, pad, lp, dp;
+    int64_t rows, tiles, lpad, pad, lp, d, dp;
     std::vector<int64_t> umin, nu, bias_off;  // per tile
     int64_t nu_max, nrb, slots;
 
@@ -376,6 +376,7 @@ struct Layout {
         lpad = tiles * W;
         pad = ((W + NB + W - 1) / W) * W;  // >= W - 1 columns left of a tile, W + NB - 1 right of the map
         lp = lpad + 2 * pad;
+        d = g.D;
         dp = ((g.D + DB - 1) / DB) * DB;  // head_dim padded with zeros to whole d-blocks
         nrb = has_rpb ? s[0].rdim * s[1].rdim : 1;
         slots = s[0].k * s[1].k;
@@ -745,7 +746,8 @@ struct Work {
     Buf<T> wq, wkt, wv, wbias, ws, wg, wvt, wds, wtr;  // whole-window units (forward_whole, backward_whole)
     std::vector<int64_t> wbias_key;  // (head, sub-map) of the bias table in wbias
     bool fresh(const Layout<T>& L) {
-        std::vector<int64_t> key = {L.rows, L.dp, L.lpad, L.lp, L.pad};
+        // head_dim itself, not only its padded dp: the rows d >= D must be zeros (D = 4 and 8 share dp = 8)
+        std::vector<int64_t> key = {L.rows, L.d, L.dp, L.lpad, L.lp, L.pad};
         bool changed = key != layout;
         layout = key;
         return changed;
