@@ -282,7 +282,9 @@ def test_killed_synthetic_coco_generation_is_cleaned_up_by_the_next_run(tmp_path
         make_synthetic_coco(SPEC, tmp_path)
 
     _killed_child(run)
-    assert len(_scratch(tmp_path)) == 1 and not _target(tmp_path).exists()
+    # It leaves its scratch folder and the lock it held (GeneratedFolder.exclusive); the next run removes both.
+    left = _scratch(tmp_path)
+    assert not _target(tmp_path).exists() and len(left) == 2 and left[0] == f".{_target(tmp_path).name}.natzoo-lock"
     running = tmp_path / (scratch_prefix(_target(tmp_path).name, "partial") + "abcd1234")
     running.mkdir()
     make_synthetic_coco(SPEC, tmp_path)

@@ -194,16 +194,18 @@ def make_synthetic_coco(spec: SyntheticCocoSpec | None = None, root: str | os.Pa
     name = f"coco_shapes_{spec.fingerprint()}"
     target = root / name
     wanted = {"spec": asdict(spec)}
-    _FOLDER.sweep(target)
-    if _FOLDER.is_complete(target, wanted):
-        return target
-    if target.exists() and not (target.is_dir() and not any(target.iterdir())):
-        raise ValueError(
-            f"{target} exists but is not a complete shapes dataset natzoo generated for these parameters (no valid "
-            f"{_DONE_FILE}, or files it lists are missing or changed); natzoo never writes into or deletes such a "
-            "folder. Move it away, or set data.cache_dir to another folder"
-        )
-    log.info("generating the detection demo dataset (%d training + %d validation images of %d px, COCO format) in %s",
-             spec.num_train, spec.num_val, spec.image_size, target.absolute())
-    # Another process that finishes the same dataset first wins; its copy is identical (same seed and parameters).
-    return _FOLDER.generate(target, wanted, lambda out: _generate(spec, out))
+    # Runs of one host take turns (as the classification demo's): a sweep never removes another's work in progress.
+    with _FOLDER.exclusive(target):
+        _FOLDER.sweep(target)
+        if _FOLDER.is_complete(target, wanted):
+            return target
+        if target.exists() and not (target.is_dir() and not any(target.iterdir())):
+            raise ValueError(
+                f"{target} exists but is not a complete shapes dataset natzoo generated for these parameters (no "
+                f"valid {_DONE_FILE}, or files it lists are missing or changed); natzoo never writes into or deletes "
+                "such a folder. Move it away, or set data.cache_dir to another folder"
+            )
+        log.info("generating the detection demo dataset (%d training + %d validation images of %d px, COCO format) "
+                 "in %s", spec.num_train, spec.num_val, spec.image_size, target.absolute())
+        # Another host that finishes the same dataset first wins; its copy is identical (same seed and parameters).
+        return _FOLDER.generate(target, wanted, lambda out: _generate(spec, out))
