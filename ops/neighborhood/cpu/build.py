@@ -111,7 +111,9 @@ def build(source: str, compiler: str | None, folder: Path) -> Path:
             raise RuntimeError(f"the C++ compiler {compiler!r} cannot run ({type(exc).__name__}: {exc})") from None
         if done.returncode != 0:
             tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
-            raise RuntimeError(f"{compiler} failed (exit {done.returncode}): " + " | ".join(tail))
+            arch = os.environ.get("NATZOO_CPU_ARCH")
+            named = f" with NATZOO_CPU_ARCH={arch!r} (-march={arch})" if arch else ""
+            raise RuntimeError(f"{compiler} failed{named} (exit {done.returncode}): " + " | ".join(tail))
         os.replace(tmp_lib, target)
     finally:
         for path in (tmp_src, tmp_lib):

@@ -32,6 +32,7 @@
 // the lane count waste lanes (a 7-wide map uses 7 of 16).
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -414,33 +415,25 @@ struct Layout {
 
 // W values p[l * stride] for lanes l < n, zero in the others. AVX-512 gathers them in one instruction; the index
 // vector is 32-bit, so a stride beyond that range takes the lane loop.
-inline Vec<float>::V gather(const float* p, int64_t stride, int n) {
+template <typename T>
+inline typename Vec<T>::V gather(const T* p, int64_t stride, int n) {
+    typename Vec<T>::V v = {};
 #if defined(__AVX512F__)
-    if (stride * 16 < (int64_t(1) << 31)) {
-        __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                         _mm512_set1_epi32(int32_t(stride)));
-        __m512 r = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), __mmask16((1u << n) - 1), idx, p, 4);
-        Vec<float>::V v;
-        std::memcpy(&v, &r, sizeof(v));
+    if (stride * int64_t(64 / sizeof(T)) < (int64_t(1) << 31)) {
+        if constexpr (std::is_same<T, float>::value) {
+            __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32(int32_t(stride)));
+            __m512 r = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), __mmask16((1u << n) - 1), idx, p, 4);
+            std::memcpy(&v, &r, sizeof(v));
+        } else {
+            __m256i idx =
+                _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(int32_t(stride)));
+            __m512d r = _mm512_mask_i32gather_pd(_mm512_setzero_pd(), __mmask8((1u << n) - 1), idx, p, 8);
+            std::memcpy(&v, &r, sizeof(v));
+        }
         return v;
     }
 #endif
-    Vec<float>::V v = {};
-    for (int l = 0; l < n; ++l) v[l] = p[l * stride];
-    return v;
-}
-
-inline Vec<double>::V gather(const double* p, int64_t stride, int n) {
-#if defined(__AVX512F__)
-    if (stride * 8 < (int64_t(1) << 31)) {
-        __m256i idx = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(int32_t(stride)));
-        __m512d r = _mm512_mask_i32gather_pd(_mm512_setzero_pd(), __mmask8((1u << n) - 1), idx, p, 8);
-        Vec<double>::V v;
-        std::memcpy(&v, &r, sizeof(v));
-        return v;
-    }
-#endif
-    Vec<double>::V v = {};
     for (int l = 0; l < n; ++l) v[l] = p[l * stride];
     return v;
 }
@@ -472,7 +465,8 @@ inline void transpose16(__m512 (&r)[16]) {
         r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
         r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
     }
-    for (int e = 0; e < 4; ++e) {  // t[2e], t[2e+1]: elements (e, e+8) and (e+4, e+12) of rows 0..7; t[8 + ...] rows 8..15
+    // t[2e], t[2e+1]: elements (e, e+8) and (e+4, e+12) of rows 0..7; t[8 + ...] the same of rows 8..15
+    for (int e = 0; e < 4; ++e) {
         t[2 * e] = _mm512_shuffle_f32x4(r[e], r[4 + e], 0x88);
         t[2 * e + 1] = _mm512_shuffle_f32x4(r[e], r[4 + e], 0xdd);
         t[8 + 2 * e] = _mm512_shuffle_f32x4(r[8 + e], r[12 + e], 0x88);
@@ -740,14 +734,14 @@ inline void scatter_rows(int nq, const T* const* grow, const T* const* xrow, int
 // Per-thread scratch of the vector path.
 template <typename T>
 struct Work {
-    std::vector<int64_t> layout;  // of the last unit: the packed buffers' zeros stay valid while it is unchanged
+    std::array<int64_t, 6> layout{};  // of the last unit: the packed buffers' zeros stay valid while it is unchanged
     std::vector<int64_t> toks;    // whole-window units: their tokens
-    Buf<T> qt, kt, vt, gt, lse, glse, dqt, dkt, dvt, bias, dbias, s, dps, o, zero;
+    Buf<T> qt, kt, vt, gt, lse, glse, dqt, dkt, dvt, bias, dbias, s, dps, o;
     Buf<T> wq, wkt, wv, wbias, ws, wg, wvt, wds, wtr;  // whole-window units (forward_whole, backward_whole)
     std::vector<int64_t> wbias_key;  // (head, sub-map) of the bias table in wbias
     bool fresh(const Layout<T>& L) {
         // head_dim itself, not only its padded dp: the rows d >= D must be zeros (D = 4 and 8 share dp = 8)
-        std::vector<int64_t> key = {L.rows, L.d, L.dp, L.lpad, L.lp, L.pad};
+        std::array<int64_t, 6> key = {L.rows, L.d, L.dp, L.lpad, L.lp, L.pad};
         bool changed = key != layout;
         layout = key;
         return changed;
@@ -842,7 +836,7 @@ void block_logits(const Layout<T>& L, const Block& blk, int64_t t, const T* qt, 
 
 // out_j[d][lanes] = sum over key rows, shifts of p_j * x (x = v for the output, k for dq), for block rows, tile t.
 template <typename T>
-void block_weighted_sum(const Layout<T>& L, const Block& blk, int64_t t, const T* pbuf, const T* zero, const T* xt,
+void block_weighted_sum(const Layout<T>& L, const Block& blk, int64_t t, const T* pbuf, const T* xt,
                         T* obuf) {
     using V = typename Vec<T>::V;
     constexpr int W = Layout<T>::W;
@@ -859,7 +853,8 @@ void block_weighted_sum(const Layout<T>& L, const Block& blk, int64_t t, const T
                 int j0 = -1, nq = 0;  // the block rows using this key row
                 for (int j = 0; j < QB; ++j) {
                     int64_t slot = slot_of(L, blk, j, m0, x1);
-                    prow[j] = slot < 0 ? zero : pbuf + (j * L.slots + slot) * slot_size;
+                    // only the rows that use this key row are read
+                    prow[j] = slot < 0 ? nullptr : pbuf + (j * L.slots + slot) * slot_size;
                     if (slot >= 0 && j0 < 0) j0 = j;
                     nq += slot >= 0;
                 }
@@ -895,8 +890,8 @@ void block_scatter(const Layout<T>& L, const Block& blk, int64_t t, const T* gbu
                 grow[nq++] = gbuf + (j * L.slots + slot) * slot_size;
             }
             if (nq)
-                scatter_rows<T>(nq, grow, xrow + j0, L.lpad, dst + (kx0 * s1.n + x1) * L.dp * L.lp + L.pad + x0 + L.umin[t],
-                                L.lp, L.dp, nu);
+                scatter_rows<T>(nq, grow, xrow + j0, L.lpad,
+                                dst + (kx0 * s1.n + x1) * L.dp * L.lp + L.pad + x0 + L.umin[t], L.lp, L.dp, nu);
         }
     }
 }
@@ -1096,7 +1091,6 @@ bool forward_unit(const Geometry& g, const T* q, const T* k, const T* v, const T
     int64_t slot_size = L.nu_max * W;
     T* sbuf = w.s.get(QB * L.slots * slot_size, false);
     T* obuf = w.o.get(QB * L.dp * W, false);
-    T* zero = w.zero.get(slot_size, false);
     const T lowest = std::numeric_limits<T>::lowest();
     for (int64_t i0 = 0; i0 < L.s[0].n; ++i0)
         for (int64_t i1b = 0; i1b < L.s[1].n; i1b += QB) {
@@ -1129,7 +1123,7 @@ bool forward_unit(const Geometry& g, const T* q, const T* k, const T* v, const T
                     inv[j] = T(1) / sum;
                     for (int l = 0; l < W; ++l) lsev[j][l] = mx[l] + std::log(sum[l]);
                 }
-                block_weighted_sum(L, blk, t, sbuf, zero, vt, obuf);
+                block_weighted_sum(L, blk, t, sbuf, vt, obuf);
                 for (int j = 0; j < QB; ++j) {
                     if (!blk.real[j]) continue;
                     int64_t tok0 = L.token(g, i0, blk.i1[j], t * W);
@@ -1275,7 +1269,6 @@ bool backward_unit(const Geometry& g, const T* q, const T* k, const T* v, const 
     int64_t slot_size = L.nu_max * W;
     T* sbuf = w.s.get(QB * L.slots * slot_size, false);
     T* dpbuf = w.dps.get(QB * L.slots * slot_size, false);
-    T* zero = w.zero.get(slot_size, false);
     for (int64_t i0 = 0; i0 < L.s[0].n; ++i0)
         for (int64_t i1b = 0; i1b < L.s[1].n; i1b += QB) {
             Block blk = make_block(L, i0, i1b);
@@ -1312,7 +1305,7 @@ bool backward_unit(const Geometry& g, const T* q, const T* k, const T* v, const 
                         }
                     });
                 }
-                block_weighted_sum(L, blk, t, dpbuf, zero, kt, dqt);  // dq / scale
+                block_weighted_sum(L, blk, t, dpbuf, kt, dqt);  // dq / scale
                 block_scatter(L, blk, t, dpbuf, qt, dkt);       // dk (q carries the scale)
                 block_scatter(L, blk, t, sbuf, gt, dvt);        // dv
                 for (int j = 0; j < QB; ++j)
