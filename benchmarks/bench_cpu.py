@@ -4,6 +4,7 @@ Prints markdown tables. Timings alternate the compared variants inside one proce
 rounds), so background load hits all of them alike.
 
     python benchmarks/bench_cpu.py layers --threads 1 --batch 1
+    python benchmarks/bench_cpu.py cache --threads 1 --batch 1
     python benchmarks/bench_cpu.py models --threads 1 --batch 1 8
     python benchmarks/bench_cpu.py demo --threads 1
     python benchmarks/bench_cpu.py peak
@@ -101,6 +102,42 @@ def bench_layers(batch: int, threads: int, rounds: int, peak: float | None) -> N
           f"{sums['cpu'] * 1e3:.0f} ms ({sums['ref'] / sums['cpu']:.1f}x)")
 
 
+def bench_cache(batch: int, threads: int, rounds: int) -> None:
+    """The cpu backend's layers with their inputs in cache (calls back to back) and out of it (each call right after a
+    1024^3 matmul, as a model's Linear layers leave the caches before the op; the backward's saved inputs are colder
+    still)."""
+    torch.set_num_threads(threads)
+    a, b, c = torch.randn(1024, 1024), torch.randn(1024, 1024), torch.empty(1024, 1024)
+    print(f"\n### cpu backend, warm and after a matmul: batch {batch}, {threads} thread(s) (medians, ms)\n")
+    print("| layer | fwd warm | fwd after matmul | fwd+bwd warm | fwd+bwd after matmul |")
+    print("|---|---|---|---|---|")
+    for name, res, heads, dil in LAYERS:
+        q, k, v = (torch.randn(batch, res, res, heads, HEAD_DIM, requires_grad=True) for _ in range(3))
+        rpb = torch.randn(heads, 13, 13, requires_grad=True)
+
+        def fwd() -> object:
+            with torch.no_grad():
+                return ops.na2d(q, k, v, KERNEL, dilation=dil, rpb=rpb, backend="cpu")
+
+        def train() -> object:
+            out = ops.na2d(q, k, v, KERNEL, dilation=dil, rpb=rpb, backend="cpu")
+            assert isinstance(out, torch.Tensor)
+            return torch.autograd.grad(out.sum(), (q, k, v, rpb))
+
+        def after_matmul(fn: Callable[[], object]) -> float:
+            torch.mm(a, b, out=c)
+            start = time.perf_counter()
+            fn()
+            return time.perf_counter() - start
+
+        cells = []
+        for fn in (fwd, train):
+            cells.append(interleaved({"warm": fn}, rounds)["warm"])
+            after_matmul(fn)
+            cells.append(statistics.median(after_matmul(fn) for _ in range(rounds)))
+        print(f"| {name} | " + " | ".join(f"{x * 1e3:.2f}" for x in cells) + " |")
+
+
 def bench_models(batches: list[int], threads: int, rounds: int, train: bool) -> None:
     import timm
 
@@ -179,7 +216,7 @@ def bench_build() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["layers", "models", "demo", "peak", "build"])
+    parser.add_argument("what", choices=["layers", "cache", "models", "demo", "peak", "build"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
     parser.add_argument("--rounds", type=int, default=5)
@@ -193,6 +230,9 @@ def main() -> None:
         print(f"fp32 matmul peak: {peak:.1f} GFLOP/s")
         for batch in args.batch:
             bench_layers(batch, args.threads, args.rounds, peak)
+    elif args.what == "cache":
+        for batch in args.batch:
+            bench_cache(batch, args.threads, args.rounds)
     elif args.what == "models":
         bench_models(args.batch, args.threads, args.rounds, not args.no_train)
     elif args.what == "demo":

@@ -177,8 +177,16 @@ def test_compile_error_gives_one_warning_and_the_reference(fresh_build, monkeypa
     broken = fresh_build / "broken.cpp"
     broken.write_text("this is not C++;\n")
     monkeypatch.setattr(build, "SOURCE", broken)
+    monkeypatch.delenv("NATZOO_CPU_ARCH", raising=False)
     assert "failed (exit" in _fallback_runs_the_reference()
     assert not [p for p in fresh_build.rglob("*") if p.name != "broken.cpp" and p.is_file()]  # no temporary left
+
+
+def test_a_cpu_arch_the_compiler_refuses_is_named_in_the_one_warning(fresh_build, monkeypatch):
+    if build.find_compiler() is None:
+        pytest.skip("no C++ compiler on this machine")
+    monkeypatch.setenv("NATZOO_CPU_ARCH", "not-a-cpu")
+    assert "failed with NATZOO_CPU_ARCH='not-a-cpu' (-march=not-a-cpu) (exit" in _fallback_runs_the_reference()
 
 
 @needs_kernels
