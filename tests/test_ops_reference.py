@@ -260,6 +260,34 @@ def test_non_finite_input_stays_inside_its_neighbourhood(case, bad, where, backe
         assert nonfinite.any()
 
 
+@pytest.mark.parametrize("where", ["key", "value", "rpb"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("case", BAD_VALUE_CASES, ids=[case_id(*c[:5], False) for c in BAD_VALUE_CASES])
+def test_non_finite_input_gives_the_references_output_and_lse_on_cpu(case, bad, where):
+    """The cpu backend's output and lse equal the reference's, NaN and +-inf included, for a NaN or an infinity in a
+    key, a value or the rpb (logsumexp of a row holding a +inf logit is +inf, not NaN)."""
+    if cpu.unavailable_reason() is not None:
+        pytest.skip(cpu.unavailable_reason())
+    spatial, ks, ss, ds, cs, token = case
+    q, k, v = make_inputs(spatial, 2, 4, torch.float64, batch=1, requires_grad=False)
+    n = len(spatial)
+    kernel = (ks,) * n if isinstance(ks, int) else ks
+    if ss not in (1, (1,) * n):  # rpb is defined for stride 1 only
+        if where == "rpb":
+            pytest.skip("rpb needs stride 1")
+        ss = 1
+    rpb = torch.randn(2, *(2 * kk - 1 for kk in kernel), dtype=torch.float64)
+    if where == "rpb":
+        rpb[(0, *(kk - 1 for kk in kernel))] = bad  # the centre offset: every query whose window holds itself
+    else:
+        (k if where == "key" else v)[(0, *token, 0, 1)] = bad
+    args = dict(stride=ss, dilation=ds, is_causal=cs, rpb=rpb, return_lse=True)
+    out, lse = FNS[n](q, k, v, ks, backend="cpu", **args)
+    ref_out, ref_lse = FNS[n](q, k, v, ks, backend="reference", **args)
+    torch.testing.assert_close(out, ref_out, equal_nan=True)
+    torch.testing.assert_close(lse, ref_lse, equal_nan=True)
+
+
 def test_backend_switch_and_debug_log(caplog, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the interpreter would let Triton accept CPU tensors
     q = torch.randn(1, 8, 1, 4)

@@ -213,9 +213,21 @@ void forward_query(const Geometry& g, const T* q, const T* k, const T* v, const 
     T* op = out + ((b * g.N + i) * g.H + h) * g.D;
     T check = 0;
     for (int64_t d = 0; d < g.D; ++d) check += w.acc[d] * T(0);  // NaN when any component is not finite
+    bool nan_logit = bad;
     bad |= std::isnan(check) || std::isnan(mx) || std::isnan(sum);
     for (int64_t d = 0; d < g.D; ++d) op[d] = bad ? nan : w.acc[d];
-    lse[(b * g.N + i) * g.H + h] = bad ? nan : mx + std::log(sum);
+    // lse as the reference's logsumexp: NaN for a NaN logit or a non-finite value row in the window (the reference
+    // folds a value row's non-finiteness into its key's logit), +inf for a row holding a +inf logit, -inf for a row
+    // of -inf logits; the output row is NaN in all three.
+    T vcheck = 0;  // NaN when a value row of the window holds a NaN or an infinity
+    for (int64_t j = 0; j < n; ++j) {
+        const T* vp = v + in_off(g, g.sv, b, w.kt[j], h);
+        for (int64_t d = 0; d < g.D; ++d) vcheck += vp[d] * T(0);
+    }
+    T l = mx + std::log(sum);
+    if (nan_logit || std::isnan(vcheck)) l = nan;
+    else if (std::isinf(mx)) l = mx;
+    lse[(b * g.N + i) * g.H + h] = l;
 }
 
 template <typename T>
