@@ -26,8 +26,7 @@
 // Tested: tests/test_ops_reference.py (float64 oracle: outputs, lse, all gradients, gradcheck, low precision, NaN/inf
 // against the reference) and tests/test_ops_cpu.py (fp32 layer shapes against the oracle, dispatch, build fallback,
 // threads, torch.compile, export), with g++ 12.2 on x86-64 (Intel Xeon and AMD EPYC, AVX-512 and an AVX2 build),
-// 2 cores. Not tried: clang,
-// MSVC (the build needs a g++-compatible driver), ARM.
+// 2 cores. Not tried: clang, MSVC (the build needs a g++-compatible driver), ARM.
 // Known limits: no attention dropout, no second-order gradients (the reference has both); a unit is one thread's
 // work, so batch * heads * groups below the thread count leaves threads idle; maps whose last axis is shorter than
 // the lane count waste lanes (a 7-wide map uses 7 of 16).
