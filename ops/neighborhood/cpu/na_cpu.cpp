@@ -1051,12 +1051,33 @@ const T* whole_bias(const Layout<T>& L, const T* rpb, int64_t h, int64_t rows, i
     return bias;
 }
 
+// [token, x0, x1, x2] per token of a whole-window unit, in row-major order of its sub-map (global flat token, then
+// its coordinates on the full map), built in `toks` (per-thread scratch).
+template <typename T>
+const std::vector<int64_t>& unit_token_table(const Geometry& g, const Layout<T>& L, std::vector<int64_t>& toks) {
+    toks.resize(4 * L.s[0].n * L.s[1].n * L.s[2].n);
+    for (int64_t i0 = 0, t = 0; i0 < L.s[0].n; ++i0)
+        for (int64_t i1 = 0; i1 < L.s[1].n; ++i1)
+            for (int64_t i2 = 0; i2 < L.s[2].n; ++i2, ++t) {
+                toks[4 * t] = L.token(g, i0, i1, i2);
+                toks[4 * t + 1] = L.grp[0] + g.ax[0].dil * i0;
+                toks[4 * t + 2] = L.grp[1] + g.ax[1].dil * i1;
+                toks[4 * t + 3] = L.grp[2] + g.ax[2].dil * i2;
+            }
+    return toks;
+}
+
+// Element offset of (b, token, h) in an input of strides st, from the token's entry of unit_token_table().
+inline int64_t token_offset(const int64_t* entry, const int64_t* st, int64_t b, int64_t h) {
+    return b * st[0] + entry[1] * st[1] + entry[2] * st[2] + entry[3] * st[3] + h * st[4];
+}
+
 template <typename T>
 bool forward_whole(const Geometry& g, const Layout<T>& L, const T* q, const T* k, const T* v, const T* rpb, T scale,
                    T* out, T* lse, int64_t b, int64_t h, Work<T>& w) {
     using V = typename Vec<T>::V;
     constexpr int W = Layout<T>::W;
-    const int64_t n0 = L.s[0].n, n1 = L.s[1].n, n2 = L.s[2].n, nt = n0 * n1 * n2;
+    const int64_t nt = L.s[0].n * L.s[1].n * L.s[2].n;
     const int64_t kp = (nt + W - 1) / W * W;              // keys, padded to whole vectors
     const int64_t rows = (nt + RB - 1) / RB * RB;          // queries, padded to whole blocks
     const int64_t dv = (g.D + W - 1) / W * W;              // head_dim of the value rows, padded to whole vectors
@@ -1065,19 +1086,8 @@ bool forward_whole(const Geometry& g, const Layout<T>& L, const T* q, const T* k
     T* vb = w.wv.get(kp * dv, true);                       // [key][d]
     T* sb = w.ws.get(rows * kp, false);                    // [query][key]
     T* ob = w.o.get(rows * dv, false);                     // [query][d]
-    std::vector<int64_t>& toks = w.toks;  // [token, x0, x1, x2] per query/key of the unit
-    toks.resize(4 * nt);
-    for (int64_t i0 = 0, t = 0; i0 < n0; ++i0)
-        for (int64_t i1 = 0; i1 < n1; ++i1)
-            for (int64_t i2 = 0; i2 < n2; ++i2, ++t) {
-                toks[4 * t] = L.token(g, i0, i1, i2);
-                toks[4 * t + 1] = L.grp[0] + g.ax[0].dil * i0;
-                toks[4 * t + 2] = L.grp[1] + g.ax[1].dil * i1;
-                toks[4 * t + 3] = L.grp[2] + g.ax[2].dil * i2;
-            }
-    auto tok_off = [&](const int64_t* st, int64_t t) {
-        return b * st[0] + toks[4 * t + 1] * st[1] + toks[4 * t + 2] * st[2] + toks[4 * t + 3] * st[3] + h * st[4];
-    };
+    const std::vector<int64_t>& toks = unit_token_table(g, L, w.toks);
+    auto tok_off = [&](const int64_t* st, int64_t t) { return token_offset(&toks[4 * t], st, b, h); };
     for (int64_t t = 0; t < nt; ++t) {  // every row in flight before the copies below wait on the first
         for (const T* p : {q + tok_off(g.sq, t), k + tok_off(g.sk, t), v + tok_off(g.sv, t)}) prefetch_row(p, g.D);
         prefetch_row<1>(out + ((b * g.N + toks[4 * t]) * g.H + h) * g.D, g.D);
@@ -1214,19 +1224,8 @@ bool backward_whole(const Geometry& g, const Layout<T>& L, const T* q, const T* 
     T* db = w.wds.get(rows * kp, false);                   // [query][key]: dP, then dS
     T* tb = w.wtr.get(rows * kp, true);                    // [key][query]: dS^T, then P^T
     T* ob = w.o.get(rows * dw, false);                     // [row][d] results
-    std::vector<int64_t>& toks = w.toks;  // [token, x0, x1, x2] per query/key of the unit
-    toks.resize(4 * nt);
-    for (int64_t i0 = 0, t = 0; i0 < L.s[0].n; ++i0)
-        for (int64_t i1 = 0; i1 < n1; ++i1)
-            for (int64_t i2 = 0; i2 < n2; ++i2, ++t) {
-                toks[4 * t] = L.token(g, i0, i1, i2);
-                toks[4 * t + 1] = L.grp[0] + g.ax[0].dil * i0;
-                toks[4 * t + 2] = L.grp[1] + g.ax[1].dil * i1;
-                toks[4 * t + 3] = L.grp[2] + g.ax[2].dil * i2;
-            }
-    auto tok_off = [&](const int64_t* st, int64_t t) {
-        return b * st[0] + toks[4 * t + 1] * st[1] + toks[4 * t + 2] * st[2] + toks[4 * t + 3] * st[3] + h * st[4];
-    };
+    const std::vector<int64_t>& toks = unit_token_table(g, L, w.toks);
+    auto tok_off = [&](const int64_t* st, int64_t t) { return token_offset(&toks[4 * t], st, b, h); };
     std::vector<T> lv(rows, T(0)), glv(rows, T(0));
     for (int64_t t = 0; t < nt; ++t) {  // as in forward_whole
         for (const T* p : {q + tok_off(g.sq, t), k + tok_off(g.sk, t), v + tok_off(g.sv, t), gout + tok_off(g.sg, t)})
