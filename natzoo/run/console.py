@@ -31,7 +31,6 @@ import shlex
 import sys
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import TypeVar
 
 _T = TypeVar("_T")
@@ -80,7 +79,10 @@ def command(kind: str) -> list[str]:
 
 
 def _is_natzoo_configs(path: str) -> bool:
-    return os.path.realpath(path) == os.path.realpath(Path(__file__).resolve().parents[1] / "configs")
+    from natzoo.run.hydra_setup import PACKAGED_CONFIGS
+
+    return os.path.realpath(path) == os.path.realpath(PACKAGED_CONFIGS)
+
 
 _LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
 _ADVERTISEMENT = "💡 Tip:"

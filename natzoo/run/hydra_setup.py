@@ -20,7 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from natzoo.checkpoints import run_dir_of_checkpoint
 from natzoo.run.rundir import claim_fresh_dir, claim_record_dir
 
-__all__ = ["compose_before_overrides", "config_file", "register_with_hydra", "user_configs_first"]
+__all__ = ["PACKAGED_CONFIGS", "compose_before_overrides", "config_file", "register_with_hydra", "user_configs_first"]
+
+PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # natzoo's own configs (a link in a checkout)
 
 # True while compose_before_overrides composes a second time: the run directory's resolvers then name the directory
 # without creating it (the run has its own already).
@@ -112,7 +114,7 @@ def config_file(group_file: str) -> Path | None:
     of any folder on the path."""
     from hydra.core.hydra_config import HydraConfig
 
-    folders = [Path(__file__).resolve().parents[1] / "configs"]
+    folders = [PACKAGED_CONFIGS]
     if HydraConfig.initialized():
         folders = [Path(source.path) for source in HydraConfig.get().runtime.config_sources
                    if source.schema == "file"] + folders
