@@ -17,7 +17,9 @@ if __name__ != "natzoo.models":
 from ._base import NATBase
 from ._weights import (
     CHECKPOINT_SHA256,
+    WEIGHT_FILES,
     LoadReport,
+    check_folder_weights,
     damaged_weights,
     load_weights,
     pretrained_file,
@@ -57,6 +59,8 @@ __all__ = [
     "RelPosAttention",
     "RelPosBlock",
     "convert_hf_state_dict",
+    "WEIGHT_FILES",
+    "check_folder_weights",
     "count_macs",
     "damaged_weights",
     "is_hf_state_dict",

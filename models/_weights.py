@@ -29,7 +29,9 @@ from torch import nn
 
 __all__ = [
     "CHECKPOINT_SHA256",
+    "WEIGHT_FILES",
     "LoadReport",
+    "check_folder_weights",
     "damaged_weights",
     "load_state_dict_overlay",
     "load_weights",
@@ -401,7 +403,8 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 
 _NAMED_WEIGHTS = ("file", "state_dict", "hf_hub_id", "url")
-_HF_FILES = ("model.safetensors", "pytorch_model.bin")
+# The weights file of a hub repository or a timm folder, in timm's order of preference.
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _PROBE_TIMEOUT_S = 10.0
 
 
@@ -440,7 +443,7 @@ def _download_hf(hub_id: str, name: str) -> str:
 
     repo_id, _, revision = hub_id.partition("@")
     source = f"hf_hub_id={hub_id!r}"
-    for filename in _HF_FILES:
+    for filename in WEIGHT_FILES:
         try:
             return hf_hub_download(repo_id, filename, revision=revision or None, local_files_only=True)
         except FileNotFoundError:  # not in the local cache
@@ -455,7 +458,7 @@ def _download_hf(hub_id: str, name: str) -> str:
     except Exception as err:  # any failure to reach the Hub means offline for this purpose
         raise RuntimeError(f"{name}: cannot reach {constants.ENDPOINT} to download {source} ({type(err).__name__}: "
                            f"{err}). " + _fix_hint("pytorch_model.bin")) from err
-    for filename in _HF_FILES:
+    for filename in WEIGHT_FILES:
         try:
             return hf_hub_download(repo_id, filename, revision=revision or None)
         except RemoteEntryNotFoundError:
@@ -463,7 +466,7 @@ def _download_hf(hub_id: str, name: str) -> str:
         except Exception as err:  # reported with the source and the way around it
             raise RuntimeError(f"{name}: could not download {filename} of {source} ({type(err).__name__}: {err}). "
                                + _fix_hint(filename)) from err
-    raise RuntimeError(f"{name}: {source} has neither {' nor '.join(_HF_FILES)}. " + _fix_hint("pytorch_model.bin"))
+    raise RuntimeError(f"{name}: {source} has neither {' nor '.join(WEIGHT_FILES)}. " + _fix_hint("pytorch_model.bin"))
 
 
 def local_weights(
@@ -504,7 +507,7 @@ def local_weights(
     if cfg.get("file"):
         path = os.fspath(cfg["file"])
         if os.path.isdir(path):  # timm's local-dir source: the folder's weights file is read by timm
-            _check_folder_weights(path)
+            check_folder_weights(path)
     elif cfg.get("hf_hub_id"):
         path = _download_hf(cfg["hf_hub_id"], name)
     elif cfg.get("url"):
@@ -518,10 +521,14 @@ def local_weights(
     return dict(kwargs, pretrained_cfg_overlay=dict(overlay, file=path, custom_load=True))
 
 
-def _check_folder_weights(folder: str) -> None:
+def check_folder_weights(folder: str | os.PathLike[str]) -> None:
     """A timm folder's weights file (``model.safetensors``, else ``pytorch_model.bin``: timm's preference) that is
-    truncated or of another kind is named before timm reads it (its reader's error names no file)."""
-    for name in _HF_FILES:
+    truncated or of another kind is named before timm reads it (its reader's error names no file).
+
+    Raises:
+        ValueError: naming the file and what is wrong with it.
+    """
+    for name in WEIGHT_FILES:
         file = os.path.join(folder, name)
         if os.path.isfile(file):
             damage = damaged_weights(file)

@@ -39,7 +39,7 @@ from torch import nn
 
 from natzoo import models  # noqa: F401  (registers the NAT families with timm)
 from natzoo.checkpoints import network_weights, read_lightning_checkpoint
-from natzoo.models import damaged_weights
+from natzoo.models import WEIGHT_FILES, check_folder_weights
 from natzoo.ownership import scratch_prefix
 from natzoo.tools.model_info import RECORD_KEY, ModelInfo, data_config_of, info_from_checkpoint, info_from_model
 
@@ -48,8 +48,6 @@ __all__ = ["SaveTimmModel", "export_checkpoint", "read_timm_folder", "save_timm_
 log = logging.getLogger(__name__)
 
 _FILES = ("config.json", "model.safetensors")
-# The weights files timm reads from a local folder, in its order of preference.
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # config.json's top-level entry (timm ignores it) that proves natzoo wrote the folder and holds its ModelInfo record.
 _MARK = "natzoo"
 _WRITER = "natzoo.tools.timm_export"
@@ -155,17 +153,15 @@ def read_timm_folder(folder: str | os.PathLike) -> tuple[nn.Module, ModelInfo]:
     config_file = out / "config.json"
     if not config_file.is_file():
         raise ValueError(f"{out} is not a timm model folder: it has no config.json (a timm folder holds config.json "
-                         f"and {' or '.join(_WEIGHT_FILES)})")
-    weights = next((out / name for name in _WEIGHT_FILES if (out / name).is_file()), None)
+                         f"and {' or '.join(WEIGHT_FILES)})")
+    weights = next((out / name for name in WEIGHT_FILES if (out / name).is_file()), None)
     if weights is None:
-        raise ValueError(f"{out} is not a timm model folder: it has neither {' nor '.join(_WEIGHT_FILES)} (a timm "
+        raise ValueError(f"{out} is not a timm model folder: it has neither {' nor '.join(WEIGHT_FILES)} (a timm "
                          "folder holds config.json and one of them)")
     config = _read_config_json(config_file)
     if not isinstance(config, dict) or not isinstance(config.get("architecture"), str):
         raise ValueError(f"{config_file} is not a timm model config (no 'architecture')")
-    damage = damaged_weights(weights)
-    if damage is not None:
-        raise ValueError(f"{weights} is {damage}; the timm folder {out} cannot be loaded")
+    check_folder_weights(out)
     mark = config.get(_MARK)
     info = ModelInfo.from_record(mark[RECORD_KEY], str(out)) if isinstance(mark, dict) and RECORD_KEY in mark \
         else None
