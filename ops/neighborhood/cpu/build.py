@@ -48,6 +48,8 @@ def flags() -> tuple[str, ...]:
     arch = os.environ.get("NATZOO_CPU_ARCH")
     base = tuple(f"-march={arch}" if arch and f == "-march=native" else f for f in FLAGS)
     return base + (("-fopenmp",) if torch_uses_libgomp() else ())
+
+
 COMPILE_TIMEOUT_S = 300
 
 
@@ -94,7 +96,8 @@ def build(source: str, compiler: str | None, folder: Path) -> Path:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as exc:
         raise RuntimeError(f"the C++ compiler {compiler!r} cannot run ({type(exc).__name__}: {exc})") from None
-    key = hashlib.sha256("\0".join([source, compiler, version, *flags(), _cpu_flags()]).encode()).hexdigest()[:20]
+    options = flags()  # read once: the cache key names the flags the library is compiled with
+    key = hashlib.sha256("\0".join([source, compiler, version, *options, _cpu_flags()]).encode()).hexdigest()[:20]
     target = folder / f"na_cpu-{key}.so"
     if target.exists():
         return target
@@ -105,7 +108,7 @@ def build(source: str, compiler: str | None, folder: Path) -> Path:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(source)
         try:
-            done = subprocess.run([compiler, *flags(), "-o", tmp_lib, tmp_src], capture_output=True, text=True,
+            done = subprocess.run([compiler, *options, "-o", tmp_lib, tmp_src], capture_output=True, text=True,
                                   timeout=COMPILE_TIMEOUT_S)
         except (OSError, subprocess.SubprocessError) as exc:
             raise RuntimeError(f"the C++ compiler {compiler!r} cannot run ({type(exc).__name__}: {exc})") from None
