@@ -1267,28 +1267,24 @@ bool backward_whole(const Geometry& g, const Layout<T>& L, const T* q, const T* 
         for (int l = 0; l < W; ++l) dsum += delta[l];
         for (int64_t c = 0; c < kp; c += W) storev(dp + c, loadv<V>(pp + c) * (loadv<V>(dp + c) - dsum + glv[i]));
     }
-    // dq = scale * dS k
-    gemm(db, kp, kb, nt, dw, ob, rows);
-    for (int64_t i = 0; i < nt; ++i) {
-        T* op = dq + ((b * g.N + toks[4 * i]) * g.H + h) * g.D;
-        for (int64_t d = 0; d < g.D; ++d) op[d] = ob[i * dw + d] * scale;
-    }
-    // dk = dS^T (scale q); rows of tb past nt stay zero
-    for (int64_t i = 0; i < nt; ++i)
-        for (int64_t c = 0; c < nt; ++c) tb[c * kp + i] = db[i * kp + c];
-    gemm(tb, kp, qb, nt, dw, ob, rows);
-    for (int64_t c = 0; c < nt; ++c) {
-        T* op = dk + ((b * g.N + toks[4 * c]) * g.H + h) * g.D;
-        for (int64_t d = 0; d < g.D; ++d) op[d] = ob[c * dw + d];
-    }
-    // dv = P^T dO
-    for (int64_t i = 0; i < nt; ++i)
-        for (int64_t c = 0; c < nt; ++c) tb[c * kp + i] = pb[i * kp + c];
-    gemm(tb, kp, gb, nt, dw, ob, rows);
-    for (int64_t c = 0; c < nt; ++c) {
-        T* op = dv + ((b * g.N + toks[4 * c]) * g.H + h) * g.D;
-        for (int64_t d = 0; d < g.D; ++d) op[d] = ob[c * dw + d];
-    }
+    // The unit's rows of a gradient from the product in ob, times mul.
+    auto write_rows = [&](T* grad, T mul) {
+        for (int64_t t = 0; t < nt; ++t) {
+            T* op = grad + ((b * g.N + toks[4 * t]) * g.H + h) * g.D;
+            for (int64_t d = 0; d < g.D; ++d) op[d] = ob[t * dw + d] * mul;
+        }
+    };
+    // grad = m^T x for m [query][key] (transposed into tb, whose rows past nt stay zero) and x [query][d].
+    auto transposed_product = [&](const T* m, const T* x, T* grad) {
+        for (int64_t i = 0; i < nt; ++i)
+            for (int64_t c = 0; c < nt; ++c) tb[c * kp + i] = m[i * kp + c];
+        gemm(tb, kp, x, nt, dw, ob, rows);
+        write_rows(grad, T(1));
+    };
+    gemm(db, kp, kb, nt, dw, ob, rows);  // dq = scale * dS k
+    write_rows(dq, scale);
+    transposed_product(db, qb, dk);  // dk = dS^T (scale q)
+    transposed_product(pb, gb, dv);  // dv = P^T dO
     if (rpb && dri)
         for (int64_t i0 = 0, i = 0; i0 < L.s[0].n; ++i0)
             for (int64_t i1 = 0; i1 < n1; ++i1)
